@@ -1,0 +1,1 @@
+"""Shipped model bundles (data only): see models/README.md."""

@@ -1,0 +1,159 @@
+"""`vae-run`: a thin click layer over vae_edge.runtime (decode, encode, nearest, info)."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+from pathlib import Path
+
+import click
+import numpy as np
+
+from .core import Runtime, parse_z
+from .images import read_image, save_png, save_sheet
+
+
+class CliError(click.ClickException):
+    """A one-line error with exit status 2 (bad input, bad bundle), never a traceback."""
+
+    exit_code = 2
+
+
+@contextlib.contextmanager
+def library_errors():
+    try:
+        yield
+    except (ValueError, FileNotFoundError, PermissionError, IsADirectoryError) as exc:
+        raise CliError(str(exc)) from None
+
+
+def bundle_options(command):
+    @click.option("--bundle", type=click.Path(path_type=Path), default=None,
+                  help="Bundle directory made by vae-export (default: the shipped model).")
+    @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+                  help="onnxruntime threads; 1 leaves the rest of a kiosk's CPU free.")
+    @functools.wraps(command)
+    def wrapper(bundle, threads, **kwargs):
+        with library_errors():
+            runtime = Runtime.load(bundle, threads=threads)
+        return command(runtime, **kwargs)
+
+    return wrapper
+
+
+def latent_options(command):
+    @click.option("--z", "z_text", metavar="NUMBERS",
+                  help='Latent vector, one number per latent dim: "0.5,-1.2,...".')
+    @click.option("--random", "use_random", is_flag=True,
+                  help="Draw z from the prior N(0, I) instead of --z.")
+    @click.option("--seed", type=int, default=None, help="Seed for --random.")
+    @functools.wraps(command)
+    def wrapper(runtime, z_text, use_random, seed, **kwargs):
+        if (z_text is None) == (not use_random):
+            raise CliError("give exactly one of --z NUMBERS or --random")
+        with library_errors():
+            z = runtime.sample_prior(seed=seed) if use_random else parse_z(z_text, runtime.latent_dim)
+        return command(runtime, z, **kwargs)
+
+    return wrapper
+
+
+def format_z(z: np.ndarray) -> str:
+    return ",".join(f"{v:.4g}" for v in z)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="vae-edge")
+def main():
+    """Decode latent vectors and search a VAE catalog by likelihood, without PyTorch.
+
+    A latent vector z is d numbers (d = the bundle's latent dim, see `vae-run info`).
+    `nearest` ranks catalog items x by log q(z|x), the log density of the item's
+    Gaussian posterior at z: exact, no sampling.
+    """
+
+
+@main.command()
+@bundle_options
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def info(runtime: Runtime, as_json: bool):
+    """Show what a bundle holds: latent dim, catalog, test metrics."""
+    summary = runtime.describe()
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    for key, value in summary.items():
+        click.echo(f"{key:>26}: {value}")
+
+
+@main.command()
+@bundle_options
+@latent_options
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="PNG file to write.")
+def decode(runtime: Runtime, z: np.ndarray, output: Path):
+    """Decode one latent vector into a garment image (PNG)."""
+    with library_errors():
+        image = runtime.decode(z)
+        save_png(output, image)
+    click.echo(f"z = {format_z(z)}")
+    click.echo(f"wrote {output}")
+
+
+@main.command()
+@bundle_options
+@latent_options
+@click.option("-k", type=int, default=5, show_default=True,
+              help="How many items to return (more than the catalog returns all).")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object: query z and a results list.")
+@click.option("--sheet", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write a PNG: the decoded z beside each item's decoded mu.")
+def nearest(runtime: Runtime, z: np.ndarray, k: int, as_json: bool, sheet: Path | None):
+    """Catalog items most likely to have produced z, by log q(z|x), best first."""
+    with library_errors():
+        matches = runtime.nearest(z, k=k)
+    names = runtime.label_names
+    results = [
+        {"rank": rank, "id": int(item_id), "label": names[label], "label_id": int(label),
+         "log_likelihood": float(score)}
+        for rank, (item_id, label, score) in enumerate(
+            zip(matches.ids, matches.labels, matches.log_likelihoods), start=1)
+    ]
+    if sheet is not None:
+        with library_errors():
+            pictures = runtime.decode(np.vstack([z[None], runtime.index.mu[matches.rows]]))
+            captions = ["query z"] + [f"#{r['id']} {r['label']}\n{r['log_likelihood']:.2f}"
+                                      for r in results]
+            save_sheet(sheet, pictures[0], pictures[1:], captions,
+                       "decoded z | nearest catalog items (decoded mu), log q(z|x)")
+    if as_json:
+        click.echo(json.dumps({"z": [float(v) for v in z], "k": len(results),
+                               "results": results}))
+    else:
+        click.echo(f"z = {format_z(z)}")
+        click.echo(f"{'rank':>4}  {'id':>6}  {'label':<12} {'log q(z|x)':>12}")
+        for r in results:
+            click.echo(f"{r['rank']:>4}  {r['id']:>6}  {r['label']:<12} "
+                       f"{r['log_likelihood']:>12.3f}")
+    if sheet is not None:
+        click.echo(f"wrote {sheet}", err=as_json)
+
+
+@main.command()
+@bundle_options
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per image.")
+def encode(runtime: Runtime, images: tuple[Path, ...], as_json: bool):
+    """Encode image files (28x28 grayscale PNG) to their posterior mu and log-sigma."""
+    size = runtime.image_shape[1:]
+    with library_errors():
+        pixels = np.stack([read_image(path, size) for path in images])
+        mu, log_sigma = runtime.encode(pixels)
+    for path, m, s in zip(images, mu, log_sigma):
+        if as_json:
+            click.echo(json.dumps({"file": str(path), "mu": m.tolist(),
+                                   "log_sigma": s.tolist()}))
+        else:
+            click.echo(f"{path}\n  mu        = {format_z(m)}\n  log_sigma = {format_z(s)}")

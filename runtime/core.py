@@ -1,0 +1,227 @@
+"""The runtime: decode z, encode images, and find the catalog items most likely to give z.
+
+Only numpy, onnxruntime and the standard library are imported here (no torch, no onnx).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+
+from .bundle import (
+    MODEL_FILES,
+    BundleError,
+    CatalogIndex,
+    default_bundle_path,
+    load_index,
+    read_manifest,
+    verify_files,
+)
+from .search import LikelihoodSearch, Matches
+
+# Latent values beyond this are not slider positions but mistakes; they would also
+# overflow float32 arithmetic in the decoder.
+MAX_ABS_Z = 1e6
+MAX_BATCH = 65536
+
+
+def parse_z(text: str, latent_dim: int) -> np.ndarray:
+    """Parse "0.5,-1.2,..." (commas and/or spaces) into a float64 vector of length latent_dim."""
+    if not isinstance(text, str):
+        raise ValueError(f"z must be text like '0.5,-1.2,...', got {type(text).__name__}")
+    parts = [p for p in re.split(r"[,\s]+", text.strip()) if p]
+    if not parts:
+        raise ValueError(f"z is empty: expected {latent_dim} comma-separated numbers")
+    if len(parts) != latent_dim:
+        raise ValueError(f"z has {len(parts)} values, expected {latent_dim} (the latent dimension)")
+    values = []
+    for position, part in enumerate(parts, start=1):
+        try:
+            values.append(float(part))
+        except ValueError:
+            raise ValueError(f"z value {position} is not a number: {part[:40]!r}") from None
+    return check_latent(np.array(values, dtype=np.float64), latent_dim)
+
+
+def check_latent(z, latent_dim: int) -> np.ndarray:
+    """Validate latent vectors: (d,) or (B, d), finite, |z| <= MAX_ABS_Z. Returns float64."""
+    try:
+        array = np.asarray(z, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError("z must be numeric: a vector of floats or a (batch, dim) array") from None
+    if array.ndim not in (1, 2) or array.shape[-1] != latent_dim:
+        raise ValueError(
+            f"z must have shape ({latent_dim},) or (batch, {latent_dim}), got {array.shape}"
+        )
+    if array.ndim == 2 and not 1 <= array.shape[0] <= MAX_BATCH:
+        raise ValueError(f"z batch size must be in [1, {MAX_BATCH}], got {array.shape[0]}")
+    if not np.isfinite(array).all():
+        raise ValueError("z holds NaN or infinite values")
+    if np.abs(array).max() > MAX_ABS_Z:
+        raise ValueError(f"z values must lie in [-{MAX_ABS_Z:g}, {MAX_ABS_Z:g}]")
+    return array
+
+
+def check_k(k) -> int:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+        raise ValueError(f"k must be an integer >= 1, got {k!r}")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    return int(k)
+
+
+def check_images(images, image_shape: tuple[int, int, int]) -> tuple[np.ndarray, bool]:
+    """Images as (H, W), (B, H, W) or (B, C, H, W); uint8 0..255 or float in [0, 1].
+
+    Returns float32 (B, C, H, W) and whether a single image was given.
+    """
+    channels, height, width = image_shape
+    array = np.asarray(images)
+    if array.dtype == np.uint8:
+        array = array.astype(np.float32) / 255.0
+    elif array.dtype.kind == "f":
+        array = array.astype(np.float32)
+        if array.size and not np.isfinite(array).all():
+            raise ValueError("images hold NaN or infinite values")
+        if array.size and (array.min() < 0.0 or array.max() > 1.0):
+            raise ValueError(
+                f"float images must lie in [0, 1], got [{array.min():.3g}, {array.max():.3g}]"
+            )
+    else:
+        raise ValueError(f"images must be uint8 or float, got dtype {array.dtype}")
+    single = array.ndim == 2
+    if single:
+        array = array[None]
+    if array.ndim == 3 and channels == 1:
+        array = array[:, None]
+    expected = (channels, height, width)
+    if array.ndim != 4 or tuple(array.shape[1:]) != expected:
+        raise ValueError(
+            f"images must be ({height}, {width}) or (batch, {channels}, {height}, {width}), "
+            f"got {np.asarray(images).shape}"
+        )
+    if not 1 <= array.shape[0] <= MAX_BATCH:
+        raise ValueError(f"image batch size must be in [1, {MAX_BATCH}], got {array.shape[0]}")
+    return np.ascontiguousarray(array), single
+
+
+def _session(path: Path, threads: int):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
+        raise BundleError(f"{path.name}: onnxruntime cannot load it ({exc})") from None
+
+
+def _check_io(session, name: str, inputs: list[tuple[str, list]], outputs: list[tuple[str, list]]):
+    """Compare a session's named inputs/outputs and their non-batch dims with what we expect."""
+    for kind, actual, expected in (
+        ("input", session.get_inputs(), inputs),
+        ("output", session.get_outputs(), outputs),
+    ):
+        got = [(a.name, list(a.shape[1:])) for a in actual]
+        if got != expected:
+            raise BundleError(f"{name}: {kind}s are {got}, expected {expected}")
+
+
+class Runtime:
+    """A loaded bundle: ONNX sessions, the float16 catalog index and its search engine.
+
+    Thread safety: decode, encode and nearest only read shared state (onnxruntime's
+    InferenceSession.run is thread-safe), so one Runtime may serve many threads.
+    """
+
+    def __init__(self, root: Path, manifest: dict, index: CatalogIndex, encoder, decoder):
+        self.root = root
+        self.manifest = manifest
+        self.index = index
+        self._encoder = encoder
+        self._decoder = decoder
+        self._search = LikelihoodSearch(index.mu, index.log_sigma, index.ids, index.labels)
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, *, threads: int = 1, verify: bool = True):
+        """Load a bundle directory (None: the shipped default model).
+
+        verify=True checks every file's size and sha256 against the manifest first.
+        threads: onnxruntime intra-op threads; 1 suits a kiosk whose CPU is shared.
+        """
+        root = default_bundle_path() if path is None else Path(path)
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ValueError(f"threads must be an integer >= 1, got {threads!r}")
+        manifest = read_manifest(root)
+        if verify:
+            verify_files(root, manifest)
+        index = load_index(root, manifest)
+        d = manifest["latent_dim"]
+        shape = list(manifest["image"]["shape"])
+        encoder = _session(root / MODEL_FILES["encoder"], threads)
+        _check_io(encoder, MODEL_FILES["encoder"], [("images", shape)],
+                  [("mu", [d]), ("log_var", [d])])
+        decoder = _session(root / MODEL_FILES["decoder"], threads)
+        _check_io(decoder, MODEL_FILES["decoder"], [("z", [d])], [("images", shape)])
+        return cls(root, manifest, index, encoder, decoder)
+
+    @property
+    def latent_dim(self) -> int:
+        return int(self.manifest["latent_dim"])
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.manifest["image"]["shape"])
+
+    @property
+    def label_names(self) -> tuple[str, ...]:
+        return self.index.label_names
+
+    def decode(self, z) -> np.ndarray:
+        """z (d,) or (B, d) -> float32 images (C, H, W) or (B, C, H, W) in [0, 1]."""
+        array = check_latent(z, self.latent_dim)
+        single = array.ndim == 1
+        batch = array.reshape(-1, self.latent_dim).astype(np.float32)
+        (images,) = self._decoder.run(["images"], {"z": batch})
+        return images[0] if single else images
+
+    def encode(self, images) -> tuple[np.ndarray, np.ndarray]:
+        """Images -> (mu, log_sigma) float32, each (d,) for one image or (B, d)."""
+        batch, single = check_images(images, self.image_shape)
+        mu, log_var = self._encoder.run(["mu", "log_var"], {"images": batch})
+        log_sigma = 0.5 * log_var
+        return (mu[0], log_sigma[0]) if single else (mu, log_sigma)
+
+    def nearest(self, z, k: int = 5) -> Matches:
+        """The k catalog items x with the highest log q(z|x), best first (k > N gives N)."""
+        array = check_latent(z, self.latent_dim)
+        return self._search.search(array, check_k(k))
+
+    def sample_prior(self, n: int | None = None, seed: int | None = None) -> np.ndarray:
+        """z ~ N(0, I): (d,) when n is None, else (n, d)."""
+        rng = np.random.default_rng(seed)
+        return rng.standard_normal(self.latent_dim if n is None else (n, self.latent_dim))
+
+    def describe(self) -> dict:
+        """A summary of the bundle for `vae-run info`."""
+        m = self.manifest
+        return {
+            "bundle": str(self.root),
+            "format_version": m["format_version"],
+            "latent_dim": self.latent_dim,
+            "image_shape": list(self.image_shape),
+            "catalog": m["index"].get("catalog", "unknown"),
+            "catalog_size": len(self.index),
+            "label_names": list(self.label_names),
+            "index_bytes": int(self.index.mu.nbytes + self.index.log_sigma.nbytes),
+            "test_metrics": m.get("metrics", {}),
+            "parity_max_abs_diff": m.get("parity", {}).get("max_abs_diff"),
+            "log_2pi_constant_included": True,
+            "created": m.get("created"),
+        }
+

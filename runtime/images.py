@@ -1,0 +1,101 @@
+"""PNG in and out (Pillow), and the nearest-items contact sheet."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+
+def read_image(path: str | Path, size: tuple[int, int]) -> np.ndarray:
+    """Read one image file as uint8 grayscale (H, W); it must already be size = (H, W).
+
+    The header is checked before any pixel is decoded, so a huge file is refused cheaply.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image not found: {path}")
+    try:
+        with Image.open(path) as image:
+            height, width = size
+            if image.size != (width, height):
+                raise ValueError(
+                    f"{path.name}: image is {image.size[0]}x{image.size[1]} pixels, "
+                    f"expected {width}x{height}"
+                )
+            return np.asarray(image.convert("L"), dtype=np.uint8)
+    except UnidentifiedImageError:
+        raise ValueError(f"{path.name}: not an image file Pillow can read") from None
+    except (OSError, SyntaxError) as exc:  # truncated or corrupt image data
+        raise ValueError(f"{path.name}: cannot decode image ({exc})") from None
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """Float image(s) in [0, 1] -> uint8, dropping a leading channel axis of size 1."""
+    array = np.asarray(image, dtype=np.float32)
+    if array.ndim == 3 and array.shape[0] == 1:
+        array = array[0]
+    return np.clip(np.rint(array * 255.0), 0, 255).astype(np.uint8)
+
+
+def save_png(path: str | Path, image: np.ndarray) -> Path:
+    """Write a grayscale image (uint8, or float in [0, 1]) as PNG, atomically."""
+    from PIL import Image
+
+    pixels = image if image.dtype == np.uint8 else to_uint8(image)
+    return _atomic_save(Image.fromarray(pixels, mode="L"), Path(path))
+
+
+def _atomic_save(picture, path: Path) -> Path:
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"output directory does not exist: {path.parent}")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            picture.save(handle, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def image_grid(images: np.ndarray, columns: int, scale: int = 3, pad: int = 2) -> np.ndarray:
+    """Tile (N, H, W) or (N, 1, H, W) images into one uint8 picture, scaled up for viewing."""
+    tiles = to_uint8(np.asarray(images).reshape(len(images), *np.asarray(images).shape[-2:]))
+    n, h, w = tiles.shape
+    rows = -(-n // columns)
+    cell_h, cell_w = h * scale + pad, w * scale + pad
+    canvas = np.full((rows * cell_h + pad, columns * cell_w + pad), 255, dtype=np.uint8)
+    for i, tile in enumerate(tiles):
+        r, c = divmod(i, columns)
+        big = np.kron(tile, np.ones((scale, scale), dtype=np.uint8))
+        canvas[pad + r * cell_h : pad + r * cell_h + h * scale,
+               pad + c * cell_w : pad + c * cell_w + w * scale] = big
+    return canvas
+
+
+def save_sheet(path: str | Path, query: np.ndarray, items: np.ndarray, captions: list[str],
+               title: str) -> Path:
+    """Query image, then its nearest items, one row, each with a caption underneath."""
+    from PIL import Image, ImageDraw
+
+    scale, cell, caption_h, title_h = 4, 28 * 4 + 8, 30, 18
+    pictures = [query] + list(items)
+    width = cell * len(pictures) + 8
+    sheet = Image.new("L", (width, title_h + cell + caption_h), 255)
+    draw = ImageDraw.Draw(sheet)
+    draw.text((6, 3), title, fill=0)
+    for i, (picture, caption) in enumerate(zip(pictures, captions)):
+        tile = Image.fromarray(to_uint8(picture), mode="L").resize(
+            (28 * scale, 28 * scale), Image.NEAREST
+        )
+        x = 8 + i * cell
+        sheet.paste(tile, (x, title_h))
+        for line_no, line in enumerate(caption.split("\n")[:2]):
+            draw.text((x, title_h + 28 * scale + 2 + 12 * line_no), line, fill=0)
+    return _atomic_save(sheet, Path(path))

@@ -1,0 +1,132 @@
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from vae_edge.export.cli import main as export_main
+from vae_edge.runtime.cli import main as run_main
+from vae_edge.training.cli import main as train_main
+
+pytestmark = pytest.mark.slow  # needs the tiny trained bundle
+
+Z8 = "0.5,-1.2,0,1,2,-2,0.1,3"
+
+
+def run(*args):
+    return CliRunner().invoke(run_main, [str(a) for a in args])
+
+
+def test_info(tiny_bundle):
+    result = run("info", "--bundle", tiny_bundle, "--json")
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output)
+    assert info["latent_dim"] == 8 and info["catalog_size"] == 5000
+    assert "Ankle boot" in info["label_names"]
+
+
+def test_nearest_table_and_json(tiny_bundle, runtime):
+    result = run("nearest", "--bundle", tiny_bundle, "--z", Z8, "-k", 3)
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[1].split() == ["rank", "id", "label", "log", "q(z|x)"]
+    assert len(lines) == 5
+    result = run("nearest", "--bundle", tiny_bundle, "--z", Z8, "-k", 3, "--json")
+    payload = json.loads(result.output)
+    expected = runtime.nearest(np.array([float(v) for v in Z8.split(",")]), k=3)
+    assert [r["id"] for r in payload["results"]] == expected.ids.tolist()
+    assert [r["log_likelihood"] for r in payload["results"]] == expected.log_likelihoods.tolist()
+    assert {"id", "label", "log_likelihood"} <= set(payload["results"][0])
+
+
+def test_random_is_reproducible(tiny_bundle):
+    a = run("nearest", "--bundle", tiny_bundle, "--random", "--seed", 4, "--json")
+    b = run("nearest", "--bundle", tiny_bundle, "--random", "--seed", 4, "--json")
+    assert a.exit_code == 0 and a.output == b.output
+
+
+def test_decode_encode_round_trip(tiny_bundle, runtime, tmp_path):
+    out = tmp_path / "out.png"
+    result = run("decode", "--bundle", tiny_bundle, "--z", Z8, "-o", out)
+    assert result.exit_code == 0, result.output
+    with Image.open(out) as image:
+        assert image.size == (28, 28) and image.mode == "L"
+    result = run("encode", "--bundle", tiny_bundle, out, "--json")
+    assert result.exit_code == 0, result.output
+    encoded = json.loads(result.output)
+    pixels = np.asarray(Image.open(out))
+    np.testing.assert_allclose(encoded["mu"], runtime.encode(pixels)[0], atol=1e-6)
+
+
+def test_sheet(tiny_bundle, tmp_path):
+    sheet = tmp_path / "sheet.png"
+    result = run("nearest", "--bundle", tiny_bundle, "--z", Z8, "-k", 4, "--sheet", sheet)
+    assert result.exit_code == 0, result.output
+    with Image.open(sheet) as image:
+        assert image.size[0] > 5 * 28 * 4  # query + 4 items, scaled up
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["nearest", "--z", "1,2"], "Error: z has 2 values, expected 8 (the latent dimension)"),
+        (["nearest", "--z", "1,2,3,4,5,6,7,x"], "Error: z value 8 is not a number: 'x'"),
+        (["nearest", "--z", "1,2,3,4,5,6,7,nan"], "Error: z holds NaN or infinite values"),
+        (["nearest", "--z", "1,2,3,4,5,6,7,inf"], "Error: z holds NaN or infinite values"),
+        (["nearest", "--z", Z8, "-k", "0"], "Error: k must be >= 1, got 0"),
+        (["nearest"], "Error: give exactly one of --z NUMBERS or --random"),
+        (["nearest", "--z", Z8, "--random"], "Error: give exactly one of --z NUMBERS or --random"),
+        (["decode", "--z", Z8, "-o", "/nonexistent/dir/x.png"],
+         "Error: output directory does not exist: /nonexistent/dir"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(tiny_bundle, args, message):
+    result = run(*args, "--bundle", tiny_bundle)
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines()[-1] == message
+    assert "Traceback" not in result.output
+
+
+def test_bad_images(tiny_bundle, tmp_path):
+    big = tmp_path / "big.png"
+    Image.new("L", (32, 28)).save(big)
+    result = run("encode", "--bundle", tiny_bundle, big)
+    assert result.exit_code == 2
+    assert result.output.strip() == "Error: big.png: image is 32x28 pixels, expected 28x28"
+    junk = tmp_path / "junk.png"
+    junk.write_bytes(b"not an image")
+    result = run("encode", "--bundle", tiny_bundle, junk)
+    assert result.output.strip() == "Error: junk.png: not an image file Pillow can read"
+    result = run("encode", "--bundle", tiny_bundle, tmp_path / "missing.png")
+    assert result.exit_code == 2 and "image not found" in result.output
+
+
+def test_bad_bundle(tmp_path, bundle_copy):
+    result = run("info", "--bundle", tmp_path / "none")
+    assert result.exit_code == 2
+    assert result.output.strip() == f"Error: bundle directory not found: {tmp_path / 'none'}"
+    (bundle_copy / "encoder.onnx").write_bytes(b"x" * 10)
+    result = run("nearest", "--bundle", bundle_copy, "--z", Z8)
+    assert result.exit_code == 2
+    assert "encoder.onnx: size is 10 bytes" in result.output
+
+
+def test_train_and_export_cli_errors(tmp_path):
+    result = CliRunner().invoke(train_main, ["--out", str(tmp_path / "r"), "--channels", "8,x"])
+    assert result.exit_code == 2
+    assert result.output.strip() == "Error: --channels must be comma-separated integers, got '8,x'"
+    result = CliRunner().invoke(train_main, ["--out", str(tmp_path / "r"), "--data-dir",
+                                             str(tmp_path / "nodata"), "--epochs", "1"])
+    assert result.exit_code == 2
+    assert result.output.strip() == f"Error: --data-dir {tmp_path / 'nodata'} does not exist"
+    result = CliRunner().invoke(export_main, [str(tmp_path / "none.pt"), "-o", str(tmp_path / "b")])
+    assert result.exit_code == 2
+    assert result.output.strip() == f"Error: checkpoint not found: {tmp_path / 'none.pt'}"
+
+
+def test_help_explains():
+    for main, words in ((run_main, "log q(z|x)"), (train_main, "beta * KL"),
+                        (export_main, "float16 index")):
+        result = CliRunner().invoke(main, ["--help"])
+        assert result.exit_code == 0 and words in result.output

@@ -1,0 +1,63 @@
+"""`pip install .` (not editable) into a fresh venv without torch, then `vae-run` from anywhere."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def fresh_venv(tmp_path_factory):
+    root = tmp_path_factory.mktemp("venv")
+    venv.create(root, with_pip=True, clear=True)
+    python = root / "bin" / "python"
+    # Build from a copy so the test never writes build/ or *.egg-info into the checkout.
+    source = tmp_path_factory.mktemp("source") / "vae-edge"
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(
+        ".git", "runs", "build", "dist", "*.egg-info", "__pycache__", ".venv*", ".*_cache"))
+    result = subprocess.run(
+        [str(python), "-m", "pip", "install", "--quiet", "--no-input", str(source)],
+        capture_output=True, text=True, timeout=900, cwd=root,
+        env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"},
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return root
+
+
+def test_vae_run_nearest_from_a_fresh_install(fresh_venv, tmp_path):
+    python = fresh_venv / "bin" / "python"
+    probe = subprocess.run([str(python), "-c", "import torch"], capture_output=True)
+    assert probe.returncode != 0, "torch must not be installed by the base package"
+    probe = subprocess.run([str(python), "-c", "import onnx"], capture_output=True)
+    assert probe.returncode != 0, "onnx must not be installed by the base package"
+
+    info = subprocess.run([str(fresh_venv / "bin" / "vae-run"), "info", "--json"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert info.returncode == 0, info.stderr
+    latent_dim = json.loads(info.stdout)["latent_dim"]
+    assert "site-packages" in json.loads(info.stdout)["bundle"]
+
+    z = ",".join(["0.5", "-1.2"] * (latent_dim // 2) + ["0"] * (latent_dim % 2))
+    result = subprocess.run([str(fresh_venv / "bin" / "vae-run"), "nearest", "--z", z, "-k", "5"],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr
+    rows = result.stdout.strip().splitlines()[2:]
+    assert len(rows) == 5
+    assert all(float(row.split()[-1]) < 100 for row in rows)
+
+
+def test_repo_is_not_on_the_path(fresh_venv, tmp_path):
+    code = "import vae_edge.runtime as r, sys; print(r.__file__)"
+    result = subprocess.run([str(fresh_venv / "bin" / "python"), "-c", code],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0 and "site-packages" in result.stdout
+    assert sys.prefix not in result.stdout

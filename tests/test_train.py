@@ -1,0 +1,86 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from vae_edge.training.data import Split
+from vae_edge.training.model import VAEConfig
+from vae_edge.training.train import TrainConfig, beta_at, load_checkpoint, train
+
+MODEL = VAEConfig(latent_dim=4, channels=(4, 8), hidden_dim=16)
+
+
+@pytest.fixture(scope="module")
+def splits():
+    rng = np.random.default_rng(0)
+    make = lambda n: Split(rng.integers(0, 256, (n, 28, 28), dtype=np.uint8),  # noqa: E731
+                           rng.integers(0, 10, n, dtype=np.uint8), {"fake": "0"})
+    return make(300), make(50)
+
+
+def quiet(message):
+    pass
+
+
+def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path, splits):
+    config = TrainConfig(epochs=3, batch_size=32, seed=7, kl_warmup_epochs=2)
+    straight = train(MODEL, config, tmp_path / "a", splits=splits, progress=False, log=quiet)
+
+    partial_dir = tmp_path / "b"
+    short = TrainConfig(**{**config.__dict__, "epochs": 1})
+    train(MODEL, short, partial_dir, splits=splits, progress=False, log=quiet)
+    # Pretend the run was meant to last 3 epochs and was killed after the first.
+    checkpoint = load_checkpoint(partial_dir / "checkpoint.pt")
+    checkpoint["train_config"]["epochs"] = 3
+    torch.save(checkpoint, partial_dir / "checkpoint.pt")
+    resumed = train(MODEL, config, partial_dir, splits=splits, resume=True, progress=False,
+                    log=quiet)
+
+    for name, tensor in straight["model"].items():
+        assert torch.equal(tensor, resumed["model"][name]), name
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert strip(straight["history"]) == strip(resumed["history"])
+    lines = (partial_dir / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
+
+
+def test_metrics_are_finite_and_decreasing(tmp_path, splits):
+    checkpoint = train(MODEL, TrainConfig(epochs=2, batch_size=32), tmp_path, splits=splits,
+                       progress=False, log=quiet)
+    first, last = checkpoint["history"]
+    for key in ("train_loss", "train_recon", "train_kl", "test_loss", "test_recon", "test_kl"):
+        assert np.isfinite(last[key])
+    assert last["test_loss"] == pytest.approx(last["test_recon"] + last["test_kl"])
+    assert last["train_loss"] < first["train_loss"]
+
+
+def test_refuses_to_overwrite_and_checks_resume_config(tmp_path, splits):
+    config = TrainConfig(epochs=1, batch_size=64)
+    train(MODEL, config, tmp_path, splits=splits, progress=False, log=quiet)
+    with pytest.raises(FileExistsError, match="exists: pass --resume to continue it"):
+        train(MODEL, config, tmp_path, splits=splits, progress=False, log=quiet)
+    with pytest.raises(ValueError, match="was made with another configuration"):
+        train(MODEL, TrainConfig(epochs=1, batch_size=32), tmp_path, splits=splits,
+              resume=True, progress=False, log=quiet)
+
+
+def test_checkpoint_loads_with_weights_only(tmp_path, splits):
+    train(MODEL, TrainConfig(epochs=1), tmp_path, splits=splits, progress=False, log=quiet)
+    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert checkpoint["config"] == MODEL.to_dict()
+    assert set(checkpoint) >= {"config", "model", "optimizer", "epoch", "history"}
+
+
+def test_bad_checkpoint_is_a_clear_error(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable vae-edge checkpoint"):
+        load_checkpoint(path)
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_kl_warmup():
+    config = TrainConfig(beta=0.5, kl_warmup_epochs=4)
+    assert [beta_at(config, e) for e in range(5)] == [0.125, 0.25, 0.375, 0.5, 0.5]

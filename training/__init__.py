@@ -1,0 +1,1 @@
+"""vae_edge.training: the PyTorch side (model, data, training loop)."""

@@ -1,0 +1,250 @@
+"""The training loop: Adam on reconstruction + beta * KL, an atomic checkpoint every epoch.
+
+Every epoch draws its shuffle and its epsilons from a generator seeded by (seed, epoch),
+so a run resumed from any epoch's checkpoint ends exactly where an uninterrupted run does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data import CLASS_NAMES, Split, load_split
+from .model import VAE, VAEConfig, loss_parts
+
+CHECKPOINT_NAME = "checkpoint.pt"
+METRICS_NAME = "metrics.jsonl"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    beta: float = 1.0
+    kl_warmup_epochs: int = 0  # beta ramps linearly from 0 over this many epochs
+    seed: int = 0
+    subset: int | None = None  # train on this many images (a fixed random subset)
+    test_subset: int | None = None  # evaluate on the first this many test images
+    lr_schedule: str = "constant"  # or "cosine" (to 0 over all epochs)
+
+    def __post_init__(self):
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0 or self.beta < 0 or self.kl_warmup_epochs < 0:
+            raise ValueError("lr must be > 0, beta >= 0 and kl_warmup_epochs >= 0")
+        for name in ("subset", "test_subset"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 (N, 28, 28) -> float32 (N, 1, 28, 28) in [0, 1]."""
+    return torch.from_numpy(np.asarray(images, dtype=np.float32) / 255.0).unsqueeze(1)
+
+
+def subset_rows(n: int, size: int | None, seed: int) -> np.ndarray:
+    """A fixed random subset of row numbers (sorted), or all rows."""
+    if size is None or size >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).permutation(n)[:size])
+
+
+def beta_at(config: TrainConfig, epoch: int) -> float:
+    """beta for 0-based epoch, with the linear KL warm-up."""
+    if config.kl_warmup_epochs == 0:
+        return config.beta
+    return config.beta * min(1.0, (epoch + 1) / config.kl_warmup_epochs)
+
+
+def lr_at(config: TrainConfig, epoch: int) -> float:
+    if config.lr_schedule == "cosine":
+        return 0.5 * config.lr * (1.0 + np.cos(np.pi * epoch / config.epochs))
+    return config.lr
+
+
+@torch.no_grad()
+def evaluate(model: VAE, images: torch.Tensor, batch_size: int = 1000) -> dict:
+    """Mean per-image loss parts in nats, encoding with mu (no sampling)."""
+    model.eval()
+    recon_sum = kl_sum = sq_err = 0.0
+    for start in range(0, len(images), batch_size):
+        x = images[start : start + batch_size]
+        mu, log_var = model.encode(x)
+        logits = model.decode_logits(mu)
+        recon, kl = loss_parts(logits, x, mu, log_var)
+        recon_sum += recon.sum().item()
+        kl_sum += kl.sum().item()
+        sq_err += (torch.sigmoid(logits) - x).pow(2).mean(dim=(1, 2, 3)).sum().item()
+    n = len(images)
+    return {"recon": recon_sum / n, "kl": kl_sum / n, "loss": (recon_sum + kl_sum) / n,
+            "mse": sq_err / n}
+
+
+def save_atomic(obj, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_metrics(history: list[dict], path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as handle:
+        handle.writelines(json.dumps(row) + "\n" for row in history)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Load a checkpoint safely (weights_only: no pickle code runs) and check its keys."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError...
+        raise ValueError(f"{path}: not a readable vae-edge checkpoint ({exc})") from None
+    missing = {"config", "model", "train_config", "epoch", "history"} - set(checkpoint)
+    if missing:
+        raise ValueError(f"{path}: checkpoint lacks keys {sorted(missing)}")
+    return checkpoint
+
+
+def model_from_checkpoint(checkpoint: dict) -> VAE:
+    model = VAE(VAEConfig.from_dict(checkpoint["config"]))
+    model.load_state_dict(checkpoint["model"])
+    model.eval()
+    return model
+
+
+def train(
+    model_config: VAEConfig,
+    config: TrainConfig,
+    out_dir: str | Path,
+    data_dir: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    log=print,
+    splits: tuple[Split, Split] | None = None,
+) -> dict:
+    """Train, checkpointing into out_dir after every epoch. Returns the final checkpoint."""
+    from tqdm import tqdm
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint_path = out_dir / CHECKPOINT_NAME
+    train_split, test_split = splits or (load_split("train", data_dir), load_split("test", data_dir))
+    rows = subset_rows(len(train_split), config.subset, config.seed)
+    x_train = to_tensor(train_split.images[rows])
+    x_test = to_tensor(test_split.images[: config.test_subset])
+
+    torch.manual_seed(config.seed)
+    model = VAE(model_config)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    history: list[dict] = []
+    start_epoch = 0
+    if resume and checkpoint_path.is_file():
+        checkpoint = load_checkpoint(checkpoint_path)
+        if checkpoint["config"] != model_config.to_dict() or checkpoint["train_config"] != asdict(config):
+            raise ValueError(
+                f"{checkpoint_path} was made with another configuration; resume with the same "
+                f"options (model {checkpoint['config']}, training {checkpoint['train_config']})"
+            )
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        history = list(checkpoint["history"])
+        start_epoch = checkpoint["epoch"]
+        log(f"resuming after epoch {start_epoch} of {config.epochs} from {checkpoint_path}")
+    elif resume:
+        log(f"--resume: no checkpoint in {out_dir}, starting from scratch")
+    elif checkpoint_path.exists():
+        raise FileExistsError(
+            f"{checkpoint_path} exists: pass --resume to continue it, or choose another --out"
+        )
+
+    checkpoint = None
+    for epoch in range(start_epoch, config.epochs):
+        started = time.perf_counter()
+        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
+        beta = beta_at(config, epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(config, epoch)
+        model.train()
+        order = torch.randperm(len(x_train), generator=generator)
+        sums = {"loss": 0.0, "recon": 0.0, "kl": 0.0}
+        batches = range(0, len(order), config.batch_size)
+        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch",
+                   disable=not progress, leave=False)
+        for start in bar:
+            x = x_train[order[start : start + config.batch_size]]
+            logits, mu, log_var = model(x, generator)
+            recon, kl = loss_parts(logits, x, mu, log_var)
+            loss = (recon + beta * kl).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            sums["loss"] += (recon + kl).sum().item()
+            sums["recon"] += recon.sum().item()
+            sums["kl"] += kl.sum().item()
+            bar.set_postfix(loss=f"{loss.item():.1f}")
+        bar.close()
+        test = evaluate(model, x_test)
+        row = {
+            "epoch": epoch + 1,
+            "beta": beta,
+            "lr": lr_at(config, epoch),
+            "train_loss": sums["loss"] / len(x_train),
+            "train_recon": sums["recon"] / len(x_train),
+            "train_kl": sums["kl"] / len(x_train),
+            "test_loss": test["loss"],
+            "test_recon": test["recon"],
+            "test_kl": test["kl"],
+            "test_mse": test["mse"],
+            "seconds": round(time.perf_counter() - started, 2),
+        }
+        history.append(row)
+        checkpoint = {
+            "format": "vae-edge-checkpoint",
+            "config": model_config.to_dict(),
+            "train_config": asdict(config),
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "epoch": epoch + 1,
+            "history": history,
+            "dataset": {"train": train_split.sha256, "test": test_split.sha256,
+                        "train_rows": len(x_train), "test_rows": len(x_test),
+                        "class_names": list(CLASS_NAMES)},
+            "versions": {"torch": str(torch.__version__), "python": platform.python_version()},
+        }
+        save_atomic(checkpoint, checkpoint_path)
+        write_metrics(history, out_dir / METRICS_NAME)
+        log(
+            f"epoch {epoch + 1}/{config.epochs}  train loss {row['train_loss']:.2f} "
+            f"(recon {row['train_recon']:.2f}, kl {row['train_kl']:.2f})  test loss "
+            f"{row['test_loss']:.2f} (recon {row['test_recon']:.2f}, kl {row['test_kl']:.2f})  "
+            f"{row['seconds']:.1f}s"
+        )
+    if checkpoint is None:  # nothing left to do: the run had already finished
+        checkpoint = load_checkpoint(checkpoint_path)
+    return checkpoint
