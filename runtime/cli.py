@@ -117,9 +117,10 @@ def nearest(runtime: Runtime, z: np.ndarray, k: int, as_json: bool, sheet: Path 
     names = runtime.label_names
     results = [
         {"rank": rank, "id": int(item_id), "label": names[label], "label_id": int(label),
-         "log_likelihood": float(score)}
-        for rank, (item_id, label, score) in enumerate(
-            zip(matches.ids, matches.labels, matches.log_likelihoods), start=1)
+         "log_likelihood": float(score), "probability": float(probability)}
+        for rank, (item_id, label, score, probability) in enumerate(
+            zip(matches.ids, matches.labels, matches.log_likelihoods, matches.probabilities),
+            start=1)
     ]
     if sheet is not None:
         with library_errors():
@@ -133,10 +134,10 @@ def nearest(runtime: Runtime, z: np.ndarray, k: int, as_json: bool, sheet: Path 
                                "results": results}))
     else:
         click.echo(f"z = {format_z(z)}")
-        click.echo(f"{'rank':>4}  {'id':>6}  {'label':<12} {'log q(z|x)':>12}")
+        click.echo(f"{'rank':>4}  {'id':>6}  {'label':<12} {'log q(z|x)':>12}  {'p(x|z)':>8}")
         for r in results:
             click.echo(f"{r['rank']:>4}  {r['id']:>6}  {r['label']:<12} "
-                       f"{r['log_likelihood']:>12.3f}")
+                       f"{r['log_likelihood']:>12.3f}  {r['probability']:>8.4f}")
     if sheet is not None:
         click.echo(f"wrote {sheet}", err=as_json)
 

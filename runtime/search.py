@@ -30,6 +30,8 @@ class Matches:
     ids: np.ndarray  # int64
     labels: np.ndarray  # int64
     log_likelihoods: np.ndarray  # float64, log q(z|x)
+    # p(x|z) = q(z|x) / sum over the whole catalog of q(z|x'): a uniform prior over items.
+    probabilities: np.ndarray  # float64
 
     def __len__(self) -> int:
         return int(self.ids.shape[-1])
@@ -116,13 +118,11 @@ class LikelihoodSearch:
         k = min(k, self.size)
         scores = self.scores(batch)
         rows = top_k_rows(scores, k)
-        result = Matches(
-            rows=rows,
-            ids=self.ids[rows],
-            labels=self.labels[rows],
-            log_likelihoods=np.take_along_axis(scores, rows, axis=1),
-        )
+        best = np.take_along_axis(scores, rows, axis=1)
+        top = scores.max(axis=1, keepdims=True)
+        log_total = top + np.log(np.exp(scores - top).sum(axis=1, keepdims=True))
+        fields = {"rows": rows, "ids": self.ids[rows], "labels": self.labels[rows],
+                  "log_likelihoods": best, "probabilities": np.exp(best - log_total)}
         if single:
-            return Matches(*(a[0] for a in (result.rows, result.ids, result.labels,
-                                              result.log_likelihoods)))
-        return result
+            fields = {name: array[0] for name, array in fields.items()}
+        return Matches(**fields)

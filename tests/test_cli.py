@@ -30,7 +30,7 @@ def test_nearest_table_and_json(tiny_bundle, runtime):
     result = run("nearest", "--bundle", tiny_bundle, "--z", Z8, "-k", 3)
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
-    assert lines[1].split() == ["rank", "id", "label", "log", "q(z|x)"]
+    assert lines[1].split() == ["rank", "id", "label", "log", "q(z|x)", "p(x|z)"]
     assert len(lines) == 5
     result = run("nearest", "--bundle", tiny_bundle, "--z", Z8, "-k", 3, "--json")
     payload = json.loads(result.output)

@@ -42,6 +42,8 @@ def test_batch_results_equal_one_by_one(runtime):
 def test_k_larger_than_catalog_returns_all(runtime):
     matches = runtime.nearest(np.zeros(8), k=10**9)
     assert len(matches) == len(runtime.index)
+    assert matches.probabilities.sum() == pytest.approx(1.0)
+    assert np.all(np.diff(matches.probabilities) <= 0)
     assert sorted(matches.ids.tolist()) == sorted(runtime.index.ids.tolist())
 
 
