@@ -66,7 +66,8 @@ def test_refuses_to_overwrite_and_checks_resume_config(tmp_path, splits):
 
 
 def test_checkpoint_loads_with_weights_only(tmp_path, splits):
-    train(MODEL, TrainConfig(epochs=1), tmp_path, splits=splits, progress=False, log=quiet)
+    train(MODEL, TrainConfig(epochs=2, lr_schedule="cosine", kl_warmup_epochs=2), tmp_path,
+          splits=splits, progress=False, log=quiet)
     checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert checkpoint["config"] == MODEL.to_dict()
     assert set(checkpoint) >= {"config", "model", "optimizer", "epoch", "history"}
