@@ -427,7 +427,9 @@ class KioskHandler(BaseHTTPRequestHandler):
             super().log_message('"%s" %s %s', self.requestline, str(code), str(size))
 
     def log_error(self, format, *args):
-        super().log_message(format, *args)
+        # An idle keep-alive connection timing out is routine, not an error.
+        if self.server.log_requests or not format.startswith("Request timed out"):
+            super().log_message(format, *args)
 
 
 def load_static(directory: Path = STATIC_DIR) -> dict[str, tuple[bytes, str]]:

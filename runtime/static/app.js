@@ -41,11 +41,15 @@
     return payload;
   }
 
+  // Errors stay until an update succeeds; other messages fade after a few seconds.
+  let statusTimer = null;
   function showStatus(message, isError) {
     const box = $("status");
+    clearTimeout(statusTimer);
     box.textContent = message;
     box.classList.toggle("error", Boolean(isError));
     box.hidden = !message;
+    if (message && !isError) statusTimer = setTimeout(() => showStatus("", false), 3000);
   }
 
   const signed = (v) => (v < 0 ? "\u2212" : "+") + Math.abs(v).toFixed(2);
@@ -124,7 +128,7 @@
         ]);
         renderGarment(decoded);
         renderMatches(near);
-        showStatus("", false);
+        if ($("status").classList.contains("error")) showStatus("", false);
       } catch (err) {
         showStatus(`Could not update: ${err.message}`, true);
       }
@@ -279,6 +283,7 @@
       showStatus(`The kiosk server did not answer: ${err.message}`, true);
       return;
     }
+    showStatus("", false);
     buildSliders();
     $("surprise").addEventListener("click", surprise);
     $("reset").addEventListener("click", reset);
