@@ -228,6 +228,9 @@ class KioskHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive: a slider sends many small requests
     server_version = "vae-edge-kiosk"
     timeout = IDLE_TIMEOUT_S  # an idle or stalled client frees its thread after this
+    # Headers and body go out in two writes; with Nagle on, the client's delayed ACK would
+    # hold the body back ~40 ms on every keep-alive request.
+    disable_nagle_algorithm = True
 
     # -- responses -----------------------------------------------------------------------
     def _send(self, status: int, body: bytes, content_type: str, *, cache: str = "no-store",
