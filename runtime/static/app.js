@@ -228,7 +228,8 @@
       const figure = $(`slot-${slot}`);
       figure.querySelector("img").src = item.image;
       figure.querySelector("img").alt = item.label;
-      figure.querySelector("figcaption").textContent = `${item.label} #${item.id}`;
+      figure.querySelector("figcaption").textContent = item.label;
+      figure.title = `${item.label} #${item.id}`;
       figure.dataset.id = String(item.id);
       const ready = Boolean(state.slots.a && state.slots.b);
       $("morph-t").disabled = !ready;
