@@ -146,6 +146,21 @@ class Kiosk:
         self.page.mouse.move(box["x"] + box["width"] * fraction, y, steps=10)
         self.page.mouse.up()
 
+    def touch_drag(self, selector: str, fraction: float):
+        """A finger on the thumb (at the centre), slid to fraction of the width, then lifted."""
+        box = self.page.locator(selector).bounding_box()
+        y = box["y"] + box["height"] / 2
+        cdp = self.context.new_cdp_session(self.page)
+        start, end = box["x"] + box["width"] / 2, box["x"] + box["width"] * fraction
+        cdp.send("Input.dispatchTouchEvent",
+                 {"type": "touchStart", "touchPoints": [{"x": start, "y": y}]})
+        for step in range(1, 11):
+            x = start + (end - start) * step / 10
+            cdp.send("Input.dispatchTouchEvent",
+                     {"type": "touchMove", "touchPoints": [{"x": x, "y": y}]})
+        cdp.send("Input.dispatchTouchEvent", {"type": "touchEnd", "touchPoints": []})
+        cdp.detach()
+
     def mu(self, item_id: int) -> np.ndarray:
         row = int(np.flatnonzero(self.runtime.index.ids == item_id)[0])
         return self.runtime.index.mu[row].astype(np.float64)
@@ -214,6 +229,14 @@ def test_page_obeys_its_content_security_policy(browser, kiosk):
 def test_slider_moves_picture_and_list_then_tap_loads_an_item(page, runtime):
     assert page.page.locator("#sliders input").first.get_attribute("min") == "-3"
     check_slider_and_tap(page, runtime.latent_dim)
+
+
+def test_slider_follows_a_finger(page, runtime):
+    page.touch_drag("#sliders input[data-dim='1']", 0.15)
+    page.page.wait_for_function("JSON.parse(document.querySelector('#sliders').dataset.z)[1] < 0")
+    page.settle()
+    z = page.check_consistent()
+    assert z[1] < -1.0 and not np.delete(z, 1).any()
 
 
 def test_surprise_me_then_reset(page, runtime):
