@@ -35,7 +35,7 @@ K = 6
 def _browser_or_skip():
     missing = []
     if not CHROMIUM.is_file():
-        missing.append(f"{CHROMIUM} (Debian packages chromium, chromium-driver)")
+        missing.append(f"{CHROMIUM} (Debian package chromium)")
     if importlib.util.find_spec("playwright") is None:
         missing.append("the playwright Python package (pip install -e '.[dev]')")
     if missing:
