@@ -158,3 +158,34 @@ def encode(runtime: Runtime, images: tuple[Path, ...], as_json: bool):
                                    "log_sigma": s.tolist()}))
         else:
             click.echo(f"{path}\n  mu        = {format_z(m)}\n  log_sigma = {format_z(s)}")
+
+
+@main.command()
+@bundle_options
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on. The default is reachable from this machine only; "
+                   "0.0.0.0 opens the kiosk to the network.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True,
+              help="TCP port; 0 picks a free one (the URL is printed).")
+@click.option("--range", "z_range", type=click.FloatRange(0, 100, min_open=True), default=3.0,
+              show_default=True, help="Each slider spans [-RANGE, RANGE] (5 matches the seeds).")
+@click.option("-k", type=click.IntRange(1, 100), default=6, show_default=True,
+              help="How many nearest catalog items the page shows.")
+@click.option("--log-requests", is_flag=True, help="Log every request (failures always are).")
+def serve(runtime: Runtime, host: str, port: int, z_range: float, k: int, log_requests: bool):
+    """Serve the kiosk page and its JSON API (decode, nearest, sample, item).
+
+    Open the printed URL in a browser: one slider per latent dim, the decoded garment,
+    and the catalog items most likely to have produced it. The API is described in
+    docs/kiosk.md. Stop with Ctrl+C.
+    """
+    from .server import is_loopback, make_server
+
+    with library_errors():
+        server = make_server(runtime, host, port, z_range=z_range, k=k,
+                             log_requests=log_requests)
+    if not is_loopback(host):
+        click.echo(f"note: listening on {host}, so other machines can reach the kiosk", err=True)
+    click.echo(f"kiosk on {server.url} (latent dim {runtime.latent_dim}, "
+               f"{len(runtime.index)} catalog items); Ctrl+C stops it")
+    server.run(log=lambda message: click.echo(message, err=True))

@@ -1,0 +1,317 @@
+"""The kiosk page in real headless Chromium (Debian's chromium, driven by Playwright).
+
+Each test uses the page as a person would (drag a slider with the mouse, tap items on a
+touch screen, press buttons) and then checks what is on screen against the Runtime itself:
+the picture must be decode(z) pixel for pixel, the list must be nearest(z).
+"""
+
+from __future__ import annotations
+
+import base64
+import importlib.util
+import io
+import json
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from vae_edge.runtime.images import to_uint8
+from vae_edge.runtime.server import make_server
+
+pytestmark = pytest.mark.slow  # needs the tiny trained bundle
+
+CHROMIUM = Path(os.environ.get("KIOSK_CHROMIUM", "/usr/bin/chromium"))
+# Without the background-networking flags Chromium keeps dialing Google from a closed network.
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+VIEWPORT = {"width": 1920, "height": 1080}
+K = 6
+
+
+def _browser_or_skip():
+    missing = []
+    if not CHROMIUM.is_file():
+        missing.append(f"{CHROMIUM} (Debian package chromium)")
+    if importlib.util.find_spec("playwright") is None:
+        missing.append("the playwright Python package (pip install -e '.[dev]')")
+    if missing:
+        message = "browser test needs " + " and ".join(missing)
+        if os.environ.get("CI"):
+            pytest.fail(message + "; .ci/run installs both")  # in CI this must run
+        pytest.skip(message)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    _browser_or_skip()
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+def serve(runtime):
+    server = make_server(runtime, "127.0.0.1", 0, k=K)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    return server, thread
+
+
+@pytest.fixture(scope="module")
+def kiosk(runtime):
+    server, thread = serve(runtime)
+    yield server
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=10)
+
+
+class Kiosk:
+    """One page on a touch screen, and what it shows, read back as numbers."""
+
+    def __init__(self, browser, server, runtime):
+        self.runtime = runtime
+        self.origin = server.url.rstrip("/")
+        # Playwright's wait_for_function evaluates its predicate in a way the page's own
+        # policy (no eval) forbids; test_page_obeys_its_content_security_policy covers the page
+        # under that policy.
+        self.context = browser.new_context(viewport=VIEWPORT, has_touch=True, bypass_csp=True)
+        self.page = self.context.new_page()
+        self.problems = []
+        self.page.on("console", lambda m: m.type == "error" and self.problems.append(m.text))
+        self.page.on("pageerror", lambda exc: self.problems.append(str(exc)))
+        self.page.on("request", self._check_request)
+        self.page.goto(server.url)
+        self.settle()
+
+    def _check_request(self, request):
+        if not request.url.startswith((self.origin + "/", "data:")):
+            self.problems.append(f"request left the kiosk: {request.url}")
+
+    def settle(self, timeout=30_000):
+        """Wait until picture and list both show the z the sliders stand for."""
+        self.page.wait_for_function(
+            """() => {
+                const same = (a, b) => a !== undefined && b !== undefined &&
+                    JSON.stringify(JSON.parse(a)) === JSON.stringify(JSON.parse(b));
+                const z = document.getElementById("sliders").dataset.z;
+                return document.body.dataset.busy === "false" &&
+                    same(document.getElementById("garment").dataset.z, z) &&
+                    same(document.getElementById("matches").dataset.z, z);
+            }""",
+            timeout=timeout,
+        )
+
+    @property
+    def z(self) -> np.ndarray:
+        return np.array(json.loads(self.page.locator("#sliders").get_attribute("data-z")))
+
+    def slider_values(self) -> np.ndarray:
+        return np.array(self.page.eval_on_selector_all(
+            "#sliders input", "inputs => inputs.map(i => Number(i.value))"))
+
+    def picture(self) -> np.ndarray:
+        src = self.page.locator("#garment").get_attribute("src")
+        prefix = "data:image/png;base64,"
+        assert src.startswith(prefix)
+        with Image.open(io.BytesIO(base64.b64decode(src[len(prefix):]))) as image:
+            return np.asarray(image)
+
+    def shown_ids(self) -> list[int]:
+        return [int(i) for i in self.page.eval_on_selector_all(
+            "#matches .item", "items => items.map(i => i.dataset.id)")]
+
+    def list_text(self) -> str:
+        return self.page.locator("#matches").inner_text()
+
+    def check_consistent(self):
+        """The picture is decode(z) and the list is nearest(z), for the z on the sliders."""
+        z = self.z
+        np.testing.assert_array_equal(self.picture(), to_uint8(self.runtime.decode(z)))
+        assert self.shown_ids() == self.runtime.nearest(z, k=K).ids.tolist()
+        return z
+
+    def drag(self, selector: str, fraction: float):
+        """Press on the thumb (at the centre: value 0) and drag it to fraction of the width."""
+        box = self.page.locator(selector).bounding_box()
+        y = box["y"] + box["height"] / 2
+        self.page.mouse.move(box["x"] + box["width"] / 2, y)
+        self.page.mouse.down()
+        self.page.mouse.move(box["x"] + box["width"] * fraction, y, steps=10)
+        self.page.mouse.up()
+
+    def touch_drag(self, selector: str, fraction: float):
+        """A finger on the thumb (at the centre), slid to fraction of the width, then lifted."""
+        box = self.page.locator(selector).bounding_box()
+        y = box["y"] + box["height"] / 2
+        cdp = self.context.new_cdp_session(self.page)
+        start, end = box["x"] + box["width"] / 2, box["x"] + box["width"] * fraction
+        cdp.send("Input.dispatchTouchEvent",
+                 {"type": "touchStart", "touchPoints": [{"x": start, "y": y}]})
+        for step in range(1, 11):
+            x = start + (end - start) * step / 10
+            cdp.send("Input.dispatchTouchEvent",
+                     {"type": "touchMove", "touchPoints": [{"x": x, "y": y}]})
+        cdp.send("Input.dispatchTouchEvent", {"type": "touchEnd", "touchPoints": []})
+        cdp.detach()
+
+    def mu(self, item_id: int) -> np.ndarray:
+        row = int(np.flatnonzero(self.runtime.index.ids == item_id)[0])
+        return self.runtime.index.mu[row].astype(np.float64)
+
+    def close(self):
+        self.context.close()
+
+
+@pytest.fixture
+def page(browser, kiosk, runtime):
+    view = Kiosk(browser, kiosk, runtime)
+    yield view
+    problems = view.problems
+    view.close()
+    assert problems == []
+
+
+def check_slider_and_tap(view: Kiosk, d: int):
+    assert view.page.locator("#sliders input").count() == d
+    assert view.page.locator("#matches .item").count() == K
+    np.testing.assert_array_equal(view.z, np.zeros(d))
+    view.check_consistent()
+    before_picture, before_list = view.picture(), view.list_text()
+
+    view.drag("#sliders input[data-dim='0']", 0.9)
+    view.settle()
+    z = view.check_consistent()
+    assert z[0] > 1.0 and not z[1:].any()
+    assert view.page.locator("#sliders output").first.inner_text() == f"+{z[0]:.2f}"
+    assert not np.array_equal(view.picture(), before_picture)
+    assert view.list_text() != before_list
+
+    item_id = view.shown_ids()[2]
+    view.page.locator(f"#matches .item[data-id='{item_id}']").tap()
+    mu_json = json.dumps(view.mu(item_id).tolist())
+    view.page.wait_for_function(
+        f"document.querySelector('#sliders').dataset.z === JSON.stringify({mu_json})")
+    view.settle()
+    np.testing.assert_array_equal(view.check_consistent(), view.mu(item_id))
+    limit = float(view.page.locator("#sliders input").first.get_attribute("max"))
+    np.testing.assert_allclose(view.slider_values(), np.clip(view.mu(item_id), -limit, limit),
+                               atol=0.005 + 1e-9)
+
+
+def test_page_obeys_its_content_security_policy(browser, kiosk):
+    """With the server's policy enforced (no eval, nothing external) the page still works."""
+    context = browser.new_context(viewport=VIEWPORT, has_touch=True)
+    page = context.new_page()
+    problems = []
+    page.on("console", lambda m: m.type == "error" and problems.append(m.text))
+    page.on("pageerror", lambda exc: problems.append(str(exc)))
+    try:
+        response = page.goto(kiosk.url)
+        assert "default-src 'self'" in response.headers["content-security-policy"]
+        page.locator("#matches .item").nth(K - 1).wait_for()
+        page.locator("#garment[src^='data:image/png;base64,']").wait_for()
+        page.locator("#surprise").tap()
+        page.locator("#sliders output").filter(has_not_text="+0.00").first.wait_for()
+        page.locator("#matches .item").first.tap()
+        page.locator("#status", has_text="Loaded").wait_for()
+    finally:
+        context.close()
+    assert problems == []
+
+
+def test_slider_moves_picture_and_list_then_tap_loads_an_item(page, runtime):
+    assert page.page.locator("#sliders input").first.get_attribute("min") == "-3"
+    check_slider_and_tap(page, runtime.latent_dim)
+
+
+def test_slider_follows_a_finger(page, runtime):
+    page.touch_drag("#sliders input[data-dim='1']", 0.15)
+    page.page.wait_for_function("JSON.parse(document.querySelector('#sliders').dataset.z)[1] < 0")
+    page.settle()
+    z = page.check_consistent()
+    assert z[1] < -1.0 and not np.delete(z, 1).any()
+
+
+def test_surprise_me_then_reset(page, runtime):
+    page.page.locator("#surprise").tap()
+    page.page.wait_for_function("JSON.parse(document.querySelector('#sliders').dataset.z)"
+                                ".some(v => v !== 0)")
+    page.settle()
+    z = page.check_consistent()
+    assert z.shape == (runtime.latent_dim,) and np.abs(z).max() > 0
+    page.page.locator("#reset").tap()
+    page.page.wait_for_function("JSON.parse(document.querySelector('#sliders').dataset.z)"
+                                ".every(v => v === 0)")
+    page.settle()
+    page.check_consistent()
+    np.testing.assert_array_equal(page.slider_values(), np.zeros(runtime.latent_dim))
+
+
+def test_morph_between_two_items(page, runtime):
+    assert page.page.locator("#morph-play").is_disabled()
+    first, second = page.shown_ids()[:2]
+    page.page.locator(f"#matches .item[data-id='{first}'] + .pick [data-slot='a']").tap()
+    page.page.wait_for_function(f"document.querySelector('#slot-a').dataset.id === '{first}'")
+    assert page.page.locator("#morph-play").is_disabled()  # B still missing
+    page.page.locator(f"#matches .item[data-id='{second}'] + .pick [data-slot='b']").tap()
+    page.page.wait_for_function(f"document.querySelector('#slot-b').dataset.id === '{second}'")
+    mu_a, mu_b = page.mu(first), page.mu(second)
+
+    # Dragging the morph slider puts z on the line from mu(A) to mu(B).
+    page.drag("#morph-t", 0.5)
+    page.settle()
+    t = float(page.page.locator("#morph-t").input_value())
+    assert 0.1 < t < 0.9
+    np.testing.assert_allclose(page.check_consistent(), (1 - t) * mu_a + t * mu_b,
+                               rtol=0, atol=1e-12)
+
+    # Morph plays all the way to B.
+    page.page.locator("#morph-play").tap()
+    page.page.wait_for_function("document.body.dataset.morphing === 'false' && "
+                                "document.querySelector('#morph-t').value === '1'")
+    page.settle()
+    np.testing.assert_array_equal(page.check_consistent(), mu_b)
+
+
+def test_screenshot_at_1080p(page, tmp_path):
+    page.page.locator("#surprise").tap()
+    page.page.wait_for_function("JSON.parse(document.querySelector('#sliders').dataset.z)"
+                                ".some(v => v !== 0)")
+    page.settle()
+    # Every thumbnail has arrived and the page fits a 1080p screen without scrolling.
+    page.page.wait_for_function(
+        "[...document.querySelectorAll('#matches img')].every(i => i.complete && i.naturalWidth)")
+    assert page.page.evaluate("document.documentElement.scrollHeight") <= VIEWPORT["height"]
+    shot = tmp_path / "kiosk.png"
+    page.page.screenshot(path=str(shot))
+    with Image.open(shot) as image:
+        assert image.size == (VIEWPORT["width"], VIEWPORT["height"])
+        # Not a blank page: the picture and the thumbnails put many grey levels on screen.
+        assert len(np.unique(np.asarray(image.convert("L")))) > 50
+
+
+def test_shipped_model_in_the_browser(browser):
+    """`vae-run serve` on the shipped model (models/default), once it is in the checkout."""
+    from vae_edge.runtime import Runtime
+
+    try:
+        shipped = Runtime.load()
+    except (FileNotFoundError, ValueError) as exc:
+        pytest.skip(f"no shipped model in this checkout yet: {exc}")
+    server, thread = serve(shipped)
+    view = Kiosk(browser, server, shipped)
+    try:
+        check_slider_and_tap(view, shipped.latent_dim)
+        assert view.problems == []
+    finally:
+        view.close()
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
