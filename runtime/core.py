@@ -14,6 +14,7 @@ from .bundle import (
     MODEL_FILES,
     BundleError,
     CatalogIndex,
+    check_onnx_file,
     default_bundle_path,
     load_index,
     read_manifest,
@@ -203,6 +204,8 @@ class Runtime:
         if verify:
             verify_files(root, manifest)
         index = load_index(root, manifest)
+        for name in MODEL_FILES.values():  # every check passes before onnxruntime sees a graph
+            check_onnx_file(root, name)
         d = manifest["latent_dim"]
         shape = list(manifest["image"]["shape"])
         encoder = _session(root / MODEL_FILES["encoder"], threads)
