@@ -19,6 +19,13 @@ from ..runtime.bundle import (
     MODEL_FILES,
     write_manifest,
 )
+from ..training.atomic import (
+    fsync_path,
+    fsync_tree,
+    remove_stale_temporaries,
+    stale_temporaries,
+    temp_prefix,
+)
 from ..training.data import CLASS_NAMES, Split, load_split
 from ..training.model import VAE
 from ..training.train import load_checkpoint, model_from_checkpoint, to_tensor
@@ -73,6 +80,7 @@ def build_bundle(
     (with force) the previous bundle stays until the new one is complete.
     """
     out_dir = Path(out_dir)
+    recover_interrupted_export(out_dir, log)
     if out_dir.exists() and not force:
         raise FileExistsError(f"{out_dir} exists: pass --force to replace it")
     if catalog not in ("train", "test"):
@@ -82,7 +90,8 @@ def build_bundle(
     checkpoint = load_checkpoint(checkpoint_path)
     vae = model_from_checkpoint(checkpoint)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(out_dir), suffix=".partial",
+                                dir=out_dir.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; a bundle is meant to be shared
     try:
         log("exporting encoder.onnx and decoder.onnx")
@@ -151,6 +160,7 @@ def build_bundle(
         from ..runtime.core import Runtime
 
         Runtime.load(tmp)  # the runtime must accept what we wrote
+        fsync_tree(tmp)  # on disk before the rename makes it the bundle
         _move_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -159,11 +169,29 @@ def build_bundle(
     return out_dir
 
 
+def recover_interrupted_export(out_dir: Path, log=print) -> None:
+    """Undo what a killed export left beside out_dir: its half-written `.partial`
+    directory, and, if it died between its two renames, the previous bundle parked
+    as `.old` (moved back, since out_dir is then missing)."""
+    out_dir = Path(out_dir)
+    remove_stale_temporaries(out_dir, ".partial", log)
+    parked = stale_temporaries(out_dir, ".old")
+    if parked and not out_dir.exists():
+        newest = max(parked, key=lambda p: p.stat().st_mtime)
+        newest.rename(out_dir)
+        log(f"restored the previous bundle {out_dir} from {newest.name} "
+            "(an export was interrupted while replacing it)")
+    remove_stale_temporaries(out_dir, ".old", log)
+
+
 def _move_into_place(tmp: Path, out_dir: Path) -> None:
     if not out_dir.exists():
         tmp.rename(out_dir)
+        fsync_path(out_dir.parent)
         return
-    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
+    # Two renames, not one: a directory cannot atomically replace another. A kill between
+    # them leaves the previous bundle as .old, which the next export moves back.
+    old = Path(tempfile.mkdtemp(prefix=temp_prefix(out_dir), suffix=".old", dir=out_dir.parent))
     old.rmdir()
     out_dir.rename(old)
     try:
@@ -171,4 +199,5 @@ def _move_into_place(tmp: Path, out_dir: Path) -> None:
     except BaseException:
         old.rename(out_dir)
         raise
+    fsync_path(out_dir.parent)
     shutil.rmtree(old, ignore_errors=True)

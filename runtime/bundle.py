@@ -33,6 +33,9 @@ INDEX_FILES = {
 }
 INDEX_DTYPES = {"mu": "float16", "log_sigma": "float16", "ids": "int32", "labels": "int32"}
 MODEL_FILES = {"encoder": "encoder.onnx", "decoder": "decoder.onnx"}
+# A real manifest is a few KB; anything this large is not one, and is not read into memory.
+MAX_MANIFEST_BYTES = 1 << 20
+_SHA256_HEX = frozenset("0123456789abcdef")
 
 
 class BundleError(ValueError):
@@ -83,14 +86,24 @@ def _require(mapping: dict, key: str, kind: type, where: str) -> Any:
     return value
 
 
+def _check_name(name: str) -> None:
+    """Refuse a manifest file name that is not a plain name inside the bundle directory."""
+    if (not name or name in (".", "..") or os.path.isabs(name) or Path(name).name != name
+            or any(c in name for c in "/\\\x00")):
+        raise BundleError(
+            f"manifest.json: file name {name!r} is not a plain name inside the bundle"
+        )
+
+
 def _bundle_file(root: Path, name: str) -> Path:
     """A file named by the manifest, refused if it would leave the bundle directory."""
-    if not name or os.path.isabs(name) or Path(name).name != name:
-        raise BundleError(f"manifest.json: file name {name!r} is not a plain name inside the bundle")
+    _check_name(name)
     path = root / name
     if path.is_symlink():
         raise BundleError(f"{name}: is a symbolic link; bundle files must be regular files")
     if not path.is_file():
+        if path.exists():
+            raise BundleError(f"{name}: is not a regular file")
         raise FileNotFoundError(f"bundle {root}: file {name} is missing")
     return path
 
@@ -100,12 +113,21 @@ def read_manifest(root: Path) -> dict:
     if not root.is_dir():
         raise FileNotFoundError(f"bundle directory not found: {root}")
     path = root / MANIFEST_NAME
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         raise FileNotFoundError(f"bundle {root}: {MANIFEST_NAME} is missing")
+    path = _bundle_file(root, MANIFEST_NAME)
+    size = path.stat().st_size
+    if size > MAX_MANIFEST_BYTES:
+        raise BundleError(
+            f"{MANIFEST_NAME}: {size} bytes is too large for a manifest "
+            f"(at most {MAX_MANIFEST_BYTES})"
+        )
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+        manifest = json.loads(path.read_bytes().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BundleError(f"{MANIFEST_NAME}: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise BundleError(f"{MANIFEST_NAME}: not valid JSON (nested too deeply)") from None
     if not isinstance(manifest, dict):
         raise BundleError(f"{MANIFEST_NAME}: expected a JSON object, got {type(manifest).__name__}")
     fmt = _require(manifest, "format", str, MANIFEST_NAME)
@@ -126,13 +148,19 @@ def read_manifest(root: Path) -> dict:
         raise BundleError(f"{MANIFEST_NAME}: image shape must be [C, H, W], got {shape}")
     files = _require(manifest, "files", dict, MANIFEST_NAME)
     for name, entry in files.items():
+        _check_name(name)
         where = f"{MANIFEST_NAME} files[{name!r}]"
         if not isinstance(entry, dict):
             raise BundleError(f"{where}: expected an object with sha256 and bytes")
-        _require(entry, "sha256", str, where)
-        _require(entry, "bytes", int, where)
+        digest = _require(entry, "sha256", str, where)
+        if len(digest) != 64 or not set(digest) <= _SHA256_HEX:
+            raise BundleError(f"{where}: sha256 must be 64 lowercase hex digits, got {digest!r}")
+        if _require(entry, "bytes", int, where) < 0:
+            raise BundleError(f"{where}: bytes must be >= 0, got {entry['bytes']}")
     index = _require(manifest, "index", dict, MANIFEST_NAME)
-    _require(index, "size", int, "manifest.json index")
+    size = _require(index, "size", int, "manifest.json index")
+    if size < 1:
+        raise BundleError(f"{MANIFEST_NAME}: index size must be >= 1, got {size}")
     names = _require(index, "label_names", list, "manifest.json index")
     if not all(isinstance(n, str) for n in names):
         raise BundleError(f"{MANIFEST_NAME}: index label_names must be strings")
@@ -152,47 +180,191 @@ def verify_files(root: Path, manifest: dict) -> dict[str, Path]:
         size = path.stat().st_size
         if size != entry["bytes"]:
             raise BundleError(
-                f"{name}: size is {size} bytes, manifest says {entry['bytes']} (truncated or replaced)"
+                f"{name}: size is {size} bytes, manifest says {entry['bytes']} "
+                "(truncated or replaced)"
             )
         actual = sha256_file(path)
         if actual != entry["sha256"]:
             raise BundleError(
-                f"{name}: sha256 mismatch (manifest {entry['sha256'][:12]}..., file {actual[:12]}...)"
+                f"{name}: sha256 mismatch (manifest {entry['sha256'][:12]}..., "
+                f"file {actual[:12]}...)"
             )
         paths[name] = path
     return paths
 
 
+def _npy_header(path: Path, name: str) -> tuple[np.dtype, tuple, int]:
+    """dtype, shape and data offset of a .npy file, read without touching its data."""
+    fmt = np.lib.format
+    try:
+        with open(path, "rb") as handle:
+            version = fmt.read_magic(handle)
+            if version == (1, 0):
+                shape, _, dtype = fmt.read_array_header_1_0(handle)
+            elif version == (2, 0):
+                shape, _, dtype = fmt.read_array_header_2_0(handle)
+            else:
+                raise BundleError(f"{name}: .npy format version {version} is not supported")
+            return dtype, shape, handle.tell()
+    except (ValueError, SyntaxError, EOFError, OSError) as exc:
+        if isinstance(exc, BundleError):
+            raise
+        raise BundleError(f"{name}: not a readable .npy file ({exc})") from None
+
+
 def load_index(root: Path, manifest: dict, mmap: bool = False) -> CatalogIndex:
-    """Load the index arrays and check their dtypes and shapes against the manifest."""
+    """Load the index arrays and check their dtypes and shapes against the manifest.
+
+    Each header is checked before any data is read: an object array (which only pickle
+    could load) or a shape that does not match the manifest and the file size is refused
+    without allocating anything. The arrays come back read-only.
+    """
     latent_dim = manifest["latent_dim"]
     size = manifest["index"]["size"]
     arrays = {}
     for key, name in INDEX_FILES.items():
         path = _bundle_file(root, name)
+        dtype, shape, offset = _npy_header(path, name)
+        expected_shape = (size, latent_dim) if key in ("mu", "log_sigma") else (size,)
+        if dtype.hasobject:
+            raise BundleError(
+                f"{name}: holds Python objects (dtype {dtype}), which only pickle can load; "
+                "refused"
+            )
+        if dtype != np.dtype(INDEX_DTYPES[key]):
+            raise BundleError(f"{name}: dtype is {dtype}, expected {INDEX_DTYPES[key]}")
+        if shape != expected_shape:
+            raise BundleError(f"{name}: shape is {shape}, expected {expected_shape}")
+        expected_bytes = offset + int(np.prod(shape)) * dtype.itemsize
+        actual_bytes = path.stat().st_size
+        if actual_bytes != expected_bytes:
+            raise BundleError(
+                f"{name}: file is {actual_bytes} bytes, its header promises {expected_bytes}"
+            )
         try:
+            # allow_pickle=False again: the header check above is not the only guard.
             array = np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
-        except ValueError as exc:  # object arrays need pickle: refused by allow_pickle=False
+        except ValueError as exc:
             raise BundleError(f"{name}: not a plain numeric .npy array ({exc})") from None
         except (OSError, EOFError) as exc:
             raise BundleError(f"{name}: not a readable .npy file ({exc})") from None
-        expected_shape = (size, latent_dim) if key in ("mu", "log_sigma") else (size,)
-        if array.dtype != np.dtype(INDEX_DTYPES[key]):
-            raise BundleError(f"{name}: dtype is {array.dtype}, expected {INDEX_DTYPES[key]}")
-        if array.shape != expected_shape:
-            raise BundleError(f"{name}: shape is {array.shape}, expected {expected_shape}")
+        if array.dtype != dtype or array.shape != shape:  # the file changed under us
+            raise BundleError(f"{name}: changed while it was being read")
+        # Shared by every thread using the Runtime: nobody may change it in place.
+        array.flags.writeable = False
         arrays[key] = array
     for key in ("mu", "log_sigma"):
         if not np.isfinite(arrays[key]).all():
             raise BundleError(f"{INDEX_FILES[key]}: holds NaN or infinite values")
     label_names = tuple(manifest["index"]["label_names"])
     labels = arrays["labels"]
-    if size and (labels.min() < 0 or labels.max() >= len(label_names)):
+    if labels.min() < 0 or labels.max() >= len(label_names):
         raise BundleError(
             f"{INDEX_FILES['labels']}: labels must lie in [0, {len(label_names)}), "
             f"got [{labels.min()}, {labels.max()}]"
         )
     return CatalogIndex(label_names=label_names, **arrays)
+
+
+# ONNX protobuf field numbers (onnx.proto) on every path that can lead to a tensor.
+_MODEL_GRAPH, _MODEL_FUNCTIONS = 7, 25
+_GRAPH_NODES, _GRAPH_INITIALIZERS, _GRAPH_SPARSE_INITIALIZERS = 1, 5, 15
+_FUNCTION_NODES = 7
+_NODE_ATTRIBUTES = 5
+_ATTR_TENSOR, _ATTR_GRAPH, _ATTR_TENSORS, _ATTR_GRAPHS = 5, 6, 10, 11
+_ATTR_SPARSE_TENSOR, _ATTR_SPARSE_TENSORS = 22, 23
+_SPARSE_VALUES, _SPARSE_INDICES = 1, 2
+_TENSOR_NAME, _TENSOR_EXTERNAL_DATA, _TENSOR_DATA_LOCATION = 8, 13, 14
+_MAX_GRAPH_DEPTH = 64
+
+
+class _ProtoError(ValueError):
+    pass
+
+
+def _varint(data: memoryview, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= len(data) or shift > 63:
+            raise _ProtoError("truncated or overlong varint")
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+
+
+def _fields(data: memoryview):
+    """(field number, wire type, value) of one protobuf message; values of wire type 2 are
+    memoryviews into data, nothing is copied or interpreted beyond that."""
+    pos = 0
+    while pos < len(data):
+        key, pos = _varint(data, pos)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _varint(data, pos)
+        elif wire == 1:
+            value, pos = None, pos + 8
+        elif wire == 5:
+            value, pos = None, pos + 4
+        elif wire == 2:
+            length, pos = _varint(data, pos)
+            value, pos = data[pos : pos + length], pos + length
+        else:
+            raise _ProtoError(f"unsupported wire type {wire}")
+        if pos > len(data) or field == 0:
+            raise _ProtoError("truncated message")
+        yield field, wire, value
+
+
+def _external_tensor(data: memoryview, kind: str, depth: int = 0) -> str | None:
+    """The name of the first tensor stored outside the file, walking every graph, node
+    attribute, subgraph and function of an ONNX message of the given kind; else None."""
+    if depth > _MAX_GRAPH_DEPTH:
+        raise _ProtoError(f"graphs nested more than {_MAX_GRAPH_DEPTH} deep")
+    children = {
+        "model": {_MODEL_GRAPH: "graph", _MODEL_FUNCTIONS: "function"},
+        "graph": {_GRAPH_NODES: "node", _GRAPH_INITIALIZERS: "tensor",
+                  _GRAPH_SPARSE_INITIALIZERS: "sparse"},
+        "function": {_FUNCTION_NODES: "node"},
+        "node": {_NODE_ATTRIBUTES: "attribute"},
+        "attribute": {_ATTR_TENSOR: "tensor", _ATTR_TENSORS: "tensor", _ATTR_GRAPH: "graph",
+                      _ATTR_GRAPHS: "graph", _ATTR_SPARSE_TENSOR: "sparse",
+                      _ATTR_SPARSE_TENSORS: "sparse"},
+        "sparse": {_SPARSE_VALUES: "tensor", _SPARSE_INDICES: "tensor"},
+        "tensor": {},
+    }[kind]
+    name, external = "?", False
+    for field, wire, value in _fields(data):
+        if kind == "tensor":
+            if field == _TENSOR_NAME and wire == 2:
+                name = bytes(value).decode("utf-8", "replace")
+            elif field == _TENSOR_EXTERNAL_DATA or (
+                    field == _TENSOR_DATA_LOCATION and wire == 0 and value != 0):
+                external = True
+        elif field in children and wire == 2:
+            found = _external_tensor(value, children[field], depth + 1)
+            if found is not None:
+                return found
+    return name if external else None
+
+
+def check_onnx_file(root: Path, name: str) -> None:
+    """Refuse an .onnx file that is not a protobuf message or that keeps tensor data in
+    other files: onnxruntime would read those by path, and a bundle must be self-contained.
+
+    Runs before any onnxruntime session exists for the file."""
+    data = _bundle_file(root, name).read_bytes()
+    try:
+        found = _external_tensor(memoryview(data), "model")
+    except _ProtoError as exc:
+        raise BundleError(f"{name}: not a valid ONNX model ({exc})") from None
+    if found is not None:
+        raise BundleError(
+            f"{name}: tensor {found!r} keeps its data in an external file; "
+            "bundle graphs must be self-contained"
+        )
 
 
 def write_manifest(root: Path, manifest: dict) -> None:

@@ -24,7 +24,9 @@ class CliError(click.ClickException):
 def library_errors():
     try:
         yield
-    except (ValueError, FileNotFoundError, PermissionError, IsADirectoryError) as exc:
+    # OSError too: a full disk or a read-only output directory is a one-line error,
+    # not a traceback, on a kiosk nobody watches.
+    except (ValueError, OSError) as exc:
         raise CliError(str(exc)) from None
 
 

@@ -14,6 +14,7 @@ from .bundle import (
     MODEL_FILES,
     BundleError,
     CatalogIndex,
+    check_onnx_file,
     default_bundle_path,
     load_index,
     read_manifest,
@@ -25,12 +26,24 @@ from .search import LikelihoodSearch, Matches
 # overflow float32 arithmetic in the decoder.
 MAX_ABS_Z = 1e6
 MAX_BATCH = 65536
+# parse_z refuses longer text before splitting it: a million values still get a precise
+# count, a gigabyte does not get copied around.
+MAX_Z_TEXT = 16 << 20
+# Plain decimal numbers only: Python's float() would also take "1_0", "0x..."-like
+# surprises or non-ASCII digits, none of which a kiosk slider ever sends.
+_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)
+_NON_FINITE = re.compile(r"[+-]?(?:nan|inf|infinity)", re.ASCII | re.IGNORECASE)
 
 
 def parse_z(text: str, latent_dim: int) -> np.ndarray:
-    """Parse "0.5,-1.2,..." (commas and/or spaces) into a float64 vector of length latent_dim."""
+    """Parse "0.5,-1.2,..." (commas and/or spaces) into a float64 vector of length latent_dim.
+
+    Raises ValueError (and only ValueError) for anything else, naming what is wrong.
+    """
     if not isinstance(text, str):
         raise ValueError(f"z must be text like '0.5,-1.2,...', got {type(text).__name__}")
+    if len(text) > MAX_Z_TEXT:
+        raise ValueError(f"z text is {len(text)} characters long; at most {MAX_Z_TEXT} accepted")
     parts = [p for p in re.split(r"[,\s]+", text.strip()) if p]
     if not parts:
         raise ValueError(f"z is empty: expected {latent_dim} comma-separated numbers")
@@ -38,33 +51,59 @@ def parse_z(text: str, latent_dim: int) -> np.ndarray:
         raise ValueError(f"z has {len(parts)} values, expected {latent_dim} (the latent dimension)")
     values = []
     for position, part in enumerate(parts, start=1):
-        try:
-            values.append(float(part))
-        except ValueError:
-            raise ValueError(f"z value {position} is not a number: {part[:40]!r}") from None
+        if _NON_FINITE.fullmatch(part):
+            values.append(float(part))  # refused below with the NaN/inf message
+            continue
+        if not _NUMBER.fullmatch(part):
+            raise ValueError(f"z value {position} is not a number: {part[:40]!r}")
+        value = float(part)
+        if not abs(value) <= MAX_ABS_Z:  # also a finite-looking literal that overflows
+            raise ValueError(
+                f"z value {position} is out of range [-{MAX_ABS_Z:g}, {MAX_ABS_Z:g}]: "
+                f"{part[:40]!r}"
+            )
+        values.append(value)
     return check_latent(np.array(values, dtype=np.float64), latent_dim)
 
 
 def check_latent(z, latent_dim: int) -> np.ndarray:
-    """Validate latent vectors: (d,) or (B, d), finite, |z| <= MAX_ABS_Z. Returns float64."""
+    """Validate latent vectors: (d,) or (B, d), finite, |z| <= MAX_ABS_Z. Returns float64.
+
+    Accepts int or float arrays and (nested) lists of numbers; anything else (text, bool,
+    complex, objects, ragged lists) raises ValueError.
+    """
+    if isinstance(z, (str, bytes)):
+        raise ValueError("z must be numeric: a vector of floats or a (batch, dim) array "
+                         "(for text like '0.5,-1.2,...' use parse_z)")
     try:
-        array = np.asarray(z, dtype=np.float64)
-    except (TypeError, ValueError):
+        array = np.asarray(z)
+    except (TypeError, ValueError, OverflowError):  # ragged lists and the like
         raise ValueError("z must be numeric: a vector of floats or a (batch, dim) array") from None
+    if array.dtype.kind not in "iuf":
+        raise ValueError(
+            "z must be numeric: a vector of floats or a (batch, dim) array, "
+            f"got dtype {array.dtype}"
+        )
     if array.ndim not in (1, 2) or array.shape[-1] != latent_dim:
         raise ValueError(
             f"z must have shape ({latent_dim},) or (batch, {latent_dim}), got {array.shape}"
         )
     if array.ndim == 2 and not 1 <= array.shape[0] <= MAX_BATCH:
         raise ValueError(f"z batch size must be in [1, {MAX_BATCH}], got {array.shape[0]}")
+    with np.errstate(over="ignore"):  # float128 beyond float64 becomes inf, refused below
+        array = array.astype(np.float64)
     if not np.isfinite(array).all():
         raise ValueError("z holds NaN or infinite values")
-    if np.abs(array).max() > MAX_ABS_Z:
-        raise ValueError(f"z values must lie in [-{MAX_ABS_Z:g}, {MAX_ABS_Z:g}]")
+    largest = float(np.abs(array).max())
+    if largest > MAX_ABS_Z:
+        raise ValueError(
+            f"z values must lie in [-{MAX_ABS_Z:g}, {MAX_ABS_Z:g}], got |z| up to {largest:.3g}"
+        )
     return array
 
 
 def check_k(k) -> int:
+    """k as a positive int; a k above the catalog size is clamped to it by the search."""
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
         raise ValueError(f"k must be an integer >= 1, got {k!r}")
     if k < 1:
@@ -78,19 +117,13 @@ def check_images(images, image_shape: tuple[int, int, int]) -> tuple[np.ndarray,
     Returns float32 (B, C, H, W) and whether a single image was given.
     """
     channels, height, width = image_shape
-    array = np.asarray(images)
-    if array.dtype == np.uint8:
-        array = array.astype(np.float32) / 255.0
-    elif array.dtype.kind == "f":
-        array = array.astype(np.float32)
-        if array.size and not np.isfinite(array).all():
-            raise ValueError("images hold NaN or infinite values")
-        if array.size and (array.min() < 0.0 or array.max() > 1.0):
-            raise ValueError(
-                f"float images must lie in [0, 1], got [{array.min():.3g}, {array.max():.3g}]"
-            )
-    else:
+    try:
+        array = np.asarray(images)
+    except (TypeError, ValueError, OverflowError):  # ragged lists and the like
+        raise ValueError("images must be a numeric array, uint8 or float") from None
+    if array.dtype != np.uint8 and array.dtype.kind != "f":
         raise ValueError(f"images must be uint8 or float, got dtype {array.dtype}")
+    original_shape = array.shape
     single = array.ndim == 2
     if single:
         array = array[None]
@@ -100,10 +133,20 @@ def check_images(images, image_shape: tuple[int, int, int]) -> tuple[np.ndarray,
     if array.ndim != 4 or tuple(array.shape[1:]) != expected:
         raise ValueError(
             f"images must be ({height}, {width}) or (batch, {channels}, {height}, {width}), "
-            f"got {np.asarray(images).shape}"
+            f"got {original_shape}"
         )
     if not 1 <= array.shape[0] <= MAX_BATCH:
         raise ValueError(f"image batch size must be in [1, {MAX_BATCH}], got {array.shape[0]}")
+    if array.dtype == np.uint8:
+        array = array.astype(np.float32) / 255.0
+    else:
+        # Checked before the cast: float64 1e308 is out of range, not "infinite".
+        if not np.isfinite(array).all():
+            raise ValueError("images hold NaN or infinite values")
+        low, high = float(array.min()), float(array.max())
+        if low < 0.0 or high > 1.0:
+            raise ValueError(f"float images must lie in [0, 1], got [{low:.3g}, {high:.3g}]")
+        array = array.astype(np.float32)
     return np.ascontiguousarray(array), single
 
 
@@ -161,6 +204,8 @@ class Runtime:
         if verify:
             verify_files(root, manifest)
         index = load_index(root, manifest)
+        for name in MODEL_FILES.values():  # every check passes before onnxruntime sees a graph
+            check_onnx_file(root, name)
         d = manifest["latent_dim"]
         shape = list(manifest["image"]["shape"])
         encoder = _session(root / MODEL_FILES["encoder"], threads)

@@ -3,34 +3,68 @@
 from __future__ import annotations
 
 import os
+import struct
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
+# Pillow can parse dozens of formats; a kiosk needs a few, and every parser left out is
+# one less that untrusted bytes can reach.
+IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "PPM")
+# 8-bit modes that convert to grayscale without guessing: "I;16" would be clipped to white
+# and an alpha channel leaves the background undefined, so those are refused instead.
+IMAGE_MODES = ("L", "1", "P", "RGB")
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_header_size(path: Path) -> tuple[int, int] | None:
+    """(width, height) from a PNG's IHDR chunk, or None for other files: 24 bytes read."""
+    with open(path, "rb") as handle:
+        head = handle.read(24)
+    if len(head) < 24 or head[:8] != _PNG_SIGNATURE or head[12:16] != b"IHDR":
+        return None
+    return struct.unpack(">II", head[16:24])
+
 
 def read_image(path: str | Path, size: tuple[int, int]) -> np.ndarray:
     """Read one image file as uint8 grayscale (H, W); it must already be size = (H, W).
 
-    The header is checked before any pixel is decoded, so a huge file is refused cheaply.
+    Formats: PNG, JPEG, BMP, GIF, PPM/PGM; modes: 8-bit grayscale, bilevel, palette or RGB
+    (converted to grayscale). The size is checked from the header before any pixel is
+    decoded, so a huge file (a decompression bomb) is refused cheaply. Raises
+    FileNotFoundError or ValueError naming the file.
     """
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"image not found: {path}")
+    if not path.is_file():
+        raise ValueError(f"{path}: not a regular file")
+    height, width = size
+
+    def wrong_size(w: int, h: int) -> ValueError:
+        return ValueError(f"{path.name}: image is {w}x{h} pixels, expected {width}x{height}")
+
     try:
-        with Image.open(path) as image:
-            height, width = size
+        header = _png_header_size(path)
+        if header is not None and header != (width, height):
+            raise wrong_size(*header)
+        with Image.open(path, formats=IMAGE_FORMATS) as image:
             if image.size != (width, height):
+                raise wrong_size(*image.size)
+            if image.mode not in IMAGE_MODES:
                 raise ValueError(
-                    f"{path.name}: image is {image.size[0]}x{image.size[1]} pixels, "
-                    f"expected {width}x{height}"
+                    f"{path.name}: pixel mode {image.mode} is not supported; expected 8-bit "
+                    "grayscale (L), bilevel, palette or RGB without transparency"
                 )
             return np.asarray(image.convert("L"), dtype=np.uint8)
     except UnidentifiedImageError:
         raise ValueError(f"{path.name}: not an image file Pillow can read") from None
-    except (OSError, SyntaxError) as exc:  # truncated or corrupt image data
+    except Image.DecompressionBombError as exc:  # header of a non-PNG format claims a huge size
+        raise ValueError(f"{path.name}: refused before decoding, far too large ({exc})") from None
+    except (OSError, SyntaxError, struct.error) as exc:  # truncated or corrupt image data
         raise ValueError(f"{path.name}: cannot decode image ({exc})") from None
 
 

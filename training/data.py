@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import fsync_path, remove_stale_temporaries, temp_prefix
+
 ENV_VAR = "VAE_EDGE_DATA_DIR"
 SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 MIRROR = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
@@ -181,7 +183,9 @@ def download(
 
     Each file is written to a temporary name in the destination and renamed only once its
     content matches the expected size and sha256, so an interrupted or corrupt download
-    never leaves a file that looks complete. Files already present and valid are kept.
+    never leaves a file that looks complete, and a file already there (valid or not) stays
+    as it was until its replacement is complete. Temporaries left by a killed download are
+    removed by the next one. Files already present and valid are kept.
     """
     files = files or FILES
     log = log or (lambda message: print(message, file=sys.stderr))
@@ -189,6 +193,7 @@ def download(
     destination.mkdir(parents=True, exist_ok=True)
     for entry in files.values():
         target = destination / (entry.name + ".gz")
+        remove_stale_temporaries(target, ".part", log)
         if target.is_file():
             try:
                 read_idx(target, entry)
@@ -198,14 +203,28 @@ def download(
                 log(f"{target.name}: present but invalid, downloading again")
         url = mirror.rstrip("/") + "/" + entry.name + ".gz"
         log(f"downloading {url}")
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=destination)
+        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(target), suffix=".part", dir=destination)
         try:
             with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
-                while block := response.read(1 << 20):
-                    out.write(block)
+                _copy_with_progress(response, out, target.name, log)
+                out.flush()
+                os.fsync(out.fileno())
             read_idx(Path(tmp), entry)  # size, shape and sha256 of the content
             os.replace(tmp, target)
+            fsync_path(destination)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
     return destination
+
+
+def _copy_with_progress(response, out, name: str, log, block: int = 1 << 16) -> None:
+    """Copy an HTTP response to a file, logging every further 25% when the size is known."""
+    total = int(response.headers.get("Content-Length") or 0)
+    done, next_report = 0, 0.25
+    while chunk := response.read(block):
+        out.write(chunk)
+        done += len(chunk)
+        if total and done / total >= next_report and done < total:
+            log(f"{name}: {done * 100 // total}% of {total} bytes")
+            next_report = (done * 4 // total + 1) / 4

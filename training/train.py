@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .atomic import fsync_path, remove_stale_temporaries, temp_prefix
 from .data import CLASS_NAMES, Split, load_split
 from .model import VAE, VAEConfig, loss_parts
 
@@ -48,7 +49,9 @@ class TrainConfig:
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if self.lr_schedule not in ("constant", "cosine"):
-            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
+            raise ValueError(
+                f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}"
+            )
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainConfig:
@@ -101,21 +104,32 @@ def evaluate(model: VAE, images: torch.Tensor, batch_size: int = 1000) -> dict:
 
 
 def save_atomic(obj, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    """torch.save to a temporary sibling, flushed to disk, then renamed over path."""
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         torch.save(obj, tmp)
+        fsync_path(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_path(path.parent)
 
 
 def write_metrics(history: list[dict], path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
-        handle.writelines(json.dumps(row) + "\n" for row in history)
-    os.replace(tmp, path)
+    """metrics.jsonl, one row per finished epoch, replaced atomically."""
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.writelines(json.dumps(row) + "\n" for row in history)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_path(path.parent)
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -156,7 +170,10 @@ def train(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint_path = out_dir / CHECKPOINT_NAME
-    train_split, test_split = splits or (load_split("train", data_dir), load_split("test", data_dir))
+    for name in (CHECKPOINT_NAME, METRICS_NAME):  # a killed run's half-written files
+        remove_stale_temporaries(out_dir / name, ".tmp", log)
+    train_split, test_split = splits or (load_split("train", data_dir),
+                                         load_split("test", data_dir))
     rows = subset_rows(len(train_split), config.subset, config.seed)
     x_train = to_tensor(train_split.images[rows])
     x_test = to_tensor(test_split.images[: config.test_subset])
@@ -168,7 +185,8 @@ def train(
     start_epoch = 0
     if resume and checkpoint_path.is_file():
         checkpoint = load_checkpoint(checkpoint_path)
-        if checkpoint["config"] != model_config.to_dict() or checkpoint["train_config"] != asdict(config):
+        if (checkpoint["config"] != model_config.to_dict()
+                or checkpoint["train_config"] != asdict(config)):
             raise ValueError(
                 f"{checkpoint_path} was made with another configuration; resume with the same "
                 f"options (model {checkpoint['config']}, training {checkpoint['train_config']})"
@@ -177,6 +195,9 @@ def train(
         optimizer.load_state_dict(checkpoint["optimizer"])
         history = list(checkpoint["history"])
         start_epoch = checkpoint["epoch"]
+        # A kill between the checkpoint and the metrics write leaves metrics.jsonl one epoch
+        # behind; the checkpoint's history is the record.
+        write_metrics(history, out_dir / METRICS_NAME)
         log(f"resuming after epoch {start_epoch} of {config.epochs} from {checkpoint_path}")
     elif resume:
         log(f"--resume: no checkpoint in {out_dir}, starting from scratch")

@@ -1,0 +1,385 @@
+"""Bad input everywhere it enters: z, k and images, through the Python API and `vae-run`.
+
+Every case must end in the documented error type (ValueError / FileNotFoundError) with a
+precise message; on the CLI, exit status 2 and one line, never a traceback.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+from PIL import Image
+from vae_edge.runtime.cli import main as run_main
+from vae_edge.runtime.core import MAX_ABS_Z, check_images, check_k, check_latent, parse_z
+from vae_edge.runtime.images import read_image
+
+pytestmark = pytest.mark.slow  # most cases need the tiny trained bundle
+
+D = 8
+Z8 = "0.5,-1.2,0,1,2,-2,0.1,3"
+SHAPE_MSG = r"z must have shape \(8,\) or \(batch, 8\), got "
+NUMERIC_MSG = r"z must be numeric: a vector of floats or a \(batch, dim\) array"
+
+# --- z -----------------------------------------------------------------------------------
+
+BAD_Z_TEXT = [
+    ("1,2", "z has 2 values, expected 8 (the latent dimension)"),
+    ("", "z is empty: expected 8 comma-separated numbers"),
+    (" , ,\t", "z is empty: expected 8 comma-separated numbers"),
+    ("1,2,3,4,5,6,7,x", "z value 8 is not a number: 'x'"),
+    ("1,2,3,4,5,6,7,0x1f", "z value 8 is not a number: '0x1f'"),
+    ("1_0,2,3,4,5,6,7,8", "z value 1 is not a number: '1_0'"),
+    ("\u0661,2,3,4,5,6,7,8", "z value 1 is not a number: '\u0661'"),  # Arabic-Indic digit one
+    ("1,2,3,4,5,6,7,nan", "z holds NaN or infinite values"),
+    ("1,2,3,4,5,6,7,-inf", "z holds NaN or infinite values"),
+    ("1,2,3,4,5,6,7,Infinity", "z holds NaN or infinite values"),
+    ("1e308,2,3,4,5,6,7,8", "z value 1 is out of range [-1e+06, 1e+06]: '1e308'"),
+    ("1,2,3,4,5,6,7,1e999", "z value 8 is out of range [-1e+06, 1e+06]: '1e999'"),
+    (",".join(["0"] * 1_000_000), "z has 1000000 values, expected 8 (the latent dimension)"),
+]
+
+
+@pytest.mark.parametrize(("text", "message"), BAD_Z_TEXT, ids=range(len(BAD_Z_TEXT)))
+def test_parse_z_refuses(text, message):
+    with pytest.raises(ValueError) as info:
+        parse_z(text, D)
+    assert str(info.value) == message
+
+
+def test_parse_z_refuses_non_text_and_absurd_length():
+    with pytest.raises(ValueError, match="^z must be text like '0.5,-1.2,...', got list$"):
+        parse_z([1.0] * D, D)
+    with pytest.raises(ValueError, match=r"^z text is 16777217 characters long; at most 16777216"):
+        parse_z(" " * (16 * 2**20 + 1), D)
+
+
+@pytest.mark.parametrize(("text", "message"), BAD_Z_TEXT[:-1], ids=range(len(BAD_Z_TEXT) - 1))
+def test_cli_z_refused_with_one_line(tiny_bundle, text, message):
+    for command in (["nearest"], ["decode", "-o", "unused.png"]):
+        result = CliRunner().invoke(run_main, [*command, "--bundle", str(tiny_bundle),
+                                               "--z", text])
+        assert result.exit_code == 2, result.output
+        assert result.output == f"Error: {message}\n"
+
+
+BAD_Z_ARRAYS = [
+    (np.zeros(7), SHAPE_MSG + r"\(7,\)"),
+    (np.zeros(0), SHAPE_MSG + r"\(0,\)"),
+    (np.zeros(10**6), SHAPE_MSG + r"\(1000000,\)"),
+    (np.zeros((2, 3, 8)), SHAPE_MSG + r"\(2, 3, 8\)"),
+    (np.float64(1.0), SHAPE_MSG + r"\(\)"),
+    (np.zeros((0, 8)), r"z batch size must be in \[1, 65536\], got 0"),
+    (np.zeros((65537, 8)), r"z batch size must be in \[1, 65536\], got 65537"),
+    (np.full(8, np.nan), "z holds NaN or infinite values"),
+    (np.full(8, -np.inf), "z holds NaN or infinite values"),
+    (np.full(8, 1e308), r"z values must lie in \[-1e\+06, 1e\+06\], got \|z\| up to 1e\+308"),
+    (np.full(8, np.iinfo(np.int64).max), r"z values must lie in .* got \|z\| up to 9.22e\+18"),
+    ([10**400] * 8, NUMERIC_MSG + ", got dtype object"),
+    (np.ones(8, bool), NUMERIC_MSG + ", got dtype bool"),
+    (np.ones(8, complex), NUMERIC_MSG + ", got dtype complex128"),
+    (["1"] * 8, NUMERIC_MSG + ", got dtype <U1"),
+    ("1,2,3,4,5,6,7,8", NUMERIC_MSG + r" \(for text like '0.5,-1.2,...' use parse_z\)"),
+    ([[1.0] * 8, [1.0] * 7], NUMERIC_MSG + "$"),  # ragged
+    (None, NUMERIC_MSG + ", got dtype object"),
+    ({"z": 1}, NUMERIC_MSG + ", got dtype object"),
+]
+
+
+@pytest.mark.parametrize(("z", "message"), BAD_Z_ARRAYS, ids=range(len(BAD_Z_ARRAYS)))
+def test_api_z_refused(runtime, z, message):
+    for call in (runtime.decode, runtime.nearest):
+        with pytest.raises(ValueError, match=message):
+            call(z)
+
+
+def test_z_at_the_limits_works(runtime):
+    z = np.full(D, MAX_ABS_Z)
+    assert np.isfinite(runtime.decode(z)).all()
+    assert np.isfinite(runtime.nearest(-z, k=3).log_likelihoods).all()
+    np.testing.assert_array_equal(parse_z("1e6 -1E+6 .5 5. +0 -0 1e-320 7", D),
+                                  [1e6, -1e6, 0.5, 5.0, 0.0, 0.0, 1e-320, 7.0])
+    np.testing.assert_array_equal(check_latent(np.arange(8, dtype=np.uint8), D), np.arange(8.0))
+
+
+# --- k -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    ("k", "message"),
+    [(0, "k must be >= 1, got 0"), (-3, "k must be >= 1, got -3"),
+     (np.int64(-1), "k must be >= 1, got -1"),
+     (2.5, "k must be an integer >= 1, got 2.5"), (3.0, "k must be an integer >= 1, got 3.0"),
+     ("3", "k must be an integer >= 1, got '3'"), (True, "k must be an integer >= 1, got True"),
+     (None, "k must be an integer >= 1, got None"),
+     (float("nan"), "k must be an integer >= 1, got nan")],
+)
+def test_api_k_refused(runtime, k, message):
+    with pytest.raises(ValueError) as info:
+        runtime.nearest(np.zeros(D), k=k)
+    assert str(info.value) == message
+
+
+def test_k_above_the_catalog_is_clamped(runtime):
+    for k in (len(runtime.index) + 1, 10**30, np.uint64(2**63)):
+        assert len(runtime.nearest(np.zeros(D), k=k)) == len(runtime.index)
+
+
+@pytest.mark.parametrize(
+    ("k", "last_line"),
+    [("0", "Error: k must be >= 1, got 0"), ("-5", "Error: k must be >= 1, got -5"),
+     ("2.5", "Error: Invalid value for '-k': '2.5' is not a valid integer."),
+     ("ten", "Error: Invalid value for '-k': 'ten' is not a valid integer."),
+     ("", "Error: Invalid value for '-k': '' is not a valid integer.")],
+)
+def test_cli_k_refused(tiny_bundle, k, last_line):
+    result = CliRunner().invoke(run_main, ["nearest", "--bundle", str(tiny_bundle), "--z", Z8,
+                                           "-k", k])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines()[-1] == last_line
+    assert "Traceback" not in result.output
+
+
+def test_cli_huge_k_returns_the_whole_catalog(tiny_bundle):
+    result = CliRunner().invoke(run_main, ["nearest", "--bundle", str(tiny_bundle), "--z", Z8,
+                                           "-k", str(10**30), "--json"])
+    assert result.exit_code == 0, result.output
+    assert '"k": 5000' in result.output
+
+
+# --- image arrays --------------------------------------------------------------------------
+
+IMG = r"images must be \(28, 28\) or \(batch, 1, 28, 28\), got "
+BAD_IMAGE_ARRAYS = [
+    (np.zeros((27, 28), np.uint8), IMG + r"\(27, 28\)$"),
+    (np.zeros((28, 28, 3), np.uint8), IMG + r"\(28, 28, 3\)$"),  # RGB as HWC
+    (np.zeros((2, 3, 28, 28), np.float32), IMG + r"\(2, 3, 28, 28\)$"),
+    (np.zeros(784, np.uint8), IMG + r"\(784,\)$"),
+    (np.zeros((0, 28, 28), np.uint8), r"image batch size must be in \[1, 65536\], got 0"),
+    (np.zeros((28, 28), np.int64), "images must be uint8 or float, got dtype int64"),
+    (np.zeros((28, 28), np.uint16), "images must be uint8 or float, got dtype uint16"),
+    (np.zeros((28, 28), bool), "images must be uint8 or float, got dtype bool"),
+    (np.zeros((28, 28), complex), "images must be uint8 or float, got dtype complex128"),
+    (None, "images must be uint8 or float, got dtype object"),
+    ([[0.0] * 28] * 27 + [[0.0] * 27], "images must be a numeric array, uint8 or float"),
+    (np.full((28, 28), 2.0), r"float images must lie in \[0, 1\], got \[2, 2\]"),
+    (np.full((28, 28), -0.5, np.float16), r"float images must lie in \[0, 1\], got \[-0.5"),
+    (np.full((28, 28), 255.0), r"float images must lie in \[0, 1\], got \[255, 255\]"),
+    (np.full((28, 28), 1e308), r"float images must lie in \[0, 1\], got \[1e\+308, 1e\+308\]"),
+    (np.full((28, 28), np.nan), "images hold NaN or infinite values"),
+    (np.full((1, 28, 28), np.inf, np.float32), "images hold NaN or infinite values"),
+]
+
+
+@pytest.mark.parametrize(("images", "message"), BAD_IMAGE_ARRAYS,
+                         ids=range(len(BAD_IMAGE_ARRAYS)))
+def test_api_images_refused(runtime, images, message):
+    with pytest.raises(ValueError, match=message):
+        runtime.encode(images)
+
+
+# --- image files -------------------------------------------------------------------------
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return (struct.pack(">I", len(data)) + kind + data
+            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+
+def bomb_png(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims width x height 8-bit gray pixels, all zero.
+
+    Only the first rows are present (a few KB of zlib): decoding it fully would need
+    width * height bytes of memory, which is what a decompression bomb is after.
+    """
+    rows = zlib.compress(b"\x00" * ((width + 1) * 16), 9)
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", rows)
+            + png_chunk(b"IEND", b""))
+
+
+def bomb_bmp(width: int, height: int) -> bytes:
+    """A 54-byte BMP header claiming a width x height 24-bit image, with no pixel data."""
+    info = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 24, 0, 0, 2835, 2835, 0, 0)
+    return b"BM" + struct.pack("<IHHI", 54, 0, 0, 54) + info
+
+
+def make_files(tmp_path):
+    """name -> (path, expected error message) for every kind of bad image file."""
+    cases = {}
+
+    def add(name, message, writer):
+        path = tmp_path / name
+        writer(path)
+        cases[name] = (path, message)
+
+    add("wide.png", "wide.png: image is 32x28 pixels, expected 28x28",
+        lambda p: Image.new("L", (32, 28)).save(p))
+    add("wide.jpg", "wide.jpg: image is 29x28 pixels, expected 28x28",
+        lambda p: Image.new("L", (29, 28)).save(p))
+    add("rgba.png", "rgba.png: pixel mode RGBA is not supported; expected 8-bit grayscale (L), "
+        "bilevel, palette or RGB without transparency",
+        lambda p: Image.new("RGBA", (28, 28)).save(p))
+    add("deep.png", "deep.png: pixel mode I;16 is not supported; expected 8-bit grayscale (L), "
+        "bilevel, palette or RGB without transparency",
+        lambda p: Image.new("I;16", (28, 28)).save(p))
+    add("empty.png", "empty.png: not an image file Pillow can read", lambda p: p.write_bytes(b""))
+    add("text.png", "text.png: not an image file Pillow can read",
+        lambda p: p.write_text("a,b,c\n1,2,3\n"))
+    add("image.tiff", "image.tiff: not an image file Pillow can read",  # format not accepted
+        lambda p: Image.new("L", (28, 28)).save(p, format="TIFF"))
+
+    def truncated(p):
+        Image.fromarray(np.random.default_rng(0).integers(0, 256, (28, 28), np.uint8)).save(p)
+        p.write_bytes(p.read_bytes()[:60])
+
+    add("cut.png", "cut.png: cannot decode image (", truncated)
+    add("bomb.png", "bomb.png: image is 200000x200000 pixels, expected 28x28",
+        lambda p: p.write_bytes(bomb_png(200_000, 200_000)))
+    add("bomb28.png", "bomb28.png: image is 28x50000 pixels, expected 28x28",
+        lambda p: p.write_bytes(bomb_png(28, 50_000)))
+    add("bomb.bmp", "bomb.bmp: refused before decoding, far too large (Image size "
+        "(2500000000 pixels) exceeds limit",
+        lambda p: p.write_bytes(bomb_bmp(50_000, 50_000)))
+    add("folder.png", f"{tmp_path / 'folder.png'}: not a regular file", lambda p: p.mkdir())
+    return cases
+
+
+def test_image_files_refused(tmp_path):
+    for name, (path, message) in make_files(tmp_path).items():
+        with pytest.raises(ValueError) as info:
+            read_image(path, (28, 28))
+        assert str(info.value).startswith(message), name
+    with pytest.raises(FileNotFoundError, match="^image not found: "):
+        read_image(tmp_path / "missing.png", (28, 28))
+
+
+def test_cli_image_files_refused_with_one_line(tiny_bundle, tmp_path):
+    cases = make_files(tmp_path)
+    good = tmp_path / "good.png"
+    Image.new("L", (28, 28)).save(good)
+    cases["missing.png"] = (tmp_path / "missing.png", "image not found: ")
+    for name, (path, message) in cases.items():
+        # A bad file among good ones still fails the whole command, naming the bad one.
+        result = CliRunner().invoke(run_main, ["encode", "--bundle", str(tiny_bundle),
+                                               str(good), str(path)])
+        assert result.exit_code == 2, (name, result.output)
+        assert result.output.startswith(f"Error: {message}"), (name, result.output)
+        assert result.output.count("\n") == 1, (name, result.output)
+
+
+def test_accepted_image_modes_become_the_same_gray(tmp_path):
+    pixels = np.random.default_rng(1).integers(0, 256, (28, 28), np.uint8)
+    gray = Image.fromarray(pixels)
+    for mode, suffix in (("L", "png"), ("RGB", "png"), ("P", "png"), ("L", "bmp"),
+                         ("L", "pgm"), ("L", "gif")):
+        path = tmp_path / f"x_{mode}.{suffix}"
+        gray.convert(mode).save(path)
+        np.testing.assert_array_equal(read_image(path, (28, 28)), pixels, err_msg=str(path))
+
+
+# --- fuzz: every input works or raises ValueError ------------------------------------------
+
+NUMBERISH = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True).map(repr),
+    st.integers(-(10**400), 10**400).map(str),
+    st.sampled_from(["nan", "-inf", "Infinity", "1e", "e5", ".", "-", "+.5", "1.", "1_0",
+                     "0x10", "\u0661", "\u00a0", "1e-400", "--1", "1,,", "\x00"]),
+    st.text(max_size=6),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.one_of(st.lists(NUMBERISH, max_size=12),
+                 st.lists(NUMBERISH, min_size=D, max_size=D),
+                 st.lists(st.floats(-1.2e6, 1.2e6).map(repr), min_size=D, max_size=D)),
+       st.sampled_from([",", " ", ", ", "\t", ",\n", ";"]))
+def test_fuzz_parse_z_number_lists(parts, separator):
+    text = separator.join(parts)
+    try:
+        z = parse_z(text, D)
+    except ValueError:
+        event("refused")
+        return
+    event("accepted")
+    assert z.dtype == np.float64 and z.shape == (D,)
+    assert np.isfinite(z).all() and np.abs(z).max() <= MAX_ABS_Z
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.text(), st.binary(), st.none(), st.integers(), st.lists(st.floats())))
+def test_fuzz_parse_z_anything(value):
+    try:
+        z = parse_z(value, D)
+    except ValueError:
+        return
+    assert z.shape == (D,) and np.isfinite(z).all()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.floats(-MAX_ABS_Z, MAX_ABS_Z), min_size=D, max_size=D))
+def test_fuzz_parse_z_round_trips_every_float(values):
+    np.testing.assert_array_equal(parse_z(", ".join(map(repr, values)), D), values)
+
+
+DTYPES = st.sampled_from([np.float64, np.float32, np.float16, np.int64, np.int8, np.uint8,
+                          np.uint64, np.bool_, np.complex64, "U3", object])
+LATENT_SHAPES = st.one_of(st.just((D,)), st.tuples(st.integers(0, 9), st.just(D)),
+                          hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=9))
+IMAGE_SHAPES = st.one_of(st.just((28, 28)), st.tuples(st.integers(0, 3), st.just(28), st.just(28)),
+                         st.tuples(st.integers(1, 3), st.integers(1, 2), st.just(28),
+                                   st.just(28)),
+                         hnp.array_shapes(min_dims=0, max_dims=4, min_side=0, max_side=5))
+
+
+def arrays(shapes):
+    return DTYPES.flatmap(lambda dtype: hnp.arrays(
+        dtype, shapes, elements=None if dtype is not object else st.floats()))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(arrays(LATENT_SHAPES), st.one_of(st.integers(-2, 6000), st.floats(), st.booleans()))
+def test_fuzz_runtime_decode_and_nearest(runtime, z, k):
+    try:
+        checked = check_latent(z, D)
+    except ValueError:
+        event("z refused")
+        for call in (runtime.decode, runtime.nearest):
+            with pytest.raises(ValueError):
+                call(z)
+        return
+    images = runtime.decode(z)
+    assert images.shape == checked.shape[:-1] + (1, 28, 28)
+    assert np.isfinite(images).all() and images.min() >= 0 and images.max() <= 1
+    try:
+        check_k(k)
+    except ValueError:
+        event("z accepted, k refused")
+        with pytest.raises(ValueError, match="^k must be"):
+            runtime.nearest(z, k=k)
+        return
+    event("z and k accepted")
+    matches = runtime.nearest(z, k=k)
+    assert matches.ids.shape == checked.shape[:-1] + (min(k, len(runtime.index)),)
+    assert np.isfinite(matches.log_likelihoods).all()
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(arrays(IMAGE_SHAPES))
+def test_fuzz_runtime_encode(runtime, images):
+    try:
+        batch, single = check_images(images, (1, 28, 28))
+    except ValueError:
+        event("images refused")
+        with pytest.raises(ValueError):
+            runtime.encode(images)
+        return
+    event("images accepted")
+    mu, log_sigma = runtime.encode(images)
+    expected = (D,) if single else (batch.shape[0], D)
+    assert mu.shape == log_sigma.shape == expected
+    assert np.isfinite(mu).all() and np.isfinite(log_sigma).all()

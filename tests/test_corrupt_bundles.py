@@ -1,0 +1,340 @@
+"""Bundles that are not what they claim: each corruption is built from the good tiny bundle
+and must be refused with a message naming the file and the problem, before onnxruntime
+runs (and, for all but the graph-signature checks, before it even loads) any graph.
+
+"resigned" cases play an attacker who edits the files AND rewrites the manifest's sha256
+and sizes to match: checksums prove consistency, not trust, so the other checks must hold.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnxruntime
+import pytest
+from click.testing import CliRunner
+from vae_edge.runtime import BundleError, Runtime
+from vae_edge.runtime import core as runtime_core
+from vae_edge.runtime.bundle import INDEX_FILES, MODEL_FILES, write_manifest
+from vae_edge.runtime.cli import main as run_main
+
+pytestmark = pytest.mark.slow  # needs the tiny trained bundle
+
+ALL_FILES = list(MODEL_FILES.values()) + list(INDEX_FILES.values())
+
+
+def manifest_of(bundle: Path) -> dict:
+    return json.loads((bundle / "manifest.json").read_text())
+
+
+def edit_manifest(change: Callable[[dict], object]) -> Callable:
+    def mutate(bundle: Path, outside: Path):
+        manifest = manifest_of(bundle)
+        change(manifest)
+        (bundle / "manifest.json").write_text(json.dumps(manifest))
+    return mutate
+
+
+def resign(bundle: Path) -> None:
+    """Rewrite every sha256 and size in the manifest to match the files as they now are."""
+    manifest = manifest_of(bundle)
+    write_manifest(bundle, manifest)
+
+
+def resigned(mutate: Callable) -> Callable:
+    def wrapped(bundle: Path, outside: Path):
+        mutate(bundle, outside)
+        resign(bundle)
+    return wrapped
+
+
+def truncate(name: str, keep: float = 0.5) -> Callable:
+    def mutate(bundle: Path, outside: Path):
+        data = (bundle / name).read_bytes()
+        (bundle / name).write_bytes(data[: int(len(data) * keep)])
+    return mutate
+
+
+def flip_bit(name: str) -> Callable:
+    def mutate(bundle: Path, outside: Path):
+        data = bytearray((bundle / name).read_bytes())
+        data[len(data) // 2] ^= 0x10
+        (bundle / name).write_bytes(bytes(data))
+    return mutate
+
+
+def replace_file(name: str, content: bytes) -> Callable:
+    def mutate(bundle: Path, outside: Path):
+        (bundle / name).write_bytes(content)
+    return mutate
+
+
+def save_array(name: str, make: Callable[[np.ndarray], np.ndarray]) -> Callable:
+    def mutate(bundle: Path, outside: Path):
+        array = np.load(bundle / name, allow_pickle=False)
+        np.save(bundle / name, make(array), allow_pickle=False)
+    return mutate
+
+
+def npy_with_header(header: str, payload: bytes) -> bytes:
+    """A version 1.0 .npy file with the given header dict text, then payload bytes."""
+    text = header + " " * (64 - (10 + len(header) + 1) % 64) + "\n"
+    return b"\x93NUMPY\x01\x00" + len(text).to_bytes(2, "little") + text.encode() + payload
+
+
+def object_npy(bundle: Path, outside: Path):
+    """index_ids.npy as an object array whose pickle would create a file if ever loaded."""
+    sentinel = outside / "pwned"
+    evil = f"cos\nsystem\n(S'touch {sentinel}'\ntR.".encode()
+    header = "{'descr': '|O', 'fortran_order': False, 'shape': (5000,), }"
+    (bundle / "index_ids.npy").write_bytes(npy_with_header(header, evil))
+
+
+def raw_pickle(bundle: Path, outside: Path):
+    sentinel = outside / "pwned"
+    (bundle / "index_labels.npy").write_bytes(f"cos\nsystem\n(S'touch {sentinel}'\ntR.".encode())
+
+
+def huge_header(bundle: Path, outside: Path):
+    """A header and a manifest that agree on 10^12 rows; the file holds 5,000."""
+    data = (bundle / "index_ids.npy").read_bytes()
+    header = "{'descr': '<i4', 'fortran_order': False, 'shape': (1000000000000,), }"
+    (bundle / "index_ids.npy").write_bytes(npy_with_header(header, data[128:]))
+
+
+def symlink_out(name: str) -> Callable:
+    """name becomes a symlink to an identical copy outside the bundle (sha256 still matches)."""
+    def mutate(bundle: Path, outside: Path):
+        target = outside / name
+        target.write_bytes((bundle / name).read_bytes())
+        (bundle / name).unlink()
+        os.symlink(target, bundle / name)
+    return mutate
+
+
+def swap_graphs(bundle: Path, outside: Path):
+    encoder = (bundle / "encoder.onnx").read_bytes()
+    (bundle / "encoder.onnx").write_bytes((bundle / "decoder.onnx").read_bytes())
+    (bundle / "decoder.onnx").write_bytes(encoder)
+
+
+def external_data_graph(nested: bool) -> Callable:
+    """encoder.onnx replaced by a graph whose weight lives in '../secret.bin' (outside),
+    either as an initializer or as a Constant inside an If branch."""
+    def mutate(bundle: Path, outside: Path):
+        from onnx import TensorProto, helper, numpy_helper
+
+        (outside / "secret.bin").write_bytes(np.arange(4, dtype=np.float32).tobytes())
+        weight = numpy_helper.from_array(np.zeros(4, np.float32), "w")
+        weight.ClearField("raw_data")
+        weight.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", "../secret.bin"), ("offset", "0"), ("length", "16")):
+            entry = weight.external_data.add()
+            entry.key, entry.value = key, value
+        x = helper.make_tensor_value_info("images", TensorProto.FLOAT, ["b", 1, 28, 28])
+        y = helper.make_tensor_value_info("mu", TensorProto.FLOAT, [4])
+        if nested:
+            branch = helper.make_graph(
+                [helper.make_node("Constant", [], ["w"], value=weight)], "branch", [],
+                [helper.make_tensor_value_info("w", TensorProto.FLOAT, [4])])
+            cond = numpy_helper.from_array(np.array(True), "cond")
+            nodes = [helper.make_node("If", ["cond"], ["mu"], then_branch=branch,
+                                      else_branch=branch)]
+            graph = helper.make_graph(nodes, "g", [x], [y], [cond])
+        else:
+            graph = helper.make_graph([helper.make_node("Identity", ["w"], ["mu"])], "g", [x],
+                                      [y], [weight])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
+                                  ir_version=8)
+        (bundle / "encoder.onnx").write_bytes(model.SerializeToString())
+    return mutate
+
+
+@dataclass
+class Case:
+    id: str
+    mutate: Callable
+    message: str  # regular expression, matched from the start of the error message
+    error: type = BundleError
+    loads_graphs: bool = False  # refused by comparing a loaded (never run) graph's signature
+
+
+SIZE = r"size is \d+ bytes, manifest says \d+ \(truncated or replaced\)"
+SHA = r"sha256 mismatch \(manifest [0-9a-f]{12}\.\.\., file [0-9a-f]{12}\.\.\.\)"
+PLAIN = r"manifest.json: file name {} is not a plain name inside the bundle"
+
+CASES = [
+    # Damaged in transit: the manifest is intact, the files are not.
+    *[Case(f"truncated-{n}", truncate(n), rf"{n}: {SIZE}") for n in ALL_FILES],
+    *[Case(f"empty-{n}", replace_file(n, b""), rf"{n}: {SIZE}") for n in ALL_FILES[:3]],
+    *[Case(f"bitflip-{n}", flip_bit(n), rf"{n}: {SHA}") for n in ALL_FILES],
+    Case("missing-decoder", lambda b, o: (b / "decoder.onnx").unlink(),
+         r"bundle .*: file decoder.onnx is missing", FileNotFoundError),
+    Case("missing-manifest", lambda b, o: (b / "manifest.json").unlink(),
+         r"bundle .*: manifest.json is missing", FileNotFoundError),
+    Case("directory-not-file", lambda b, o: ((b / "index_mu.npy").unlink(),
+                                             (b / "index_mu.npy").mkdir()),
+         "index_mu.npy: is not a regular file"),
+    # The manifest itself.
+    Case("manifest-not-json", replace_file("manifest.json", b"{not json"),
+         r"manifest.json: not valid JSON \(Expecting property name"),
+    Case("manifest-binary", replace_file("manifest.json", b"\xff\xfe\x00garbage"),
+         r"manifest.json: not valid JSON \('utf-8' codec can't decode"),
+    Case("manifest-array", replace_file("manifest.json", b"[1, 2]"),
+         "manifest.json: expected a JSON object, got list"),
+    Case("manifest-deeply-nested", replace_file("manifest.json", b"[" * 200_000),
+         r"manifest.json: not valid JSON \(nested too deeply\)"),
+    Case("manifest-huge", replace_file("manifest.json", b" " * (2 << 20)),
+         r"manifest.json: 2097152 bytes is too large for a manifest \(at most 1048576\)"),
+    *[Case(f"missing-key-{key}", edit_manifest(lambda m, key=key: m.pop(key)),
+           f"manifest.json: missing key '{key}'")
+      for key in ("format", "format_version", "latent_dim", "image", "files", "index")],
+    Case("missing-key-index-size", edit_manifest(lambda m: m["index"].pop("size")),
+         "manifest.json index: missing key 'size'"),
+    Case("missing-key-label-names", edit_manifest(lambda m: m["index"].pop("label_names")),
+         "manifest.json index: missing key 'label_names'"),
+    Case("missing-key-image-shape", edit_manifest(lambda m: m["image"].pop("shape")),
+         "manifest.json image: missing key 'shape'"),
+    Case("missing-key-sha256", edit_manifest(lambda m: m["files"]["encoder.onnx"].pop("sha256")),
+         r"manifest.json files\['encoder.onnx'\]: missing key 'sha256'"),
+    Case("files-lacks-decoder", edit_manifest(lambda m: m["files"].pop("decoder.onnx")),
+         "manifest.json: files has no entry for decoder.onnx"),
+    Case("latent-dim-as-text", edit_manifest(lambda m: m.update(latent_dim="8")),
+         "manifest.json: key 'latent_dim' should be int, got str"),
+    Case("version-as-bool", edit_manifest(lambda m: m.update(format_version=True)),
+         "manifest.json: key 'format_version' should be int, got bool"),
+    *[Case(f"format-version-{v}", edit_manifest(lambda m, v=v: m.update(format_version=v)),
+           rf"manifest.json: format_version {v} is not supported \(this runtime reads version 1\)")
+      for v in (0, 2, 99)],
+    Case("format-name", edit_manifest(lambda m: m.update(format="onnx-zoo")),
+         "manifest.json: format is 'onnx-zoo', expected 'vae-edge-bundle'"),
+    Case("sha256-not-hex", edit_manifest(lambda m: m["files"]["index_mu.npy"].update(sha256="zz")),
+         r"manifest.json files\['index_mu.npy'\]: sha256 must be 64 lowercase hex digits"),
+    Case("bytes-negative", edit_manifest(lambda m: m["files"]["index_mu.npy"].update(bytes=-1)),
+         r"manifest.json files\['index_mu.npy'\]: bytes must be >= 0, got -1"),
+    # Wrong shapes in the manifest.
+    Case("latent-dim-9", edit_manifest(lambda m: m.update(latent_dim=9)),
+         r"index_mu.npy: shape is \(5000, 8\), expected \(5000, 9\)"),
+    Case("latent-dim-0", edit_manifest(lambda m: m.update(latent_dim=0)),
+         "manifest.json: latent_dim must be >= 1, got 0"),
+    Case("index-size-4999", edit_manifest(lambda m: m["index"].update(size=4999)),
+         r"index_mu.npy: shape is \(5000, 8\), expected \(4999, 8\)"),
+    Case("index-size-0", edit_manifest(lambda m: m["index"].update(size=0)),
+         "manifest.json: index size must be >= 1, got 0"),
+    Case("image-shape-2d", edit_manifest(lambda m: m["image"].update(shape=[28, 28])),
+         r"manifest.json: image shape must be \[C, H, W\], got \[28, 28\]"),
+    Case("image-shape-29", edit_manifest(lambda m: m["image"].update(shape=[1, 28, 29])),
+         r"encoder.onnx: inputs are \[\('images', \[1, 28, 28\]\)\], expected "
+         r"\[\('images', \[1, 28, 29\]\)\]", loads_graphs=True),
+    Case("label-names-short", edit_manifest(lambda m: m["index"].update(label_names=["a"])),
+         r"index_labels.npy: labels must lie in \[0, 1\), got \[0, 9\]"),
+    # File names that escape the bundle.
+    *[Case(f"escape-{i}", edit_manifest(lambda m, n=name: m["files"].update(
+        {n: {"sha256": "0" * 64, "bytes": 1}})), PLAIN.format(pattern))
+      for i, (name, pattern) in enumerate([
+          ("../escape", "'../escape'"), ("/etc/passwd", "'/etc/passwd'"), ("..", r"'\.\.'"),
+          (".", r"'\.'"), ("sub/file", "'sub/file'"), ("a\\b", r"'a\\\\b'"), ("", "''"),
+          ("x\x00y", r"'x\\x00y'"), ("../../../../../../../tmp", "'../../../../../../../tmp'"),
+      ])],
+    *[Case(f"symlink-{n}", symlink_out(n),
+           f"{n}: is a symbolic link; bundle files must be regular files")
+      for n in ("encoder.onnx", "index_mu.npy", "manifest.json")],
+    # An attacker who also rewrites the manifest's checksums.
+    Case("resigned-object-array", resigned(object_npy),
+         r"index_ids.npy: holds Python objects \(dtype object\), which only pickle can load; "
+         "refused"),
+    Case("resigned-raw-pickle", resigned(raw_pickle),
+         r"index_labels.npy: not a readable .npy file \(the magic string is not correct"),
+    Case("resigned-float64-ids", resigned(save_array("index_ids.npy", lambda a: a * 1.0)),
+         "index_ids.npy: dtype is float64, expected int32"),
+    Case("resigned-float32-mu", resigned(save_array("index_mu.npy",
+                                                    lambda a: a.astype(np.float32))),
+         "index_mu.npy: dtype is float32, expected float16"),
+    Case("resigned-mu-7-dims", resigned(save_array("index_mu.npy", lambda a: a[:, :7])),
+         r"index_mu.npy: shape is \(5000, 7\), expected \(5000, 8\)"),
+    Case("resigned-truncated-npy", resigned(truncate("index_log_sigma.npy", 0.9)),
+         r"index_log_sigma.npy: file is \d+ bytes, its header promises 80128"),
+    Case("resigned-huge-header", resigned(lambda b, o: (
+        huge_header(b, o), edit_manifest(lambda m: m["index"].update(size=10**12))(b, o))),
+         r"index_mu.npy: shape is \(5000, 8\), expected \(1000000000000, 8\)"),
+    Case("resigned-huge-ids-header", resigned(huge_header),
+         r"index_ids.npy: shape is \(1000000000000,\), expected \(5000,\)"),
+    Case("resigned-nan-mu", resigned(save_array("index_mu.npy", lambda a: np.where(
+        np.arange(a.size).reshape(a.shape) == 17, np.float16("nan"), a))),
+         "index_mu.npy: holds NaN or infinite values"),
+    Case("resigned-label-11", resigned(save_array("index_labels.npy", lambda a: a + 2)),
+         r"index_labels.npy: labels must lie in \[0, 10\), got \[2, 11\]"),
+    Case("resigned-truncated-onnx", resigned(truncate("decoder.onnx")),
+         r"decoder.onnx: not a valid ONNX model \(truncated message\)"),
+    Case("resigned-random-onnx", resigned(replace_file(
+        "encoder.onnx", np.random.default_rng(5).bytes(4096))),
+         r"encoder.onnx: not a valid ONNX model \("),
+    Case("resigned-external-data", resigned(external_data_graph(nested=False)),
+         "encoder.onnx: tensor 'w' keeps its data in an external file; bundle graphs must be "
+         "self-contained"),
+    Case("resigned-external-data-in-subgraph", resigned(external_data_graph(nested=True)),
+         "encoder.onnx: tensor 'w' keeps its data in an external file"),
+    Case("resigned-swapped-graphs", resigned(swap_graphs),
+         r"encoder.onnx: inputs are \[\('z', \[8\]\)\], expected \[\('images', \[1, 28, 28\]\)\]",
+         loads_graphs=True),
+]
+
+
+@pytest.fixture
+def no_graph_runs(monkeypatch):
+    """Fail if any ONNX graph is run; record which graphs onnxruntime was asked to load."""
+    loaded = []
+    real_session = runtime_core._session
+
+    def session(path, threads):
+        loaded.append(path.name)
+        return real_session(path, threads)
+
+    def run(*args, **kwargs):
+        raise AssertionError("an ONNX graph was run while loading a bundle")
+
+    monkeypatch.setattr(runtime_core, "_session", session)
+    monkeypatch.setattr(onnxruntime.InferenceSession, "run", run)
+    return loaded
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_corrupt_bundle_is_refused(case, bundle_copy, tmp_path, no_graph_runs):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    case.mutate(bundle_copy, outside)
+    verify_options = (True, False) if case.id.startswith("resigned") else (True,)
+    for verify in verify_options:
+        with pytest.raises(case.error) as info:
+            Runtime.load(bundle_copy, verify=verify)
+        message = str(info.value)
+        assert info.type is case.error, (type(info.value), message)
+        assert re.match(case.message, message), message
+        assert "\n" not in message
+    if not case.loads_graphs:
+        assert no_graph_runs == []  # refused before onnxruntime saw any graph
+    assert not (outside / "pwned").exists()  # no pickle ran
+
+    result = CliRunner().invoke(run_main, ["info", "--bundle", str(bundle_copy)])
+    assert result.exit_code == 2
+    assert result.output == f"Error: {message}\n"
+
+
+def test_good_bundle_loads_after_resigning(bundle_copy):
+    """The resign helper itself keeps a good bundle good (so refusals above are real)."""
+    resign(bundle_copy)
+    runtime = Runtime.load(bundle_copy)
+    assert len(runtime.index) == 5000
+    assert not runtime.index.mu.flags.writeable
+
+
+def test_extra_unlisted_files_are_ignored(bundle_copy):
+    (bundle_copy / "README.txt").write_text("notes")
+    os.symlink("/etc/passwd", bundle_copy / "passwd")
+    assert len(Runtime.load(bundle_copy).index) == 5000
