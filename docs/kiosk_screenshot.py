@@ -37,6 +37,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     from playwright.sync_api import sync_playwright
+
     from vae_edge.runtime import Runtime
     from vae_edge.runtime.server import make_server
 

@@ -23,7 +23,8 @@ class CliError(click.ClickException):
               help="Index only the first N catalog images (for quick tests).")
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None,
               help="Directory with the Fashion-MNIST IDX files.")
-@click.option("--force", is_flag=True, help="Replace an existing bundle (only once the new one is complete).")
+@click.option("--force", is_flag=True,
+              help="Replace an existing bundle (only once the new one is complete).")
 def main(checkpoint, out_dir, catalog, limit, data_dir, force):
     """Export CHECKPOINT (from vae-train) to a bundle the runtime can load.
 

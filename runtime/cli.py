@@ -55,7 +55,10 @@ def latent_options(command):
         if (z_text is None) == (not use_random):
             raise CliError("give exactly one of --z NUMBERS or --random")
         with library_errors():
-            z = runtime.sample_prior(seed=seed) if use_random else parse_z(z_text, runtime.latent_dim)
+            if use_random:
+                z = runtime.sample_prior(seed=seed)
+            else:
+                z = parse_z(z_text, runtime.latent_dim)
         return command(runtime, z, **kwargs)
 
     return wrapper

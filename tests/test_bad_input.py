@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from PIL import Image
+
 from vae_edge.runtime.cli import main as run_main
 from vae_edge.runtime.core import MAX_ABS_Z, check_images, check_k, check_latent, parse_z
 from vae_edge.runtime.images import read_image

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+
 from vae_edge.runtime.images import to_uint8
 from vae_edge.runtime.server import make_server
 

@@ -19,6 +19,7 @@ import numpy as np
 import onnxruntime
 import pytest
 from click.testing import CliRunner
+
 from vae_edge.runtime import BundleError, Runtime
 from vae_edge.runtime import core as runtime_core
 from vae_edge.runtime.bundle import INDEX_FILES, MODEL_FILES, write_manifest

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from vae_edge.export.build import recover_interrupted_export
 from vae_edge.runtime import Runtime
 from vae_edge.training.atomic import stale_temporaries

@@ -144,7 +144,8 @@ def test_wrong_index_shape_is_refused(bundle_copy):
     manifest = json.loads((bundle_copy / "manifest.json").read_text())
     manifest["index"]["size"] += 1
     (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(BundleError, match=r"index_mu.npy: shape is \(5000, 8\), expected \(5001, 8\)"):
+    message = r"index_mu.npy: shape is \(5000, 8\), expected \(5001, 8\)"
+    with pytest.raises(BundleError, match=message):
         Runtime.load(bundle_copy)
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from PIL import Image
+
 from vae_edge.runtime.cli import main as run_main
 from vae_edge.runtime.images import to_uint8
 from vae_edge.runtime.server import MAX_BODY_BYTES, MAX_QUERY_CHARS, KioskApp, make_server

@@ -19,7 +19,8 @@ class CliError(click.ClickException):
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               default=Path("runs/vae"), show_default=True,
-              help="Run directory: checkpoint.pt (rewritten atomically every epoch) and metrics.jsonl.")
+              help="Run directory: checkpoint.pt (rewritten atomically every epoch) "
+              "and metrics.jsonl.")
 @click.option("--latent-dim", type=click.IntRange(1, 512), default=VAEConfig.latent_dim,
               show_default=True, help="Size of z.")
 @click.option("--channels", default="32,64", show_default=True,
