@@ -85,3 +85,13 @@ def test_bad_checkpoint_is_a_clear_error(tmp_path):
 def test_kl_warmup():
     config = TrainConfig(beta=0.5, kl_warmup_epochs=4)
     assert [beta_at(config, e) for e in range(5)] == [0.125, 0.25, 0.375, 0.5, 0.5]
+
+
+def test_label_weight_trains_a_classifier_on_z(tmp_path, splits):
+    labelled = VAEConfig(latent_dim=4, channels=(4, 8), hidden_dim=16, num_classes=10)
+    config = TrainConfig(epochs=1, batch_size=32, label_weight=1.0)
+    checkpoint = train(labelled, config, tmp_path, splits=splits, progress=False, log=quiet)
+    assert checkpoint["model"]["classifier.weight"].shape == (10, 4)
+    assert checkpoint["config"]["num_classes"] == 10
+    with pytest.raises(ValueError, match="label_weight > 0 needs a model with num_classes > 0"):
+        train(MODEL, config, tmp_path / "b", splits=splits, progress=False, log=quiet)

@@ -38,6 +38,9 @@ class CliError(click.ClickException):
               help="Weight of the KL term (1 = the true ELBO).")
 @click.option("--kl-warmup-epochs", type=click.IntRange(min=0), default=0, show_default=True,
               help="Ramp beta linearly from 0 over this many epochs.")
+@click.option("--label-weight", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Optional label-aware objective: adds this weight times the cross-entropy of a "
+              "linear classifier on z (uses the class labels; 0 = pure VAE).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--subset", type=click.IntRange(min=1), default=None,
               help="Train on a fixed random subset of this many training images.")
@@ -51,7 +54,7 @@ class CliError(click.ClickException):
 @click.option("--progress/--no-progress", default=None,
               help="Progress bar per epoch (default: when stderr is a terminal).")
 def main(out_dir, latent_dim, channels, hidden_dim, epochs, batch_size, lr, lr_schedule, beta,
-         kl_warmup_epochs, seed, subset, test_subset, data_dir, do_download, resume, progress):
+         kl_warmup_epochs, label_weight, seed, subset, test_subset, data_dir, do_download, resume, progress):
     """Train the convolutional VAE on Fashion-MNIST.
 
     Loss per image: Bernoulli reconstruction (BCE with logits, summed over pixels)
@@ -63,10 +66,12 @@ def main(out_dir, latent_dim, channels, hidden_dim, epochs, batch_size, lr, lr_s
     except ValueError:
         raise CliError(f"--channels must be comma-separated integers, got {channels!r}") from None
     try:
-        model_config = VAEConfig(latent_dim=latent_dim, channels=widths, hidden_dim=hidden_dim)
+        model_config = VAEConfig(latent_dim=latent_dim, channels=widths, hidden_dim=hidden_dim,
+                                 num_classes=10 if label_weight > 0 else 0)
         config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, beta=beta,
                              kl_warmup_epochs=kl_warmup_epochs, seed=seed, subset=subset,
-                             test_subset=test_subset, lr_schedule=lr_schedule)
+                             test_subset=test_subset, lr_schedule=lr_schedule,
+                             label_weight=label_weight)
         if do_download:
             data_dir = download(data_dir)
         show = sys.stderr.isatty() if progress is None else progress

@@ -21,6 +21,9 @@ class VAEConfig:
     channels: tuple[int, ...] = (32, 64)
     hidden_dim: int = 256  # fully connected layer between the conv stack and the latent
     image_size: int = 28
+    # > 0 adds a linear classifier on z (training only, never exported), for the optional
+    # label-aware objective (TrainConfig.label_weight).
+    num_classes: int = 0
 
     def __post_init__(self):
         object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
@@ -30,6 +33,8 @@ class VAEConfig:
             raise ValueError(f"channels needs at least two positive widths, got {self.channels}")
         if self.hidden_dim < 1:
             raise ValueError(f"hidden_dim must be >= 1, got {self.hidden_dim}")
+        if self.num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0, got {self.num_classes}")
         if self.image_size != 28:
             raise ValueError(f"image_size must be 28 (Fashion-MNIST), got {self.image_size}")
 
@@ -87,6 +92,9 @@ class VAE(nn.Module):
             if j < n - 1:
                 dec.append(nn.ReLU())
         self.decoder_conv = nn.Sequential(*dec)
+        self.classifier = (
+            nn.Linear(config.latent_dim, config.num_classes) if config.num_classes else None
+        )
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # x: (B, 1, 28, 28) in [0, 1]
@@ -108,9 +116,10 @@ class VAE(nn.Module):
         return torch.sigmoid(self.decode_logits(z))  # (B, 1, 28, 28) in [0, 1]
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None):
+        """Training pass: Bernoulli logits, mu, log_var, and the z that was sampled."""
         mu, log_var = self.encode(x)
         z = self.reparameterize(mu, log_var, generator)
-        return self.decode_logits(z), mu, log_var
+        return self.decode_logits(z), mu, log_var, z
 
 
 def loss_parts(

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .atomic import fsync_path, remove_stale_temporaries, temp_prefix
 from .data import CLASS_NAMES, Split, load_split
@@ -37,13 +38,18 @@ class TrainConfig:
     subset: int | None = None  # train on this many images (a fixed random subset)
     test_subset: int | None = None  # evaluate on the first this many test images
     lr_schedule: str = "constant"  # or "cosine" (to 0 over all epochs)
+    # Optional label-aware objective: + label_weight * cross-entropy of a linear classifier on
+    # the sampled z. 0 = a pure (unsupervised) VAE. Uses the catalog's class labels.
+    label_weight: float = 0.0
 
     def __post_init__(self):
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0 or self.beta < 0 or self.kl_warmup_epochs < 0:
-            raise ValueError("lr must be > 0, beta >= 0 and kl_warmup_epochs >= 0")
+        if self.lr <= 0 or self.beta < 0 or self.kl_warmup_epochs < 0 or self.label_weight < 0:
+            raise ValueError(
+                "lr must be > 0, beta >= 0, kl_warmup_epochs >= 0 and label_weight >= 0"
+            )
         for name in ("subset", "test_subset"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -176,6 +182,9 @@ def train(
                                          load_split("test", data_dir))
     rows = subset_rows(len(train_split), config.subset, config.seed)
     x_train = to_tensor(train_split.images[rows])
+    y_train = torch.from_numpy(train_split.labels[rows].astype(np.int64))
+    if config.label_weight > 0 and not model_config.num_classes:
+        raise ValueError("label_weight > 0 needs a model with num_classes > 0 (a classifier on z)")
     x_test = to_tensor(test_split.images[: config.test_subset])
 
     torch.manual_seed(config.seed)
@@ -220,10 +229,14 @@ def train(
         bar = tqdm(batches, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch",
                    disable=not progress, leave=False)
         for start in bar:
-            x = x_train[order[start : start + config.batch_size]]
-            logits, mu, log_var = model(x, generator)
+            batch = order[start : start + config.batch_size]
+            x = x_train[batch]
+            logits, mu, log_var, z = model(x, generator)
             recon, kl = loss_parts(logits, x, mu, log_var)
             loss = (recon + beta * kl).mean()
+            if config.label_weight > 0:
+                loss = loss + config.label_weight * F.cross_entropy(model.classifier(z),
+                                                                    y_train[batch])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
