@@ -54,7 +54,8 @@ class CliError(click.ClickException):
 @click.option("--progress/--no-progress", default=None,
               help="Progress bar per epoch (default: when stderr is a terminal).")
 def main(out_dir, latent_dim, channels, hidden_dim, epochs, batch_size, lr, lr_schedule, beta,
-         kl_warmup_epochs, label_weight, seed, subset, test_subset, data_dir, do_download, resume, progress):
+         kl_warmup_epochs, label_weight, seed, subset, test_subset, data_dir, do_download, resume,
+         progress):
     """Train the convolutional VAE on Fashion-MNIST.
 
     Loss per image: Bernoulli reconstruction (BCE with logits, summed over pixels)
