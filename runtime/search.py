@@ -20,7 +20,7 @@ How the engine finds the best k items exactly, fast (details and proofs: docs/se
    Ties go to the lower row (in a bundle ids ascend with rows: the lower id).
 4. p(x|z) = q(z|x) / sum over the catalog (uniform prior over items). The sum uses float64 scores
    for every item that can matter, float32 scores (error <= E_b) for items far below the best, and
-   skips items more than log(N) + 36 nats below the best: relative error below 1e-12.
+   skips items more than log(N) + 30 nats below the best: relative error below 1e-7.
 
 Items are stored grouped by label, each label padded to whole blocks, so a label filter only
 scans that label's blocks: exact, and no slower than an unfiltered search.
@@ -38,10 +38,14 @@ LOG_2PI = math.log(2.0 * math.pi)
 FLOAT32_EPS = 2.0**-24  # unit roundoff of float32
 # Score of a padding position: finite (no inf * 0 = NaN in BLAS), far below any real score.
 PAD_SCORE = np.float32(-3.0e38)
-# p(x|z) is summed over items within log(N) + SKIP_NATS of the best; the rest weigh < e^-36.
-SKIP_NATS = 36.0
-# Items counted with float32 scores weigh so little that their rounding moves p by < this.
-APPROX_TOLERANCE = 1e-13
+# p(x|z) is summed over items within log(N) + SKIP_NATS of the best; the rest weigh < e^-SKIP_NATS.
+SKIP_NATS = 30.0
+# Items counted with float32 scores weigh so little that their rounding moves p by < this
+# (relative); items never counted weigh < e^-SKIP_NATS in all.
+P_TOLERANCE = 1e-7
+# float32 scores are used only while |w| |q| stays below this (no overflow to inf).
+SAFE_MAGNITUDE = 1e37
+_TINY = float(np.finfo(np.float32).tiny)
 
 
 @dataclass(frozen=True)
@@ -196,6 +200,7 @@ class LikelihoodSearch:
             self._wt[:, lo:lo + step][:, real] = w.T
             norms[lo:lo + step][real] = np.sqrt(np.square(w, dtype=np.float64).sum(axis=1))
         self._block_norm = norms.reshape(n_blocks, block).max(axis=1)
+        self._max_norm = float(self._block_norm.max())
         self._block_label = np.repeat(values, padded // block)
 
     @property
@@ -249,47 +254,131 @@ class LikelihoodSearch:
         single = z.ndim == 1
         z = z.reshape(-1, self.dim)
         var = None if var is None else np.asarray(var, dtype=np.float64).reshape(z.shape)
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"k must be an integer >= 1, got {k!r}")
         available = self.label_count(label)
         if label is not None and available == 0:
             raise ValueError(f"no catalog item has label {label}")
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise ValueError(f"k must be an integer >= 1, got {k!r}")
         k = min(int(k), available)
-        n_pos = self._wt.shape[1]
-        # Score matrix at most the size of the item vectors (or 16 MB): queries in groups.
-        group = max(1, min(z.shape[0], max(self._wt.size, 1 << 22) // n_pos))
-        parts = [self._run_group(z[i:i + group], None if var is None else var[i:i + group],
-                                 k, label) for i in range(0, z.shape[0], group)]
-        fields = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+        features = _query_features(z, var)
+        query_norm = np.sqrt(np.square(features).sum(axis=1))
+        if query_norm.max() * self._max_norm >= SAFE_MAGNITUDE:
+            # float32 scores could overflow: score this batch directly in float64 instead.
+            fields = self._brute(z, var, k, label)
+        elif z.shape[0] == 1:
+            fields = {name: value[None] for name, value in
+                      self._search_one(z[0], None if var is None else var[0], features[0],
+                                       k, label).items()}
+        else:
+            n_pos = self._wt.shape[1]
+            # Score matrix at most the size of the item vectors (or 16 MB): queries in groups.
+            group = max(1, min(z.shape[0], max(self._wt.size, 1 << 22) // n_pos))
+            parts = [self._run_group(z[i:i + group], None if var is None else var[i:i + group],
+                                     features[i:i + group], k, label)
+                     for i in range(0, z.shape[0], group)]
+            fields = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
         if single:
             fields = {name: array[0] for name, array in fields.items()}
         return Matches(**fields)
 
-    def _run_group(self, z, var, k: int, label: int | None) -> dict:
-        features = _query_features(z, var)
-        scores = features.astype(np.float32) @ self._wt  # (B, n_pos): the one product
-        blocks = scores.reshape(z.shape[0], -1, self.block)
-        block_max = blocks.max(axis=2)
+    def _brute(self, z, var, k: int, label: int | None) -> dict:
+        """The direct formula over every item in float64 (for queries beyond float32 range)."""
+        scores = np.empty((z.shape[0], self.size))
+        for b in range(z.shape[0]):
+            scores[b] = _direct_scores(
+                np.broadcast_to(z[b], self._mu16.shape),
+                None if var is None else np.broadcast_to(var[b], self._mu16.shape),
+                self._mu16, self._log_sigma16)
+        top = scores.max(axis=1, keepdims=True)
+        log_total = top + np.log(np.exp(scores - top).sum(axis=1, keepdims=True))
+        ranked = scores if label is None else np.where(self.labels == label, scores, -np.inf)
+        rows = top_k_rows(ranked, k)
+        best = np.take_along_axis(scores, rows, axis=1)
+        return {"rows": rows, "ids": self.ids[rows], "labels": self.labels[rows],
+                "log_likelihoods": best, "probabilities": np.exp(best - log_total)}
+
+    def _search_one(self, z, var, features, k: int, label: int | None) -> dict:
+        """One query, in few numpy calls (the bounds are those of _select, see docs/search.md).
+
+        Usually the k best float32 scores lie within the zone rescored for p(x|z) anyway, so
+        the block maxima are read only when they do not (a rare label, a large k).
+        """
+        scores = features.astype(np.float32) @ self._wt  # gemv over the item vectors
+        scale = _gamma(features.shape[0]) * math.sqrt(float(features @ features)) \
+            * (1.0 + 4 * FLOAT32_EPS)
+        error = self._max_norm * scale + _TINY  # bound on every item's float32 error
+        top_low = float(scores.max()) - error  # <= the best exact score
+        rescore_nats, skip_nats = _zones(self.size, error)
+        floor = _float32_below(top_low - skip_nats - error)
+        near = np.flatnonzero(scores >= floor)
+        near_scores = scores[near]
+        near_rows = self._rows[near].astype(np.int64)
+        eligible = None if label is None else self.labels[near_rows] == label
+        pool = near_scores if eligible is None else near_scores[eligible]
+        cut = top_low - rescore_nats - error
+        covered = pool.shape[0] >= k
+        if covered:
+            # k items score >= kth in float32, so >= kth - error exactly: the k-th best exact
+            # score is >= kth - error, and a top-k item scores >= kth - 2 error in float32.
+            kth = float(np.partition(pool, pool.shape[0] - k)[pool.shape[0] - k])
+            covered = kth - 2 * error >= float(floor)
+            cut = min(cut, kth - 2 * error)
+        rescore = near_scores >= _float32_below(cut)
+        item = near_rows[rescore]
+        exact = _direct_scores(z, var, self._mu16[item], self._log_sigma16[item])
+        top = float(exact.max())
+        total = (np.exp(exact - top).sum()
+                 + np.exp(near_scores[~rescore].astype(np.float64) - top).sum())
+        log_total = top + math.log(total)
+        if covered:
+            keep = exact >= kth - error
+            if eligible is not None:
+                keep &= eligible[rescore]
+            item, exact = item[keep], exact[keep]
+        else:
+            item, exact = self._block_candidates(z, var, scores, scale, k, label)
+        order = np.lexsort((item, -exact))[:k]
+        rows, best = item[order], exact[order]
+        return {"rows": rows, "ids": self.ids[rows], "labels": self.labels[rows],
+                "log_likelihoods": best, "probabilities": np.exp(best - log_total)}
+
+    def _block_candidates(self, z, var, scores, scale: float, k: int, label: int | None):
+        """Exact scores of every item that can be in the top k, from the block maxima.
+
+        A block's float32 winner scores >= block max - margin exactly, so the k-th best
+        exact score is >= kth_low, the k-th largest of those bounds; only blocks whose
+        block max + margin reaches kth_low are read.
+        """
+        lo, hi = (0, self._block_norm.shape[0]) if label is None else \
+            self._label_blocks[int(label)]
+        block_scores = scores.reshape(-1, self.block)[lo:hi]
+        block_max = block_scores.max(axis=1).astype(np.float64)
+        margin = self._block_norm[lo:hi] * scale + _TINY
+        lower = block_max - margin
+        kth_low = (-math.inf if k > lower.shape[0]
+                   else float(np.partition(lower, lower.shape[0] - k)[lower.shape[0] - k]))
+        blocks = np.flatnonzero(block_max + margin >= kth_low)
+        rows = self._rows.reshape(-1, self.block)[lo:hi][blocks]
+        candidate = (rows >= 0) & (
+            block_scores[blocks].astype(np.float64) + margin[blocks][:, None] >= kth_low)
+        item = rows[candidate].astype(np.int64)
+        exact = _direct_scores(z, var, self._mu16[item], self._log_sigma16[item])
+        keep = exact >= kth_low
+        return item[keep], exact[keep]
+
+    def _run_group(self, z, var, features, k: int, label: int | None) -> dict:
+        features32 = features.astype(np.float32)
+        scores = features32 @ self._wt  # (B, n_pos): one product for the batch
+        block_max = scores.reshape(z.shape[0], -1, self.block).max(axis=2)
         if label is None:
-            eligible_blocks = None
+            block_max_eligible = block_max
         else:
             lo, hi = self._label_blocks[int(label)]
-            eligible_blocks = np.zeros(block_max.shape[1], dtype=bool)
-            eligible_blocks[lo:hi] = True
-
-        def fetch(query, block):
-            rows = self._rows.reshape(-1, self.block)[block]
-            if eligible_blocks is None:
-                eligible = np.ones(rows.shape, dtype=bool)
-            else:
-                eligible = np.broadcast_to(eligible_blocks[block][:, None], rows.shape)
-            return blocks[query, block], rows, eligible
-
+            block_max_eligible = np.full(block_max.shape, -np.inf, dtype=np.float32)
+            block_max_eligible[:, lo:hi] = block_max[:, lo:hi]
         margin = _error_bound(features, self._block_norm)
-        block_max_eligible = (block_max if eligible_blocks is None
-                              else np.where(eligible_blocks, block_max, -np.inf))
-        return _select(z, var, k, block_max, block_max_eligible, margin, fetch,
-                       self._mu16, self._log_sigma16, self.size, self.ids, self.labels)
+        return _select(z, var, k, scores, self.block, self._rows, block_max, block_max_eligible,
+                       margin, label, self._mu16, self._log_sigma16, self.ids, self.labels)
 
 
 def _check_catalog(mu, log_sigma, ids, labels) -> None:
@@ -312,6 +401,20 @@ def _query_features(z: np.ndarray, var: np.ndarray | None) -> np.ndarray:
     return np.concatenate([square, z, np.ones((z.shape[0], 1))], axis=1)
 
 
+def _gamma(m: int) -> float:
+    """Bound factor: float32 rounding of q and w (one unit each) and a length-m dot product
+    in any summation order (gamma_m, Higham 3.5); doubled to cover the float64 rounding of w
+    and of the rescoring formula."""
+    return 2.0 * (m + 2) * FLOAT32_EPS / (1.0 - (m + 2) * FLOAT32_EPS)
+
+
+def _zones(n_items: int, error: float) -> tuple[float, float]:
+    """(rescore_nats, skip_nats) for p(x|z), see _select."""
+    rescore = max(math.log(n_items) + math.log(max(math.expm1(min(2 * error, 700.0)), 1e-300))
+                  - math.log(P_TOLERANCE), 0.0)
+    return rescore, max(math.log(n_items) + SKIP_NATS, rescore)
+
+
 def _error_bound(features: np.ndarray, block_norm: np.ndarray) -> np.ndarray:
     """Per query and block, a bound on |float32 score - exact score|: (B, n_blocks) float64.
 
@@ -319,72 +422,103 @@ def _error_bound(features: np.ndarray, block_norm: np.ndarray) -> np.ndarray:
     (gamma_m, Higham 3.5) give |error| <= gamma_{m+2} sum |w_j q_j| <= gamma_{m+2} |w| |q|.
     The factor 2 also covers the float64 rounding of w and of the rescoring formula.
     """
-    m = features.shape[1]
-    gamma = 2.0 * (m + 2) * FLOAT32_EPS / (1.0 - (m + 2) * FLOAT32_EPS)
     query_norm = np.sqrt(np.square(features).sum(axis=1)) * (1.0 + 4 * FLOAT32_EPS)
-    return gamma * np.outer(query_norm, block_norm) + np.finfo(np.float32).tiny
+    return _gamma(features.shape[1]) * np.outer(query_norm, block_norm) + _TINY
 
 
-def _select(z, var, k, block_max, block_max_eligible, margin, fetch: Callable,
-            mu16, log_sigma16, n_items: int, ids, labels) -> dict:
-    """Exact top-k and p(x|z) from float32 block maxima (see docs/search.md for the proof).
+def _select(z, var, k, scores, block, rows, block_max, block_max_eligible, margin, label,
+            mu16, log_sigma16, ids, labels) -> dict:
+    """Exact top-k and p(x|z) from float32 scores with proven error bounds (docs/search.md).
 
-    block_max (B, n_blocks) float32; block_max_eligible: the same restricted to items that pass
-    the label filter (-inf where none); margin: the error bound per query and block.
-    fetch(query, block) -> (float32 scores, rows (-1 = padding), eligible), each (P, block).
+    scores (B, n_pos) float32, positions in blocks of `block`; rows (n_pos,): catalog row of each
+    position, -1 for padding; block_max (B, n_blocks) float32; block_max_eligible: the same over
+    items that pass the label filter (-inf where none); margin (B, n_blocks): error bound.
     """
-    n_queries = block_max.shape[0]
-    best = block_max.astype(np.float64)
-    upper = best + margin  # no exact score in the block is above this
-    lower = best - margin  # the block's float32 winner scores at least this
-    top_low = lower.max(axis=1)  # <= the best exact score
-    eligible_upper = block_max_eligible + margin
-    # k blocks each hold an eligible item scoring >= their lower bound: so the k-th best
-    # eligible exact score is >= the k-th largest lower bound (-inf: take every eligible item).
-    kth_low = _kth_largest(np.where(np.isfinite(block_max_eligible), lower, -np.inf), k)
-    spread = float(margin.max())
-    log_n = math.log(n_items)
-    # Items below top - rescore_nats weigh <= e^-rescore_nats each; their float32 error moves
-    # the sum by a factor <= e^(2 margin): together below APPROX_TOLERANCE.
-    rescore_nats = log_n + math.log(max(math.expm1(min(2 * spread, 700.0)), 1e-300)) \
-        - math.log(APPROX_TOLERANCE)
-    rescore_nats = max(rescore_nats, 0.0)
-    skip_nats = max(log_n + SKIP_NATS, rescore_nats)
-    rescore_at = top_low - rescore_nats
-    skip_at = top_low - skip_nats
+    n_queries, n_blocks = block_max.shape
+    n_pos = scores.shape[1]
+    # A block's float32 winner has an exact score >= block max - margin, so the k-th best
+    # eligible exact score is >= the k-th largest of those lower bounds: kth_low.
+    has_eligible = np.isfinite(block_max_eligible)
+    kth_low = _kth_largest(np.where(has_eligible, block_max_eligible - margin, -np.inf), k)
+    error = margin.max(axis=1)  # (B,) a bound for every item
+    top_low = block_max.max(axis=1).astype(np.float64) - error  # <= the best exact score
 
-    want = (upper >= skip_at[:, None]) | (
-        np.isfinite(block_max_eligible) & (eligible_upper >= kth_low[:, None]))
-    query, block = np.nonzero(want)
-    block_scores, rows, eligible = fetch(query, block)
-    ceiling = block_scores.astype(np.float64) + margin[query, block][:, None]
-    real = rows >= 0
-    exact = real & ((ceiling >= rescore_at[query, None])
-                    | (eligible & (ceiling >= kth_low[query, None])))
-    approx = real & ~exact & (ceiling >= skip_at[query, None])
-
-    pair, slot = np.nonzero(exact)
-    owner = query[pair]  # sorted: np.nonzero walks queries in order
-    item = rows[pair, slot].astype(np.int64)
-    exact_scores = _direct_scores(z[owner], None if var is None else var[owner],
-                                  mu16[item], log_sigma16[item])
+    # p(x|z) needs the sum over the catalog of q(z|x) / q(z|best). Items within rescore_nats
+    # of the best are rescored in float64. Further down each weighs <= e^-rescore_nats, so
+    # their float32 error (a factor <= e^(2 error)) moves the sum by < P_TOLERANCE; items more
+    # than skip_nats down weigh < e^-SKIP_NATS together and are left out.
+    log_n = math.log(ids.shape[0])
+    rescore_nats = np.maximum(
+        log_n + np.log(np.maximum(np.expm1(np.minimum(2 * error, 700.0)), 1e-300))
+        - math.log(P_TOLERANCE), 0.0)
+    skip_nats = np.maximum(log_n + SKIP_NATS, rescore_nats)
+    floor = _float32_below(top_low - skip_nats - error)
+    flat = np.flatnonzero(scores >= floor[:, None])  # the one pass over every score
+    near_query = flat // n_pos
+    near_pos = flat - near_query * n_pos
+    near = scores.reshape(-1)[flat].astype(np.float64) + error[near_query]  # upper bounds
+    rescore = near >= (top_low - rescore_nats)[near_query]
+    owner = near_query[rescore]
+    item = rows[near_pos[rescore]].astype(np.int64)
+    exact = _direct_scores(z[owner], None if var is None else var[owner], mu16[item],
+                           log_sigma16[item])
     starts = np.searchsorted(owner, np.arange(n_queries))
-    top = np.maximum.reduceat(exact_scores, starts)
-    total = np.add.reduceat(np.exp(exact_scores - top[owner]), starts)
-    far_pair, far_slot = np.nonzero(approx)
-    if far_pair.size:
-        far_owner = query[far_pair]
-        far = np.exp(block_scores[far_pair, far_slot].astype(np.float64) - top[far_owner])
-        total += np.bincount(far_owner, weights=far, minlength=n_queries)
+    top = np.maximum.reduceat(exact, starts)
+    total = np.add.reduceat(np.exp(exact - top[owner]), starts)
+    far_query = near_query[~rescore]
+    far = np.exp(near[~rescore] - error[far_query] - top[far_query])
+    total += np.bincount(far_query, weights=far, minlength=n_queries)
     log_total = top + np.log(total)
 
-    keep = eligible[pair, slot] & (exact_scores >= kth_low[owner])
-    owner, item, kept = owner[keep], item[keep], exact_scores[keep]
-    order = np.lexsort((item, -kept, owner))
-    starts = np.searchsorted(owner[order], np.arange(n_queries))
-    take = order[starts[:, None] + np.arange(k)[None, :]]
-    chosen = item[take]
-    chosen_scores = kept[take]
+    # Top k. Every eligible item with exact score >= kth_low has float32 score + error >=
+    # kth_low; when kth_low >= top_low - rescore_nats all of them were rescored above.
+    covered = kth_low >= top_low - rescore_nats
+    chosen = np.empty((n_queries, k), dtype=np.int64)
+    chosen_scores = np.empty((n_queries, k))
+    keep = covered[owner] & (exact >= kth_low[owner])
+    if label is not None:
+        keep &= labels[item] == label
+    done = np.flatnonzero(covered)
+    chosen[done], chosen_scores[done] = _best_k(owner[keep], item[keep], exact[keep], done, k)
+    todo = np.flatnonzero(~covered)
+    if todo.size:  # the k-th best lies far below the best: read the few blocks that reach it
+        want = has_eligible[todo] & (
+            block_max_eligible[todo] + margin[todo] >= kth_low[todo, None])
+        pick, blk = np.nonzero(want)
+        query = todo[pick]
+        block_scores = scores.reshape(n_queries, n_blocks, block)[query, blk]
+        cand_rows = rows.reshape(n_blocks, block)[blk]
+        ceiling = block_scores.astype(np.float64) + margin[query, blk][:, None]
+        candidate = (cand_rows >= 0) & (ceiling >= kth_low[query, None])
+        if label is not None:
+            candidate &= labels[np.maximum(cand_rows, 0)] == label
+        pair, slot = np.nonzero(candidate)
+        owner = query[pair]
+        item = cand_rows[pair, slot].astype(np.int64)
+        exact = _direct_scores(z[owner], None if var is None else var[owner], mu16[item],
+                               log_sigma16[item])
+        keep = exact >= kth_low[owner]
+        chosen[todo], chosen_scores[todo] = _best_k(owner[keep], item[keep], exact[keep],
+                                                    todo, k)
     return {"rows": chosen, "ids": ids[chosen], "labels": labels[chosen],
             "log_likelihoods": chosen_scores,
             "probabilities": np.exp(chosen_scores - log_total[:, None])}
+
+
+def _best_k(owner, item, score, queries, k):
+    """Per query in `queries` (sorted), the k best (score desc, then row asc): rows, scores."""
+    order = np.lexsort((item, -score, owner))
+    starts = np.searchsorted(owner[order], queries)
+    take = order[starts[:, None] + np.arange(k)[None, :]]
+    return item[take], score[take]
+
+
+def _float32_below(values):
+    """float32 thresholds no larger than the float64 values (so no item is lost by rounding)."""
+    if np.ndim(values) == 0:
+        out = np.float32(values)
+        return np.nextafter(out, np.float32(-np.inf)) if float(out) > values else out
+    out = np.asarray(values).astype(np.float32)
+    too_big = out.astype(np.float64) > values
+    out[too_big] = np.nextafter(out[too_big], np.float32(-np.inf))
+    return out
