@@ -298,73 +298,51 @@ class LikelihoodSearch:
                 "log_likelihoods": best, "probabilities": np.exp(best - log_total)}
 
     def _search_one(self, z, var, features, k: int, label: int | None) -> dict:
-        """One query, in few numpy calls (the bounds are those of _select, see docs/search.md).
-
-        Usually the k best float32 scores lie within the zone rescored for p(x|z) anyway, so
-        the block maxima are read only when they do not (a rare label, a large k).
-        """
+        """One query, in few numpy calls: the bounds of _select (docs/search.md) as scalars."""
+        block = self.block
         scores = features.astype(np.float32) @ self._wt  # gemv over the item vectors
+        block_max = scores.reshape(-1, block).max(axis=1)
         scale = _gamma(features.shape[0]) * math.sqrt(float(features @ features)) \
             * (1.0 + 4 * FLOAT32_EPS)
         error = self._max_norm * scale + _TINY  # bound on every item's float32 error
-        top_low = float(scores.max()) - error  # <= the best exact score
+        top_low = float(block_max.max()) - error  # <= the best exact score
         rescore_nats, skip_nats = _zones(self.size, error)
-        floor = _float32_below(top_low - skip_nats - error)
-        near = np.flatnonzero(scores >= floor)
+        lo, hi = (0, block_max.shape[0]) if label is None else self._label_blocks[int(label)]
+        lower = block_max[lo:hi] - self._block_norm[lo:hi] * scale
+        # A block's float32 winner scores >= its block max - margin exactly: k of them make
+        # kth_low a lower bound on the k-th best exact score, and every top-k item then has
+        # a float32 score >= kth_low - error.
+        kth_low = (-math.inf if k > lower.shape[0]
+                   else float(np.partition(lower, lower.shape[0] - k)[lower.shape[0] - k]))
+        p_floor = top_low - skip_nats - error
+        p_cut = top_low - rescore_nats - error
+        k_floor = kth_low - error
+        if label is None:  # one pass finds the items for p(x|z) and for the top k
+            p_floor, p_cut = min(p_floor, k_floor), min(p_cut, k_floor)
+        near = np.flatnonzero(scores >= _float32_below(p_floor))
         near_scores = scores[near]
-        near_rows = self._rows[near].astype(np.int64)
-        eligible = None if label is None else self.labels[near_rows] == label
-        pool = near_scores if eligible is None else near_scores[eligible]
-        cut = top_low - rescore_nats - error
-        covered = pool.shape[0] >= k
-        if covered:
-            # k items score >= kth in float32, so >= kth - error exactly: the k-th best exact
-            # score is >= kth - error, and a top-k item scores >= kth - 2 error in float32.
-            kth = float(np.partition(pool, pool.shape[0] - k)[pool.shape[0] - k])
-            covered = kth - 2 * error >= float(floor)
-            cut = min(cut, kth - 2 * error)
-        rescore = near_scores >= _float32_below(cut)
-        item = near_rows[rescore]
+        rescore = near_scores >= _float32_below(p_cut)
+        item = self._rows[near[rescore]].astype(np.int64)
+        real = item >= 0
+        item = item[real]
         exact = _direct_scores(z, var, self._mu16[item], self._log_sigma16[item])
         top = float(exact.max())
         total = (np.exp(exact - top).sum()
                  + np.exp(near_scores[~rescore].astype(np.float64) - top).sum())
         log_total = top + math.log(total)
-        if covered:
-            keep = exact >= kth - error
-            if eligible is not None:
-                keep &= eligible[rescore]
-            item, exact = item[keep], exact[keep]
-        else:
-            item, exact = self._block_candidates(z, var, scores, scale, k, label)
+        if label is not None:  # the label's items, from its own blocks only
+            start = lo * block
+            found = start + np.flatnonzero(
+                scores[start:hi * block] >= _float32_below(k_floor))
+            item = self._rows[found].astype(np.int64)
+            item = item[item >= 0]
+            exact = _direct_scores(z, var, self._mu16[item], self._log_sigma16[item])
+        keep = exact >= kth_low
+        item, exact = item[keep], exact[keep]
         order = np.lexsort((item, -exact))[:k]
         rows, best = item[order], exact[order]
         return {"rows": rows, "ids": self.ids[rows], "labels": self.labels[rows],
                 "log_likelihoods": best, "probabilities": np.exp(best - log_total)}
-
-    def _block_candidates(self, z, var, scores, scale: float, k: int, label: int | None):
-        """Exact scores of every item that can be in the top k, from the block maxima.
-
-        A block's float32 winner scores >= block max - margin exactly, so the k-th best
-        exact score is >= kth_low, the k-th largest of those bounds; only blocks whose
-        block max + margin reaches kth_low are read.
-        """
-        lo, hi = (0, self._block_norm.shape[0]) if label is None else \
-            self._label_blocks[int(label)]
-        block_scores = scores.reshape(-1, self.block)[lo:hi]
-        block_max = block_scores.max(axis=1).astype(np.float64)
-        margin = self._block_norm[lo:hi] * scale + _TINY
-        lower = block_max - margin
-        kth_low = (-math.inf if k > lower.shape[0]
-                   else float(np.partition(lower, lower.shape[0] - k)[lower.shape[0] - k]))
-        blocks = np.flatnonzero(block_max + margin >= kth_low)
-        rows = self._rows.reshape(-1, self.block)[lo:hi][blocks]
-        candidate = (rows >= 0) & (
-            block_scores[blocks].astype(np.float64) + margin[blocks][:, None] >= kth_low)
-        item = rows[candidate].astype(np.int64)
-        exact = _direct_scores(z, var, self._mu16[item], self._log_sigma16[item])
-        keep = exact >= kth_low
-        return item[keep], exact[keep]
 
     def _run_group(self, z, var, features, k: int, label: int | None) -> dict:
         features32 = features.astype(np.float32)
