@@ -359,6 +359,108 @@ class LikelihoodSearch:
                        margin, label, self._mu16, self._log_sigma16, self.ids, self.labels)
 
 
+class StreamingLikelihoodSearch:
+    """The same exact search, reading the float16 index in chunks (memory-mapped files).
+
+    For catalogs larger than RAM: nothing per item is kept resident but a float32 norm per
+    block; each search scores `chunk_rows` items at a time (their float32 item vectors are
+    rebuilt from the float16 rows, exactly as LikelihoodSearch builds them) and keeps one
+    float32 score per item and query. Results equal LikelihoodSearch's: same rows, ids and
+    log-likelihoods; probabilities agree within the tolerance of p(x|z) (P_TOLERANCE).
+    """
+
+    def __init__(self, mu: np.ndarray, log_sigma: np.ndarray, ids: np.ndarray,
+                 labels: np.ndarray, *, block: int = 256, chunk_rows: int = 1 << 16) -> None:
+        _check_catalog(mu, log_sigma, ids, labels)
+        if isinstance(block, bool) or not isinstance(block, int) or block < 8 or block % 8:
+            raise ValueError(f"block must be a positive multiple of 8, got {block!r}")
+        if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
+            raise ValueError(f"chunk_rows must be an integer >= 1, got {chunk_rows!r}")
+        self._mu16, self._log_sigma16 = mu, log_sigma
+        self.ids, self.labels = ids, labels  # memory-mapped arrays stay on disk
+        self.block = block
+        self.chunk_rows = -(-chunk_rows // block) * block  # whole blocks per chunk
+        n = mu.shape[0]
+        self._n_pos = -(-n // block) * block
+        norms = np.zeros(self._n_pos)
+        for lo, hi, w in self._chunks():
+            norms[lo:hi] = np.sqrt(np.square(w, dtype=np.float64).sum(axis=1))
+        self._block_norm = norms.reshape(-1, block).max(axis=1)
+        self._max_norm = float(self._block_norm.max())
+
+    @property
+    def size(self) -> int:
+        return int(self._mu16.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self._mu16.shape[1])
+
+    def _chunks(self):
+        for lo in range(0, self.size, self.chunk_rows):
+            hi = min(lo + self.chunk_rows, self.size)
+            yield lo, hi, item_vectors(self._mu16[lo:hi], self._log_sigma16[lo:hi])
+
+    def label_count(self, label: int | None) -> int:
+        if label is None:
+            return self.size
+        return int(np.count_nonzero(np.asarray(self.labels) == label))
+
+    def search(self, z: np.ndarray, k: int, label: int | None = None) -> Matches:
+        """As LikelihoodSearch.search."""
+        return self._run(z, None, k, label)
+
+    def search_gaussian(self, mu: np.ndarray, log_sigma: np.ndarray, k: int,
+                        label: int | None = None) -> Matches:
+        """As LikelihoodSearch.search_gaussian."""
+        mu = np.asarray(mu, dtype=np.float64)
+        log_sigma = np.asarray(log_sigma, dtype=np.float64)
+        if mu.shape != log_sigma.shape:
+            raise ValueError(f"query mu and log_sigma shapes differ: {mu.shape} vs "
+                             f"{log_sigma.shape}")
+        return self._run(mu, np.exp(2.0 * log_sigma), k, label)
+
+    def _run(self, z, var, k: int, label: int | None) -> Matches:
+        z = np.asarray(z, dtype=np.float64)
+        single = z.ndim == 1
+        z = z.reshape(-1, self.dim)
+        var = None if var is None else np.asarray(var, dtype=np.float64).reshape(z.shape)
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"k must be an integer >= 1, got {k!r}")
+        available = self.label_count(label)
+        if label is not None and available == 0:
+            raise ValueError(f"no catalog item has label {label}")
+        k = min(int(k), available)
+        features = _query_features(z, var)
+        if np.sqrt(np.square(features).sum(axis=1)).max() * self._max_norm >= SAFE_MAGNITUDE:
+            raise ValueError("query too large for float32 scoring of this catalog: "
+                             "use the in-memory LikelihoodSearch")
+        features32 = features.astype(np.float32)
+        n_queries = z.shape[0]
+        scores = np.full((n_queries, self._n_pos), PAD_SCORE, dtype=np.float32)
+        eligible_scores = None if label is None else np.full_like(scores, -np.inf)
+        for lo, hi, w in self._chunks():
+            scores[:, lo:hi] = features32 @ w.T
+            if label is not None:
+                match = np.asarray(self.labels[lo:hi]) == label
+                eligible_scores[:, lo:hi] = np.where(match, scores[:, lo:hi], -np.inf)
+        block_max = scores.reshape(n_queries, -1, self.block).max(axis=2)
+        block_max_eligible = block_max if label is None else \
+            eligible_scores.reshape(n_queries, -1, self.block).max(axis=2)
+        del eligible_scores
+        rows = np.arange(self._n_pos, dtype=np.int64)
+        rows[self.size:] = -1
+        margin = _error_bound(features, self._block_norm)
+        fields = _select(z, var, k, scores, self.block, rows, block_max, block_max_eligible,
+                         margin, label, self._mu16, self._log_sigma16, self.ids, self.labels)
+        fields = {name: np.asarray(value) for name, value in fields.items()}
+        fields["ids"] = fields["ids"].astype(np.int64)
+        fields["labels"] = fields["labels"].astype(np.int64)
+        if single:
+            fields = {name: array[0] for name, array in fields.items()}
+        return Matches(**fields)
+
+
 def _check_catalog(mu, log_sigma, ids, labels) -> None:
     if mu.ndim != 2 or mu.shape != log_sigma.shape:
         raise ValueError(
