@@ -131,15 +131,14 @@ def _direct_scores(z: np.ndarray, var: np.ndarray | None, mu16: np.ndarray,
     var (P, d) or None: the query's own variance, for the expected log-likelihood
     E_{z ~ N(z, var)} log q(z|x) = log q(z|x) - sum var / (2 sigma^2).
     """
-    mu = mu16.astype(np.float64)
     log_sigma = log_sigma16.astype(np.float64)
-    half_inv_var = 0.5 * np.exp(-2.0 * log_sigma)
-    diff = z - mu
-    spread = diff * diff
-    if var is not None:
-        spread += var
-    const = -log_sigma.sum(axis=1) - 0.5 * mu.shape[1] * LOG_2PI
-    return const - np.einsum("pd,pd->p", spread, half_inv_var)
+    diff = z - mu16  # float16 items widen exactly to float64
+    inv_var = np.exp(-2.0 * log_sigma)
+    if var is None:
+        quad = np.einsum("pd,pd,pd->p", diff, diff, inv_var)
+    else:
+        quad = np.einsum("pd,pd->p", diff * diff + var, inv_var)
+    return -0.5 * quad - log_sigma.sum(axis=1) - 0.5 * mu16.shape[1] * LOG_2PI
 
 
 def _kth_largest(values: np.ndarray, k: int) -> np.ndarray:
@@ -260,14 +259,13 @@ class LikelihoodSearch:
             raise ValueError(f"no catalog item has label {label}")
         k = min(int(k), available)
         features = _query_features(z, var)
-        query_norm = np.sqrt(np.square(features).sum(axis=1))
+        query_norm = np.sqrt(np.einsum("bm,bm->b", features, features))
         if query_norm.max() * self._max_norm >= SAFE_MAGNITUDE:
             # float32 scores could overflow: score this batch directly in float64 instead.
             fields = self._brute(z, var, k, label)
-        elif z.shape[0] == 1:
-            fields = {name: value[None] for name, value in
-                      self._search_one(z[0], None if var is None else var[0], features[0],
-                                       k, label).items()}
+        elif single:
+            return Matches(**self._search_one(z[0], None if var is None else var[0],
+                                              features[0], k, label))
         else:
             n_pos = self._wt.shape[1]
             # Score matrix at most the size of the item vectors (or 16 MB): queries in groups.
@@ -307,23 +305,25 @@ class LikelihoodSearch:
         top_low = float(block_max.max()) - error  # <= the best exact score
         rescore_nats, skip_nats = _zones(self.size, error)
         lo, hi = (0, block_max.shape[0]) if label is None else self._label_blocks[int(label)]
-        lower = block_max[lo:hi] - self._block_norm[lo:hi] * scale
         # A block's float32 winner scores >= its block max - margin exactly: k of them make
         # kth_low a lower bound on the k-th best exact score, and every top-k item then has
         # a float32 score >= kth_low - error.
-        kth_low = (-math.inf if k > lower.shape[0]
-                   else float(np.partition(lower, lower.shape[0] - k)[lower.shape[0] - k]))
+        if k > hi - lo:
+            kth_low = -math.inf
+        else:
+            lower = block_max[lo:hi] - self._block_norm[lo:hi] * scale
+            kth_low = float(np.partition(lower, hi - lo - k)[hi - lo - k])
         p_floor = top_low - skip_nats - error
         p_cut = top_low - rescore_nats - error
         k_floor = kth_low - error
         if label is None:  # one pass finds the items for p(x|z) and for the top k
             p_floor, p_cut = min(p_floor, k_floor), min(p_cut, k_floor)
-        near = np.flatnonzero(scores >= _float32_below(p_floor))
+        near = np.flatnonzero(scores >= _below(p_floor))
         near_scores = scores[near]
-        rescore = near_scores >= _float32_below(p_cut)
-        item = self._rows[near[rescore]].astype(np.int64)
-        real = item >= 0
-        item = item[real]
+        rescore = near_scores >= _below(p_cut)
+        item = self._rows[near[rescore]]
+        if p_floor <= PAD_SCORE:
+            item = item[item >= 0]
         exact = _direct_scores(z, var, self._mu16[item], self._log_sigma16[item])
         top = float(exact.max())
         total = (np.exp(exact - top).sum()
@@ -331,15 +331,14 @@ class LikelihoodSearch:
         log_total = top + math.log(total)
         if label is not None:  # the label's items, from its own blocks only
             start = lo * block
-            found = start + np.flatnonzero(
-                scores[start:hi * block] >= _float32_below(k_floor))
-            item = self._rows[found].astype(np.int64)
-            item = item[item >= 0]
+            found = start + np.flatnonzero(scores[start:hi * block] >= _below(k_floor))
+            item = self._rows[found]
+            if k_floor <= PAD_SCORE:
+                item = item[item >= 0]
             exact = _direct_scores(z, var, self._mu16[item], self._log_sigma16[item])
-        keep = exact >= kth_low
-        item, exact = item[keep], exact[keep]
+        # Every item outside `item` scores below the k-th best: the k best of `item` are exact.
         order = np.lexsort((item, -exact))[:k]
-        rows, best = item[order], exact[order]
+        rows, best = item[order].astype(np.int64), exact[order]
         return {"rows": rows, "ids": self.ids[rows], "labels": self.labels[rows],
                 "log_likelihoods": best, "probabilities": np.exp(best - log_total)}
 
@@ -476,8 +475,14 @@ def _check_catalog(mu, log_sigma, ids, labels) -> None:
 
 def _query_features(z: np.ndarray, var: np.ndarray | None) -> np.ndarray:
     """[z^2 (+ var), z, 1] per query, float64 (B, 2d+1)."""
-    square = z * z if var is None else z * z + var
-    return np.concatenate([square, z, np.ones((z.shape[0], 1))], axis=1)
+    out = np.empty((z.shape[0], 2 * z.shape[1] + 1))
+    d = z.shape[1]
+    np.multiply(z, z, out=out[:, :d])
+    if var is not None:
+        out[:, :d] += var
+    out[:, d:2 * d] = z
+    out[:, 2 * d] = 1.0
+    return out
 
 
 def _gamma(m: int) -> float:
@@ -590,6 +595,11 @@ def _best_k(owner, item, score, queries, k):
     starts = np.searchsorted(owner[order], queries)
     take = order[starts[:, None] + np.arange(k)[None, :]]
     return item[take], score[take]
+
+
+def _below(value: float) -> float:
+    """A threshold that stays <= value after numpy rounds it to float32 for a comparison."""
+    return value - abs(value) * 2.0**-22 - _TINY
 
 
 def _float32_below(values):
