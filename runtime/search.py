@@ -10,20 +10,20 @@ How the engine finds the best k items exactly, fast (details and proofs: docs/se
    w(x) = [-a/2, a*mu, c(x)] (length 2d+1, c(x) = -sum(a mu^2/2 + log sigma) - d/2 log 2pi),
    built once at load in float64 and stored in float32; a query is [z^2, z, 1]. One matrix
    product scores the whole catalog (a batch of queries: one matrix-matrix product).
-2. Items sit in blocks of `block` consecutive positions. Per block we keep the largest item norm
-   |w|, so |float32 score - exact score| <= E_b = gamma * max|w| * |q| (a rounding bound that holds
-   for any summation order). Only the block maxima of the float32 scores are scanned: the k-th
-   largest of (block max - E_b) is a proven lower bound on the k-th best exact score, and only the
-   few blocks whose (block max + E_b) reach it can hold a top-k item.
-3. The candidates are rescored in float64 with the direct formula above, so the float32
+2. Items sit in blocks of `block` positions; per block we keep the largest item norm |w|, so
+   |float32 score - exact score| <= E_b = gamma * max|w| * |q| (a rounding bound that holds for
+   any summation order). The k-th largest of (block max - E_b) is a proven lower bound on the
+   k-th best exact score: only items whose float32 score + E reaches it can be in the top k.
+3. Those candidates are rescored in float64 with the direct formula above, so the float32
    cancellation of the expanded form (tiny sigma, z near mu) never decides a ranking.
    Ties go to the lower row (in a bundle ids ascend with rows: the lower id).
 4. p(x|z) = q(z|x) / sum over the catalog (uniform prior over items). The sum uses float64 scores
-   for every item that can matter, float32 scores (error <= E_b) for items far below the best, and
-   skips items more than log(N) + 30 nats below the best: relative error below 1e-7.
+   for every item that can matter, float32 scores (error <= E) for items far below the best, and
+   skips items more than log(N) + 20 nats below the best (together < e^-20 = 2e-9 of the sum):
+   p(x|z) is within 1.1e-7 relative of the exact value.
 
-Items are stored grouped by label, each label padded to whole blocks, so a label filter only
-scans that label's blocks: exact, and no slower than an unfiltered search.
+Items are stored grouped by label, each label padded to whole blocks, so a label filter selects
+its top k from that label's blocks only: exact, and no more work than an unfiltered search.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ FLOAT32_EPS = 2.0**-24  # unit roundoff of float32
 # Score of a padding position: finite (no inf * 0 = NaN in BLAS), far below any real score.
 PAD_SCORE = np.float32(-3.0e38)
 # p(x|z) is summed over items within log(N) + SKIP_NATS of the best; the rest weigh < e^-SKIP_NATS.
-SKIP_NATS = 30.0
+SKIP_NATS = 20.0
 # Items counted with float32 scores weigh so little that their rounding moves p by < this
 # (relative); items never counted weigh < e^-SKIP_NATS in all.
 P_TOLERANCE = 1e-7
