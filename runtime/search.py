@@ -165,8 +165,8 @@ class LikelihoodSearch:
         if isinstance(block, bool) or not isinstance(block, int) or block < 8 or block % 8:
             raise ValueError(f"block must be a positive multiple of 8, got {block!r}")
         n, d = mu.shape
-        self.ids = np.asarray(ids, dtype=np.int64)
-        self.labels = np.asarray(labels, dtype=np.int64)
+        self.ids = np.asarray(ids)  # as given (int32 in a bundle): results widen to int64
+        self.labels = np.asarray(labels)
         self._mu16 = mu
         self._log_sigma16 = log_sigma
         self.block = block
@@ -291,7 +291,8 @@ class LikelihoodSearch:
         ranked = scores if label is None else np.where(self.labels == label, scores, -np.inf)
         rows = top_k_rows(ranked, k)
         best = np.take_along_axis(scores, rows, axis=1)
-        return {"rows": rows, "ids": self.ids[rows], "labels": self.labels[rows],
+        return {"rows": rows, "ids": self.ids[rows].astype(np.int64),
+                "labels": self.labels[rows].astype(np.int64),
                 "log_likelihoods": best, "probabilities": np.exp(best - log_total)}
 
     def _search_one(self, z, var, features, k: int, label: int | None) -> dict:
@@ -339,22 +340,26 @@ class LikelihoodSearch:
         # Every item outside `item` scores below the k-th best: the k best of `item` are exact.
         order = np.lexsort((item, -exact))[:k]
         rows, best = item[order].astype(np.int64), exact[order]
-        return {"rows": rows, "ids": self.ids[rows], "labels": self.labels[rows],
+        return {"rows": rows, "ids": self.ids[rows].astype(np.int64),
+                "labels": self.labels[rows].astype(np.int64),
                 "log_likelihoods": best, "probabilities": np.exp(best - log_total)}
 
     def _run_group(self, z, var, features, k: int, label: int | None) -> dict:
         features32 = features.astype(np.float32)
         scores = features32 @ self._wt  # (B, n_pos): one product for the batch
         block_max = scores.reshape(z.shape[0], -1, self.block).max(axis=2)
+        span = None
         if label is None:
             block_max_eligible = block_max
         else:
             lo, hi = self._label_blocks[int(label)]
             block_max_eligible = np.full(block_max.shape, -np.inf, dtype=np.float32)
             block_max_eligible[:, lo:hi] = block_max[:, lo:hi]
+            span = (lo * self.block, hi * self.block)
         margin = _error_bound(features, self._block_norm)
         return _select(z, var, k, scores, self.block, self._rows, block_max, block_max_eligible,
-                       margin, label, self._mu16, self._log_sigma16, self.ids, self.labels)
+                       margin, label, self._mu16, self._log_sigma16, self.ids, self.labels,
+                       span)
 
 
 class StreamingLikelihoodSearch:
@@ -511,7 +516,7 @@ def _error_bound(features: np.ndarray, block_norm: np.ndarray) -> np.ndarray:
 
 
 def _select(z, var, k, scores, block, rows, block_max, block_max_eligible, margin, label,
-            mu16, log_sigma16, ids, labels) -> dict:
+            mu16, log_sigma16, ids, labels, label_span=None) -> dict:
     """Exact top-k and p(x|z) from float32 scores with proven error bounds (docs/search.md).
 
     scores (B, n_pos) float32, positions in blocks of `block`; rows (n_pos,): catalog row of each
@@ -565,7 +570,20 @@ def _select(z, var, k, scores, block, rows, block_max, block_max_eligible, margi
     done = np.flatnonzero(covered)
     chosen[done], chosen_scores[done] = _best_k(owner[keep], item[keep], exact[keep], done, k)
     todo = np.flatnonzero(~covered)
-    if todo.size:  # the k-th best lies far below the best: read the few blocks that reach it
+    if todo.size and label_span is not None:  # the label's own positions: one compare pass
+        start, stop = label_span
+        floor = _float32_below(kth_low[todo] - error[todo])
+        found = np.flatnonzero(scores[todo, start:stop] >= floor[:, None])
+        owner = todo[found // (stop - start)]
+        item = rows[start + found % (stop - start)].astype(np.int64)
+        real = item >= 0
+        owner, item = owner[real], item[real]
+        exact = _direct_scores(z[owner], None if var is None else var[owner], mu16[item],
+                               log_sigma16[item])
+        keep = exact >= kth_low[owner]
+        chosen[todo], chosen_scores[todo] = _best_k(owner[keep], item[keep], exact[keep],
+                                                    todo, k)
+    elif todo.size:  # the k-th best lies far below the best: read the blocks that reach it
         want = has_eligible[todo] & (
             block_max_eligible[todo] + margin[todo] >= kth_low[todo, None])
         pick, blk = np.nonzero(want)
@@ -584,7 +602,8 @@ def _select(z, var, k, scores, block, rows, block_max, block_max_eligible, margi
         keep = exact >= kth_low[owner]
         chosen[todo], chosen_scores[todo] = _best_k(owner[keep], item[keep], exact[keep],
                                                     todo, k)
-    return {"rows": chosen, "ids": ids[chosen], "labels": labels[chosen],
+    return {"rows": chosen, "ids": np.asarray(ids[chosen], dtype=np.int64),
+            "labels": np.asarray(labels[chosen], dtype=np.int64),
             "log_likelihoods": chosen_scores,
             "probabilities": np.exp(chosen_scores - log_total[:, None])}
 
