@@ -64,13 +64,13 @@ def memory_bandwidth(megabytes: int = 512, rounds: int = 7) -> float:
 
 def timed(methods: dict, make_query, rounds: int) -> dict:
     """Median seconds per method, interleaved: each round calls every method once on the same
-    query, in an order rotated from round to round (no method always follows another)."""
+    query, in a fresh random order (no method always follows another)."""
     names = list(methods)
     times = {name: [] for name in names}
-    for round_ in range(rounds):
+    order = np.random.default_rng(2)
+    for _ in range(rounds):
         query = make_query()
-        shift = round_ % len(names)
-        for name in names[shift:] + names[:shift]:
+        for name in order.permutation(names):
             start = time.perf_counter()
             methods[name](query)
             times[name].append(time.perf_counter() - start)
