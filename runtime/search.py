@@ -451,10 +451,8 @@ class StreamingLikelihoodSearch:
         block_max_eligible = block_max if label is None else \
             eligible_scores.reshape(n_queries, -1, self.block).max(axis=2)
         del eligible_scores
-        rows = np.arange(self._n_pos, dtype=np.int64)
-        rows[self.size:] = -1
         margin = _error_bound(features, self._block_norm)
-        fields = _select(z, var, k, scores, self.block, rows, block_max, block_max_eligible,
+        fields = _select(z, var, k, scores, self.block, None, block_max, block_max_eligible,
                          margin, label, self._mu16, self._log_sigma16, self.ids, self.labels)
         fields = {name: np.asarray(value) for name, value in fields.items()}
         fields["ids"] = fields["ids"].astype(np.int64)
@@ -519,9 +517,10 @@ def _select(z, var, k, scores, block, rows, block_max, block_max_eligible, margi
             mu16, log_sigma16, ids, labels, label_span=None) -> dict:
     """Exact top-k and p(x|z) from float32 scores with proven error bounds (docs/search.md).
 
-    scores (B, n_pos) float32, positions in blocks of `block`; rows (n_pos,): catalog row of each
-    position, -1 for padding; block_max (B, n_blocks) float32; block_max_eligible: the same over
-    items that pass the label filter (-inf where none); margin (B, n_blocks): error bound.
+    scores (B, n_pos) float32, positions in blocks of `block`; rows (n_pos,): catalog row of
+    each position, -1 for padding (None: position = row, padding after the last row);
+    block_max (B, n_blocks) float32; block_max_eligible: the same over items that pass the
+    label filter (-inf where none); margin (B, n_blocks): error bound.
     """
     n_queries, n_blocks = block_max.shape
     n_pos = scores.shape[1]
@@ -548,7 +547,9 @@ def _select(z, var, k, scores, block, rows, block_max, block_max_eligible, margi
     near = scores.reshape(-1)[flat].astype(np.float64) + error[near_query]  # upper bounds
     rescore = near >= (top_low - rescore_nats)[near_query]
     owner = near_query[rescore]
-    item = rows[near_pos[rescore]].astype(np.int64)
+    item = _rows_at(rows, near_pos[rescore], ids.shape[0])
+    if item.size and item.min() < 0:  # padding cannot pass the floor; never rescore it
+        owner, item = owner[item >= 0], item[item >= 0]
     exact = _direct_scores(z[owner], None if var is None else var[owner], mu16[item],
                            log_sigma16[item])
     starts = np.searchsorted(owner, np.arange(n_queries))
@@ -575,7 +576,7 @@ def _select(z, var, k, scores, block, rows, block_max, block_max_eligible, margi
         floor = _float32_below(kth_low[todo] - error[todo])
         found = np.flatnonzero(scores[todo, start:stop] >= floor[:, None])
         owner = todo[found // (stop - start)]
-        item = rows[start + found % (stop - start)].astype(np.int64)
+        item = _rows_at(rows, start + found % (stop - start), ids.shape[0])
         real = item >= 0
         owner, item = owner[real], item[real]
         exact = _direct_scores(z[owner], None if var is None else var[owner], mu16[item],
@@ -589,7 +590,7 @@ def _select(z, var, k, scores, block, rows, block_max, block_max_eligible, margi
         pick, blk = np.nonzero(want)
         query = todo[pick]
         block_scores = scores.reshape(n_queries, n_blocks, block)[query, blk]
-        cand_rows = rows.reshape(n_blocks, block)[blk]
+        cand_rows = _rows_at(rows, blk[:, None] * block + np.arange(block), ids.shape[0])
         ceiling = block_scores.astype(np.float64) + margin[query, blk][:, None]
         candidate = (cand_rows >= 0) & (ceiling >= kth_low[query, None])
         if label is not None:
@@ -606,6 +607,13 @@ def _select(z, var, k, scores, block, rows, block_max, block_max_eligible, margi
             "labels": np.asarray(labels[chosen], dtype=np.int64),
             "log_likelihoods": chosen_scores,
             "probabilities": np.exp(chosen_scores - log_total[:, None])}
+
+
+def _rows_at(rows, positions: np.ndarray, n_items: int) -> np.ndarray:
+    """Catalog rows (int64) at positions, -1 for padding; rows None: positions are rows."""
+    if rows is None:
+        return np.where(positions < n_items, positions, -1).astype(np.int64)
+    return rows[positions].astype(np.int64)
 
 
 def _best_k(owner, item, score, queries, k):
