@@ -45,6 +45,7 @@ P_TOLERANCE = 1e-7
 # float32 scores are used only while |w| |q| stays below this (no overflow to inf).
 SAFE_MAGNITUDE = 1e37
 _TINY = float(np.finfo(np.float32).tiny)
+_ONE = np.ones(1)
 
 
 @dataclass(frozen=True)
@@ -250,14 +251,19 @@ class LikelihoodSearch:
     def _run(self, z, var, k: int, label: int | None) -> Matches:
         z = np.asarray(z, dtype=np.float64)
         single = z.ndim == 1
-        z = z.reshape(-1, self.dim)
-        var = None if var is None else np.asarray(var, dtype=np.float64).reshape(z.shape)
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise ValueError(f"k must be an integer >= 1, got {k!r}")
         available = self.label_count(label)
         if label is not None and available == 0:
             raise ValueError(f"no catalog item has label {label}")
         k = min(int(k), available)
+        if single and z.shape == (self.dim,):  # the kiosk's case: as few numpy calls as can be
+            v = None if var is None else np.asarray(var, dtype=np.float64)
+            features = np.concatenate((z * z if v is None else z * z + v, z, _ONE))
+            if math.sqrt(float(features @ features)) * self._max_norm < SAFE_MAGNITUDE:
+                return Matches(**self._search_one(z, v, features, k, label))
+        z = z.reshape(-1, self.dim)
+        var = None if var is None else np.asarray(var, dtype=np.float64).reshape(z.shape)
         features = _query_features(z, var)
         query_norm = np.sqrt(np.einsum("bm,bm->b", features, features))
         if query_norm.max() * self._max_norm >= SAFE_MAGNITUDE:
