@@ -52,16 +52,18 @@ def latent_options(command):
     @click.option("--seed", type=int, default=None, help="Seed for --random.")
     @functools.wraps(command)
     def wrapper(runtime, z_text, use_random, seed, **kwargs):
-        if (z_text is None) == (not use_random):
-            raise CliError("give exactly one of --z NUMBERS or --random")
-        with library_errors():
-            if use_random:
-                z = runtime.sample_prior(seed=seed)
-            else:
-                z = parse_z(z_text, runtime.latent_dim)
-        return command(runtime, z, **kwargs)
+        return command(runtime, resolve_latent(runtime, z_text, use_random, seed), **kwargs)
 
     return wrapper
+
+
+def resolve_latent(runtime: Runtime, z_text: str | None, use_random: bool, seed: int | None):
+    if (z_text is None) == (not use_random):
+        raise CliError("give exactly one of --z NUMBERS or --random")
+    with library_errors():
+        if use_random:
+            return runtime.sample_prior(seed=seed)
+        return parse_z(z_text, runtime.latent_dim)
 
 
 def format_z(z: np.ndarray) -> str:
@@ -106,39 +108,85 @@ def decode(runtime: Runtime, z: np.ndarray, output: Path):
     click.echo(f"wrote {output}")
 
 
+def query_options(command):
+    """--z / --random (see latent_options) or --image PATH: exactly one."""
+
+    @click.option("--image", "image_path", type=click.Path(path_type=Path), default=None,
+                  help="Query by a photo (28x28 grayscale PNG) instead of z: ranks items by the "
+                       "expected log-likelihood under the photo's encoding q(z|photo).")
+    @functools.wraps(command)
+    def wrapper(runtime, image_path, z_text, use_random, seed, **kwargs):
+        if image_path is None:
+            z = resolve_latent(runtime, z_text, use_random, seed)
+            return command(runtime, z, image=None, **kwargs)
+        if z_text is not None or use_random:
+            raise CliError("give either --image PATH or a latent (--z NUMBERS / --random), "
+                           "not both")
+        with library_errors():
+            pixels = read_image(image_path, runtime.image_shape[1:])
+        return command(runtime, None, image=(image_path, pixels), **kwargs)
+
+    # latent_options' click options, declared here so that the wrapper receives them
+    for option in reversed([
+        click.option("--z", "z_text", metavar="NUMBERS",
+                     help='Latent vector, one number per latent dim: "0.5,-1.2,...".'),
+        click.option("--random", "use_random", is_flag=True,
+                     help="Draw z from the prior N(0, I) instead of --z."),
+        click.option("--seed", type=int, default=None, help="Seed for --random."),
+    ]):
+        wrapper = option(wrapper)
+    return wrapper
+
+
 @main.command()
 @bundle_options
-@latent_options
+@query_options
 @click.option("-k", type=int, default=5, show_default=True,
               help="How many items to return (more than the catalog returns all).")
+@click.option("--label", default=None, metavar="NAME",
+              help="Only items of this class, by name (Sneaker) or id (7); p(x|z) stays "
+                   "over the whole catalog.")
 @click.option("--json", "as_json", is_flag=True,
-              help="Print one JSON object: query z and a results list.")
+              help="Print one JSON object: the query and a results list.")
 @click.option("--sheet", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Also write a PNG: the decoded z beside each item's decoded mu.")
-def nearest(runtime: Runtime, z: np.ndarray, k: int, as_json: bool, sheet: Path | None):
-    """Catalog items most likely to have produced z, by log q(z|x), best first."""
+              help="Also write a PNG: the query beside each item's decoded mu.")
+def nearest(runtime: Runtime, z: np.ndarray | None, image, k: int, label: str | None,
+            as_json: bool, sheet: Path | None):
+    """Catalog items most likely to have produced z, by log q(z|x), best first.
+
+    With --image, items are ranked by E[log q(z|x)] over the photo's posterior z ~ q(z|photo).
+    p(x|z) is each item's share of the catalog (uniform prior over items).
+    """
     with library_errors():
-        matches = runtime.nearest(z, k=k)
+        if image is None:
+            matches = runtime.nearest(z, k=k, label=label)
+        else:
+            matches = runtime.nearest_image(image[1], k=k, label=label)
     names = runtime.label_names
     results = [
-        {"rank": rank, "id": int(item_id), "label": names[label], "label_id": int(label),
+        {"rank": rank, "id": int(item_id), "label": names[label_id], "label_id": int(label_id),
          "log_likelihood": float(score), "probability": float(probability)}
-        for rank, (item_id, label, score, probability) in enumerate(
+        for rank, (item_id, label_id, score, probability) in enumerate(
             zip(matches.ids, matches.labels, matches.log_likelihoods, matches.probabilities),
             start=1)
     ]
     if sheet is not None:
         with library_errors():
-            pictures = runtime.decode(np.vstack([z[None], runtime.index.mu[matches.rows]]))
-            captions = ["query z"] + [f"#{r['id']} {r['label']}\n{r['log_likelihood']:.2f}"
-                                      for r in results]
-            save_sheet(sheet, pictures[0], pictures[1:], captions,
-                       "decoded z | nearest catalog items (decoded mu), log q(z|x)")
+            items = runtime.decode(runtime.index.mu[matches.rows])
+            if image is None:
+                query, title = runtime.decode(z), "decoded z"
+            else:
+                query, title = image[1][None].astype(np.float32) / 255.0, "query image"
+            captions = [f"query: {title}"] + [
+                f"#{r['id']} {r['label']}\n{r['log_likelihood']:.2f}" for r in results]
+            save_sheet(sheet, query, items, captions,
+                       f"{title} | nearest catalog items (decoded mu), log q(z|x)")
     if as_json:
-        click.echo(json.dumps({"z": [float(v) for v in z], "k": len(results),
+        query = {"z": [float(v) for v in z]} if image is None else {"image": str(image[0])}
+        click.echo(json.dumps({**query, "label": label, "k": len(results),
                                "results": results}))
     else:
-        click.echo(f"z = {format_z(z)}")
+        click.echo(f"z = {format_z(z)}" if image is None else f"image = {image[0]}")
         click.echo(f"{'rank':>4}  {'id':>6}  {'label':<12} {'log q(z|x)':>12}  {'p(x|z)':>8}")
         for r in results:
             click.echo(f"{r['rank']:>4}  {r['id']:>6}  {r['label']:<12} "

@@ -20,7 +20,7 @@ from .bundle import (
     read_manifest,
     verify_files,
 )
-from .search import LikelihoodSearch, Matches
+from .search import LikelihoodSearch, Matches, StreamingLikelihoodSearch
 
 # Latent values beyond this are not slider positions but mistakes; they would also
 # overflow float32 arithmetic in the decoder.
@@ -182,20 +182,25 @@ class Runtime:
     InferenceSession.run is thread-safe), so one Runtime may serve many threads.
     """
 
-    def __init__(self, root: Path, manifest: dict, index: CatalogIndex, encoder, decoder):
+    def __init__(self, root: Path, manifest: dict, index: CatalogIndex, encoder, decoder,
+                 stream: bool = False):
         self.root = root
         self.manifest = manifest
         self.index = index
         self._encoder = encoder
         self._decoder = decoder
-        self._search = LikelihoodSearch(index.mu, index.log_sigma, index.ids, index.labels)
+        engine = StreamingLikelihoodSearch if stream else LikelihoodSearch
+        self._search = engine(index.mu, index.log_sigma, index.ids, index.labels)
 
     @classmethod
-    def load(cls, path: str | Path | None = None, *, threads: int = 1, verify: bool = True):
+    def load(cls, path: str | Path | None = None, *, threads: int = 1, verify: bool = True,
+             stream: bool = False):
         """Load a bundle directory (None: the shipped default model).
 
         verify=True checks every file's size and sha256 against the manifest first.
         threads: onnxruntime intra-op threads; 1 suits a kiosk whose CPU is shared.
+        stream=True memory-maps the index and searches it in chunks (catalogs larger than
+        RAM); results are the same, each search reads the whole index.
         """
         root = default_bundle_path() if path is None else Path(path)
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
@@ -203,7 +208,7 @@ class Runtime:
         manifest = read_manifest(root)
         if verify:
             verify_files(root, manifest)
-        index = load_index(root, manifest)
+        index = load_index(root, manifest, mmap=stream)
         for name in MODEL_FILES.values():  # every check passes before onnxruntime sees a graph
             check_onnx_file(root, name)
         d = manifest["latent_dim"]
@@ -213,7 +218,7 @@ class Runtime:
                   [("mu", [d]), ("log_var", [d])])
         decoder = _session(root / MODEL_FILES["decoder"], threads)
         _check_io(decoder, MODEL_FILES["decoder"], [("z", [d])], [("images", shape)])
-        return cls(root, manifest, index, encoder, decoder)
+        return cls(root, manifest, index, encoder, decoder, stream=stream)
 
     @property
     def latent_dim(self) -> int:
@@ -242,10 +247,52 @@ class Runtime:
         log_sigma = 0.5 * log_var
         return (mu[0], log_sigma[0]) if single else (mu, log_sigma)
 
-    def nearest(self, z, k: int = 5) -> Matches:
-        """The k catalog items x with the highest log q(z|x), best first (k > N gives N)."""
+    def nearest(self, z, k: int = 5, label: int | str | None = None) -> Matches:
+        """The k catalog items x with the highest log q(z|x), best first.
+
+        k larger than the catalog (or than the label's items) returns them all.
+        label: a class name ("Sneaker") or id (7): only items of that class are returned;
+        probabilities stay p(x|z) over the whole catalog.
+        """
         array = check_latent(z, self.latent_dim)
-        return self._search.search(array, check_k(k))
+        k = check_k(k)
+        return self._search.search(array, k, self._label_filter(label))
+
+    def nearest_image(self, images, k: int = 5, label: int | str | None = None) -> Matches:
+        """Catalog items ranked by E_{z ~ q(z|x_q)} log q(z|x) for query image(s) x_q.
+
+        images as for encode(). `log_likelihoods` holds these expected log-likelihoods and
+        `probabilities` their softmax over the catalog.
+        """
+        k = check_k(k)
+        label_id = self._label_filter(label)
+        mu, log_sigma = self.encode(images)
+        return self._search.search_gaussian(mu.astype(np.float64),
+                                            log_sigma.astype(np.float64), k, label_id)
+
+    def _label_filter(self, label) -> int | None:
+        label_id = self.label_id(label)
+        if label_id is not None and self._search.label_count(label_id) == 0:
+            raise ValueError(f"no catalog item has label {self.label_names[label_id]!r}")
+        return label_id
+
+    def label_id(self, label: int | str | None) -> int | None:
+        """A class name or id -> class id (None stays None); ValueError names the valid ones."""
+        if label is None:
+            return None
+        names = self.label_names
+        if isinstance(label, (int, np.integer)) and not isinstance(label, bool):
+            if 0 <= label < len(names):
+                return int(label)
+        elif isinstance(label, str):
+            text = label.strip()
+            folded = {name.casefold(): i for i, name in enumerate(names)}
+            if text.casefold() in folded:
+                return folded[text.casefold()]
+            if text.isdigit() and int(text) < len(names):
+                return int(text)
+        raise ValueError(f"unknown label {label!r}: expected one of {', '.join(names)} "
+                         f"(or a class id 0-{len(names) - 1})")
 
     def sample_prior(self, n: int | None = None, seed: int | None = None) -> np.ndarray:
         """z ~ N(0, I): (d,) when n is None, else (n, d)."""

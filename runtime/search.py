@@ -4,8 +4,26 @@ For a query z and every catalog item x with posterior N(mu(x), sigma(x)^2):
 
     log q(z|x) = sum_i [ -(z_i - mu_i)^2 / (2 sigma_i^2) - log sigma_i ] - (d/2) log 2pi
 
-The engine ranks items by that score, best first; ties go to the lower row.
-No epsilon is sampled anywhere: the score is the density itself.
+How the engine finds the best k items exactly, fast (details and proofs: docs/search.md):
+
+1. The score is an inner product. With a = 1/sigma^2, each item is the vector
+   w(x) = [-a/2, a*mu, c(x)] (length 2d+1, c(x) = -sum(a mu^2/2 + log sigma) - d/2 log 2pi),
+   built once at load in float64 and stored in float32; a query is [z^2, z, 1]. One matrix
+   product scores the whole catalog (a batch of queries: one matrix-matrix product).
+2. Items sit in blocks of `block` positions; per block we keep the largest item norm |w|, so
+   |float32 score - exact score| <= E_b = gamma * max|w| * |q| (a rounding bound that holds for
+   any summation order). The k-th largest of (block max - E_b) is a proven lower bound on the
+   k-th best exact score: only items whose float32 score + E reaches it can be in the top k.
+3. Those candidates are rescored in float64 with the direct formula above, so the float32
+   cancellation of the expanded form (tiny sigma, z near mu) never decides a ranking.
+   Ties go to the lower row (in a bundle ids ascend with rows: the lower id).
+4. p(x|z) = q(z|x) / sum over the catalog (uniform prior over items). The sum uses float64 scores
+   for every item that can matter, float32 scores (error <= E) for items far below the best, and
+   skips items more than log(N) + 20 nats below the best (together < e^-20 = 2e-9 of the sum):
+   p(x|z) is within 1.1e-7 relative of the exact value.
+
+Items are stored grouped by label, each label padded to whole blocks, so a label filter selects
+its top k from that label's blocks only: exact, and no more work than an unfiltered search.
 """
 
 from __future__ import annotations
@@ -16,6 +34,18 @@ from dataclasses import dataclass
 import numpy as np
 
 LOG_2PI = math.log(2.0 * math.pi)
+FLOAT32_EPS = 2.0**-24  # unit roundoff of float32
+# Score of a padding position: finite (no inf * 0 = NaN in BLAS), far below any real score.
+PAD_SCORE = np.float32(-3.0e38)
+# p(x|z) is summed over items within log(N) + SKIP_NATS of the best; the rest weigh < e^-SKIP_NATS.
+SKIP_NATS = 20.0
+# Items counted with float32 scores weigh so little that their rounding moves p by < this
+# (relative); items never counted weigh < e^-SKIP_NATS in all.
+P_TOLERANCE = 1e-7
+# float32 scores are used only while |w| |q| stays below this (no overflow to inf).
+SAFE_MAGNITUDE = 1e37
+_TINY = float(np.finfo(np.float32).tiny)
+_ONE = np.ones(1)
 
 
 @dataclass(frozen=True)
@@ -68,61 +98,549 @@ def top_k_rows(scores: np.ndarray, k: int) -> np.ndarray:
     return np.take_along_axis(part, order, axis=1).astype(np.int64)
 
 
-class LikelihoodSearch:
-    """Exact log q(z|x) search over a float16 index, scored in float64.
+def item_vectors(mu: np.ndarray, log_sigma: np.ndarray) -> np.ndarray:
+    """w(x) = [-a/2, a*mu, c] per item, (n, 2d+1) float32, computed in float64.
 
-    mu, log_sigma: (N, d) arrays (float16 in a bundle). ids, labels: (N,).
+    Raises ValueError when a vector does not fit float32 (sigma so small that 1/sigma^2
+    overflows): the float32 stage could then not bound its own error.
+    """
+    mu = np.asarray(mu, dtype=np.float64)
+    log_sigma = np.asarray(log_sigma, dtype=np.float64)
+    n, d = mu.shape
+    a = np.exp(-2.0 * log_sigma)
+    out = np.empty((n, 2 * d + 1), dtype=np.float64)
+    out[:, :d] = -0.5 * a
+    np.multiply(a, mu, out=out[:, d:2 * d])
+    out[:, 2 * d] = -(0.5 * a * mu * mu + log_sigma).sum(axis=1) - 0.5 * d * LOG_2PI
+    with np.errstate(over="ignore", invalid="ignore"):
+        w = out.astype(np.float32)
+    bad = ~np.isfinite(w).all(axis=1)
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise ValueError(
+            f"catalog item at row {row} does not fit float32 item vectors (log_sigma min "
+            f"{float(log_sigma[row].min()):.4g}, |mu| max {float(np.abs(mu[row]).max()):.4g}): "
+            "expected log_sigma >= -40 and |mu| small enough that mu^2/sigma^2 < 1e38"
+        )
+    return w
+
+
+def _direct_scores(z: np.ndarray, var: np.ndarray | None, mu16: np.ndarray,
+                   log_sigma16: np.ndarray) -> np.ndarray:
+    """The direct formula in float64, row by row: z (P, d) against items (P, d) -> (P,).
+
+    var (P, d) or None: the query's own variance, for the expected log-likelihood
+    E_{z ~ N(z, var)} log q(z|x) = log q(z|x) - sum var / (2 sigma^2).
+    """
+    log_sigma = log_sigma16.astype(np.float64)
+    diff = z - mu16  # float16 items widen exactly to float64
+    inv_var = np.exp(-2.0 * log_sigma)
+    if var is None:
+        quad = np.einsum("pd,pd,pd->p", diff, diff, inv_var)
+    else:
+        quad = np.einsum("pd,pd->p", diff * diff + var, inv_var)
+    return -0.5 * quad - log_sigma.sum(axis=1) - 0.5 * mu16.shape[1] * LOG_2PI
+
+
+def _kth_largest(values: np.ndarray, k: int) -> np.ndarray:
+    """k-th largest per row of (B, n); -inf where a row has fewer than k entries."""
+    if k > values.shape[1]:
+        return np.full(values.shape[0], -np.inf)
+    return np.partition(values, values.shape[1] - k, axis=1)[:, values.shape[1] - k]
+
+
+class LikelihoodSearch:
+    """Exact log q(z|x) search over a float16 index (see the module docstring).
+
+    mu, log_sigma: (N, d) arrays (float16 in a bundle); ids, labels: (N,).
+    Memory: the float32 item vectors (N, 2d+1) plus one row number per item; mu and
+    log_sigma are referenced, not copied (a memory-mapped index stays on disk).
+    block: items per block of the exact selection (a multiple of 8).
     """
 
     def __init__(
-        self, mu: np.ndarray, log_sigma: np.ndarray, ids: np.ndarray, labels: np.ndarray
+        self, mu: np.ndarray, log_sigma: np.ndarray, ids: np.ndarray, labels: np.ndarray,
+        *, block: int = 256,
     ) -> None:
-        if mu.ndim != 2 or mu.shape != log_sigma.shape:
-            raise ValueError(
-                f"mu and log_sigma must both have shape (N, d); got {mu.shape} and "
-                f"{log_sigma.shape}"
-            )
-        n = mu.shape[0]
-        if ids.shape != (n,) or labels.shape != (n,):
-            raise ValueError(
-                f"ids and labels must have shape ({n},); got {ids.shape} and {labels.shape}"
-            )
-        self.ids = np.asarray(ids, dtype=np.int64)
-        self.labels = np.asarray(labels, dtype=np.int64)
-        self._mu = mu.astype(np.float64)
-        log_sigma64 = log_sigma.astype(np.float64)
-        self._half_inv_var = 0.5 * np.exp(-2.0 * log_sigma64)  # (N, d)
-        self._const = -log_sigma64.sum(axis=1) - 0.5 * mu.shape[1] * LOG_2PI  # (N,)
+        _check_catalog(mu, log_sigma, ids, labels)
+        if isinstance(block, bool) or not isinstance(block, int) or block < 8 or block % 8:
+            raise ValueError(f"block must be a positive multiple of 8, got {block!r}")
+        n, d = mu.shape
+        self.ids = np.asarray(ids)  # as given (int32 in a bundle): results widen to int64
+        self.labels = np.asarray(labels)
+        self._mu16 = mu
+        self._log_sigma16 = log_sigma
+        self.block = block
+        # Positions: items grouped by label (stable: row order inside a label), each label
+        # padded to whole blocks, so that every block holds one label.
+        order = np.argsort(self.labels, kind="stable")
+        values, starts, counts = np.unique(self.labels[order], return_index=True,
+                                           return_counts=True)
+        padded = -(-counts // block) * block
+        n_pos = int(padded.sum())
+        self._rows = np.full(n_pos, -1, dtype=np.int64 if n >= 2**31 else np.int32)
+        self._label_blocks: dict[int, tuple[int, int]] = {}
+        pos = 0
+        for value, start, count, size in zip(values, starts, counts, padded):
+            self._rows[pos:pos + count] = order[start:start + count]
+            self._label_blocks[int(value)] = (pos // block, (pos + size) // block)
+            pos += size
+        self._label_counts = {int(v): int(c) for v, c in zip(values, counts)}
+        m = 2 * d + 1
+        self._wt = np.zeros((m, n_pos), dtype=np.float32)  # item vectors, one column each
+        self._wt[m - 1] = PAD_SCORE
+        n_blocks = n_pos // block
+        norms = np.zeros(n_pos)
+        step = max(block, (1 << 16) // block * block)  # bounded float64 temporaries
+        for lo in range(0, n_pos, step):
+            rows = self._rows[lo:lo + step]
+            real = rows >= 0
+            w = item_vectors(mu[rows[real]], log_sigma[rows[real]])
+            self._wt[:, lo:lo + step][:, real] = w.T
+            norms[lo:lo + step][real] = np.sqrt(np.square(w, dtype=np.float64).sum(axis=1))
+        self._block_norm = norms.reshape(n_blocks, block).max(axis=1)
+        self._max_norm = float(self._block_norm.max())
+        self._block_label = np.repeat(values, padded // block)
 
     @property
     def size(self) -> int:
-        return int(self._mu.shape[0])
+        return int(self.ids.shape[0])
 
     @property
     def dim(self) -> int:
-        return int(self._mu.shape[1])
+        return int(self._mu16.shape[1])
+
+    def label_count(self, label: int | None) -> int:
+        if label is None:
+            return self.size
+        return self._label_counts.get(int(label), 0)
 
     def scores(self, z: np.ndarray) -> np.ndarray:
-        """log q(z|x) for every item: z (B, d) float -> (B, N) float64."""
+        """log q(z|x) for every item, in row order: z (B, d) -> (B, N) float64 (direct formula)."""
+        z = np.asarray(z, dtype=np.float64)
         out = np.empty((z.shape[0], self.size))
-        for b, query in enumerate(np.asarray(z, dtype=np.float64)):
-            diff = self._mu - query  # (N, d)
-            out[b] = self._const - np.einsum("nd,nd->n", diff * diff, self._half_inv_var)
+        for b, query in enumerate(z):
+            out[b] = _direct_scores(np.broadcast_to(query, self._mu16.shape), None,
+                                    self._mu16, self._log_sigma16)
         return out
 
-    def search(self, z: np.ndarray, k: int) -> Matches:
-        """The k most likely items for each query; z is (d,) or (B, d), already validated."""
+    def search(self, z: np.ndarray, k: int, label: int | None = None) -> Matches:
+        """The k most likely items for each query z, (d,) or (B, d), already validated.
+
+        k larger than the catalog (or than the label's items) is clamped: all are returned.
+        label: only items of this class id are returned; p(x|z) stays over the whole catalog.
+        """
+        return self._run(z, None, k, label)
+
+    def search_gaussian(self, mu: np.ndarray, log_sigma: np.ndarray, k: int,
+                        label: int | None = None) -> Matches:
+        """Rank by the expected log-likelihood E_{z ~ N(mu, sigma^2)} log q(z|x).
+
+        For an encoded image query (mu, log_sigma), (d,) or (B, d). `log_likelihoods` holds the
+        expected log-likelihoods; `probabilities` their softmax over the catalog.
+        """
+        mu = np.asarray(mu, dtype=np.float64)
+        log_sigma = np.asarray(log_sigma, dtype=np.float64)
+        if mu.shape != log_sigma.shape:
+            raise ValueError(f"query mu and log_sigma shapes differ: {mu.shape} vs "
+                             f"{log_sigma.shape}")
+        return self._run(mu, np.exp(2.0 * log_sigma), k, label)
+
+    # -- the engine ---------------------------------------------------------------------------
+
+    def _run(self, z, var, k: int, label: int | None) -> Matches:
         z = np.asarray(z, dtype=np.float64)
         single = z.ndim == 1
-        batch = z[None, :] if single else z
-        k = min(k, self.size)
-        scores = self.scores(batch)
-        rows = top_k_rows(scores, k)
-        best = np.take_along_axis(scores, rows, axis=1)
-        top = scores.max(axis=1, keepdims=True)
-        log_total = top + np.log(np.exp(scores - top).sum(axis=1, keepdims=True))
-        fields = {"rows": rows, "ids": self.ids[rows], "labels": self.labels[rows],
-                  "log_likelihoods": best, "probabilities": np.exp(best - log_total)}
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"k must be an integer >= 1, got {k!r}")
+        available = self.label_count(label)
+        if label is not None and available == 0:
+            raise ValueError(f"no catalog item has label {label}")
+        k = min(int(k), available)
+        if single and z.shape == (self.dim,):  # the kiosk's case: as few numpy calls as can be
+            v = None if var is None else np.asarray(var, dtype=np.float64)
+            features = np.concatenate((z * z if v is None else z * z + v, z, _ONE))
+            if math.sqrt(float(features @ features)) * self._max_norm < SAFE_MAGNITUDE:
+                return Matches(**self._search_one(z, v, features, k, label))
+        z = z.reshape(-1, self.dim)
+        var = None if var is None else np.asarray(var, dtype=np.float64).reshape(z.shape)
+        features = _query_features(z, var)
+        query_norm = np.sqrt(np.einsum("bm,bm->b", features, features))
+        if query_norm.max() * self._max_norm >= SAFE_MAGNITUDE:
+            # float32 scores could overflow: score this batch directly in float64 instead.
+            fields = self._brute(z, var, k, label)
+        elif single:
+            return Matches(**self._search_one(z[0], None if var is None else var[0],
+                                              features[0], k, label))
+        else:
+            n_pos = self._wt.shape[1]
+            # Score matrix at most the size of the item vectors (or 16 MB): queries in groups.
+            group = max(1, min(z.shape[0], max(self._wt.size, 1 << 22) // n_pos))
+            parts = [self._run_group(z[i:i + group], None if var is None else var[i:i + group],
+                                     features[i:i + group], k, label)
+                     for i in range(0, z.shape[0], group)]
+            fields = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
         if single:
             fields = {name: array[0] for name, array in fields.items()}
         return Matches(**fields)
+
+    def _brute(self, z, var, k: int, label: int | None) -> dict:
+        """The direct formula over every item in float64 (for queries beyond float32 range)."""
+        scores = np.empty((z.shape[0], self.size))
+        for b in range(z.shape[0]):
+            scores[b] = _direct_scores(
+                np.broadcast_to(z[b], self._mu16.shape),
+                None if var is None else np.broadcast_to(var[b], self._mu16.shape),
+                self._mu16, self._log_sigma16)
+        top = scores.max(axis=1, keepdims=True)
+        log_total = top + np.log(np.exp(scores - top).sum(axis=1, keepdims=True))
+        ranked = scores if label is None else np.where(self.labels == label, scores, -np.inf)
+        rows = top_k_rows(ranked, k)
+        best = np.take_along_axis(scores, rows, axis=1)
+        return {"rows": rows, "ids": self.ids[rows].astype(np.int64),
+                "labels": self.labels[rows].astype(np.int64),
+                "log_likelihoods": best, "probabilities": np.exp(best - log_total)}
+
+    def _search_one(self, z, var, features, k: int, label: int | None) -> dict:
+        """One query, in few numpy calls: the bounds of _select (docs/search.md) as scalars."""
+        block = self.block
+        scores = features.astype(np.float32) @ self._wt  # gemv over the item vectors
+        block_max = scores.reshape(-1, block).max(axis=1)
+        scale = _gamma(features.shape[0]) * math.sqrt(float(features @ features)) \
+            * (1.0 + 4 * FLOAT32_EPS)
+        error = self._max_norm * scale + _TINY  # bound on every item's float32 error
+        top_low = float(block_max.max()) - error  # <= the best exact score
+        rescore_nats, skip_nats = _zones(self.size, error)
+        lo, hi = (0, block_max.shape[0]) if label is None else self._label_blocks[int(label)]
+        # A block's float32 winner scores >= its block max - margin exactly: k of them make
+        # kth_low a lower bound on the k-th best exact score, and every top-k item then has
+        # a float32 score >= kth_low - error.
+        if k > hi - lo:
+            kth_low = -math.inf
+        else:
+            lower = block_max[lo:hi] - self._block_norm[lo:hi] * scale
+            kth_low = float(np.partition(lower, hi - lo - k)[hi - lo - k])
+        p_floor = top_low - skip_nats - error
+        p_cut = top_low - rescore_nats - error
+        k_floor = kth_low - error
+        if label is None:  # one pass finds the items for p(x|z) and for the top k
+            p_floor, p_cut = min(p_floor, k_floor), min(p_cut, k_floor)
+        near = np.flatnonzero(scores >= _below(p_floor))
+        near_scores = scores[near]
+        rescore = near_scores >= _below(p_cut)
+        item = self._rows[near[rescore]]
+        if p_floor <= PAD_SCORE:
+            item = item[item >= 0]
+        exact = _direct_scores(z, var, self._mu16[item], self._log_sigma16[item])
+        top = float(exact.max())
+        total = (np.exp(exact - top).sum()
+                 + np.exp(near_scores[~rescore].astype(np.float64) - top).sum())
+        log_total = top + math.log(total)
+        if label is not None:  # the label's items, from its own blocks only
+            start = lo * block
+            found = start + np.flatnonzero(scores[start:hi * block] >= _below(k_floor))
+            item = self._rows[found]
+            if k_floor <= PAD_SCORE:
+                item = item[item >= 0]
+            exact = _direct_scores(z, var, self._mu16[item], self._log_sigma16[item])
+        # Every item outside `item` scores below the k-th best: the k best of `item` are exact.
+        order = np.lexsort((item, -exact))[:k]
+        rows, best = item[order].astype(np.int64), exact[order]
+        return {"rows": rows, "ids": self.ids[rows].astype(np.int64),
+                "labels": self.labels[rows].astype(np.int64),
+                "log_likelihoods": best, "probabilities": np.exp(best - log_total)}
+
+    def _run_group(self, z, var, features, k: int, label: int | None) -> dict:
+        features32 = features.astype(np.float32)
+        scores = features32 @ self._wt  # (B, n_pos): one product for the batch
+        block_max = scores.reshape(z.shape[0], -1, self.block).max(axis=2)
+        span = None
+        if label is None:
+            block_max_eligible = block_max
+        else:
+            lo, hi = self._label_blocks[int(label)]
+            block_max_eligible = np.full(block_max.shape, -np.inf, dtype=np.float32)
+            block_max_eligible[:, lo:hi] = block_max[:, lo:hi]
+            span = (lo * self.block, hi * self.block)
+        margin = _error_bound(features, self._block_norm)
+        return _select(z, var, k, scores, self.block, self._rows, block_max, block_max_eligible,
+                       margin, label, self._mu16, self._log_sigma16, self.ids, self.labels,
+                       span)
+
+
+class StreamingLikelihoodSearch:
+    """The same exact search, reading the float16 index in chunks (memory-mapped files).
+
+    For catalogs larger than RAM: nothing per item is kept resident but a float32 norm per
+    block; each search scores `chunk_rows` items at a time (their float32 item vectors are
+    rebuilt from the float16 rows, exactly as LikelihoodSearch builds them) and keeps one
+    float32 score per item and query. Results equal LikelihoodSearch's: same rows, ids and
+    log-likelihoods; probabilities agree within the tolerance of p(x|z) (P_TOLERANCE).
+    """
+
+    def __init__(self, mu: np.ndarray, log_sigma: np.ndarray, ids: np.ndarray,
+                 labels: np.ndarray, *, block: int = 256, chunk_rows: int = 1 << 16) -> None:
+        _check_catalog(mu, log_sigma, ids, labels)
+        if isinstance(block, bool) or not isinstance(block, int) or block < 8 or block % 8:
+            raise ValueError(f"block must be a positive multiple of 8, got {block!r}")
+        if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
+            raise ValueError(f"chunk_rows must be an integer >= 1, got {chunk_rows!r}")
+        self._mu16, self._log_sigma16 = mu, log_sigma
+        self.ids, self.labels = ids, labels  # memory-mapped arrays stay on disk
+        self.block = block
+        self.chunk_rows = -(-chunk_rows // block) * block  # whole blocks per chunk
+        n = mu.shape[0]
+        self._n_pos = -(-n // block) * block
+        norms = np.zeros(self._n_pos)
+        for lo, hi, w in self._chunks():
+            norms[lo:hi] = np.sqrt(np.square(w, dtype=np.float64).sum(axis=1))
+        self._block_norm = norms.reshape(-1, block).max(axis=1)
+        self._max_norm = float(self._block_norm.max())
+
+    @property
+    def size(self) -> int:
+        return int(self._mu16.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self._mu16.shape[1])
+
+    def _chunks(self):
+        for lo in range(0, self.size, self.chunk_rows):
+            hi = min(lo + self.chunk_rows, self.size)
+            yield lo, hi, item_vectors(self._mu16[lo:hi], self._log_sigma16[lo:hi])
+
+    def label_count(self, label: int | None) -> int:
+        if label is None:
+            return self.size
+        return int(np.count_nonzero(np.asarray(self.labels) == label))
+
+    def search(self, z: np.ndarray, k: int, label: int | None = None) -> Matches:
+        """As LikelihoodSearch.search."""
+        return self._run(z, None, k, label)
+
+    def search_gaussian(self, mu: np.ndarray, log_sigma: np.ndarray, k: int,
+                        label: int | None = None) -> Matches:
+        """As LikelihoodSearch.search_gaussian."""
+        mu = np.asarray(mu, dtype=np.float64)
+        log_sigma = np.asarray(log_sigma, dtype=np.float64)
+        if mu.shape != log_sigma.shape:
+            raise ValueError(f"query mu and log_sigma shapes differ: {mu.shape} vs "
+                             f"{log_sigma.shape}")
+        return self._run(mu, np.exp(2.0 * log_sigma), k, label)
+
+    def _run(self, z, var, k: int, label: int | None) -> Matches:
+        z = np.asarray(z, dtype=np.float64)
+        single = z.ndim == 1
+        z = z.reshape(-1, self.dim)
+        var = None if var is None else np.asarray(var, dtype=np.float64).reshape(z.shape)
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"k must be an integer >= 1, got {k!r}")
+        available = self.label_count(label)
+        if label is not None and available == 0:
+            raise ValueError(f"no catalog item has label {label}")
+        k = min(int(k), available)
+        features = _query_features(z, var)
+        if np.sqrt(np.square(features).sum(axis=1)).max() * self._max_norm >= SAFE_MAGNITUDE:
+            raise ValueError("query too large for float32 scoring of this catalog: "
+                             "use the in-memory LikelihoodSearch")
+        features32 = features.astype(np.float32)
+        n_queries = z.shape[0]
+        scores = np.full((n_queries, self._n_pos), PAD_SCORE, dtype=np.float32)
+        eligible_scores = None if label is None else np.full_like(scores, -np.inf)
+        for lo, hi, w in self._chunks():
+            scores[:, lo:hi] = features32 @ w.T
+            if label is not None:
+                match = np.asarray(self.labels[lo:hi]) == label
+                eligible_scores[:, lo:hi] = np.where(match, scores[:, lo:hi], -np.inf)
+        block_max = scores.reshape(n_queries, -1, self.block).max(axis=2)
+        block_max_eligible = block_max if label is None else \
+            eligible_scores.reshape(n_queries, -1, self.block).max(axis=2)
+        del eligible_scores
+        margin = _error_bound(features, self._block_norm)
+        fields = _select(z, var, k, scores, self.block, None, block_max, block_max_eligible,
+                         margin, label, self._mu16, self._log_sigma16, self.ids, self.labels)
+        fields = {name: np.asarray(value) for name, value in fields.items()}
+        fields["ids"] = fields["ids"].astype(np.int64)
+        fields["labels"] = fields["labels"].astype(np.int64)
+        if single:
+            fields = {name: array[0] for name, array in fields.items()}
+        return Matches(**fields)
+
+
+def _check_catalog(mu, log_sigma, ids, labels) -> None:
+    if mu.ndim != 2 or mu.shape != log_sigma.shape:
+        raise ValueError(
+            f"mu and log_sigma must both have shape (N, d); got {mu.shape} and {log_sigma.shape}"
+        )
+    n = mu.shape[0]
+    if n == 0:
+        raise ValueError("the catalog is empty: expected at least one item")
+    if ids.shape != (n,) or labels.shape != (n,):
+        raise ValueError(
+            f"ids and labels must have shape ({n},); got {ids.shape} and {labels.shape}"
+        )
+
+
+def _query_features(z: np.ndarray, var: np.ndarray | None) -> np.ndarray:
+    """[z^2 (+ var), z, 1] per query, float64 (B, 2d+1)."""
+    out = np.empty((z.shape[0], 2 * z.shape[1] + 1))
+    d = z.shape[1]
+    np.multiply(z, z, out=out[:, :d])
+    if var is not None:
+        out[:, :d] += var
+    out[:, d:2 * d] = z
+    out[:, 2 * d] = 1.0
+    return out
+
+
+def _gamma(m: int) -> float:
+    """Bound factor: float32 rounding of q and w (one unit each) and a length-m dot product
+    in any summation order (gamma_m, Higham 3.5); doubled to cover the float64 rounding of w
+    and of the rescoring formula."""
+    return 2.0 * (m + 2) * FLOAT32_EPS / (1.0 - (m + 2) * FLOAT32_EPS)
+
+
+def _zones(n_items: int, error: float) -> tuple[float, float]:
+    """(rescore_nats, skip_nats) for p(x|z), see _select."""
+    rescore = max(math.log(n_items) + math.log(max(math.expm1(min(2 * error, 700.0)), 1e-300))
+                  - math.log(P_TOLERANCE), 0.0)
+    return rescore, max(math.log(n_items) + SKIP_NATS, rescore)
+
+
+def _error_bound(features: np.ndarray, block_norm: np.ndarray) -> np.ndarray:
+    """Per query and block, a bound on |float32 score - exact score|: (B, n_blocks) float64.
+
+    float32 rounding of q and w (one unit each) and a length-m dot product in any order
+    (gamma_m, Higham 3.5) give |error| <= gamma_{m+2} sum |w_j q_j| <= gamma_{m+2} |w| |q|.
+    The factor 2 also covers the float64 rounding of w and of the rescoring formula.
+    """
+    query_norm = np.sqrt(np.square(features).sum(axis=1)) * (1.0 + 4 * FLOAT32_EPS)
+    return _gamma(features.shape[1]) * np.outer(query_norm, block_norm) + _TINY
+
+
+def _select(z, var, k, scores, block, rows, block_max, block_max_eligible, margin, label,
+            mu16, log_sigma16, ids, labels, label_span=None) -> dict:
+    """Exact top-k and p(x|z) from float32 scores with proven error bounds (docs/search.md).
+
+    scores (B, n_pos) float32, positions in blocks of `block`; rows (n_pos,): catalog row of
+    each position, -1 for padding (None: position = row, padding after the last row);
+    block_max (B, n_blocks) float32; block_max_eligible: the same over items that pass the
+    label filter (-inf where none); margin (B, n_blocks): error bound.
+    """
+    n_queries, n_blocks = block_max.shape
+    n_pos = scores.shape[1]
+    # A block's float32 winner has an exact score >= block max - margin, so the k-th best
+    # eligible exact score is >= the k-th largest of those lower bounds: kth_low.
+    has_eligible = np.isfinite(block_max_eligible)
+    kth_low = _kth_largest(np.where(has_eligible, block_max_eligible - margin, -np.inf), k)
+    error = margin.max(axis=1)  # (B,) a bound for every item
+    top_low = block_max.max(axis=1).astype(np.float64) - error  # <= the best exact score
+
+    # p(x|z) needs the sum over the catalog of q(z|x) / q(z|best). Items within rescore_nats
+    # of the best are rescored in float64. Further down each weighs <= e^-rescore_nats, so
+    # their float32 error (a factor <= e^(2 error)) moves the sum by < P_TOLERANCE; items more
+    # than skip_nats down weigh < e^-SKIP_NATS together and are left out.
+    log_n = math.log(ids.shape[0])
+    rescore_nats = np.maximum(
+        log_n + np.log(np.maximum(np.expm1(np.minimum(2 * error, 700.0)), 1e-300))
+        - math.log(P_TOLERANCE), 0.0)
+    skip_nats = np.maximum(log_n + SKIP_NATS, rescore_nats)
+    floor = _float32_below(top_low - skip_nats - error)
+    flat = np.flatnonzero(scores >= floor[:, None])  # the one pass over every score
+    near_query = flat // n_pos
+    near_pos = flat - near_query * n_pos
+    near = scores.reshape(-1)[flat].astype(np.float64) + error[near_query]  # upper bounds
+    rescore = near >= (top_low - rescore_nats)[near_query]
+    owner = near_query[rescore]
+    item = _rows_at(rows, near_pos[rescore], ids.shape[0])
+    if item.size and item.min() < 0:  # padding cannot pass the floor; never rescore it
+        owner, item = owner[item >= 0], item[item >= 0]
+    exact = _direct_scores(z[owner], None if var is None else var[owner], mu16[item],
+                           log_sigma16[item])
+    starts = np.searchsorted(owner, np.arange(n_queries))
+    top = np.maximum.reduceat(exact, starts)
+    total = np.add.reduceat(np.exp(exact - top[owner]), starts)
+    far_query = near_query[~rescore]
+    far = np.exp(near[~rescore] - error[far_query] - top[far_query])
+    total += np.bincount(far_query, weights=far, minlength=n_queries)
+    log_total = top + np.log(total)
+
+    # Top k. Every eligible item with exact score >= kth_low has float32 score + error >=
+    # kth_low; when kth_low >= top_low - rescore_nats all of them were rescored above.
+    covered = kth_low >= top_low - rescore_nats
+    chosen = np.empty((n_queries, k), dtype=np.int64)
+    chosen_scores = np.empty((n_queries, k))
+    keep = covered[owner] & (exact >= kth_low[owner])
+    if label is not None:
+        keep &= labels[item] == label
+    done = np.flatnonzero(covered)
+    chosen[done], chosen_scores[done] = _best_k(owner[keep], item[keep], exact[keep], done, k)
+    todo = np.flatnonzero(~covered)
+    if todo.size and label_span is not None:  # the label's own positions: one compare pass
+        start, stop = label_span
+        floor = _float32_below(kth_low[todo] - error[todo])
+        found = np.flatnonzero(scores[todo, start:stop] >= floor[:, None])
+        owner = todo[found // (stop - start)]
+        item = _rows_at(rows, start + found % (stop - start), ids.shape[0])
+        real = item >= 0
+        owner, item = owner[real], item[real]
+        exact = _direct_scores(z[owner], None if var is None else var[owner], mu16[item],
+                               log_sigma16[item])
+        keep = exact >= kth_low[owner]
+        chosen[todo], chosen_scores[todo] = _best_k(owner[keep], item[keep], exact[keep],
+                                                    todo, k)
+    elif todo.size:  # the k-th best lies far below the best: read the blocks that reach it
+        want = has_eligible[todo] & (
+            block_max_eligible[todo] + margin[todo] >= kth_low[todo, None])
+        pick, blk = np.nonzero(want)
+        query = todo[pick]
+        block_scores = scores.reshape(n_queries, n_blocks, block)[query, blk]
+        cand_rows = _rows_at(rows, blk[:, None] * block + np.arange(block), ids.shape[0])
+        ceiling = block_scores.astype(np.float64) + margin[query, blk][:, None]
+        candidate = (cand_rows >= 0) & (ceiling >= kth_low[query, None])
+        if label is not None:
+            candidate &= labels[np.maximum(cand_rows, 0)] == label
+        pair, slot = np.nonzero(candidate)
+        owner = query[pair]
+        item = cand_rows[pair, slot].astype(np.int64)
+        exact = _direct_scores(z[owner], None if var is None else var[owner], mu16[item],
+                               log_sigma16[item])
+        keep = exact >= kth_low[owner]
+        chosen[todo], chosen_scores[todo] = _best_k(owner[keep], item[keep], exact[keep],
+                                                    todo, k)
+    return {"rows": chosen, "ids": np.asarray(ids[chosen], dtype=np.int64),
+            "labels": np.asarray(labels[chosen], dtype=np.int64),
+            "log_likelihoods": chosen_scores,
+            "probabilities": np.exp(chosen_scores - log_total[:, None])}
+
+
+def _rows_at(rows, positions: np.ndarray, n_items: int) -> np.ndarray:
+    """Catalog rows (int64) at positions, -1 for padding; rows None: positions are rows."""
+    if rows is None:
+        return np.where(positions < n_items, positions, -1).astype(np.int64)
+    return rows[positions].astype(np.int64)
+
+
+def _best_k(owner, item, score, queries, k):
+    """Per query in `queries` (sorted), the k best (score desc, then row asc): rows, scores."""
+    order = np.lexsort((item, -score, owner))
+    starts = np.searchsorted(owner[order], queries)
+    take = order[starts[:, None] + np.arange(k)[None, :]]
+    return item[take], score[take]
+
+
+def _below(value: float) -> float:
+    """A threshold that stays <= value after numpy rounds it to float32 for a comparison."""
+    return value - abs(value) * 2.0**-22 - _TINY
+
+
+def _float32_below(values):
+    """float32 thresholds no larger than the float64 values (so no item is lost by rounding)."""
+    if np.ndim(values) == 0:
+        out = np.float32(values)
+        return np.nextafter(out, np.float32(-np.inf)) if float(out) > values else out
+    out = np.asarray(values).astype(np.float32)
+    too_big = out.astype(np.float64) > values
+    out[too_big] = np.nextafter(out[too_big], np.float32(-np.inf))
+    return out

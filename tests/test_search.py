@@ -1,0 +1,369 @@
+"""The likelihood search engine against the float64 direct formula (issue 3)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from vae_edge.runtime.search import (
+    LikelihoodSearch,
+    StreamingLikelihoodSearch,
+    item_vectors,
+    log_likelihood_reference,
+)
+
+SETTINGS = settings(max_examples=60, deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+@st.composite
+def catalogs(draw, max_items=300):
+    """Random float16 catalogs: log sigma down to -10, |mu| up to 50, some duplicate items."""
+    n = draw(st.integers(1, max_items))
+    d = draw(st.integers(1, 12))
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    mu = rng.normal(size=(n, d)) * draw(st.sampled_from([0.1, 1.0, 50.0]))
+    low = draw(st.sampled_from([-10.0, -3.0, -0.5]))
+    log_sigma = rng.uniform(low, 1.0, size=(n, d))
+    if n > 1 and draw(st.booleans()):  # duplicates: exact ties
+        copies = rng.integers(0, n, size=n // 2 + 1)
+        mu[rng.integers(0, n, size=copies.size)] = mu[copies]
+        log_sigma[rng.integers(0, n, size=copies.size)] = log_sigma[copies]
+    labels = rng.integers(0, 3, size=n)
+    return mu.astype(np.float16), log_sigma.astype(np.float16), labels, rng
+
+
+@st.composite
+def queries(draw, mu, rng, batch):
+    """Queries near items (cancellation in float32), from N(0, 1), or far out (|z| to 1e3)."""
+    d = mu.shape[1]
+    kind = draw(st.sampled_from(["near", "prior", "far"]))
+    if kind == "near":
+        base = mu[rng.integers(0, mu.shape[0], size=batch)].astype(np.float64)
+        return base + rng.normal(size=(batch, d)) * draw(st.sampled_from([0.0, 1e-5, 1e-2]))
+    scale = 1.0 if kind == "prior" else 1e3
+    return np.clip(rng.normal(size=(batch, d)) * scale, -1e3, 1e3)
+
+
+def expected_rows(reference: np.ndarray, k: int) -> np.ndarray:
+    """Top-k rows of the float64 reference: best first, lower row first on ties."""
+    return np.argsort(-reference, axis=-1, kind="stable")[..., :k]
+
+
+def check_against_reference(matches, reference: np.ndarray, k: int, total: np.ndarray):
+    """Same scores (1e-6 relative) and the same rows, ties aside; ties go to the lower row."""
+    rows = expected_rows(reference, k)
+    want = np.take_along_axis(reference, rows, axis=-1)
+    np.testing.assert_allclose(matches.log_likelihoods, want, rtol=1e-6, atol=1e-9)
+    # The rows returned really score that (up to the two formulas' float64 rounding).
+    got = np.take_along_axis(reference, matches.rows, axis=-1)
+    np.testing.assert_allclose(got, matches.log_likelihoods, rtol=1e-9, atol=1e-9)
+    scale = np.abs(want) + 1.0
+    separated = np.ones(want.shape, dtype=bool)  # no other item within rounding distance
+    for i in range(k):
+        close = np.abs(reference - want[..., i:i + 1]) <= 1e-9 * scale[..., i:i + 1]
+        separated[..., i] = close.sum(axis=-1) == 1
+    np.testing.assert_array_equal(matches.rows[separated], rows[separated])
+    # Exact ties (duplicates): lower row first.
+    same = np.diff(matches.log_likelihoods, axis=-1) == 0
+    assert np.all(np.diff(matches.rows, axis=-1)[same] > 0)
+    # p(x|z) against the softmax of the reference over the whole catalog; where scores are
+    # huge (1e11 nats) the two formulas' float64 rounding alone moves p by 1e-16 * |score|.
+    rounding = 1e-15 * float(np.abs(want[np.isfinite(want)]).max(initial=0.0))
+    np.testing.assert_allclose(matches.probabilities, np.exp(got - total[..., None]),
+                               rtol=1e-6 + rounding, atol=1e-300)
+
+
+def log_total(reference: np.ndarray) -> np.ndarray:
+    top = reference.max(axis=-1, keepdims=True)
+    return (top + np.log(np.exp(reference - top).sum(axis=-1, keepdims=True)))[..., 0]
+
+
+@SETTINGS
+@given(data=st.data())
+def test_engine_equals_float64_reference(data):
+    mu, log_sigma, labels, rng = data.draw(catalogs())
+    n = mu.shape[0]
+    engine = LikelihoodSearch(mu, log_sigma, np.arange(n) + 100, labels)
+    z = data.draw(queries(mu, rng, batch=data.draw(st.sampled_from([1, 7]))))
+    reference = log_likelihood_reference(z, mu, log_sigma)
+    k = data.draw(st.sampled_from([1, 2, n, n + 5]))
+    matches = engine.search(z, k)
+    assert matches.rows.shape == (z.shape[0], min(k, n))  # k > N is clamped to N
+    check_against_reference(matches, reference, min(k, n), log_total(reference))
+    np.testing.assert_array_equal(matches.ids, matches.rows + 100)
+    np.testing.assert_array_equal(matches.labels, labels[matches.rows])
+
+
+@SETTINGS
+@given(data=st.data())
+def test_batch_equals_one_by_one(data):
+    mu, log_sigma, labels, rng = data.draw(catalogs())
+    engine = LikelihoodSearch(mu, log_sigma, np.arange(mu.shape[0]), labels)
+    z = data.draw(queries(mu, rng, batch=7))
+    k = data.draw(st.integers(1, mu.shape[0] + 2))
+    label = data.draw(st.sampled_from([None, int(labels[0])]))
+    batch = engine.search(z, k, label)
+    for row, query in enumerate(z):
+        single = engine.search(query, k, label)
+        np.testing.assert_array_equal(batch.rows[row], single.rows)
+        np.testing.assert_array_equal(batch.ids[row], single.ids)
+        np.testing.assert_array_equal(batch.log_likelihoods[row], single.log_likelihoods)
+        np.testing.assert_allclose(batch.probabilities[row], single.probabilities,
+                                   rtol=1e-6, atol=1e-300)
+
+
+@SETTINGS
+@given(data=st.data())
+def test_label_filter_is_exact(data):
+    mu, log_sigma, labels, rng = data.draw(catalogs())
+    engine = LikelihoodSearch(mu, log_sigma, np.arange(mu.shape[0]), labels)
+    label = int(labels[data.draw(st.integers(0, labels.size - 1))])
+    z = data.draw(queries(mu, rng, batch=data.draw(st.sampled_from([1, 7]))))
+    reference = log_likelihood_reference(z, mu, log_sigma)
+    count = int((labels == label).sum())
+    k = data.draw(st.sampled_from([1, 3, count, count + 4]))
+    matches = engine.search(z, k, label=label)
+    assert np.all(matches.labels == label) and matches.rows.shape[-1] == min(k, count)
+    filtered = np.where(labels == label, reference, -np.inf)
+    # p(x|z) stays over the whole catalog.
+    check_against_reference(matches, filtered, min(k, count), log_total(reference))
+
+
+@SETTINGS
+@given(data=st.data())
+def test_image_query_ranks_by_expected_log_likelihood(data):
+    mu, log_sigma, labels, rng = data.draw(catalogs())
+    engine = LikelihoodSearch(mu, log_sigma, np.arange(mu.shape[0]), labels)
+    query_mu = data.draw(queries(mu, rng, batch=3))
+    query_log_sigma = rng.uniform(-4, 1, size=query_mu.shape)
+    # E_{z ~ N(m, s^2)} log q(z|x) = log q(m|x) - sum s^2 / (2 sigma^2)
+    inv_var = np.exp(-2.0 * log_sigma.astype(np.float64))
+    reference = (log_likelihood_reference(query_mu, mu, log_sigma)
+                 - 0.5 * np.exp(2 * query_log_sigma) @ inv_var.T)
+    k = data.draw(st.sampled_from([1, 4]))
+    matches = engine.search_gaussian(query_mu, query_log_sigma, k)
+    check_against_reference(matches, reference, min(k, mu.shape[0]), log_total(reference))
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_streaming_equals_in_memory(data, tmp_path_factory):
+    mu, log_sigma, labels, rng = data.draw(catalogs(max_items=600))
+    folder = tmp_path_factory.mktemp("index")
+    arrays = {"mu": mu, "log_sigma": log_sigma, "ids": np.arange(mu.shape[0], dtype=np.int32),
+              "labels": labels.astype(np.int32)}
+    for name, array in arrays.items():
+        np.save(folder / f"{name}.npy", array)
+    mapped = {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in arrays}
+    chunk_rows = data.draw(st.sampled_from([1, 7, 64, 1000]))
+    streaming = StreamingLikelihoodSearch(mapped["mu"], mapped["log_sigma"], mapped["ids"],
+                                          mapped["labels"], chunk_rows=chunk_rows, block=8)
+    engine = LikelihoodSearch(mu, log_sigma, arrays["ids"], arrays["labels"])
+    z = data.draw(queries(mu, rng, batch=data.draw(st.sampled_from([1, 7]))))
+    k = data.draw(st.integers(1, mu.shape[0] + 2))
+    label = data.draw(st.sampled_from([None, int(labels[-1])]))
+    a, b = engine.search(z, k, label), streaming.search(z, k, label)
+    for field in ("rows", "ids", "labels", "log_likelihoods"):
+        np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+    np.testing.assert_allclose(a.probabilities, b.probabilities, rtol=1e-6, atol=1e-300)
+
+
+@pytest.mark.parametrize("batch", [1, 7, 64])
+def test_cancellation_with_tiny_sigma(batch):
+    # a = e^20: the expanded form's terms a*mu^2 ~ 1e9 cancel to differences of ~1 in float32.
+    rng = np.random.default_rng(batch)
+    n, d = 500, 6
+    centre = rng.normal(size=d) * 30
+    mu = (centre + rng.normal(size=(n, d)) * 1e-3).astype(np.float16)
+    log_sigma = np.full((n, d), -10.0, dtype=np.float16)
+    log_sigma[::3] = -9.5
+    engine = LikelihoodSearch(mu, log_sigma, np.arange(n), np.zeros(n, dtype=np.int64))
+    z = mu[rng.integers(0, n, batch)].astype(np.float64) + rng.normal(size=(batch, d)) * 1e-4
+    reference = log_likelihood_reference(z, mu, log_sigma)
+    matches = engine.search(z, 10)
+    check_against_reference(matches, reference, 10, log_total(reference))
+
+
+def test_duplicates_tie_to_the_lower_row_in_every_mode(tmp_path):
+    mu = np.tile(np.array([[0.5, -1.0], [2.0, 0.0]], np.float16), (20, 1))  # rows 0,2,4.. equal
+    log_sigma = np.zeros_like(mu)
+    labels = np.arange(40) % 3
+    engine = LikelihoodSearch(mu, log_sigma, np.arange(40), labels, block=8)
+    z = np.array([0.5, -1.0])
+    assert engine.search(z, 4).rows.tolist() == [0, 2, 4, 6]
+    assert engine.search(z, 3, label=1).rows.tolist() == [4, 10, 16]
+    assert engine.search(np.stack([z, z]), 4).rows.tolist() == [[0, 2, 4, 6]] * 2
+    np.save(tmp_path / "mu.npy", mu)
+    np.save(tmp_path / "ls.npy", log_sigma)
+    streaming = StreamingLikelihoodSearch(np.load(tmp_path / "mu.npy", mmap_mode="r"),
+                                          np.load(tmp_path / "ls.npy", mmap_mode="r"),
+                                          np.arange(40), labels, chunk_rows=8, block=8)
+    assert streaming.search(z, 4).rows.tolist() == [0, 2, 4, 6]
+    # Equal items get equal p(x|z), and the catalog sums to one.
+    probabilities = engine.search(z, 40).probabilities
+    assert np.all(probabilities[:20] == probabilities[0])
+    assert probabilities.sum() == pytest.approx(1.0)
+
+
+def test_probabilities_sum_to_one_over_the_catalog():
+    rng = np.random.default_rng(5)
+    mu = rng.normal(size=(3000, 4)).astype(np.float16)
+    log_sigma = rng.uniform(-1, 0.5, size=(3000, 4)).astype(np.float16)
+    engine = LikelihoodSearch(mu, log_sigma, np.arange(3000), rng.integers(0, 10, 3000))
+    matches = engine.search(np.zeros((7, 4)), 3000)
+    np.testing.assert_allclose(matches.probabilities.sum(axis=1), 1.0, rtol=1e-6)
+
+
+def test_queries_beyond_float32_fall_back_to_float64():
+    mu = np.array([[0.0], [1.0], [2.0]], np.float16)
+    log_sigma = np.array([[-30.0], [-30.0], [0.0]], np.float16)  # a = e^60
+    engine = LikelihoodSearch(mu, log_sigma, np.arange(3), np.zeros(3, np.int64))
+    z = np.array([[1e6]])  # a z^2 ~ 1e38: the float32 scores would overflow
+    reference = log_likelihood_reference(z, mu, log_sigma)
+    matches = engine.search(z, 3)
+    check_against_reference(matches, reference, 3, log_total(reference))
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: LikelihoodSearch(np.zeros((3, 2)), np.zeros((3, 3)), np.arange(3),
+                                  np.zeros(3)),
+         r"mu and log_sigma must both have shape \(N, d\); got \(3, 2\) and \(3, 3\)"),
+        (lambda: LikelihoodSearch(np.zeros((0, 2)), np.zeros((0, 2)), np.arange(0),
+                                  np.zeros(0)),
+         "the catalog is empty: expected at least one item"),
+        (lambda: LikelihoodSearch(np.zeros((3, 2)), np.zeros((3, 2)), np.arange(4),
+                                  np.zeros(3)),
+         r"ids and labels must have shape \(3,\); got \(4,\) and \(3,\)"),
+        (lambda: LikelihoodSearch(np.zeros((3, 2)), np.zeros((3, 2)), np.arange(3),
+                                  np.zeros(3), block=12),
+         "block must be a positive multiple of 8, got 12"),
+        (lambda: LikelihoodSearch(np.zeros((3, 2)), np.zeros((3, 2)), np.arange(3),
+                                  np.zeros(3)).search(np.zeros(2), 0),
+         "k must be an integer >= 1, got 0"),
+        (lambda: LikelihoodSearch(np.zeros((3, 2)), np.zeros((3, 2)), np.arange(3),
+                                  np.zeros(3)).search(np.zeros(2), 1, label=4),
+         "no catalog item has label 4"),
+        (lambda: item_vectors(np.zeros((2, 2)), np.array([[0.0, 0.0], [-60.0, 0.0]])),
+         r"catalog item at row 1 does not fit float32 item vectors \(log_sigma min -60"),
+    ],
+)
+def test_errors(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+# -- through the runtime and the CLI (needs the tiny trained bundle) -------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("batch", [1, 7, 64])
+def test_runtime_label_filter_and_image_query(runtime, batch):
+    rng = np.random.default_rng(batch)
+    z = rng.normal(size=(batch, runtime.latent_dim))
+    index = runtime.index
+    reference = log_likelihood_reference(z, index.mu, index.log_sigma)
+    sneaker = runtime.label_names.index("Sneaker")
+    by_name = runtime.nearest(z, k=5, label="sneaker")
+    by_id = runtime.nearest(z, k=5, label=sneaker)
+    np.testing.assert_array_equal(by_name.ids, by_id.ids)
+    assert np.all(by_name.labels == sneaker)
+    filtered = np.where(index.labels == sneaker, reference, -np.inf)
+    check_against_reference(by_name, filtered, 5, log_total(reference))
+
+    images = runtime.decode(z)
+    mu, log_sigma = runtime.encode(images)
+    matches = runtime.nearest_image(images, k=5)
+    inv_var = np.exp(-2.0 * index.log_sigma.astype(np.float64))
+    expected = (log_likelihood_reference(mu, index.mu, index.log_sigma)
+                - 0.5 * np.exp(2.0 * log_sigma.astype(np.float64)) @ inv_var.T)
+    check_against_reference(matches, expected, 5, log_total(expected))
+
+
+@pytest.mark.slow
+def test_runtime_streaming_equals_in_memory(tiny_bundle, runtime):
+    from vae_edge.runtime import Runtime
+
+    streaming = Runtime.load(tiny_bundle, stream=True)
+    assert isinstance(streaming.index.mu, np.memmap)
+    z = np.random.default_rng(0).normal(size=(7, runtime.latent_dim))
+    for label in (None, "Bag"):
+        a, b = runtime.nearest(z, k=6, label=label), streaming.nearest(z, k=6, label=label)
+        np.testing.assert_array_equal(a.ids, b.ids)
+        np.testing.assert_array_equal(a.log_likelihoods, b.log_likelihoods)
+        np.testing.assert_allclose(a.probabilities, b.probabilities, rtol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("label", ["Shoe", 10, -1, True, 2.0])
+def test_unknown_label(runtime, label):
+    names = ", ".join(runtime.label_names)
+    with pytest.raises(ValueError) as error:
+        runtime.nearest(np.zeros(runtime.latent_dim), k=3, label=label)
+    assert str(error.value) == (f"unknown label {label!r}: expected one of {names} "
+                                f"(or a class id 0-9)")
+
+
+def run(*args):
+    from vae_edge.runtime.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.mark.slow
+def test_cli_label_and_image(tiny_bundle, runtime, tmp_path):
+    from vae_edge.runtime.images import save_png
+
+    z = "0.5,-1.2,0,1,2,-2,0.1,3"
+    result = run("nearest", "--bundle", tiny_bundle, "--z", z, "-k", 4, "--label", "Sneaker",
+                 "--json")
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.output)
+    expected = runtime.nearest(np.array([float(v) for v in z.split(",")]), k=4, label=7)
+    assert [r["id"] for r in payload["results"]] == expected.ids.tolist()
+    assert {r["label"] for r in payload["results"]} == {"Sneaker"}
+    for r, p in zip(payload["results"], expected.probabilities):
+        assert set(r) >= {"id", "label", "log_likelihood", "probability"}
+        assert r["probability"] == pytest.approx(p, rel=1e-12)
+
+    photo = tmp_path / "photo.png"
+    save_png(photo, runtime.decode(np.zeros(runtime.latent_dim)))
+    result = run("nearest", "--bundle", tiny_bundle, "--image", photo, "-k", 3, "--json",
+                 "--sheet", tmp_path / "sheet.png")
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.output.splitlines()[0])
+    from PIL import Image
+
+    expected = runtime.nearest_image(np.asarray(Image.open(photo)), k=3)
+    assert payload["image"] == str(photo)
+    assert [r["id"] for r in payload["results"]] == expected.ids.tolist()
+    assert (tmp_path / "sheet.png").is_file()
+
+    table = run("nearest", "--bundle", tiny_bundle, "--image", photo, "--label", "bag")
+    assert table.exit_code == 0, table.output
+    assert "image = " in table.output and "Bag" in table.output
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--z", "0,0,0,0,0,0,0,0", "--label", "Shoe"],
+         "Error: unknown label 'Shoe': expected one of T-shirt/top, Trouser, Pullover, Dress, "
+         "Coat, Sandal, Shirt, Sneaker, Bag, Ankle boot (or a class id 0-9)"),
+        (["--image", "missing.png"], "Error: image not found: missing.png"),
+        (["--image", "missing.png", "--random"],
+         "Error: give either --image PATH or a latent (--z NUMBERS / --random), not both"),
+    ],
+)
+def test_cli_errors(tiny_bundle, args, message):
+    result = run("nearest", "--bundle", tiny_bundle, *args)
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines()[-1] == message
