@@ -76,9 +76,7 @@ def beta_at(config: TrainConfig, epoch: int) -> float:
 
 def lr_at(config: TrainConfig, epoch: int) -> float:
     if config.lr_schedule == "cosine":
-        # A Python float: a numpy scalar in the optimizer state or the history would make the
-        # checkpoint unreadable with torch.load(weights_only=True).
-        return float(0.5 * config.lr * (1.0 + np.cos(np.pi * epoch / config.epochs)))
+        return 0.5 * config.lr * (1.0 + np.cos(np.pi * epoch / config.epochs))
     return config.lr
 
 
