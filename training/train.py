@@ -7,6 +7,7 @@ so a run resumed from any epoch's checkpoint ends exactly where an uninterrupted
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import tempfile
@@ -76,7 +77,8 @@ def beta_at(config: TrainConfig, epoch: int) -> float:
 
 def lr_at(config: TrainConfig, epoch: int) -> float:
     if config.lr_schedule == "cosine":
-        return 0.5 * config.lr * (1.0 + np.cos(np.pi * epoch / config.epochs))
+        # A plain float: a numpy scalar in the history would break weights_only loading.
+        return 0.5 * config.lr * (1.0 + math.cos(math.pi * epoch / config.epochs))
     return config.lr
 
 
