@@ -192,3 +192,13 @@ def test_cli_errors(tmp_path):
     result = CliRunner().invoke(main, ["--out", str(tmp_path / "r"), "--is-samples", "0"])
     assert result.exit_code == 2
     assert "Invalid value for '--is-samples'" in result.output
+
+
+def test_numpy_search_ranks_like_the_runtime(runtime, splits):
+    """The eval's fast `numpy` engine returns rt.nearest's rows (same scores, other arithmetic)."""
+    from vae_edge.training.evaluate import expected_log_likelihood_neighbours
+
+    mu, _ = runtime.encode(splits[1].images[:64])
+    fast = expected_log_likelihood_neighbours(mu, None, runtime.index.mu,
+                                              runtime.index.log_sigma, 10, batch=7)
+    np.testing.assert_array_equal(fast, runtime.nearest(mu, k=10).rows)

@@ -159,7 +159,8 @@ def draw_all(out: Path, *, rt, history, test_images, test_labels, rows, pixel_ro
     made["query_sheet"] = query_sheet(
         out / "query_sheet.png", rt, test_images, test_labels, rows, catalog_images,
         "Test queries (left) and their most likely catalog items, rt.nearest(mu)")
-    made["query_sheet_pixels"] = query_sheet(
-        out / "query_sheet_pixels.png", rt, test_images, test_labels, pixel_rows, catalog_images,
-        "Baseline: the same queries, nearest catalog items by raw-pixel L2")
+    if pixel_rows is not None:
+        made["query_sheet_pixels"] = query_sheet(
+            out / "query_sheet_pixels.png", rt, test_images, test_labels, pixel_rows,
+            catalog_images, "Baseline: the same queries, nearest catalog items by raw-pixel L2")
     return made
