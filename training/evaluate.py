@@ -1,0 +1,499 @@
+"""Evaluate a bundle (and optionally its checkpoint) on the Fashion-MNIST test set.
+
+What is measured, and through what:
+
+- retrieval, through the exported runtime: each test image is encoded by encoder.onnx
+  (rt.encode) and its mu is the query of rt.nearest over the bundle's float16 catalog index;
+  reported as 1-NN label agreement, kNN-5 majority-vote accuracy and label precision@10.
+  Beside it, in the same run: the raw-pixel L2 baseline over the very same catalog items, and
+  retrieval by the expected log-likelihood of the whole query posterior,
+  E_{z ~ q(z|x_query)} log q(z|x_item), computed here in numpy on the float16 index (closed
+  form for two diagonal Gaussians) until the runtime's engine offers it.
+- reconstruction MSE (decoder.onnx on mu) and active units (variance over the test set of mu
+  above 0.01, Burda et al. 2016), through the runtime.
+- loss parts in nats per image: reconstruction at z = mu (what training logs), KL, the negative
+  ELBO estimated with sampled z, and an importance-sampled log-likelihood
+  log p(x) ~= logsumexp_k [log p(x|z_k) + log p(z_k) - log q(z_k|x)] - log K, z_k ~ q(z|x)
+  (Burda et al.'s IWAE bound with K samples). log p(x|z) is the training loss's Bernoulli
+  likelihood of the [0, 1] grey levels. With a checkpoint it is computed by PyTorch from the
+  decoder's logits (exact); without one, from decoder.onnx's probabilities clipped to float32's
+  resolution (1 - 2**-24), which can only lower the loss of a saturated pixel: the report says
+  which backend was used.
+
+The report (report.json) and the pictures are written into a fresh directory atomically: a
+temporary sibling is renamed into place only when everything is written.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..runtime.core import Runtime
+from ..runtime.search import LOG_2PI, top_k_rows
+from .data import Split, load_split
+
+REPORT_NAME = "report.json"
+PICTURES_DIR = "pictures"
+ACTIVE_UNIT_THRESHOLD = 0.01
+RETRIEVAL_K = 10
+# float32's largest value below 1: decoder.onnx cannot say more than this about a saturated pixel.
+ONNX_P_MAX = 1.0 - 2.0**-24
+ONNX_P_MIN = 1e-30
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    test_limit: int | None = None  # evaluate on the first this many test images
+    is_images: int | None = 2000  # importance sampling on the first this many (None: all)
+    is_samples: int = 100  # K, samples per image for the IS estimate
+    seed: int = 0
+    threads: int = 2  # onnxruntime intra-op threads
+    pictures: bool = True
+    query_batch: int = 250  # queries per rt.nearest call: bounds the (B, N) score matrix
+    # "runtime": rt.nearest, what ships; "numpy": the same log q(mu|x) as matrix products,
+    # minutes faster while the runtime's engine is the simple one (for screening runs).
+    search: str = "runtime"
+    baseline: bool = True  # the raw-pixel L2 search over the same catalog (minutes on 2 cores)
+
+    def __post_init__(self):
+        for name in ("test_limit", "is_images"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or value < 1):
+                raise ValueError(f"{name} must be None or >= 1, got {value!r}")
+        if self.is_samples < 1:
+            raise ValueError(f"is_samples must be >= 1, got {self.is_samples}")
+        if self.threads < 1 or self.query_batch < 1:
+            raise ValueError("threads and query_batch must be >= 1")
+        if self.search not in ("runtime", "numpy"):
+            raise ValueError(f"search must be 'runtime' or 'numpy', got {self.search!r}")
+
+
+def _log(log, message: str) -> None:
+    if log is not None:
+        log(message)
+
+
+# ----------------------------------------------------------------------------- retrieval
+
+
+def label_metrics(neighbour_labels: np.ndarray, labels: np.ndarray, n_classes: int) -> dict:
+    """1-NN agreement, kNN-5 majority vote and precision@k from (Q, k) neighbour labels.
+
+    kNN-5 ties between classes go to the class of the best-ranked neighbour among them.
+    """
+    neighbour_labels = np.asarray(neighbour_labels, dtype=np.int64)
+    labels = np.asarray(labels, dtype=np.int64)
+    if neighbour_labels.ndim != 2 or neighbour_labels.shape[0] != labels.shape[0]:
+        raise ValueError(
+            f"neighbour labels must be (Q, k) with Q = {labels.shape[0]}, "
+            f"got {neighbour_labels.shape}"
+        )
+    k = neighbour_labels.shape[1]
+    top5 = neighbour_labels[:, : min(5, k)]
+    counts = np.zeros((len(labels), n_classes), dtype=np.int64)
+    np.add.at(counts, (np.arange(len(labels))[:, None], top5), 1)
+    # Break ties by rank: a tiny bonus for the class seen first.
+    first_rank = np.full((len(labels), n_classes), top5.shape[1], dtype=np.int64)
+    for r in range(top5.shape[1] - 1, -1, -1):
+        first_rank[np.arange(len(labels)), top5[:, r]] = r
+    vote = np.argmax(counts * (top5.shape[1] + 1) - first_rank, axis=1)
+    return {
+        "nn1": float(np.mean(neighbour_labels[:, 0] == labels)),
+        "knn5": float(np.mean(vote == labels)),
+        f"precision_at_{k}": float(np.mean(neighbour_labels == labels[:, None])),
+    }
+
+
+def runtime_neighbours(rt: Runtime, queries: np.ndarray, k: int, batch: int,
+                       log=None) -> np.ndarray:
+    """Catalog rows of rt.nearest(query, k) for every query: (Q, k)."""
+    rows = np.empty((len(queries), k), dtype=np.int64)
+    started = time.perf_counter()
+    for start in range(0, len(queries), batch):
+        rows[start : start + batch] = rt.nearest(queries[start : start + batch], k=k).rows
+        if log is not None and (start // batch) % 10 == 9:
+            done = min(start + batch, len(queries))
+            _log(log, f"  likelihood search: {done}/{len(queries)} queries "
+                      f"({time.perf_counter() - started:.0f}s)")
+    return rows
+
+
+def expected_log_likelihood_neighbours(
+    query_mu: np.ndarray, query_log_sigma: np.ndarray | None, mu16: np.ndarray,
+    log_sigma16: np.ndarray, k: int, batch: int = 64,
+) -> np.ndarray:
+    """Top-k catalog rows by E_{z~q(z|x_q)} log q(z|x_i), best first: (Q, k).
+
+    With query_log_sigma None this is log q(mu_q | x_i), the runtime's ranking, computed
+    the fast way (the `numpy` search engine of the eval, for screening runs).
+
+    For diagonal Gaussians the expectation is closed form:
+        sum_j [ -((m_j - mu_ij)^2 + s_j^2) / (2 sigma_ij^2) - log sigma_ij ] - (d/2) log 2pi,
+    expanded into matrix products in float64 so that 10k x 60k scores take seconds.
+    """
+    mu = mu16.astype(np.float64)
+    log_sigma = log_sigma16.astype(np.float64)
+    a = 0.5 * np.exp(-2.0 * log_sigma)  # (N, d): 1 / (2 sigma^2)
+    const = -log_sigma.sum(axis=1) - 0.5 * mu.shape[1] * LOG_2PI - (a * mu * mu).sum(axis=1)
+    a_mu = a * mu
+    m = np.asarray(query_mu, dtype=np.float64)
+    # No query log-sigma: the query is the point mu itself, i.e. plain log q(mu_q | x_i).
+    s2 = (np.zeros_like(m) if query_log_sigma is None
+          else np.exp(2.0 * np.asarray(query_log_sigma, dtype=np.float64)))
+    rows = np.empty((len(m), min(k, len(mu))), dtype=np.int64)
+    for start in range(0, len(m), batch):
+        mq, sq = m[start : start + batch], s2[start : start + batch]
+        scores = const[None, :] + 2.0 * mq @ a_mu.T - (mq * mq + sq) @ a.T
+        rows[start : start + batch] = top_k_rows(scores, k)
+    return rows
+
+
+def pixel_neighbours(queries: np.ndarray, catalog: np.ndarray, k: int, batch: int = 500,
+                     log=None) -> np.ndarray:
+    """Top-k catalog rows by L2 distance of raw pixels in [0, 1]: (Q, k), nearest first."""
+    q = queries.reshape(len(queries), -1).astype(np.float32) / 255.0
+    c = catalog.reshape(len(catalog), -1).astype(np.float32) / 255.0
+    c_sq = (c * c).sum(axis=1)
+    rows = np.empty((len(q), min(k, len(c))), dtype=np.int64)
+    started = time.perf_counter()
+    for start in range(0, len(q), batch):
+        block = q[start : start + batch]
+        # ||q||^2 is the same for every item of a row: ranking needs only the rest.
+        scores = 2.0 * block @ c.T - c_sq[None, :]
+        rows[start : start + batch] = top_k_rows(scores, k)
+        if log is not None and (start // batch) % 5 == 4:
+            _log(log, f"  pixel baseline: {min(start + batch, len(q))}/{len(q)} queries "
+                      f"({time.perf_counter() - started:.0f}s)")
+    return rows
+
+
+# ----------------------------------------------------------------------------- likelihoods
+
+
+class _TorchDecoder:
+    """log p(x|z) from the checkpoint's decoder logits (exact Bernoulli likelihood)."""
+
+    name = "pytorch-checkpoint"
+
+    def __init__(self, checkpoint: dict):
+        from .train import model_from_checkpoint
+
+        self.model = model_from_checkpoint(checkpoint)
+
+    def log_px_given_z(self, x: np.ndarray, z: np.ndarray) -> np.ndarray:
+        """x (B, 784) float in [0,1], z (B, K, d) -> (B, K) float64."""
+        import torch
+        import torch.nn.functional as F
+
+        b, k, d = z.shape
+        with torch.no_grad():
+            flat = torch.from_numpy(z.reshape(b * k, d).astype(np.float32))
+            logits = self.model.decode_logits(flat)
+            target = torch.from_numpy(np.repeat(x, k, axis=0).astype(np.float32))
+            nll = F.binary_cross_entropy_with_logits(
+                logits.reshape(b * k, -1), target, reduction="none").sum(1)
+        return -nll.numpy().astype(np.float64).reshape(b, k)
+
+
+class _OnnxDecoder:
+    """log p(x|z) from decoder.onnx's probabilities, clipped to float32's resolution."""
+
+    name = "onnx-decoder"
+
+    def __init__(self, rt: Runtime):
+        self.rt = rt
+
+    def log_px_given_z(self, x: np.ndarray, z: np.ndarray) -> np.ndarray:
+        b, k, d = z.shape
+        p = self.rt.decode(z.reshape(b * k, d)).reshape(b, k, -1).astype(np.float64)
+        p = np.clip(p, ONNX_P_MIN, ONNX_P_MAX)
+        x = x[:, None, :].astype(np.float64)
+        return (x * np.log(p) + (1.0 - x) * np.log1p(-p)).sum(axis=2)
+
+
+def importance_sampled(decoder, x: np.ndarray, mu: np.ndarray, log_sigma: np.ndarray,
+                       samples: int, seed: int, chunk: int = 20, log=None) -> dict:
+    """Per-image IS log-likelihood, sampled reconstruction and KL (float64 arrays, nats).
+
+    x: (B, 784) in [0, 1]; mu, log_sigma: (B, d) of q(z|x). Every image gets its own
+    `samples` draws; the draws are a function of (seed, image position) only.
+    """
+    rng = np.random.default_rng(seed)
+    n, d = mu.shape
+    log_px = np.empty(n)
+    recon = np.empty(n)
+    started = time.perf_counter()
+    for start in range(0, n, chunk):
+        m = mu[start : start + chunk].astype(np.float64)
+        ls = log_sigma[start : start + chunk].astype(np.float64)
+        eps = rng.standard_normal((len(m), samples, d))
+        z = m[:, None, :] + np.exp(ls)[:, None, :] * eps
+        log_p_x_z = decoder.log_px_given_z(x[start : start + chunk], z.astype(np.float32))
+        log_prior = -0.5 * (z * z).sum(axis=2) - 0.5 * d * LOG_2PI
+        log_q = -0.5 * (eps * eps).sum(axis=2) - ls.sum(axis=1)[:, None] - 0.5 * d * LOG_2PI
+        log_w = log_p_x_z + log_prior - log_q  # (b, K)
+        top = log_w.max(axis=1)
+        log_px[start : start + chunk] = (
+            top + np.log(np.exp(log_w - top[:, None]).mean(axis=1)))
+        recon[start : start + chunk] = -log_p_x_z.mean(axis=1)
+        if log is not None and (start // chunk) % 25 == 24:
+            _log(log, f"  importance sampling: {min(start + chunk, n)}/{n} images "
+                      f"({time.perf_counter() - started:.0f}s)")
+    kl = 0.5 * (np.exp(2 * log_sigma.astype(np.float64)) + mu.astype(np.float64) ** 2
+                - 1.0 - 2 * log_sigma.astype(np.float64)).sum(axis=1)
+    return {"log_px": log_px, "recon": recon, "kl": kl}
+
+
+def _bce_at_mu(decoder, x: np.ndarray, mu: np.ndarray, batch: int = 500) -> np.ndarray:
+    out = np.empty(len(mu))
+    for start in range(0, len(mu), batch):
+        z = mu[start : start + batch, None, :].astype(np.float32)
+        out[start : start + batch] = -decoder.log_px_given_z(x[start : start + batch], z)[:, 0]
+    return out
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def check_checkpoint_matches(checkpoint: dict, rt: Runtime, images: np.ndarray,
+                             checkpoint_path: Path, tolerance: float = 1e-3) -> float:
+    """The checkpoint's encoder must give the bundle's index (float16) for its first items."""
+    import torch
+
+    from .train import model_from_checkpoint, to_tensor
+
+    config = rt.manifest.get("model_config")
+    if config is not None and checkpoint["config"] != config:
+        raise ValueError(
+            f"checkpoint {checkpoint_path} has model config {checkpoint['config']}, but the "
+            f"bundle {rt.root} was exported from {config}"
+        )
+    model = model_from_checkpoint(checkpoint)
+    with torch.no_grad():
+        mu, _ = model.encode(to_tensor(images))
+    stored = rt.index.mu[: len(images)].astype(np.float32)
+    # float16 keeps 11 significant bits: compare relative to the value's size.
+    diff = float(np.max(np.abs(mu.numpy() - stored) / (1.0 + np.abs(stored))))
+    if not diff <= tolerance:
+        raise ValueError(
+            f"checkpoint {checkpoint_path} is not the model of bundle {rt.root}: its mu of the "
+            f"first catalog items differs from the index by {diff:.3g} (tolerance {tolerance:g})"
+        )
+    return diff
+
+
+def _catalog_split(rt: Runtime, data_dir, catalog_split: Split | None) -> tuple[str, Split]:
+    catalog = str(rt.manifest["index"].get("catalog", "fashion-mnist/train"))
+    name = catalog.rsplit("/", 1)[-1]
+    if name not in ("train", "test"):
+        raise ValueError(f"bundle catalog {catalog!r} is not a Fashion-MNIST split (train/test)")
+    return name, catalog_split or load_split(name, data_dir)
+
+
+# ----------------------------------------------------------------------------- main entry
+
+
+def evaluate(
+    bundle: str | Path,
+    out_dir: str | Path,
+    checkpoint: str | Path | None = None,
+    config: EvalConfig | None = None,
+    data_dir: str | Path | None = None,
+    force: bool = False,
+    log=print,
+    test_split: Split | None = None,
+    catalog_split: Split | None = None,
+) -> dict:
+    """Evaluate `bundle` on the test set: OUT/report.json and OUT/pictures/. Returns the report."""
+    config = config or EvalConfig()
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not force:
+        raise FileExistsError(f"{out_dir} exists: pass --force to replace it")
+    started = time.perf_counter()
+    rt = Runtime.load(bundle, threads=config.threads)
+    ckpt = None
+    if checkpoint is not None:
+        from .train import load_checkpoint
+
+        ckpt = load_checkpoint(checkpoint)
+    catalog_name, catalog = _catalog_split(rt, data_dir, catalog_split)
+    ids = rt.index.ids.astype(np.int64)
+    if ids.min(initial=0) < 0 or ids.max(initial=0) >= len(catalog):
+        raise ValueError(
+            f"bundle ids fall outside the {catalog_name} split (0..{len(catalog) - 1})")
+    catalog_images = catalog.images[ids]
+    if not np.array_equal(catalog.labels[ids].astype(np.int64), rt.index.labels.astype(np.int64)):
+        raise ValueError(f"bundle labels differ from the {catalog_name} split's labels of its ids")
+    test = test_split or load_split("test", data_dir)
+    images = test.images[: config.test_limit]
+    labels = test.labels[: config.test_limit].astype(np.int64)
+    n_classes = len(rt.label_names)
+    report: dict = {
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "bundle": str(rt.root),
+        "checkpoint": None if checkpoint is None else str(checkpoint),
+        "config": asdict(config),
+        "model_config": rt.manifest.get("model_config"),
+        "training": rt.manifest.get("training"),
+        "epochs_trained": rt.manifest.get("epochs_trained"),
+        "latent_dim": rt.latent_dim,
+        "catalog": {"split": catalog_name, "size": len(rt.index)},
+        "test_images": len(images),
+        "bundle_bytes": int(sum(p.stat().st_size for p in Path(rt.root).iterdir() if p.is_file())),
+        "index_floats_per_item": {"mu": rt.latent_dim, "log_sigma": rt.latent_dim,
+                                  "dtype": str(rt.index.mu.dtype)},
+    }
+    if ckpt is not None:
+        report["checkpoint_vs_index_max_rel_diff"] = check_checkpoint_matches(
+            ckpt, rt, catalog_images[:64], Path(checkpoint))
+
+    _log(log, f"encoding {len(images)} test images with encoder.onnx")
+    mu = np.empty((len(images), rt.latent_dim), dtype=np.float32)
+    log_sigma = np.empty_like(mu)
+    recon_images = np.empty((len(images), 28 * 28), dtype=np.float32)
+    for start in range(0, len(images), 1000):
+        m, s = rt.encode(images[start : start + 1000])
+        mu[start : start + 1000], log_sigma[start : start + 1000] = m, s
+        recon_images[start : start + 1000] = rt.decode(m).reshape(len(m), -1)
+    x = images.reshape(len(images), -1).astype(np.float32) / 255.0
+    variances = mu.astype(np.float64).var(axis=0)
+    report["reconstruction_mse"] = float(np.mean((recon_images - x) ** 2))
+    report["active_units"] = {
+        "count": int((variances > ACTIVE_UNIT_THRESHOLD).sum()),
+        "threshold": ACTIVE_UNIT_THRESHOLD,
+        "variance_of_mu": [round(float(v), 5) for v in variances],
+    }
+
+    k = min(RETRIEVAL_K, len(rt.index))
+    t0 = time.perf_counter()
+    if config.search == "runtime":
+        _log(log, f"retrieval: rt.nearest on {len(images)} test mu over {len(rt.index)} items")
+        rows_lik = runtime_neighbours(rt, mu, k, config.query_batch, log=log)
+        engine = "runtime Runtime.nearest (log q(mu_test | x_item), float16 index)"
+    else:
+        _log(log, f"retrieval: numpy log q(mu|x) on {len(images)} test mu over "
+                  f"{len(rt.index)} items")
+        rows_lik = expected_log_likelihood_neighbours(mu, None, rt.index.mu, rt.index.log_sigma, k)
+        engine = "numpy matrix products (log q(mu_test | x_item), float16 index)"
+    seconds_lik = time.perf_counter() - t0
+    rows_exp = expected_log_likelihood_neighbours(mu, log_sigma, rt.index.mu, rt.index.log_sigma, k)
+    rows_pix = None
+    if config.baseline:
+        _log(log, "retrieval: raw-pixel L2 baseline over the same catalog")
+        t0 = time.perf_counter()
+        rows_pix = pixel_neighbours(images, catalog_images, k, log=log)
+        seconds_pix = time.perf_counter() - t0
+    cat_labels = rt.index.labels.astype(np.int64)
+    report["retrieval"] = {
+        "likelihood_mu": label_metrics(cat_labels[rows_lik], labels, n_classes)
+        | {"engine": engine, "seconds": round(seconds_lik, 1)},
+        "expected_likelihood": label_metrics(cat_labels[rows_exp], labels, n_classes)
+        | {"engine": "numpy, E_{z~q(z|x_test)} log q(z | x_item) on the float16 index"},
+    }
+    if rows_pix is not None:
+        pixels = label_metrics(cat_labels[rows_pix], labels, n_classes)
+        report["retrieval"]["pixels_l2"] = pixels | {
+            "engine": "numpy float32, raw pixels in [0, 1]", "seconds": round(seconds_pix, 1)}
+
+    decoder = _TorchDecoder(ckpt) if ckpt is not None else _OnnxDecoder(rt)
+    _log(log, f"loss parts ({decoder.name})")
+    bce_mu = _bce_at_mu(decoder, x, mu)
+    kl = 0.5 * (np.exp(2 * log_sigma.astype(np.float64)) + mu.astype(np.float64) ** 2
+                - 1.0 - 2 * log_sigma.astype(np.float64)).sum(axis=1)
+    n_is = len(images) if config.is_images is None else min(config.is_images, len(images))
+    _log(log, f"importance-sampled log-likelihood: {n_is} images x {config.is_samples} samples")
+    t0 = time.perf_counter()
+    iw = importance_sampled(decoder, x[:n_is], mu[:n_is], log_sigma[:n_is], config.is_samples,
+                            config.seed, log=log)
+    report["likelihood"] = {
+        "backend": decoder.name,
+        "units": "nats per image; Bernoulli likelihood of grey levels in [0, 1]",
+        "images": len(images),
+        "recon_at_mu": float(bce_mu.mean()),
+        "kl": float(kl.mean()),
+        "loss_at_mu": float(bce_mu.mean() + kl.mean()),
+        "is_images": n_is,
+        "is_samples": config.is_samples,
+        "recon": float(iw["recon"].mean()),
+        "kl_is_images": float(iw["kl"].mean()),
+        "negative_elbo": float(iw["recon"].mean() + iw["kl"].mean()),
+        "negative_log_likelihood_is": float(-iw["log_px"].mean()),
+        "negative_log_likelihood_is_stderr": float(iw["log_px"].std(ddof=1) / math.sqrt(n_is))
+        if n_is > 1 else None,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+    tmp.chmod(0o755)
+    try:
+        if config.pictures:
+            _log(log, "pictures")
+            from . import eval_pictures
+
+            pictures = tmp / PICTURES_DIR
+            pictures.mkdir()
+            report["pictures"] = eval_pictures.draw_all(
+                pictures, rt=rt, history=None if ckpt is None else ckpt["history"],
+                test_images=images, test_labels=labels, rows=rows_lik,
+                pixel_rows=rows_pix, catalog_images=catalog_images, variances=variances,
+                seed=config.seed)
+        report["seconds"] = round(time.perf_counter() - started, 1)
+        (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        _move_into_place(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _log(log, summary(report))
+    return report
+
+
+def _move_into_place(tmp: Path, out_dir: Path) -> None:
+    if not out_dir.exists():
+        tmp.rename(out_dir)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
+    old.rmdir()
+    out_dir.rename(old)
+    try:
+        tmp.rename(out_dir)
+    except BaseException:
+        old.rename(out_dir)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def summary(report: dict) -> str:
+    """A few lines for the terminal."""
+    r = report["retrieval"]
+    lik = report["likelihood"]
+    lines = [
+        f"test images {report['test_images']}, catalog {report['catalog']['size']} "
+        f"({report['catalog']['split']}), d = {report['latent_dim']}, "
+        f"bundle {report['bundle_bytes'] / 1e6:.2f} MB",
+        f"{'retrieval':<28}{'1-NN':>8}{'kNN-5':>8}{'P@10':>8}",
+    ]
+    for key, name in (("likelihood_mu", "likelihood search (mu)"),
+                      ("expected_likelihood", "expected log-likelihood"),
+                      ("pixels_l2", "raw pixels L2 (baseline)")):
+        if key not in r:
+            continue
+        m = r[key]
+        p = next(v for key_, v in m.items() if key_.startswith("precision_at_"))
+        lines.append(f"{name:<28}{m['nn1']:>8.4f}{m['knn5']:>8.4f}{p:>8.4f}")
+    lines.append(
+        f"nats/image ({lik['backend']}): recon@mu {lik['recon_at_mu']:.2f}  KL {lik['kl']:.2f}  "
+        f"-ELBO {lik['negative_elbo']:.2f}  -log p(x) IS(K={lik['is_samples']}, "
+        f"{lik['is_images']} images) {lik['negative_log_likelihood_is']:.2f}")
+    lines.append(f"reconstruction MSE {report['reconstruction_mse']:.5f}  active units "
+                 f"{report['active_units']['count']}/{report['latent_dim']}")
+    return "\n".join(lines)
