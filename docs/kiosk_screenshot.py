@@ -48,7 +48,7 @@ def main(argv=None) -> None:
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=args.chromium,
                                                  args=CHROMIUM_ARGS)
-            page = browser.new_page(viewport={"width": 1920, "height": 1080})
+            page = browser.new_page(viewport={"width": 1920, "height": 1080}, bypass_csp=True)
             page.goto(server.url)
             page.locator("#matches .item").nth(5).wait_for()
             page.wait_for_function(idle)
