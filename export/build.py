@@ -20,9 +20,9 @@ from ..runtime.bundle import (
     write_manifest,
 )
 from ..training.atomic import (
-    fsync_path,
     fsync_tree,
     remove_stale_temporaries,
+    replace_directory,
     stale_temporaries,
     temp_prefix,
 )
@@ -161,7 +161,7 @@ def build_bundle(
 
         Runtime.load(tmp)  # the runtime must accept what we wrote
         fsync_tree(tmp)  # on disk before the rename makes it the bundle
-        _move_into_place(tmp, out_dir)
+        replace_directory(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -182,22 +182,3 @@ def recover_interrupted_export(out_dir: Path, log=print) -> None:
         log(f"restored the previous bundle {out_dir} from {newest.name} "
             "(an export was interrupted while replacing it)")
     remove_stale_temporaries(out_dir, ".old", log)
-
-
-def _move_into_place(tmp: Path, out_dir: Path) -> None:
-    if not out_dir.exists():
-        tmp.rename(out_dir)
-        fsync_path(out_dir.parent)
-        return
-    # Two renames, not one: a directory cannot atomically replace another. A kill between
-    # them leaves the previous bundle as .old, which the next export moves back.
-    old = Path(tempfile.mkdtemp(prefix=temp_prefix(out_dir), suffix=".old", dir=out_dir.parent))
-    old.rmdir()
-    out_dir.rename(old)
-    try:
-        tmp.rename(out_dir)
-    except BaseException:
-        old.rename(out_dir)
-        raise
-    fsync_path(out_dir.parent)
-    shutil.rmtree(old, ignore_errors=True)

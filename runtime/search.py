@@ -149,7 +149,33 @@ def _kth_largest(values: np.ndarray, k: int) -> np.ndarray:
     return np.partition(values, values.shape[1] - k, axis=1)[:, values.shape[1] - k]
 
 
-class LikelihoodSearch:
+class _QueryMethods:
+    """The public query methods; subclasses implement _run(z, var, k, label)."""
+
+    def search(self, z: np.ndarray, k: int, label: int | None = None) -> Matches:
+        """The k most likely items for each query z, (d,) or (B, d), already validated.
+
+        k larger than the catalog (or than the label's items) is clamped: all are returned.
+        label: only items of this class id are returned; p(x|z) stays over the whole catalog.
+        """
+        return self._run(z, None, k, label)
+
+    def search_gaussian(self, mu: np.ndarray, log_sigma: np.ndarray, k: int,
+                        label: int | None = None) -> Matches:
+        """Rank by the expected log-likelihood E_{z ~ N(mu, sigma^2)} log q(z|x).
+
+        For an encoded image query (mu, log_sigma), (d,) or (B, d). `log_likelihoods` holds the
+        expected log-likelihoods; `probabilities` their softmax over the catalog.
+        """
+        mu = np.asarray(mu, dtype=np.float64)
+        log_sigma = np.asarray(log_sigma, dtype=np.float64)
+        if mu.shape != log_sigma.shape:
+            raise ValueError(f"query mu and log_sigma shapes differ: {mu.shape} vs "
+                             f"{log_sigma.shape}")
+        return self._run(mu, np.exp(2.0 * log_sigma), k, label)
+
+
+class LikelihoodSearch(_QueryMethods):
     """Exact log q(z|x) search over a float16 index (see the module docstring).
 
     mu, log_sigma: (N, d) arrays (float16 in a bundle); ids, labels: (N,).
@@ -223,28 +249,6 @@ class LikelihoodSearch:
             out[b] = _direct_scores(np.broadcast_to(query, self._mu16.shape), None,
                                     self._mu16, self._log_sigma16)
         return out
-
-    def search(self, z: np.ndarray, k: int, label: int | None = None) -> Matches:
-        """The k most likely items for each query z, (d,) or (B, d), already validated.
-
-        k larger than the catalog (or than the label's items) is clamped: all are returned.
-        label: only items of this class id are returned; p(x|z) stays over the whole catalog.
-        """
-        return self._run(z, None, k, label)
-
-    def search_gaussian(self, mu: np.ndarray, log_sigma: np.ndarray, k: int,
-                        label: int | None = None) -> Matches:
-        """Rank by the expected log-likelihood E_{z ~ N(mu, sigma^2)} log q(z|x).
-
-        For an encoded image query (mu, log_sigma), (d,) or (B, d). `log_likelihoods` holds the
-        expected log-likelihoods; `probabilities` their softmax over the catalog.
-        """
-        mu = np.asarray(mu, dtype=np.float64)
-        log_sigma = np.asarray(log_sigma, dtype=np.float64)
-        if mu.shape != log_sigma.shape:
-            raise ValueError(f"query mu and log_sigma shapes differ: {mu.shape} vs "
-                             f"{log_sigma.shape}")
-        return self._run(mu, np.exp(2.0 * log_sigma), k, label)
 
     # -- the engine ---------------------------------------------------------------------------
 
@@ -368,7 +372,7 @@ class LikelihoodSearch:
                        span)
 
 
-class StreamingLikelihoodSearch:
+class StreamingLikelihoodSearch(_QueryMethods):
     """The same exact search, reading the float16 index in chunks (memory-mapped files).
 
     For catalogs larger than RAM: nothing per item is kept resident but a float32 norm per
@@ -414,20 +418,6 @@ class StreamingLikelihoodSearch:
         if label is None:
             return self.size
         return int(np.count_nonzero(np.asarray(self.labels) == label))
-
-    def search(self, z: np.ndarray, k: int, label: int | None = None) -> Matches:
-        """As LikelihoodSearch.search."""
-        return self._run(z, None, k, label)
-
-    def search_gaussian(self, mu: np.ndarray, log_sigma: np.ndarray, k: int,
-                        label: int | None = None) -> Matches:
-        """As LikelihoodSearch.search_gaussian."""
-        mu = np.asarray(mu, dtype=np.float64)
-        log_sigma = np.asarray(log_sigma, dtype=np.float64)
-        if mu.shape != log_sigma.shape:
-            raise ValueError(f"query mu and log_sigma shapes differ: {mu.shape} vs "
-                             f"{log_sigma.shape}")
-        return self._run(mu, np.exp(2.0 * log_sigma), k, label)
 
     def _run(self, z, var, k: int, label: int | None) -> Matches:
         z = np.asarray(z, dtype=np.float64)

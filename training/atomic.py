@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 
@@ -90,3 +91,23 @@ def fsync_tree(root: Path) -> None:
         for name in files:
             fsync_path(Path(directory) / name)
         fsync_path(Path(directory))
+
+
+def replace_directory(tmp: Path, out_dir: Path) -> None:
+    """Move a finished temporary directory to out_dir, replacing what was there."""
+    if not out_dir.exists():
+        tmp.rename(out_dir)
+        fsync_path(out_dir.parent)
+        return
+    # Two renames, not one: a directory cannot atomically replace another. A kill between
+    # them leaves the previous bundle as .old, which the next export moves back.
+    old = Path(tempfile.mkdtemp(prefix=temp_prefix(out_dir), suffix=".old", dir=out_dir.parent))
+    old.rmdir()
+    out_dir.rename(old)
+    try:
+        tmp.rename(out_dir)
+    except BaseException:
+        old.rename(out_dir)
+        raise
+    fsync_path(out_dir.parent)
+    shutil.rmtree(old, ignore_errors=True)

@@ -39,6 +39,7 @@ import numpy as np
 
 from ..runtime.core import Runtime
 from ..runtime.search import LOG_2PI, top_k_rows
+from .atomic import replace_directory
 from .data import Split, load_split
 
 REPORT_NAME = "report.json"
@@ -449,27 +450,12 @@ def evaluate(
                 seed=config.seed)
         report["seconds"] = round(time.perf_counter() - started, 1)
         (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        _move_into_place(tmp, out_dir)
+        replace_directory(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _log(log, summary(report))
     return report
-
-
-def _move_into_place(tmp: Path, out_dir: Path) -> None:
-    if not out_dir.exists():
-        tmp.rename(out_dir)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
-    old.rmdir()
-    out_dir.rename(old)
-    try:
-        tmp.rename(out_dir)
-    except BaseException:
-        old.rename(out_dir)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def summary(report: dict) -> str:
