@@ -13,6 +13,8 @@ import numpy as np
 from .core import Runtime, parse_z
 from .images import read_image, save_png, save_sheet
 
+SHEET_MAX_ITEMS = 20
+
 
 class CliError(click.ClickException):
     """A one-line error with exit status 2 (bad input, bad bundle), never a traceback."""
@@ -149,7 +151,8 @@ def query_options(command):
 @click.option("--json", "as_json", is_flag=True,
               help="Print one JSON object: the query and a results list.")
 @click.option("--sheet", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Also write a PNG: the query beside each item's decoded mu.")
+              help=f"Also write a PNG: the query beside the first {SHEET_MAX_ITEMS} items' "
+              "decoded mu.")
 def nearest(runtime: Runtime, z: np.ndarray | None, image, k: int, label: str | None,
             as_json: bool, sheet: Path | None):
     """Catalog items most likely to have produced z, by log q(z|x), best first.
@@ -172,13 +175,16 @@ def nearest(runtime: Runtime, z: np.ndarray | None, image, k: int, label: str | 
     ]
     if sheet is not None:
         with library_errors():
-            items = runtime.decode(runtime.index.mu[matches.rows])
+            # A large k must not decode the catalog into one endless picture.
+            shown = matches.rows[:SHEET_MAX_ITEMS]
+            items = runtime.decode(runtime.index.mu[shown])
             if image is None:
                 query, title = runtime.decode(z), "decoded z"
             else:
                 query, title = image[1][None].astype(np.float32) / 255.0, "query image"
             captions = [f"query: {title}"] + [
-                f"#{r['id']} {r['label']}\n{r['log_likelihood']:.2f}" for r in results]
+                f"#{r['id']} {r['label']}\n{r['log_likelihood']:.2f}"
+                for r in results[:SHEET_MAX_ITEMS]]
             save_sheet(sheet, query, items, captions,
                        f"{title} | nearest catalog items (decoded mu), log q(z|x)")
     if as_json:

@@ -6,6 +6,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from vae_edge.export.cli import main as export_main
+from vae_edge.runtime.cli import SHEET_MAX_ITEMS
 from vae_edge.runtime.cli import main as run_main
 from vae_edge.training.cli import main as train_main
 
@@ -65,6 +66,12 @@ def test_sheet(tiny_bundle, tmp_path):
     assert result.exit_code == 0, result.output
     with Image.open(sheet) as image:
         assert image.size[0] > 5 * 28 * 4  # query + 4 items, scaled up
+        four_items = image.size[0]
+    result = run("nearest", "--bundle", tiny_bundle, "--z", Z8, "-k", 5000, "--sheet", sheet)
+    assert result.exit_code == 0, result.output
+    cell = (four_items - 8) // 5  # the sheet is 8 px of margin plus one cell per picture
+    with Image.open(sheet) as image:  # the query and at most SHEET_MAX_ITEMS items, whatever k
+        assert image.size[0] == 8 + cell * (1 + SHEET_MAX_ITEMS)
 
 
 @pytest.mark.parametrize(
