@@ -167,3 +167,16 @@ def test_default_bundle_loads():
     runtime = Runtime.load()
     matches = runtime.nearest(np.zeros(runtime.latent_dim), k=5)
     assert len(matches) == 5 and len(runtime.index) == 60000
+
+
+def test_load_caps_blas_threads_unless_told_not_to(tiny_bundle):
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    def blas_threads():
+        return {lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"}
+
+    with threadpool_limits(limits=2, user_api="blas"):  # restores the test process's pool after
+        Runtime.load(tiny_bundle, limit_blas=False)
+        assert blas_threads() == {2}
+        Runtime.load(tiny_bundle, threads=1)
+        assert blas_threads() == {1}
