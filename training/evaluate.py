@@ -16,9 +16,10 @@ What is measured, and through what:
   log p(x) ~= logsumexp_k [log p(x|z_k) + log p(z_k) - log q(z_k|x)] - log K, z_k ~ q(z|x)
   (Burda et al.'s IWAE bound with K samples). log p(x|z) is the training loss's Bernoulli
   likelihood of the [0, 1] grey levels. With a checkpoint it is computed by PyTorch from the
-  decoder's logits (exact); without one, from decoder.onnx's probabilities clipped to float32's
-  resolution (1 - 2**-24), which can only lower the loss of a saturated pixel: the report says
-  which backend was used.
+  decoder's logits (exact); without one, from decoder.onnx's float32 probabilities, clipped
+  to [1e-30, 1 - 2**-24] so that a saturated pixel costs a finite amount; float32 cannot resolve
+  1 - p near 1, so these figures are close but not exact (0.03 nats/image on the shipped model).
+  The report says which backend was used.
 
 The report (report.json) and the pictures are written into a fresh directory atomically: a
 temporary sibling is renamed into place only when everything is written.
