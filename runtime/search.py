@@ -150,7 +150,15 @@ def _kth_largest(values: np.ndarray, k: int) -> np.ndarray:
 
 
 class _QueryMethods:
-    """The public query methods; subclasses implement _run(z, var, k, label)."""
+    """The public query methods; subclasses hold _mu16 and implement _run(z, var, k, label)."""
+
+    @property
+    def size(self) -> int:
+        return int(self._mu16.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self._mu16.shape[1])
 
     def search(self, z: np.ndarray, k: int, label: int | None = None) -> Matches:
         """The k most likely items for each query z, (d,) or (B, d), already validated.
@@ -227,14 +235,6 @@ class LikelihoodSearch(_QueryMethods):
         self._block_norm = norms.reshape(n_blocks, block).max(axis=1)
         self._max_norm = float(self._block_norm.max())
         self._block_label = np.repeat(values, padded // block)
-
-    @property
-    def size(self) -> int:
-        return int(self.ids.shape[0])
-
-    @property
-    def dim(self) -> int:
-        return int(self._mu16.shape[1])
 
     def label_count(self, label: int | None) -> int:
         if label is None:
@@ -400,14 +400,6 @@ class StreamingLikelihoodSearch(_QueryMethods):
             norms[lo:hi] = np.sqrt(np.square(w, dtype=np.float64).sum(axis=1))
         self._block_norm = norms.reshape(-1, block).max(axis=1)
         self._max_norm = float(self._block_norm.max())
-
-    @property
-    def size(self) -> int:
-        return int(self._mu16.shape[0])
-
-    @property
-    def dim(self) -> int:
-        return int(self._mu16.shape[1])
 
     def _chunks(self):
         for lo in range(0, self.size, self.chunk_rows):
