@@ -182,6 +182,15 @@ class _QueryMethods:
                              f"{log_sigma.shape}")
         return self._run(mu, np.exp(2.0 * log_sigma), k, label)
 
+    def _clamp_k(self, k, label: int | None) -> int:
+        """Validate k; more than the (label's) items returns them all."""
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"k must be an integer >= 1, got {k!r}")
+        available = self.label_count(label)
+        if label is not None and available == 0:
+            raise ValueError(f"no catalog item has label {label}")
+        return min(int(k), available)
+
 
 class LikelihoodSearch(_QueryMethods):
     """Exact log q(z|x) search over a float16 index (see the module docstring).
@@ -255,12 +264,7 @@ class LikelihoodSearch(_QueryMethods):
     def _run(self, z, var, k: int, label: int | None) -> Matches:
         z = np.asarray(z, dtype=np.float64)
         single = z.ndim == 1
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise ValueError(f"k must be an integer >= 1, got {k!r}")
-        available = self.label_count(label)
-        if label is not None and available == 0:
-            raise ValueError(f"no catalog item has label {label}")
-        k = min(int(k), available)
+        k = self._clamp_k(k, label)
         if single and z.shape == (self.dim,):  # the kiosk's case: as few numpy calls as can be
             v = None if var is None else np.asarray(var, dtype=np.float64)
             features = np.concatenate((z * z if v is None else z * z + v, z, _ONE))
@@ -416,12 +420,7 @@ class StreamingLikelihoodSearch(_QueryMethods):
         single = z.ndim == 1
         z = z.reshape(-1, self.dim)
         var = None if var is None else np.asarray(var, dtype=np.float64).reshape(z.shape)
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise ValueError(f"k must be an integer >= 1, got {k!r}")
-        available = self.label_count(label)
-        if label is not None and available == 0:
-            raise ValueError(f"no catalog item has label {label}")
-        k = min(int(k), available)
+        k = self._clamp_k(k, label)
         features = _query_features(z, var)
         if np.sqrt(np.square(features).sum(axis=1)).max() * self._max_norm >= SAFE_MAGNITUDE:
             raise ValueError("query too large for float32 scoring of this catalog: "
