@@ -37,6 +37,8 @@ LOG_2PI = math.log(2.0 * math.pi)
 FLOAT32_EPS = 2.0**-24  # unit roundoff of float32
 # Score of a padding position: finite (no inf * 0 = NaN in BLAS), far below any real score.
 PAD_SCORE = np.float32(-3.0e38)
+# Below every real score (|score| < SAFE_MAGNITUDE) and above PAD_SCORE.
+REAL_FLOOR = -1.0e38
 # p(x|z) is summed over items within log(N) + SKIP_NATS of the best; the rest weigh < e^-SKIP_NATS.
 SKIP_NATS = 20.0
 # Items counted with float32 scores weigh so little that their rounding moves p by < this
@@ -125,6 +127,19 @@ def item_vectors(mu: np.ndarray, log_sigma: np.ndarray) -> np.ndarray:
     return w
 
 
+def _item_norms(mu: np.ndarray, log_sigma: np.ndarray, step: int = 1 << 16) -> np.ndarray:
+    """|w(x)| per item in float64, without building the item vectors (n,) ."""
+    out = np.empty(mu.shape[0])
+    d = mu.shape[1]
+    for lo in range(0, mu.shape[0], step):
+        m = mu[lo:lo + step].astype(np.float64)
+        ls = log_sigma[lo:lo + step].astype(np.float64)
+        a = np.exp(-2.0 * ls)
+        c = -(0.5 * a * m * m + ls).sum(axis=1) - 0.5 * d * LOG_2PI
+        out[lo:lo + step] = np.sqrt((0.25 * a * a + (a * m) ** 2).sum(axis=1) + c * c)
+    return out
+
+
 def _direct_scores(z: np.ndarray, var: np.ndarray | None, mu16: np.ndarray,
                    log_sigma16: np.ndarray) -> np.ndarray:
     """The direct formula in float64, row by row: z (P, d) against items (P, d) -> (P,).
@@ -133,13 +148,16 @@ def _direct_scores(z: np.ndarray, var: np.ndarray | None, mu16: np.ndarray,
     E_{z ~ N(z, var)} log q(z|x) = log q(z|x) - sum var / (2 sigma^2).
     """
     log_sigma = log_sigma16.astype(np.float64)
-    diff = z - mu16  # float16 items widen exactly to float64
-    inv_var = np.exp(-2.0 * log_sigma)
+    terms = z - mu16  # float16 items widen exactly to float64
     if var is None:
-        quad = np.einsum("pd,pd,pd->p", diff, diff, inv_var)
+        terms *= np.exp(-log_sigma)  # (z - mu) / sigma
+        terms *= terms
     else:
-        quad = np.einsum("pd,pd->p", diff * diff + var, inv_var)
-    return -0.5 * quad - log_sigma.sum(axis=1) - 0.5 * mu16.shape[1] * LOG_2PI
+        terms *= terms
+        terms += var
+        terms *= np.exp(-2.0 * log_sigma)
+    terms += 2.0 * log_sigma  # one sum per row: -1/2 sum [((z - mu)/sigma)^2 + 2 log sigma]
+    return -0.5 * terms.sum(axis=1) - 0.5 * mu16.shape[1] * LOG_2PI
 
 
 def _kth_largest(values: np.ndarray, k: int) -> np.ndarray:
@@ -216,7 +234,9 @@ class LikelihoodSearch(_QueryMethods):
         self.block = block
         # Positions: items grouped by label (stable: row order inside a label), each label
         # padded to whole blocks, so that every block holds one label.
-        order = np.argsort(self.labels, kind="stable")
+        # Grouped by label; within a label by the norm of the item vector, so that a block's
+        # largest norm (its float32 error bound) is close to each of its items' own.
+        order = np.lexsort((_item_norms(mu, log_sigma), self.labels))
         values, starts, counts = np.unique(self.labels[order], return_index=True,
                                            return_counts=True)
         padded = -(-counts // block) * block
@@ -243,7 +263,7 @@ class LikelihoodSearch(_QueryMethods):
             norms[lo:lo + step][real] = np.sqrt(np.square(w, dtype=np.float64).sum(axis=1))
         self._block_norm = norms.reshape(n_blocks, block).max(axis=1)
         self._max_norm = float(self._block_norm.max())
-        self._block_label = np.repeat(values, padded // block)
+        self._log_size = math.log(n)
 
     def label_count(self, label: int | None) -> int:
         if label is None:
@@ -310,47 +330,70 @@ class LikelihoodSearch(_QueryMethods):
                 "log_likelihoods": best, "probabilities": np.exp(best - log_total)}
 
     def _search_one(self, z, var, features, k: int, label: int | None) -> dict:
-        """One query, in few numpy calls: the bounds of _select (docs/search.md) as scalars."""
-        block = self.block
-        scores = features.astype(np.float32) @ self._wt  # gemv over the item vectors
-        block_max = scores.reshape(-1, block).max(axis=1)
+        """One query in few numpy calls, with scalar bounds (docs/search.md, "One query").
+
+        Two passes over the float32 scores (group maxima, then one comparison) find the items
+        p(x|z) needs and the candidates for the top k; only those are rescored in float64.
+        """
+        scores = features.astype(np.float32) @ self._wt  # (n_pos,) gemv over the item vectors
         scale = _gamma(features.shape[0]) * math.sqrt(float(features @ features)) \
             * (1.0 + 4 * FLOAT32_EPS)
         error = self._max_norm * scale + _TINY  # bound on every item's float32 error
-        top_low = float(block_max.max()) - error  # <= the best exact score
-        rescore_nats, skip_nats = _zones(self.size, error)
-        lo, hi = (0, block_max.shape[0]) if label is None else self._label_blocks[int(label)]
-        # A block's float32 winner scores >= its block max - margin exactly: k of them make
-        # kth_low a lower bound on the k-th best exact score, and every top-k item then has
-        # a float32 score >= kth_low - error.
-        if k > hi - lo:
-            kth_low = -math.inf
-        else:
-            lower = block_max[lo:hi] - self._block_norm[lo:hi] * scale
-            kth_low = float(np.partition(lower, hi - lo - k)[hi - lo - k])
-        p_floor = top_low - skip_nats - error
-        p_cut = top_low - rescore_nats - error
-        k_floor = kth_low - error
-        if label is None:  # one pass finds the items for p(x|z) and for the top k
-            p_floor, p_cut = min(p_floor, k_floor), min(p_cut, k_floor)
-        near = np.flatnonzero(scores >= _below(p_floor))
+        group_max = _group_max(scores, self.block)
+        top32 = float(group_max.max())  # the best exact score is >= top32 - error
+        # Items more than log N + 20 nats below the best weigh < e^-20 of p's sum together.
+        p_floor = top32 - 2.0 * error - (self._log_size + SKIP_NATS)
+        if label is None:
+            start, stop = 0, scores.size
+        else:  # the label's items fill one span of positions
+            first, last = self._label_blocks[int(label)]
+            start, stop = first * self.block, last * self.block
+            group_max = _group_max(scores[start:stop], self.block)
+        # Groups are disjoint: k of them hold an item scoring >= their k-th largest maximum
+        # in float32, so >= that - error exactly; any item of the top k then scores
+        # >= k_floor in float32 (_kth_floor).
+        k_floor = _kth_floor(group_max, k, error)
+        floor = min(p_floor, k_floor) if label is None else p_floor
+        near = np.flatnonzero(scores >= _below(floor))  # the one comparison pass
         near_scores = scores[near]
-        rescore = near_scores >= _below(p_cut)
-        item = self._rows[near[rescore]]
-        if p_floor <= PAD_SCORE:
-            item = item[item >= 0]
+        lo, hi = (0, near.size) if label is None \
+            else np.searchsorted(near, (start, stop)).tolist()  # near[lo:hi]: eligible
+        in_near = k_floor >= floor  # else: a label whose best lie far below the best
+        if in_near:  # sharpen: the k-th best eligible float32 score itself
+            k_floor = _kth_floor(near_scores[lo:hi], k, error)
+        # p(x|z): the sum S of exp(s - best) over the catalog is >= 1. An item counted with
+        # its float32 score s32 instead moves S by at most exp(s - best) (e^e_x - 1)
+        # <= exp(s32 - top32 + 2 error) (e^e_x - 1), e_x its own block's error bound.
+        # Light items, whose bounds sum to <= P_TOLERANCE, keep their float32 scores:
+        # bounds < P_TOLERANCE / (2 n) sum to <= P_TOLERANCE / 2, and of the n_rest others,
+        # those < P_TOLERANCE / (2 n_rest) sum to <= P_TOLERANCE / 2 (no sorting needed).
+        log_w = near_scores.astype(np.float64) - top32
+        item_error = scale * self._block_norm[near // self.block] + _TINY
+        # log(e^x - 1) = x + log(1 - e^-x), without overflow or cancellation
+        log_bound = log_w + 2.0 * error + item_error + np.log(-np.expm1(-item_error))
+        rest = np.count_nonzero(log_bound >= math.log(0.5 * P_TOLERANCE / log_bound.size))
+        rescore = log_bound >= math.log(0.5 * P_TOLERANCE / max(rest, 1))
+        rescore[np.argmax(log_w)] = True  # the float32 best: `exact` is never empty
+        if in_near:
+            rescore[lo:hi] |= near_scores[lo:hi] >= _below(k_floor)
+        where = np.flatnonzero(rescore)
+        item = self._rows[near[where]]
         exact = _direct_scores(z, var, self._mu16[item], self._log_sigma16[item])
         top = float(exact.max())
-        total = (np.exp(exact - top).sum()
-                 + np.exp(near_scores[~rescore].astype(np.float64) - top).sum())
+        total = np.exp(exact - top).sum() + np.exp(log_w[~rescore] + (top32 - top)).sum()
         log_total = top + math.log(total)
-        if label is not None:  # the label's items, from its own blocks only
-            start = lo * block
-            found = start + np.flatnonzero(scores[start:hi * block] >= _below(k_floor))
-            item = self._rows[found]
-            if k_floor <= PAD_SCORE:
-                item = item[item >= 0]
+        if not in_near:  # one more pass, over the label's span
+            span = scores[start:stop]
+            found = np.flatnonzero(span >= _below(k_floor))
+            found_scores = span[found]
+            k_floor = _kth_floor(found_scores, k, error)
+            item = self._rows[start + found[found_scores >= _below(k_floor)]]
             exact = _direct_scores(z, var, self._mu16[item], self._log_sigma16[item])
+        else:  # the candidates: eligible, and at or above k_floor
+            candidate = near_scores[where] >= _below(k_floor)
+            if label is not None:
+                candidate &= (where >= lo) & (where < hi)
+            item, exact = item[candidate], exact[candidate]
         # Every item outside `item` scores below the k-th best: the k best of `item` are exact.
         order = np.lexsort((item, -exact))[:k]
         rows, best = item[order].astype(np.int64), exact[order]
@@ -482,13 +525,6 @@ def _gamma(m: int) -> float:
     return 2.0 * (m + 2) * FLOAT32_EPS / (1.0 - (m + 2) * FLOAT32_EPS)
 
 
-def _zones(n_items: int, error: float) -> tuple[float, float]:
-    """(rescore_nats, skip_nats) for p(x|z), see _select."""
-    rescore = max(math.log(n_items) + math.log(max(math.expm1(min(2 * error, 700.0)), 1e-300))
-                  - math.log(P_TOLERANCE), 0.0)
-    return rescore, max(math.log(n_items) + SKIP_NATS, rescore)
-
-
 def _error_bound(features: np.ndarray, block_norm: np.ndarray) -> np.ndarray:
     """Per query and block, a bound on |float32 score - exact score|: (B, n_blocks) float64.
 
@@ -594,6 +630,25 @@ def _select(z, var, k, scores, block, rows, block_max, block_max_eligible, margi
             "labels": np.asarray(labels[chosen], dtype=np.int64),
             "log_likelihoods": chosen_scores,
             "probabilities": np.exp(chosen_scores - log_total[:, None])}
+
+
+def _group_max(scores: np.ndarray, size: int) -> np.ndarray:
+    """Maxima of the interleaved groups {j, j + C, ..., j + (size - 1) C} of scores (length
+    size * C): an element-wise maximum of `size` rows, at memory speed (the maxima of
+    contiguous blocks, a reduction along short rows, take about four times as long)."""
+    return scores.reshape(size, -1).max(axis=0)
+
+
+def _kth_floor(scores: np.ndarray, k: int, error: float) -> float:
+    """(k-th largest real float32 score) - 2 error: every item of the top k (exact scores)
+    among items that these scores bound from below scores at least this in float32.
+
+    Padding (PAD_SCORE) is not a real score; with fewer than k real values the floor is
+    REAL_FLOOR, below every real score (all items are candidates)."""
+    real = scores[scores > PAD_SCORE] if scores.size and scores.min() <= PAD_SCORE else scores
+    if real.size < k:
+        return REAL_FLOOR
+    return float(np.partition(real, real.size - k)[real.size - k]) - 2.0 * error
 
 
 def _rows_at(rows, positions: np.ndarray, n_items: int) -> np.ndarray:
