@@ -18,12 +18,16 @@ How the engine finds the best k items exactly, fast (details and proofs: docs/se
    cancellation of the expanded form (tiny sigma, z near mu) never decides a ranking.
    Ties go to the lower row (in a bundle ids ascend with rows: the lower id).
 4. p(x|z) = q(z|x) / sum over the catalog (uniform prior over items). The sum uses float64 scores
-   for every item that can matter, float32 scores (error <= E) for items far below the best, and
-   skips items more than log(N) + 20 nats below the best (together < e^-20 = 2e-9 of the sum):
+   for every item whose float32 error could matter, float32 scores for the rest, and skips
+   items more than log(N) + 20 nats below the best (together < e^-20 = 2e-9 of the sum):
    p(x|z) is within 1.1e-7 relative of the exact value.
+5. One query (the kiosk's case) takes the maxima of interleaved groups of positions instead of
+   contiguous blocks (a row-wise maximum, at memory speed) and finds p's items and the top-k
+   candidates in one comparison pass (LikelihoodSearch._search_one).
 
 Items are stored grouped by label, each label padded to whole blocks, so a label filter selects
 its top k from that label's blocks only: exact, and no more work than an unfiltered search.
+Within a label items are ordered by |w|, so that each block's error bound is close to its items'.
 """
 
 from __future__ import annotations
