@@ -267,6 +267,8 @@ class LikelihoodSearch(_QueryMethods):
             norms[lo:lo + step][real] = np.sqrt(np.square(w, dtype=np.float64).sum(axis=1))
         self._block_norm = norms.reshape(n_blocks, block).max(axis=1)
         self._max_norm = float(self._block_norm.max())
+        with np.errstate(divide="ignore"):  # an all-zero block: log 0 = -inf, no error at all
+            self._log_block_norm = np.log(self._block_norm)
         self._log_size = math.log(n)
 
     def label_count(self, label: int | None) -> int:
@@ -367,14 +369,14 @@ class LikelihoodSearch(_QueryMethods):
             k_floor = _kth_floor(near_scores[lo:hi], k, error)
         # p(x|z): the sum S of exp(s - best) over the catalog is >= 1. An item counted with
         # its float32 score s32 instead moves S by at most exp(s - best) (e^e_x - 1)
-        # <= exp(s32 - top32 + 2 error) (e^e_x - 1), e_x its own block's error bound.
+        # <= exp(s32 - top32 + 2 error) e_x e^e_x, e_x its own block's error bound.
         # Light items, whose bounds sum to <= P_TOLERANCE, keep their float32 scores:
         # bounds < P_TOLERANCE / (2 n) sum to <= P_TOLERANCE / 2, and of the n_rest others,
         # those < P_TOLERANCE / (2 n_rest) sum to <= P_TOLERANCE / 2 (no sorting needed).
         log_w = near_scores.astype(np.float64) - top32
-        item_error = scale * self._block_norm[near // self.block] + _TINY
-        # log(e^x - 1) = x + log(1 - e^-x), without overflow or cancellation
-        log_bound = log_w + 2.0 * error + item_error + np.log(-np.expm1(-item_error))
+        # e^x - 1 <= x e^x, with x = E_x = scale |w|_block <= error:
+        log_bound = log_w + self._log_block_norm[near // self.block] \
+            + (3.0 * error + math.log(scale))
         rest = np.count_nonzero(log_bound >= math.log(0.5 * P_TOLERANCE / log_bound.size))
         rescore = log_bound >= math.log(0.5 * P_TOLERANCE / max(rest, 1))
         rescore[np.argmax(log_w)] = True  # the float32 best: `exact` is never empty
