@@ -345,16 +345,17 @@ class LikelihoodSearch(_QueryMethods):
         scale = _gamma(features.shape[0]) * math.sqrt(float(features @ features)) \
             * (1.0 + 4 * FLOAT32_EPS)
         error = self._max_norm * scale + _TINY  # bound on every item's float32 error
-        group_max = _group_max(scores, self.block)
-        top32 = float(group_max.max())  # the best exact score is >= top32 - error
-        # Items more than log N + 20 nats below the best weigh < e^-20 of p's sum together.
-        p_floor = top32 - 2.0 * error - (self._log_size + SKIP_NATS)
         if label is None:
             start, stop = 0, scores.size
+            group_max = _group_max(scores, self.block)
+            top32 = float(group_max.max())  # the best exact score is >= top32 - error
         else:  # the label's items fill one span of positions
             first, last = self._label_blocks[int(label)]
             start, stop = first * self.block, last * self.block
             group_max = _group_max(scores[start:stop], self.block)
+            top32 = float(scores.max())
+        # Items more than log N + 20 nats below the best weigh < e^-20 of p's sum together.
+        p_floor = top32 - 2.0 * error - (self._log_size + SKIP_NATS)
         # Groups are disjoint: k of them hold an item scoring >= their k-th largest maximum
         # in float32, so >= that - error exactly; any item of the top k then scores
         # >= k_floor in float32 (_kth_floor).
