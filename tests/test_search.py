@@ -136,6 +136,26 @@ def test_label_filter_is_exact(data):
     check_against_reference(matches, filtered, min(k, count), log_total(reference))
 
 
+@pytest.mark.parametrize("k", [1, 5, 300])
+def test_filtered_query_whose_best_lie_far_below_the_catalogs(k):
+    """The one-query path's second pass: the label's best are thousands of nats below the
+    catalog's best, beyond the items p(x|z) needs."""
+    rng = np.random.default_rng(7)
+    n, d = 600, 4
+    labels = np.repeat([0, 1], n // 2)
+    mu = np.where(labels[:, None] == 0, 0.0, 8.0) + 0.3 * rng.standard_normal((n, d))
+    mu = mu.astype(np.float16)
+    log_sigma = rng.uniform(-3.0, -1.0, (n, d)).astype(np.float16)
+    engine = LikelihoodSearch(mu, log_sigma, np.arange(n), labels, block=16)
+    z = np.zeros(d)
+    reference = log_likelihood_reference(z[None], mu, log_sigma)[0]
+    assert reference[labels == 0].max() - reference[labels == 1].max() > 1000
+    matches = engine.search(z, k, label=1)
+    assert np.all(matches.labels == 1)
+    filtered = np.where(labels == 1, reference, -np.inf)
+    check_against_reference(matches, filtered, min(k, n // 2), log_total(reference))
+
+
 @SETTINGS
 @given(data=st.data())
 def test_image_query_ranks_by_expected_log_likelihood(data):
