@@ -132,7 +132,8 @@ def item_vectors(mu: np.ndarray, log_sigma: np.ndarray) -> np.ndarray:
 
 
 def _item_norms(mu: np.ndarray, log_sigma: np.ndarray, step: int = 1 << 16) -> np.ndarray:
-    """|w(x)| per item in float64, without building the item vectors (n,) ."""
+    """|w(x)| per item, (n,) float64, without building the item vectors (it only orders them:
+    the error bounds use the norms of the float32 vectors themselves)."""
     out = np.empty(mu.shape[0])
     d = mu.shape[1]
     for lo in range(0, mu.shape[0], step):
@@ -236,10 +237,9 @@ class LikelihoodSearch(_QueryMethods):
         self._mu16 = mu
         self._log_sigma16 = log_sigma
         self.block = block
-        # Positions: items grouped by label (stable: row order inside a label), each label
-        # padded to whole blocks, so that every block holds one label.
-        # Grouped by label; within a label by the norm of the item vector, so that a block's
-        # largest norm (its float32 error bound) is close to each of its items' own.
+        # Positions: items grouped by label, each label padded to whole blocks, so that every
+        # block holds one label; within a label by the norm of the item vector, so that a
+        # block's largest norm (its float32 error bound) is close to each of its items' own.
         order = np.lexsort((_item_norms(mu, log_sigma), self.labels))
         values, starts, counts = np.unique(self.labels[order], return_index=True,
                                            return_counts=True)
