@@ -131,18 +131,15 @@ def item_vectors(mu: np.ndarray, log_sigma: np.ndarray) -> np.ndarray:
     return w
 
 
+def _vector_norms(w: np.ndarray) -> np.ndarray:
+    """|w| per row of float32 item vectors, summed in float64: (n,)."""
+    return np.sqrt(np.square(w, dtype=np.float64).sum(axis=1))
+
+
 def _item_norms(mu: np.ndarray, log_sigma: np.ndarray, step: int = 1 << 16) -> np.ndarray:
-    """|w(x)| per item, (n,) float64, without building the item vectors (it only orders them:
-    the error bounds use the norms of the float32 vectors themselves)."""
-    out = np.empty(mu.shape[0])
-    d = mu.shape[1]
-    for lo in range(0, mu.shape[0], step):
-        m = mu[lo:lo + step].astype(np.float64)
-        ls = log_sigma[lo:lo + step].astype(np.float64)
-        a = np.exp(-2.0 * ls)
-        c = -(0.5 * a * m * m + ls).sum(axis=1) - 0.5 * d * LOG_2PI
-        out[lo:lo + step] = np.sqrt((0.25 * a * a + (a * m) ** 2).sum(axis=1) + c * c)
-    return out
+    """|w(x)| of each item's float32 item vector, (n,) float64, in bounded chunks."""
+    return np.concatenate([_vector_norms(item_vectors(mu[lo:lo + step], log_sigma[lo:lo + step]))
+                           for lo in range(0, mu.shape[0], step)])
 
 
 def _direct_scores(z: np.ndarray, var: np.ndarray | None, mu16: np.ndarray,
@@ -240,7 +237,8 @@ class LikelihoodSearch(_QueryMethods):
         # Positions: items grouped by label, each label padded to whole blocks, so that every
         # block holds one label; within a label by the norm of the item vector, so that a
         # block's largest norm (its float32 error bound) is close to each of its items' own.
-        order = np.lexsort((_item_norms(mu, log_sigma), self.labels))
+        row_norms = _item_norms(mu, log_sigma)
+        order = np.lexsort((row_norms, self.labels))
         values, starts, counts = np.unique(self.labels[order], return_index=True,
                                            return_counts=True)
         padded = -(-counts // block) * block
@@ -257,14 +255,13 @@ class LikelihoodSearch(_QueryMethods):
         self._wt = np.zeros((m, n_pos), dtype=np.float32)  # item vectors, one column each
         self._wt[m - 1] = PAD_SCORE
         n_blocks = n_pos // block
-        norms = np.zeros(n_pos)
         step = max(block, (1 << 16) // block * block)  # bounded float64 temporaries
         for lo in range(0, n_pos, step):
             rows = self._rows[lo:lo + step]
             real = rows >= 0
-            w = item_vectors(mu[rows[real]], log_sigma[rows[real]])
-            self._wt[:, lo:lo + step][:, real] = w.T
-            norms[lo:lo + step][real] = np.sqrt(np.square(w, dtype=np.float64).sum(axis=1))
+            self._wt[:, lo:lo + step][:, real] = item_vectors(mu[rows[real]],
+                                                              log_sigma[rows[real]]).T
+        norms = np.where(self._rows >= 0, row_norms[np.maximum(self._rows, 0)], 0.0)
         self._block_norm = norms.reshape(n_blocks, block).max(axis=1)
         self._max_norm = float(self._block_norm.max())
         with np.errstate(divide="ignore"):  # an all-zero block: log 0 = -inf, no error at all
@@ -451,7 +448,7 @@ class StreamingLikelihoodSearch(_QueryMethods):
         self._n_pos = -(-n // block) * block
         norms = np.zeros(self._n_pos)
         for lo, hi, w in self._chunks():
-            norms[lo:hi] = np.sqrt(np.square(w, dtype=np.float64).sum(axis=1))
+            norms[lo:hi] = _vector_norms(w)
         self._block_norm = norms.reshape(-1, block).max(axis=1)
         self._max_norm = float(self._block_norm.max())
 
