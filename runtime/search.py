@@ -48,6 +48,9 @@ SKIP_NATS = 20.0
 # Items counted with float32 scores weigh so little that their rounding moves p by < this
 # (relative); items never counted weigh < e^-SKIP_NATS in all.
 P_TOLERANCE = 1e-7
+# One query: up to this many items near the best are all rescored in float64 (cheaper than
+# choosing among so few which need it).
+FEW_NEAR = 64
 # float32 scores are used only while |w| |q| stays below this (no overflow to inf).
 SAFE_MAGNITUDE = 1e37
 _TINY = float(np.finfo(np.float32).tiny)
@@ -267,6 +270,10 @@ class LikelihoodSearch(_QueryMethods):
         with np.errstate(divide="ignore"):  # an all-zero block: log 0 = -inf, no error at all
             self._log_block_norm = np.log(self._block_norm)
         self._log_size = math.log(n)
+        # One query: take the plain maximum first and find the top k among p(x|z)'s items
+        # (large catalogs, low d), or the group maxima (_search_one). Set from the last query:
+        # a hint only, so a race between threads costs time, never exactness.
+        self._max_first = True
 
     def label_count(self, label: int | None) -> int:
         if label is None:
@@ -342,10 +349,12 @@ class LikelihoodSearch(_QueryMethods):
         scale = _gamma(features.shape[0]) * math.sqrt(float(features @ features)) \
             * (1.0 + 4 * FLOAT32_EPS)
         error = self._max_norm * scale + _TINY  # bound on every item's float32 error
+        max_first = label is None and self._max_first
         if label is None:
             start, stop = 0, scores.size
-            group_max = _group_max(scores, self.block)
-            top32 = float(group_max.max())  # the best exact score is >= top32 - error
+            group_max = None if max_first else _group_max(scores, self.block)
+            # the best exact score is >= top32 - error
+            top32 = float(scores.max() if max_first else group_max.max())
         else:  # the label's items fill one span of positions
             first, last = self._label_blocks[int(label)]
             start, stop = first * self.block, last * self.block
@@ -353,39 +362,63 @@ class LikelihoodSearch(_QueryMethods):
             top32 = float(scores.max())
         # Items more than log N + 20 nats below the best weigh < e^-20 of p's sum together.
         p_floor = top32 - 2.0 * error - (self._log_size + SKIP_NATS)
-        # Groups are disjoint: k of them hold an item scoring >= their k-th largest maximum
-        # in float32, so >= that - error exactly; any item of the top k then scores
-        # >= k_floor in float32 (_kth_floor).
-        k_floor = _kth_floor(group_max, k, error)
-        floor = min(p_floor, k_floor) if label is None else p_floor
+        sharp = False  # k_floor from the float32 scores of near items themselves
+        if max_first:  # p's items usually hold the top k: check that below
+            k_floor = floor = p_floor
+        else:
+            # Groups are disjoint: k of them hold an item scoring >= their k-th largest
+            # maximum in float32, so >= that - error exactly; any item of the top k then
+            # scores >= k_floor in float32 (_kth_floor).
+            k_floor = _kth_floor(group_max, k, error)
+            floor = min(p_floor, k_floor) if label is None else p_floor
         near = np.flatnonzero(scores >= _below(floor))  # the one comparison pass
-        near_scores = scores[near]
         lo, hi = (0, near.size) if label is None \
             else np.searchsorted(near, (start, stop)).tolist()  # near[lo:hi]: eligible
         in_near = k_floor >= floor  # else: a label whose best lie far below the best
-        if in_near:  # sharpen: the k-th best eligible float32 score itself
-            k_floor = _kth_floor(near_scores[lo:hi], k, error)
-        # p(x|z): the sum S of exp(s - best) over the catalog is >= 1. An item counted with
-        # its float32 score s32 instead moves S by at most exp(s - best) (e^e_x - 1)
-        # <= exp(s32 - top32 + 2 error) e_x e^e_x, e_x its own block's error bound.
-        # Light items, whose bounds sum to <= P_TOLERANCE, keep their float32 scores:
-        # bounds < P_TOLERANCE / (2 n) sum to <= P_TOLERANCE / 2, and of the n_rest others,
-        # those < P_TOLERANCE / (2 n_rest) sum to <= P_TOLERANCE / 2 (no sorting needed).
-        log_w = near_scores.astype(np.float64) - top32
-        # e^x - 1 <= x e^x, with x = E_x = scale |w|_block <= error:
-        log_bound = log_w + self._log_block_norm[near // self.block] \
-            + (3.0 * error + math.log(scale))
-        rest = np.count_nonzero(log_bound >= math.log(0.5 * P_TOLERANCE / log_bound.size))
-        rescore = log_bound >= math.log(0.5 * P_TOLERANCE / max(rest, 1))
-        rescore[np.argmax(log_w)] = True  # the float32 best: `exact` is never empty
-        if in_near:
-            rescore[lo:hi] |= near_scores[lo:hi] >= _below(k_floor)
-        where = np.flatnonzero(rescore)
-        item = self._rows[near[where]]
-        exact = _direct_scores(z, var, self._mu16[item], self._log_sigma16[item])
-        top = float(exact.max())
-        total = np.exp(exact - top).sum() + np.exp(log_w[~rescore] + (top32 - top)).sum()
-        log_total = top + math.log(total)
+        if max_first:
+            near_scores = scores[near]
+            k_floor = _kth_floor(near_scores, k, error)
+            sharp = k_floor >= floor
+            if not sharp:  # fewer than k items near the best: the group maxima after all
+                k_floor = _kth_floor(_group_max(scores, self.block), k, error)
+                floor = min(floor, k_floor)
+                near = np.flatnonzero(scores >= _below(floor))
+                lo, hi = 0, near.size
+                self._max_first = False
+        elif label is None:  # k groups at p's floor or above: max-first would have done
+            self._max_first = k_floor >= p_floor + 2.0 * error
+        if near.size <= FEW_NEAR:  # rescore them all: exact p, no bookkeeping
+            item = self._rows[near]
+            exact = _direct_scores(z, var, self._mu16[item], self._log_sigma16[item])
+            top = float(exact.max())
+            log_total = top + math.log(np.exp(exact - top).sum())
+            item, exact = item[lo:hi], exact[lo:hi]
+        else:
+            if not sharp:
+                near_scores = scores[near]
+            if in_near and not sharp:  # sharpen: the k-th best eligible float32 score itself
+                k_floor = _kth_floor(near_scores[lo:hi], k, error)
+            # p(x|z): the sum S of exp(s - best) over the catalog is >= 1. An item counted with
+            # its float32 score s32 instead moves S by at most exp(s - best) (e^e_x - 1)
+            # <= exp(s32 - top32 + 2 error) e_x e^e_x, e_x its own block's error bound
+            # (e^x - 1 <= x e^x, with x = e_x = scale |w|_block <= error).
+            log_w = near_scores.astype(np.float64) - top32
+            rescore = _heavy(log_w + self._log_block_norm[near // self.block]
+                             + (3.0 * error + math.log(scale)))
+            rescore[np.argmax(log_w)] = True  # the float32 best: `exact` is never empty
+            if in_near:
+                rescore[lo:hi] |= near_scores[lo:hi] >= _below(k_floor)
+            where = np.flatnonzero(rescore)
+            item = self._rows[near[where]]
+            exact = _direct_scores(z, var, self._mu16[item], self._log_sigma16[item])
+            top = float(exact.max())
+            total = np.exp(exact - top).sum() + np.exp(log_w[~rescore] + (top32 - top)).sum()
+            log_total = top + math.log(total)
+            if in_near:  # the candidates: eligible, and at or above k_floor
+                candidate = near_scores[where] >= _below(k_floor)
+                if label is not None:
+                    candidate &= (where >= lo) & (where < hi)
+                item, exact = item[candidate], exact[candidate]
         if not in_near:  # one more pass, over the label's span
             span = scores[start:stop]
             found = np.flatnonzero(span >= _below(k_floor))
@@ -393,11 +426,6 @@ class LikelihoodSearch(_QueryMethods):
             k_floor = _kth_floor(found_scores, k, error)
             item = self._rows[start + found[found_scores >= _below(k_floor)]]
             exact = _direct_scores(z, var, self._mu16[item], self._log_sigma16[item])
-        else:  # the candidates: eligible, and at or above k_floor
-            candidate = near_scores[where] >= _below(k_floor)
-            if label is not None:
-                candidate &= (where >= lo) & (where < hi)
-            item, exact = item[candidate], exact[candidate]
         # Every item outside `item` scores below the k-th best: the k best of `item` are exact.
         order = np.lexsort((item, -exact))[:k]
         rows, best = item[order].astype(np.int64), exact[order]
@@ -647,12 +675,32 @@ def _kth_floor(scores: np.ndarray, k: int, error: float) -> float:
     """(k-th largest real float32 score) - 2 error: every item of the top k (exact scores)
     among items that these scores bound from below scores at least this in float32.
 
-    Padding (PAD_SCORE) is not a real score; with fewer than k real values the floor is
-    REAL_FLOOR, below every real score (all items are candidates)."""
-    real = scores[scores > PAD_SCORE] if scores.size and scores.min() <= PAD_SCORE else scores
-    if real.size < k:
+    Padding (PAD_SCORE, below every real score) is not a real score: with fewer than k real
+    values the floor is REAL_FLOOR, below every real score (all items are candidates)."""
+    if scores.size < k:
         return REAL_FLOOR
-    return float(np.partition(real, real.size - k)[real.size - k]) - 2.0 * error
+    kth = float(np.partition(scores, scores.size - k)[scores.size - k])
+    return REAL_FLOOR if kth <= PAD_SCORE else kth - 2.0 * error
+
+
+def _heavy(log_bound: np.ndarray, bins_per_nat: int = 4) -> np.ndarray:
+    """Which items to rescore in float64 for p(x|z), given the log of a bound on what each
+    would move p's sum by if counted with its float32 score: the others (light) must move it
+    by <= P_TOLERANCE together.
+
+    Bounds are binned by their log (1/bins_per_nat nat wide; all below log(P_TOLERANCE / n)
+    share the lowest bin, all above 0 the highest), and whole bins are made light from the
+    lowest up while the exact sum of their bounds stays <= P_TOLERANCE: within one bin of the
+    fewest rescored items, without a sort."""
+    low = math.log(P_TOLERANCE / log_bound.size)
+    n_bins = math.ceil(-low * bins_per_nat) + 2
+    # Bin b from one numpy rounding of the values; light and heavy below are decided on this
+    # same b, so the bounds summed are exactly those of the light items.
+    bins = np.clip(np.floor((log_bound - low) * bins_per_nat) + 1.0, 0, n_bins - 1).astype(np.intp)
+    sums = np.bincount(bins, weights=np.exp(np.minimum(log_bound, 0.0)), minlength=n_bins)
+    # Bounds above 1 count as 1: such an item can never be light (1 > P_TOLERANCE).
+    light_bins = int(np.searchsorted(np.cumsum(sums), P_TOLERANCE, side="right"))
+    return bins >= light_bins
 
 
 def _rows_at(rows, positions: np.ndarray, n_items: int) -> np.ndarray:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from vae_edge.runtime import search as search_module
 from vae_edge.runtime.search import (
     LikelihoodSearch,
     StreamingLikelihoodSearch,
@@ -94,7 +96,11 @@ def test_engine_equals_float64_reference(data):
     z = data.draw(queries(mu, rng, batch=data.draw(st.sampled_from([1, 7]))))
     reference = log_likelihood_reference(z, mu, log_sigma)
     k = data.draw(st.sampled_from([1, 2, n, n + 5]))
-    matches = engine.search(z, k)
+    # One query: plain maximum first or group maxima first (a hint kept from the last query);
+    # all near items rescored (few), or the light/heavy choice for p(x|z) (many).
+    engine._max_first = data.draw(st.booleans())
+    with mock.patch.object(search_module, "FEW_NEAR", data.draw(st.sampled_from([0, 10**9]))):
+        matches = engine.search(z, k)
     assert matches.rows.shape == (z.shape[0], min(k, n))  # k > N is clamped to N
     check_against_reference(matches, reference, min(k, n), log_total(reference))
     np.testing.assert_array_equal(matches.ids, matches.rows + 100)
@@ -129,15 +135,17 @@ def test_label_filter_is_exact(data):
     reference = log_likelihood_reference(z, mu, log_sigma)
     count = int((labels == label).sum())
     k = data.draw(st.sampled_from([1, 3, count, count + 4]))
-    matches = engine.search(z, k, label=label)
+    with mock.patch.object(search_module, "FEW_NEAR", data.draw(st.sampled_from([0, 10**9]))):
+        matches = engine.search(z, k, label=label)
     assert np.all(matches.labels == label) and matches.rows.shape[-1] == min(k, count)
     filtered = np.where(labels == label, reference, -np.inf)
     # p(x|z) stays over the whole catalog.
     check_against_reference(matches, filtered, min(k, count), log_total(reference))
 
 
+@pytest.mark.parametrize("few_near", [0, 10**9])
 @pytest.mark.parametrize("k", [1, 5, 300])
-def test_filtered_query_whose_best_lie_far_below_the_catalogs(k):
+def test_filtered_query_whose_best_lie_far_below_the_catalogs(k, few_near, monkeypatch):
     """The one-query path's second pass: the label's best are thousands of nats below the
     catalog's best, beyond the items p(x|z) needs."""
     rng = np.random.default_rng(7)
@@ -150,10 +158,29 @@ def test_filtered_query_whose_best_lie_far_below_the_catalogs(k):
     z = np.zeros(d)
     reference = log_likelihood_reference(z[None], mu, log_sigma)[0]
     assert reference[labels == 0].max() - reference[labels == 1].max() > 1000
+    monkeypatch.setattr(search_module, "FEW_NEAR", few_near)
     matches = engine.search(z, k, label=1)
     assert np.all(matches.labels == 1)
     filtered = np.where(labels == 1, reference, -np.inf)
     check_against_reference(matches, filtered, min(k, n // 2), log_total(reference))
+
+
+@settings(max_examples=200, deadline=None)
+@given(count=st.integers(1, 3000), spread=st.sampled_from([1.0, 10.0, 60.0]),
+       seed=st.integers(0, 2**32 - 1))
+def test_light_items_move_p_by_at_most_the_tolerance(count, spread, seed):
+    """The p(x|z) light/heavy choice: the light items' bounds sum to <= P_TOLERANCE, and it
+    is maximal to within a bin (1/4 nat): the lightest heavy bin would not have fitted."""
+    rng = np.random.default_rng(seed)
+    log_bound = np.log(search_module.P_TOLERANCE) + rng.uniform(-spread, 2.0, count)
+    heavy = search_module._heavy(log_bound)
+    bound = np.exp(log_bound)
+    assert bound[~heavy].sum() <= search_module.P_TOLERANCE
+    if heavy.any():
+        lightest = log_bound[heavy].min()
+        assert bound[~heavy | (log_bound < lightest + 0.25)].sum() > search_module.P_TOLERANCE
+    else:
+        assert bound.sum() <= search_module.P_TOLERANCE
 
 
 @SETTINGS
