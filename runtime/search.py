@@ -18,12 +18,13 @@ How the engine finds the best k items exactly, fast (details and proofs: docs/se
    cancellation of the expanded form (tiny sigma, z near mu) never decides a ranking.
    Ties go to the lower row (in a bundle ids ascend with rows: the lower id).
 4. p(x|z) = q(z|x) / sum over the catalog (uniform prior over items). The sum uses float64 scores
-   for every item whose float32 error could matter, float32 scores for the rest, and skips
-   items more than log(N) + 20 nats below the best (together < e^-20 = 2e-9 of the sum):
-   p(x|z) is within 1.1e-7 relative of the exact value.
-5. One query (the kiosk's case) takes the maxima of interleaved groups of positions instead of
-   contiguous blocks (a row-wise maximum, at memory speed) and finds p's items and the top-k
-   candidates in one comparison pass (LikelihoodSearch._search_one).
+   for every item whose float32 error could matter, float32 scores for the rest (their error
+   bounds sum to <= 1e-7 of the sum), and skips items more than log(N) + 20 nats below the best
+   (together < e^-20 = 2e-9 of the sum): p(x|z) is within 1.1e-7 relative of the exact value.
+5. One query (the kiosk's case) takes the plain maximum of the scores and one comparison pass
+   for the items p(x|z) needs; their k-th best float32 score is the floor for the top k when
+   they hold at least k items well above p's floor (large catalogs), else the maxima of
+   interleaved groups of positions give it (LikelihoodSearch._search_one).
 
 Items are stored grouped by label, each label padded to whole blocks, so a label filter selects
 its top k from that label's blocks only: exact, and no more work than an unfiltered search.
@@ -342,51 +343,56 @@ class LikelihoodSearch(_QueryMethods):
     def _search_one(self, z, var, features, k: int, label: int | None) -> dict:
         """One query in few numpy calls, with scalar bounds (docs/search.md, "One query").
 
-        Two passes over the float32 scores (group maxima, then one comparison) find the items
-        p(x|z) needs and the candidates for the top k; only those are rescored in float64.
+        Two passes over the float32 scores (the maximum or the group maxima, then one
+        comparison) find the items p(x|z) needs and the candidates for the top k; only those
+        are rescored in float64.
         """
         scores = features.astype(np.float32) @ self._wt  # (n_pos,) gemv over the item vectors
         scale = _gamma(features.shape[0]) * math.sqrt(float(features @ features)) \
             * (1.0 + 4 * FLOAT32_EPS)
         error = self._max_norm * scale + _TINY  # bound on every item's float32 error
-        max_first = label is None and self._max_first
+        # Plain maximum first: p's items (found anyway) usually hold the top k. A filtered query
+        # always tries that; an unfiltered one when it worked for the last query.
+        max_first = label is not None or self._max_first
+        group_max = None if max_first else _group_max(scores, self.block)
+        # the best exact score is >= top32 - error
+        top32 = float(scores.max() if max_first else group_max.max())
+        # Items more than log N + 20 nats below the best weigh < e^-20 of p's sum together.
+        p_floor = top32 - 2.0 * error - (self._log_size + SKIP_NATS)
         if label is None:
             start, stop = 0, scores.size
-            group_max = None if max_first else _group_max(scores, self.block)
-            # the best exact score is >= top32 - error
-            top32 = float(scores.max() if max_first else group_max.max())
         else:  # the label's items fill one span of positions
             first, last = self._label_blocks[int(label)]
             start, stop = first * self.block, last * self.block
-            group_max = _group_max(scores[start:stop], self.block)
-            top32 = float(scores.max())
-        # Items more than log N + 20 nats below the best weigh < e^-20 of p's sum together.
-        p_floor = top32 - 2.0 * error - (self._log_size + SKIP_NATS)
-        sharp = False  # k_floor from the float32 scores of near items themselves
-        if max_first:  # p's items usually hold the top k: check that below
+        if max_first:
             k_floor = floor = p_floor
         else:
             # Groups are disjoint: k of them hold an item scoring >= their k-th largest
             # maximum in float32, so >= that - error exactly; any item of the top k then
             # scores >= k_floor in float32 (_kth_floor).
             k_floor = _kth_floor(group_max, k, error)
-            floor = min(p_floor, k_floor) if label is None else p_floor
+            floor = min(p_floor, k_floor)
+            # k groups at p's floor or above: max-first would have done
+            self._max_first = k_floor >= p_floor + 2.0 * error
         near = np.flatnonzero(scores >= _below(floor))  # the one comparison pass
         lo, hi = (0, near.size) if label is None \
             else np.searchsorted(near, (start, stop)).tolist()  # near[lo:hi]: eligible
-        in_near = k_floor >= floor  # else: a label whose best lie far below the best
+        sharp = in_near = max_first  # k_floor from near's own float32 scores
         if max_first:
             near_scores = scores[near]
-            k_floor = _kth_floor(near_scores, k, error)
-            sharp = k_floor >= floor
-            if not sharp:  # fewer than k items near the best: the group maxima after all
-                k_floor = _kth_floor(_group_max(scores, self.block), k, error)
-                floor = min(floor, k_floor)
-                near = np.flatnonzero(scores >= _below(floor))
-                lo, hi = 0, near.size
-                self._max_first = False
-        elif label is None:  # k groups at p's floor or above: max-first would have done
-            self._max_first = k_floor >= p_floor + 2.0 * error
+            k_floor = _kth_floor(near_scores[lo:hi], k, error)
+            if k_floor < floor:  # fewer than k eligible items near the best: group maxima
+                sharp = False
+                k_floor = _kth_floor(_group_max(scores[start:stop], self.block), k, error)
+                if label is None:  # one more comparison pass, with the lower floor
+                    self._max_first = False
+                    floor = min(floor, k_floor)
+                    near = np.flatnonzero(scores >= _below(floor))
+                    lo, hi = 0, near.size
+                else:  # the label's best lie below p's items: a pass over its span (below)
+                    in_near = False
+        else:
+            in_near = True
         if near.size <= FEW_NEAR:  # rescore them all: exact p, no bookkeeping
             item = self._rows[near]
             exact = _direct_scores(z, var, self._mu16[item], self._log_sigma16[item])
