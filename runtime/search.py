@@ -377,7 +377,8 @@ class LikelihoodSearch(_QueryMethods):
         near = np.flatnonzero(scores >= _below(floor))  # the one comparison pass
         lo, hi = (0, near.size) if label is None \
             else np.searchsorted(near, (start, stop)).tolist()  # near[lo:hi]: eligible
-        sharp = in_near = max_first  # k_floor from near's own float32 scores
+        near_scores = None  # float32 scores of `near`, gathered when needed
+        sharp, in_near = max_first, True  # sharp: k_floor from near's own float32 scores
         if max_first:
             near_scores = scores[near]
             k_floor = _kth_floor(near_scores[lo:hi], k, error)
@@ -387,12 +388,10 @@ class LikelihoodSearch(_QueryMethods):
                 if label is None:  # one more comparison pass, with the lower floor
                     self._max_first = False
                     floor = min(floor, k_floor)
-                    near = np.flatnonzero(scores >= _below(floor))
+                    near, near_scores = np.flatnonzero(scores >= _below(floor)), None
                     lo, hi = 0, near.size
                 else:  # the label's best lie below p's items: a pass over its span (below)
                     in_near = False
-        else:
-            in_near = True
         if near.size <= FEW_NEAR:  # rescore them all: exact p, no bookkeeping
             item = self._rows[near]
             exact = _direct_scores(z, var, self._mu16[item], self._log_sigma16[item])
@@ -400,7 +399,7 @@ class LikelihoodSearch(_QueryMethods):
             log_total = top + math.log(np.exp(exact - top).sum())
             item, exact = item[lo:hi], exact[lo:hi]
         else:
-            if not sharp:
+            if near_scores is None:
                 near_scores = scores[near]
             if in_near and not sharp:  # sharpen: the k-th best eligible float32 score itself
                 k_floor = _kth_floor(near_scores[lo:hi], k, error)
