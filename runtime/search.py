@@ -52,6 +52,9 @@ P_TOLERANCE = 1e-7
 # One query: up to this many items near the best are all rescored in float64 (cheaper than
 # choosing among so few which need it).
 FEW_NEAR = 64
+# From this many scores on, a comparison pass reads only the groups whose maximum reaches
+# its threshold (where at most 1/8 of them do).
+GATHER_MIN_SCORES = 1 << 17
 # float32 scores are used only while |w| |q| stays below this (no overflow to inf).
 SAFE_MAGNITUDE = 1e37
 _TINY = float(np.finfo(np.float32).tiny)
@@ -372,9 +375,11 @@ class LikelihoodSearch(_QueryMethods):
             # scores >= k_floor in float32 (_kth_floor).
             k_floor = _kth_floor(group_max, k, error)
             floor = min(p_floor, k_floor)
-            # k groups at p's floor or above: max-first would have done
-            self._max_first = k_floor >= p_floor + 2.0 * error
-        near = np.flatnonzero(scores >= _below(floor))  # the one comparison pass
+        near, read_all = _at_or_above(scores, _below(floor), group_max)  # the one comparison
+        if not max_first:
+            # Max-first would have done (k groups at p's floor or above) and cost no more (the
+            # group maxima did not spare the comparison most of the scores).
+            self._max_first = read_all and k_floor >= p_floor + 2.0 * error
         lo, hi = (0, near.size) if label is None \
             else np.searchsorted(near, (start, stop)).tolist()  # near[lo:hi]: eligible
         near_scores = None  # float32 scores of `near`, gathered when needed
@@ -384,11 +389,12 @@ class LikelihoodSearch(_QueryMethods):
             k_floor = _kth_floor(near_scores[lo:hi], k, error)
             if k_floor < floor:  # fewer than k eligible items near the best: group maxima
                 sharp = False
-                k_floor = _kth_floor(_group_max(scores[start:stop], self.block), k, error)
+                span_max = _group_max(scores[start:stop], self.block)
+                k_floor = _kth_floor(span_max, k, error)
                 if label is None:  # one more comparison pass, with the lower floor
                     self._max_first = False
                     floor = min(floor, k_floor)
-                    near, near_scores = np.flatnonzero(scores >= _below(floor)), None
+                    near, near_scores = _at_or_above(scores, _below(floor), span_max)[0], None
                     lo, hi = 0, near.size
                 else:  # the label's best lie below p's items: a pass over its span (below)
                     in_near = False
@@ -426,7 +432,7 @@ class LikelihoodSearch(_QueryMethods):
                 item, exact = item[candidate], exact[candidate]
         if not in_near:  # one more pass, over the label's span
             span = scores[start:stop]
-            found = np.flatnonzero(span >= _below(k_floor))
+            found = _at_or_above(span, _below(k_floor), span_max)[0]
             found_scores = span[found]
             k_floor = _kth_floor(found_scores, k, error)
             item = self._rows[start + found[found_scores >= _below(k_floor)]]
@@ -674,6 +680,27 @@ def _group_max(scores: np.ndarray, size: int) -> np.ndarray:
     size * C): an element-wise maximum of `size` rows, at memory speed (the maxima of
     contiguous blocks, a reduction along short rows, take about four times as long)."""
     return scores.reshape(size, -1).max(axis=0)
+
+
+def _at_or_above(scores: np.ndarray, threshold: float,
+                 group_max: np.ndarray | None = None) -> tuple[np.ndarray, bool]:
+    """Positions (ascending) of the scores >= threshold, and whether all scores were read:
+    given their group maxima (_group_max), only the groups whose maximum reaches the threshold
+    are read, where those are few."""
+    # Gathering 1/8 of the groups costs about as much as a pass over all scores, and below
+    # about 10^5 scores the pass costs less than the gather's extra numpy calls.
+    if group_max is not None and scores.size >= GATHER_MIN_SCORES:
+        hit = np.flatnonzero(group_max >= threshold)
+        if hit.size * 8 <= group_max.size:
+            return _in_groups(scores, threshold, hit, group_max.size), False
+    return np.flatnonzero(scores >= threshold), True
+
+
+def _in_groups(scores: np.ndarray, threshold: float, hit: np.ndarray, groups: int) -> np.ndarray:
+    """Positions (ascending) of the scores >= threshold within the interleaved groups `hit`
+    (sorted) of `groups` (_group_max): position = member * groups + group."""
+    member, column = np.nonzero(scores.reshape(-1, groups)[:, hit] >= threshold)
+    return member * groups + hit[column]
 
 
 def _kth_floor(scores: np.ndarray, k: int, error: float) -> float:

@@ -92,7 +92,8 @@ def log_total(reference: np.ndarray) -> np.ndarray:
 def test_engine_equals_float64_reference(data):
     mu, log_sigma, labels, rng = data.draw(catalogs())
     n = mu.shape[0]
-    engine = LikelihoodSearch(mu, log_sigma, np.arange(n) + 100, labels)
+    engine = LikelihoodSearch(mu, log_sigma, np.arange(n) + 100, labels,
+                              block=data.draw(st.sampled_from([8, 256])))
     z = data.draw(queries(mu, rng, batch=data.draw(st.sampled_from([1, 7]))))
     reference = log_likelihood_reference(z, mu, log_sigma)
     k = data.draw(st.sampled_from([1, 2, n, n + 5]))
@@ -129,7 +130,8 @@ def test_batch_equals_one_by_one(data):
 @given(data=st.data())
 def test_label_filter_is_exact(data):
     mu, log_sigma, labels, rng = data.draw(catalogs())
-    engine = LikelihoodSearch(mu, log_sigma, np.arange(mu.shape[0]), labels)
+    engine = LikelihoodSearch(mu, log_sigma, np.arange(mu.shape[0]), labels,
+                              block=data.draw(st.sampled_from([8, 256])))
     label = int(labels[data.draw(st.integers(0, labels.size - 1))])
     z = data.draw(queries(mu, rng, batch=data.draw(st.sampled_from([1, 7]))))
     reference = log_likelihood_reference(z, mu, log_sigma)
@@ -163,6 +165,53 @@ def test_filtered_query_whose_best_lie_far_below_the_catalogs(k, few_near, monke
     assert np.all(matches.labels == 1)
     filtered = np.where(labels == 1, reference, -np.inf)
     check_against_reference(matches, filtered, min(k, n // 2), log_total(reference))
+
+
+@settings(max_examples=200, deadline=None)
+@given(groups=st.integers(1, 64), size=st.sampled_from([1, 8, 256]), seed=st.integers(0, 2**32 - 1),
+       quantile=st.sampled_from([0.0, 0.5, 0.99, 1.0]))
+def test_comparison_over_reaching_groups_equals_full_pass(groups, size, seed, quantile):
+    """_at_or_above reads only the groups whose maximum reaches the threshold: same positions,
+    in the same order, as one pass over all scores (ties at the threshold and padding too)."""
+    rng = np.random.default_rng(seed)
+    scores = rng.integers(-20, 20, groups * size).astype(np.float32)  # many exact ties
+    scores[rng.random(scores.size) < 0.1] = search_module.PAD_SCORE
+    threshold = float(np.quantile(scores, quantile))
+    group_max = search_module._group_max(scores, size)
+    want = np.flatnonzero(scores >= threshold)
+    for gather_min in (0, 1 << 17):
+        with mock.patch.object(search_module, "GATHER_MIN_SCORES", gather_min):
+            got, read_all = search_module._at_or_above(scores, threshold, group_max)
+        np.testing.assert_array_equal(got, want)
+        if gather_min:
+            assert read_all
+    got, read_all = search_module._at_or_above(scores, threshold)
+    np.testing.assert_array_equal(got, want)
+    assert read_all
+
+
+@pytest.mark.parametrize(("k", "label"), [(1, None), (10, None), (10, 2)])
+def test_one_query_reads_only_the_groups_that_reach_the_floor(k, label, monkeypatch):
+    """Like the benchmark at d = 32: p(x|z) needs a few items, the top k lies far below them,
+    so the group maxima set the floor and few groups reach it (the gathered comparison; with
+    a label, in the pass over the label's span)."""
+    rng = np.random.default_rng(3)
+    n, d = 3000, 24
+    mu = rng.standard_normal((n, d)).astype(np.float16)
+    log_sigma = rng.uniform(-3.0, 0.0, (n, d)).astype(np.float16)
+    labels = rng.integers(0, 3, n)
+    engine = LikelihoodSearch(mu, log_sigma, np.arange(n), labels, block=8)
+    monkeypatch.setattr(search_module, "GATHER_MIN_SCORES", 0)
+    spy = mock.Mock(wraps=search_module._in_groups)
+    monkeypatch.setattr(search_module, "_in_groups", spy)
+    for max_first in (True, False):
+        engine._max_first = max_first
+        z = rng.standard_normal(d)
+        reference = log_likelihood_reference(z[None], mu, log_sigma)[0]
+        ranked = reference if label is None else np.where(labels == label, reference, -np.inf)
+        matches = engine.search(z, k, label=label)
+        check_against_reference(matches, ranked, k, log_total(reference))
+    assert spy.called
 
 
 @settings(max_examples=200, deadline=None)
