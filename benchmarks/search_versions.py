@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(1)
     print(f"{'N':>9} {'d':>3} | {'old ms':>8} {'new ms':>8} {'faiss ms':>8} | "
           f"{'new/old':>7} {'old/faiss':>9} {'new/faiss':>9}")
-    for n, d in [(60_000, 10), (60_000, 32), (1_000_000, 10)]:
+    for n, d in [(60_000, 10), (60_000, 32), (1_000_000, 10), (1_000_000, 32)]:
         mu, log_sigma, labels = catalog(n, d)
         old = old_search.LikelihoodSearch(mu, log_sigma, np.arange(n), labels)
         new = new_search.LikelihoodSearch(mu, log_sigma, np.arange(n), labels)
