@@ -108,6 +108,24 @@ def methods_for(engine, index, batch):
     }
 
 
+def load_faiss():
+    """The faiss module, single-threaded; None (and a message) where faiss-cpu is missing."""
+    try:
+        import faiss
+    except ImportError:
+        print("faiss-cpu is needed: pip install -e '.[bench]'", file=sys.stderr)
+        return None
+    faiss.omp_set_num_threads(1)
+    return faiss
+
+
+def flat_index(faiss, vectors: np.ndarray):
+    """FAISS IndexFlatIP over float32 item vectors (n, 2d+1): exact inner-product search."""
+    index = faiss.IndexFlatIP(vectors.shape[1])
+    index.add(vectors)
+    return index
+
+
 def catalog(n: int, d: int, seed: int = 0):
     rng = np.random.default_rng(seed)
     mu = rng.standard_normal((n, d)).astype(np.float16)
@@ -130,12 +148,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.warm < 0:
         parser.error(f"--warm must be >= 0, got {args.warm}")
-    try:
-        import faiss
-    except ImportError:
-        print("faiss-cpu is needed: pip install -e '.[bench]'", file=sys.stderr)
+    faiss = load_faiss()
+    if faiss is None:
         return 2
-    faiss.omp_set_num_threads(1)
 
     bandwidth = memory_bandwidth()
     mode = f"warm: {args.warm} calls in a row per method" if args.warm else "interleaved"
@@ -152,8 +167,7 @@ def main(argv=None) -> int:
             mu, log_sigma, labels = catalog(n, d)
             engine = LikelihoodSearch(mu, log_sigma, np.arange(n), labels)
             vectors = item_vectors(mu, log_sigma)
-            index = faiss.IndexFlatIP(vectors.shape[1])
-            index.add(vectors)
+            index = flat_index(faiss, vectors)
             bound = vectors.nbytes / bandwidth
             for batch in args.batches:
                 work = n * batch / 60_000

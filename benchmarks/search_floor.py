@@ -39,7 +39,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from search import K, catalog, features, timed  # noqa: E402
+from search import K, catalog, features, flat_index, load_faiss, timed  # noqa: E402
 
 from vae_edge.runtime.search import SKIP_NATS, LikelihoodSearch, item_vectors  # noqa: E402
 
@@ -51,12 +51,9 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=300,
                         help="rounds at N = 60k; fewer for larger catalogs")
     args = parser.parse_args(argv)
-    try:
-        import faiss
-    except ImportError:
-        print("faiss-cpu is needed: pip install -e '.[bench]'", file=sys.stderr)
+    faiss = load_faiss()
+    if faiss is None:
         return 2
-    faiss.omp_set_num_threads(1)
     print(f"numpy {np.__version__}, faiss {faiss.__version__}, single-threaded, one query, "
           f"k = {K}")
     print(f"{'N':>9} {'d':>3} | {'product ms':>10} {'scan ms':>8} {'engine ms':>9} "
@@ -68,8 +65,7 @@ def main(argv=None) -> int:
             mu, log_sigma, labels = catalog(n, d)
             engine = LikelihoodSearch(mu, log_sigma, np.arange(n), labels)
             vectors = item_vectors(mu, log_sigma)
-            index = faiss.IndexFlatIP(vectors.shape[1])
-            index.add(vectors)
+            index = flat_index(faiss, vectors)
             product_copy = np.ascontiguousarray(vectors.T)
             scan_copy = product_copy.copy()
             del vectors

@@ -23,7 +23,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from search import K, catalog, features, timed  # noqa: E402
+from search import K, catalog, features, flat_index, load_faiss, timed  # noqa: E402
 
 from vae_edge.runtime import search as new_search  # noqa: E402
 
@@ -36,12 +36,9 @@ def main(argv=None) -> int:
     if not args.old.is_file():
         print(f"no such file: {args.old}", file=sys.stderr)
         return 2
-    try:
-        import faiss
-    except ImportError:
-        print("faiss-cpu is needed: pip install -e '.[bench]'", file=sys.stderr)
+    faiss = load_faiss()
+    if faiss is None:
         return 2
-    faiss.omp_set_num_threads(1)
     spec = importlib.util.spec_from_file_location("old_search", args.old)
     old_search = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(old_search)
@@ -52,8 +49,7 @@ def main(argv=None) -> int:
         mu, log_sigma, labels = catalog(n, d)
         old = old_search.LikelihoodSearch(mu, log_sigma, np.arange(n), labels)
         new = new_search.LikelihoodSearch(mu, log_sigma, np.arange(n), labels)
-        index = faiss.IndexFlatIP(2 * d + 1)
-        index.add(new_search.item_vectors(mu, log_sigma))
+        index = flat_index(faiss, new_search.item_vectors(mu, log_sigma))
         methods = {"old": lambda z, e=old: e.search(z[0], K),
                    "new": lambda z, e=new: e.search(z[0], K),
                    "faiss": lambda z, i=index: i.search(features(z), K)}
