@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from .core import Runtime, parse_z
+from .core import MATCH_MODES, Runtime, parse_z
 from .images import read_image, save_png, save_sheet
 
 SHEET_MAX_ITEMS = 20
@@ -148,21 +148,33 @@ def query_options(command):
 @click.option("--label", default=None, metavar="NAME",
               help="Only items of this class, by name (Sneaker) or id (7); p(x|z) stays "
                    "over the whole catalog.")
+@click.option("--by", type=click.Choice(MATCH_MODES), default=None,
+              help="How a latent query ranks items: latent (default), by log q(z|x); decoded, "
+                   "by the garment decode(z) encoded again, as a photo would be (better far "
+                   "from the catalog: docs/matching.md).")
 @click.option("--json", "as_json", is_flag=True,
-              help="Print one JSON object: the query and a results list.")
+              help="Print one JSON object: the query, the match mode, z's distance from the "
+                   "catalog and a results list.")
 @click.option("--sheet", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help=f"Also write a PNG: the query beside the first {SHEET_MAX_ITEMS} items' "
               "decoded mu.")
 def nearest(runtime: Runtime, z: np.ndarray | None, image, k: int, label: str | None,
-            as_json: bool, sheet: Path | None):
-    """Catalog items most likely to have produced z, by log q(z|x), best first.
+            by: str | None, as_json: bool, sheet: Path | None):
+    """Catalog items most like the garment z, best first.
 
-    With --image, items are ranked by E[log q(z|x)] over the photo's posterior z ~ q(z|photo).
-    p(x|z) is each item's share of the catalog (uniform prior over items).
+    By default items are ranked by log q(z|x), how likely each item's posterior makes z;
+    --by decoded ranks them by the decoded garment instead. With --image, items are ranked
+    by E[log q(z|x)] over the photo's posterior z ~ q(z|photo). p(x|z) is each item's share
+    of the match among catalog items (uniform prior over items), not a similarity. The
+    distance |z - mu(decode(z))| says how far z lies from where the catalog is.
     """
+    if image is not None and by is not None:
+        raise CliError("--by ranks latent queries (--z / --random); --image always ranks by "
+                       "the photo's posterior")
+    by = by or "latent"
     with library_errors():
         if image is None:
-            matches = runtime.nearest(z, k=k, label=label)
+            matches = runtime.nearest(z, k=k, label=label, by=by)
         else:
             matches = runtime.nearest_image(image[1], k=k, label=label)
     names = runtime.label_names
@@ -187,13 +199,24 @@ def nearest(runtime: Runtime, z: np.ndarray | None, image, k: int, label: str | 
                 for r in results[:SHEET_MAX_ITEMS]]
             save_sheet(sheet, query, items, captions,
                        f"{title} | nearest catalog items (decoded mu), log q(z|x)")
+    if image is None:
+        query = {"z": [float(v) for v in z], "by": by,
+                 "distance": float(matches.distances)}
+    else:
+        query = {"image": str(image[0])}
     if as_json:
-        query = {"z": [float(v) for v in z]} if image is None else {"image": str(image[0])}
         click.echo(json.dumps({**query, "label": label, "k": len(results),
                                "results": results}))
     else:
-        click.echo(f"z = {format_z(z)}" if image is None else f"image = {image[0]}")
-        click.echo(f"{'rank':>4}  {'id':>6}  {'label':<12} {'log q(z|x)':>12}  {'p(x|z)':>8}")
+        if image is None:
+            click.echo(f"z = {format_z(z)}")
+            click.echo(f"ranked by {by}; distance from the catalog |z - mu(decode(z))| = "
+                       f"{query['distance']:.2f}")
+        else:
+            click.echo(f"image = {image[0]}")
+        # decoded and photo queries rank by the expectation over a posterior
+        score = "log q(z|x)" if by == "latent" and image is None else "E log q(z|x)"
+        click.echo(f"{'rank':>4}  {'id':>6}  {'label':<12} {score:>12}  {'p(x|z)':>8}")
         for r in results:
             click.echo(f"{r['rank']:>4}  {r['id']:>6}  {r['label']:<12} "
                        f"{r['log_likelihood']:>12.3f}  {r['probability']:>8.4f}")

@@ -5,6 +5,7 @@ Only numpy, onnxruntime and the standard library are imported here (no torch, no
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -26,6 +27,8 @@ from .search import LikelihoodSearch, Matches, StreamingLikelihoodSearch
 # overflow float32 arithmetic in the decoder.
 MAX_ABS_Z = 1e6
 MAX_BATCH = 65536
+# How nearest() ranks the catalog for a latent query (see Runtime.nearest).
+MATCH_MODES = ("latent", "decoded")
 # parse_z refuses longer text before splitting it: a million values still get a precise
 # count, a gigabyte does not get copied around.
 MAX_Z_TEXT = 16 << 20
@@ -255,16 +258,49 @@ class Runtime:
         log_sigma = 0.5 * log_var
         return (mu[0], log_sigma[0]) if single else (mu, log_sigma)
 
-    def nearest(self, z, k: int = 5, label: int | str | None = None) -> Matches:
-        """The k catalog items x with the highest log q(z|x), best first.
+    def nearest(self, z, k: int = 5, label: int | str | None = None,
+                by: str = "latent") -> Matches:
+        """The k catalog items most like the garment z, best first, ranked one of two ways:
+
+        by="latent": log q(z|x), how likely each item's posterior makes z itself.
+        by="decoded": the garment decode(z) is encoded again and items are ranked by the
+        expected log-likelihood under that posterior, as for a photo (nearest_image). Far
+        from the catalog, where log q(z|x) favours the broadest posteriors whatever they
+        look like, this ranks by what the shopper sees (docs/matching.md).
 
         k larger than the catalog (or than the label's items) returns them all.
         label: a class name ("Sneaker") or id (7): only items of that class are returned;
         probabilities stay p(x|z) over the whole catalog.
+        Matches.distances holds |z - mu(decode(z))| per query (see roundtrip_distance).
         """
         array = check_latent(z, self.latent_dim)
         k = check_k(k)
-        return self._search.search(array, k, self._label_filter(label))
+        if by not in MATCH_MODES:
+            raise ValueError(f"by must be one of {', '.join(MATCH_MODES)}, got {by!r}")
+        label_id = self._label_filter(label)
+        mu, log_sigma, distances = self._roundtrip(array)
+        if by == "latent":
+            matches = self._search.search(array, k, label_id)
+        else:
+            matches = self._search.search_gaussian(mu.astype(np.float64),
+                                                   log_sigma.astype(np.float64), k, label_id)
+        return dataclasses.replace(matches, distances=distances)
+
+    def roundtrip_distance(self, z) -> np.ndarray:
+        """|z - mu(decode(z))|: how far the encoder puts the decoded garment from z.
+
+        Small where the decoder learnt from catalog items (z next to an item's mu, or
+        typical z ~ N(0, I)); large where z lies outside the region the catalog covers, so
+        that the decoded garment resembles no item closely. float64, () for one z, (B,).
+        """
+        return self._roundtrip(check_latent(z, self.latent_dim))[2]
+
+    def _roundtrip(self, z: np.ndarray):
+        """encode(decode(z)) for validated z: mu, log_sigma and |z - mu| (shaped like z)."""
+        mu, log_sigma = self.encode(self.decode(z.reshape(-1, self.latent_dim)))
+        if z.ndim == 1:
+            mu, log_sigma = mu[0], log_sigma[0]
+        return mu, log_sigma, np.linalg.norm(z - mu, axis=-1)
 
     def nearest_image(self, images, k: int = 5, label: int | str | None = None) -> Matches:
         """Catalog items ranked by E_{z ~ q(z|x_q)} log q(z|x) for query image(s) x_q.

@@ -75,6 +75,9 @@ class Matches:
     log_likelihoods: np.ndarray  # float64, log q(z|x)
     # p(x|z) = q(z|x) / sum over the whole catalog of q(z|x'): a uniform prior over items.
     probabilities: np.ndarray  # float64
+    # Runtime.nearest: |z - mu(decode(z))| per query, () or (B,), float64; how far z lies
+    # from where the catalog is (Runtime.roundtrip_distance). None for photo queries.
+    distances: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.ids.shape[-1])

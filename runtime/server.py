@@ -12,8 +12,10 @@ Routes (all answers are JSON except the page, its assets and the *.png routes):
     GET  /api/sample[?seed=N]      z drawn from the prior N(0, I)
     GET  /api/decode?z=...         {"z", "image": PNG data URL}; POST the same as {"z": [...]}
     GET  /api/decode.png?z=...     the decoded garment as a PNG
-    GET  /api/nearest?z=...&k=N    the k catalog items with the highest log q(z|x), best first;
-                                   POST the same as {"z": [...], "k": N}
+    GET  /api/nearest?z=...&k=N&by=latent|decoded
+                                   the k catalog items most like the garment z, best first
+                                   (Runtime.nearest, by="latent" unless given), with z's
+                                   distance from the catalog; POST: {"z": [...], "k": N, "by": ...}
     GET  /api/item/<id>            one catalog item: label, mu, log_sigma
     GET  /api/item/<id>.png        its picture: the decoder's reconstruction of mu
 
@@ -39,7 +41,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 
-from .core import Runtime, check_k, check_latent, parse_z
+from .core import MATCH_MODES, Runtime, check_k, check_latent, parse_z
 from .images import to_uint8
 
 DEFAULT_HOST = "127.0.0.1"
@@ -48,6 +50,8 @@ DEFAULT_RANGE = 3.0
 MAX_RANGE = 100.0
 DEFAULT_K = 6
 MAX_K = 100  # a results list longer than this is a scraper, not a kiosk
+FAR_SAMPLES = 512
+FAR_QUANTILE = 0.99
 # 512 latent values of up to ~25 JSON characters each fit comfortably under both caps.
 MAX_BODY_BYTES = 64 * 1024
 MAX_QUERY_CHARS = 16 * 1024
@@ -155,6 +159,10 @@ class KioskApp:
         self.runtime = runtime
         self.z_range = float(z_range)
         self.k = check_server_k(k)
+        # A garment is "far from the catalog" when its round-trip distance exceeds what 99%
+        # of typical garments (z ~ N(0, I), a fixed sample) show: docs/matching.md.
+        typical = runtime.roundtrip_distance(runtime.sample_prior(FAR_SAMPLES, seed=0))
+        self.far_distance = float(np.quantile(typical, FAR_QUANTILE))
         ids = runtime.index.ids
         # First row wins should an id repeat; ids are dataset rows, so they do not.
         self._rows = {}
@@ -173,6 +181,8 @@ class KioskApp:
             "range": self.z_range,
             "k": self.k,
             "max_k": MAX_K,
+            "match_modes": list(MATCH_MODES),
+            "far_distance": self.far_distance,
         }
 
     def sample(self, seed: int | None) -> dict:
@@ -187,8 +197,8 @@ class KioskApp:
     def decode(self, z: np.ndarray) -> dict:
         return {"z": z.tolist(), "image": png_data_url(self.runtime.decode(z))}
 
-    def nearest(self, z: np.ndarray, k: int) -> dict:
-        matches = self.runtime.nearest(z, k=check_server_k(k))
+    def nearest(self, z: np.ndarray, k: int, by: str = "latent") -> dict:
+        matches = self.runtime.nearest(z, k=check_server_k(k), by=by)
         names = self.runtime.label_names
         results = [
             {"rank": rank, "id": int(item_id), "row": int(row), "label": names[label],
@@ -199,7 +209,9 @@ class KioskApp:
                     matches.probabilities),
                 start=1)
         ]
-        return {"z": z.tolist(), "k": len(results), "results": results}
+        distance = float(matches.distances)
+        return {"z": z.tolist(), "by": by, "k": len(results), "distance": distance,
+                "far": distance > self.far_distance, "results": results}
 
     def row_of(self, item_id: int) -> int:
         try:
@@ -380,9 +392,10 @@ class KioskHandler(BaseHTTPRequestHandler):
             self._fields(query, ("z",), ())
             return self._send(200, app.decode_png(parse_z(query["z"], d)), "image/png")
         if path == "/api/nearest":
-            self._fields(query, ("z",), ("k",))
+            self._fields(query, ("z",), ("k", "by"))
             k = parse_int(query["k"], "k") if "k" in query else app.k
-            return self._json(app.nearest(parse_z(query["z"], d), k))
+            return self._json(app.nearest(parse_z(query["z"], d), k,
+                                          query.get("by", "latent")))
         match = ITEM_PATH.match(path)
         if match:
             self._fields(query, (), ())
@@ -406,9 +419,10 @@ class KioskHandler(BaseHTTPRequestHandler):
         if path == "/api/decode":
             self._fields(body, ("z",), ())
             return self._json(app.decode(latent_from_json(body["z"], d)))
-        self._fields(body, ("z",), ("k",))
+        self._fields(body, ("z",), ("k", "by"))
         k = parse_int(body["k"], "k") if "k" in body else app.k
-        return self._json(app.nearest(latent_from_json(body["z"], d), k))
+        return self._json(app.nearest(latent_from_json(body["z"], d), k,
+                                      body.get("by", "latent")))
 
     def _static(self, name: str):
         page = self.server.static.get(name)

@@ -90,6 +90,8 @@ class Kiosk:
         self.page.on("request", self._check_request)
         self.page.goto(server.url)
         self.settle()
+        self.far_distance = self.context.request.get(server.url + "api/info").json()[
+            "far_distance"]
 
     def _check_request(self, request):
         if not request.url.startswith((self.origin + "/", "data:")):
@@ -132,10 +134,16 @@ class Kiosk:
         return self.page.locator("#matches").inner_text()
 
     def check_consistent(self):
-        """The picture is decode(z) and the list is nearest(z), for the z on the sliders."""
+        """The picture is decode(z) and the list is nearest(z) ranked by the decoded garment,
+        for the z on the sliders; the page says whether z is far from the catalog."""
         z = self.z
         np.testing.assert_array_equal(self.picture(), to_uint8(self.runtime.decode(z)))
-        assert self.shown_ids() == self.runtime.nearest(z, k=K).ids.tolist()
+        matches = self.runtime.nearest(z, k=K, by="decoded")
+        assert self.shown_ids() == matches.ids.tolist()
+        far = float(matches.distances) > self.far_distance
+        fit = self.page.locator("#fit")
+        assert ("far" in fit.get_attribute("class").split()) == far
+        assert fit.inner_text().startswith("Nothing in our catalog" if far else "These pieces")
         return z
 
     def drag(self, selector: str, fraction: float):
@@ -310,6 +318,12 @@ def test_shipped_model_in_the_browser(browser):
     view = Kiosk(browser, server, shipped)
     try:
         check_slider_and_tap(view, shipped.latent_dim)
+        # Every slider at its end: a corner of the slider box, far from every catalog item.
+        for dim in range(shipped.latent_dim):
+            view.drag(f"#sliders input[data-dim='{dim}']", 1.0)
+        view.settle()
+        assert (view.check_consistent() >= 2.9).all()
+        assert "far" in view.page.locator("#fit").get_attribute("class").split()
         assert view.problems == []
     finally:
         view.close()

@@ -78,7 +78,11 @@ def test_info(server, runtime):
     assert status == 200
     assert info == {"latent_dim": D, "image_shape": [1, 28, 28],
                     "label_names": list(runtime.label_names), "catalog": "fashion-mnist/train",
-                    "catalog_size": 5000, "range": 3.0, "k": 6, "max_k": 100}
+                    "catalog_size": 5000, "range": 3.0, "k": 6, "max_k": 100,
+                    "match_modes": ["latent", "decoded"],
+                    "far_distance": pytest.approx(info["far_distance"])}
+    typical = runtime.roundtrip_distance(runtime.sample_prior(512, seed=0))
+    assert info["far_distance"] == float(np.quantile(typical, 0.99))
 
 
 def test_decode_post_get_and_png_match_the_runtime(server, runtime):
@@ -97,14 +101,17 @@ def test_decode_post_get_and_png_match_the_runtime(server, runtime):
     assert status == 200 and decoded["z"] == Z
 
 
-@pytest.mark.parametrize("k", [1, 7, 64])
-def test_nearest_matches_the_runtime(server, runtime, k):
-    expected = runtime.nearest(np.array(Z), k=k)
+@pytest.mark.parametrize(("k", "by"), [(1, None), (7, "latent"), (64, "decoded")])
+def test_nearest_matches_the_runtime(server, runtime, k, by):
+    expected = runtime.nearest(np.array(Z), k=k, by=by or "latent")
+    mode = {} if by is None else {"by": by}
     for status, payload in (
-        call_json(server, "POST", "/api/nearest", {"z": Z, "k": k}),
-        call_json(server, "GET", f"/api/nearest?z={Z_TEXT}&k={k}"),
+        call_json(server, "POST", "/api/nearest", {"z": Z, "k": k, **mode}),
+        call_json(server, "GET", f"/api/nearest?z={Z_TEXT}&k={k}" + (f"&by={by}" if by else "")),
     ):
         assert status == 200 and payload["k"] == k and payload["z"] == Z
+        assert payload["by"] == (by or "latent")
+        assert payload["distance"] == float(expected.distances)
         results = payload["results"]
         assert [r["rank"] for r in results] == list(range(1, k + 1))
         assert [r["id"] for r in results] == expected.ids.tolist()
@@ -171,7 +178,10 @@ NESTED = b"[" * 60000
         ("POST", "/api/nearest", {"z": Z, "k": 0}, "k must be >= 1, got 0"),
         ("POST", "/api/nearest", {"z": Z, "k": 101}, "k must be <= 100, got 101"),
         ("POST", "/api/nearest", {"z": Z, "k": 2.5}, "k must be an integer, got a number"),
-        ("POST", "/api/nearest", {"z": Z, "kk": 2}, "unknown field(s): kk (allowed: z, k)"),
+        ("POST", "/api/nearest", {"z": Z, "kk": 2}, "unknown field(s): kk (allowed: z, k, by)"),
+        ("POST", "/api/nearest", {"z": Z, "by": "pixels"},
+         "by must be one of latent, decoded, got 'pixels'"),
+        ("GET", f"/api/nearest?z={Z_TEXT}&by=", None, "by must be one of latent, decoded, got ''"),
         ("POST", "/api/nearest", b"{", "request body is not valid JSON: Expecting property name "
          "enclosed in double quotes at line 1 column 2"),
         ("POST", "/api/nearest", [1, 2], "request body must be a JSON object, got a list"),

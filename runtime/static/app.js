@@ -54,6 +54,12 @@
 
   const signed = (v) => (v < 0 ? "\u2212" : "+") + Math.abs(v).toFixed(2);
   const percent = (p) => (p >= 0.001 ? `${(100 * p).toFixed(1)}%` : "<0.1%");
+  // p(x|z) is an item's share of the match among the catalog's items, not a similarity:
+  // 99% means "far likelier than the others", even for a garment nothing resembles. Shoppers
+  // get words for how the items compare with each other, and the page says separately
+  // whether the garment is near the catalog at all.
+  const standing = (p) => (p >= 0.5 ? "Clear favourite" : p >= 0.1 ? "Close contender"
+    : "Also similar");
 
   // ---- sliders -----------------------------------------------------------------------
   function buildSliders() {
@@ -124,7 +130,7 @@
       try {
         const [decoded, near] = await Promise.all([
           api("/api/decode", { z }),
-          api("/api/nearest", { z, k: state.info.k }),
+          api("/api/nearest", { z, k: state.info.k, by: "decoded" }),
         ]);
         renderGarment(decoded);
         renderMatches(near);
@@ -166,15 +172,8 @@
       label.textContent = item.label;
       const sure = document.createElement("span");
       sure.className = "sure";
-      const bar = document.createElement("span");
-      bar.className = "bar";
-      const fill = document.createElement("span");
-      fill.style.width = `${Math.max(1, Math.round(100 * item.probability))}%`;
-      bar.append(fill);
-      const pct = document.createElement("span");
-      pct.className = "pct";
-      pct.textContent = percent(item.probability);
-      sure.append(bar, pct);
+      sure.textContent = near.far ? "Nearest we have" : standing(item.probability);
+      sure.title = `${percent(item.probability)} of the match among catalog items`;
       open.append(img, label, sure);
       open.addEventListener("click", () => loadItem(item.id));
 
@@ -193,6 +192,12 @@
       list.append(li);
     }
     list.dataset.z = JSON.stringify(near.z);
+    const fit = $("fit");
+    fit.textContent = near.far
+      ? "Nothing in our catalog looks much like this design. These are the nearest pieces we have."
+      : "These pieces look most like your design.";
+    fit.classList.toggle("far", near.far);
+    fit.dataset.distance = String(near.distance);
   }
 
   // ---- actions -------------------------------------------------------------------------
