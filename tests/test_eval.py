@@ -10,6 +10,7 @@ from click.testing import CliRunner
 
 from .conftest import CATALOG_LIMIT, brute_force_log_q
 
+SLIDER_QUERIES = 24
 TEST_LIMIT = 300
 
 
@@ -26,7 +27,8 @@ def report_dir(tmp_path_factory, tiny_bundle, tiny_run, splits):
 
     out = tmp_path_factory.mktemp("eval") / "report"
     evaluate(tiny_bundle, out, checkpoint=tiny_run[0] / "checkpoint.pt",
-             config=EvalConfig(test_limit=TEST_LIMIT, is_images=40, is_samples=100),
+             config=EvalConfig(test_limit=TEST_LIMIT, is_images=40, is_samples=100,
+                               slider_queries=SLIDER_QUERIES, slider_range=4.0),
              log=None, catalog_split=splits[0], test_split=splits[1])
     return out
 
@@ -62,11 +64,38 @@ def test_report_contents(report, tiny_run):
     assert 0.0 < report["reconstruction_mse"] < 0.2
 
 
+def test_slider_scenario_by_hand(report, runtime, splits):
+    """Each figure recomputed from the runtime, the catalog images and np.corrcoef."""
+    from vae_edge.training.evaluate import slider_queries
+
+    section = report["slider_scenario"]
+    assert (section["queries_per_source"], section["range"]) == (SLIDER_QUERIES, 4.0)
+    catalog = splits[0].images[runtime.index.ids].reshape(len(runtime.index), -1) / 255.0
+    for source, z in slider_queries(runtime.latent_dim, SLIDER_QUERIES, 4.0, 0).items():
+        figures = section["sources"][source]
+        if source == "corners":
+            assert (np.abs(z) == 4.0).all()
+        decoded = runtime.decode(z).reshape(len(z), -1).astype(np.float64)
+        pixel_nearest = [int(np.argmin(((catalog - image) ** 2).sum(axis=1)))
+                         for image in decoded]
+        for name, rows in (("latent", runtime.nearest(z, k=1).rows[:, 0]),
+                           ("decoded", runtime.nearest(z, k=1, by="decoded").rows[:, 0]),
+                           ("pixel_nearest", pixel_nearest)):
+            correlation = [np.corrcoef(decoded[i], catalog[row])[0, 1]
+                           for i, row in enumerate(rows)]
+            assert figures[name]["median"] == pytest.approx(np.median(correlation), abs=1e-4)
+            assert figures[name]["q25"] == pytest.approx(np.quantile(correlation, 0.25),
+                                                         abs=1e-4)
+        assert figures["distance"]["median"] == pytest.approx(
+            np.median(runtime.roundtrip_distance(z)), abs=1e-4)
+        assert -1.0 <= figures["random"]["median"] <= 1.0
+
+
 def test_pictures_written(report_dir, report):
     from PIL import Image
 
     expected = {"loss_curves", "traversal", "prior_samples", "projection", "query_sheet",
-                "query_sheet_pixels"}
+                "query_sheet_pixels", "slider_sheet"}
     assert set(report["pictures"]) == expected
     for name in report["pictures"].values():
         with Image.open(report_dir / "pictures" / name) as picture:

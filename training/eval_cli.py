@@ -37,13 +37,20 @@ class CliError(click.ClickException):
                    "matrix products (faster; for screening runs).")
 @click.option("--baseline/--no-baseline", default=True, show_default=True,
               help="Also search the same catalog by raw-pixel L2 (the figure to beat).")
+@click.option("--slider-queries", type=click.IntRange(min=0),
+              default=EvalConfig.slider_queries, show_default=True,
+              help="The slider scenario: this many z from each of N(0, I), uniform in "
+                   "[-A, A]^d and the corners {-A, A}^d, each matched by both modes (0: skip).")
+@click.option("--slider-range", "slider_range", type=click.FloatRange(min=0, min_open=True),
+              default=EvalConfig.slider_range, show_default=True, metavar="A",
+              help="Half-width A of the slider box for the uniform and corner z.")
 @click.option("--pictures/--no-pictures", default=True, show_default=True,
               help="Draw the pictures (needs matplotlib, in the train extra).")
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None,
               help="Directory with the Fashion-MNIST IDX files.")
 @click.option("--force", is_flag=True, help="Replace an existing report directory.")
 def main(bundle, out_dir, checkpoint, test_limit, is_images, is_samples, seed, threads, search,
-         baseline, pictures, data_dir, force):
+         baseline, slider_queries, slider_range, pictures, data_dir, force):
     """Evaluate BUNDLE (default: the shipped model) on the Fashion-MNIST test set.
 
     Retrieval goes through the exported runtime: each test image is encoded by
@@ -51,13 +58,16 @@ def main(bundle, out_dir, checkpoint, test_limit, is_images, is_samples, seed, t
     (1-NN label agreement, kNN-5 vote, precision@10), beside the raw-pixel L2 baseline
     over the same catalog and the expected log-likelihood of the whole q(z|x). Also:
     loss parts in nats/image (reconstruction, KL, negative ELBO, importance-sampled
-    log-likelihood), reconstruction MSE and active latent units. Writes OUT/report.json
+    log-likelihood), reconstruction MSE and active latent units, and the slider scenario:
+    how much the top match of each match mode looks like the garment decoded from slider
+    positions, far from the catalog too. Writes OUT/report.json
     and OUT/pictures/*.png; the full test set takes a few minutes on 2 cores.
     """
     try:
         config = EvalConfig(test_limit=test_limit, is_images=is_images or None,
                             is_samples=is_samples, seed=seed, threads=threads, search=search,
-                            baseline=baseline, pictures=pictures)
+                            baseline=baseline, slider_queries=slider_queries,
+                            slider_range=slider_range, pictures=pictures)
         evaluate(bundle, out_dir, checkpoint=checkpoint, config=config, data_dir=data_dir,
                  force=force, log=click.echo)
     except ImportError as exc:

@@ -152,8 +152,38 @@ def query_sheet(path: Path, rt, test_images, test_labels, rows, catalog_images, 
     return _save(fig, path)
 
 
+def slider_sheet(path: Path, rt, slider_tops: dict, catalog_images, per_source: int = 4) -> str:
+    """For a few z of each slider source: decode(z), then the top item's catalog image by the
+    latent and by the decoded match mode."""
+    plt = _pyplot()
+    names = rt.label_names
+    columns = [("decoded z", None), ("match by latent", "latent"),
+               ("match by decoded", "decoded")]
+    lines = [(source, i) for source in slider_tops for i in range(per_source)]
+    fig, axes = plt.subplots(len(lines), 3, figsize=(3 * 1.3, len(lines) * 1.35),
+                             squeeze=False)
+    for r, (source, i) in enumerate(lines):
+        z, rows = slider_tops[source]
+        for c, (title, by) in enumerate(columns):
+            ax = axes[r, c]
+            if by is None:
+                ax.imshow(rt.decode(z[i])[0], cmap="gray", vmin=0, vmax=1)
+                ax.set_ylabel(source, fontsize=6)
+                ax.set_title(title, fontsize=6, color="blue")
+            else:
+                row = rows[by][i]
+                ax.imshow(catalog_images[row], cmap="gray", vmin=0, vmax=255)
+                ax.set_title(f"{title}: {names[rt.index.labels[row]][:10]}", fontsize=5)
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.suptitle("Slider z: the decoded garment and the top catalog item by each mode",
+                 fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def draw_all(out: Path, *, rt, history, test_images, test_labels, rows, pixel_rows,
-             catalog_images, variances, seed: int) -> dict:
+             catalog_images, variances, seed: int, slider_tops: dict | None = None) -> dict:
     """Every picture into `out`; returns {what: file name} (loss curves need a history)."""
     made = {}
     if history:
@@ -168,4 +198,7 @@ def draw_all(out: Path, *, rt, history, test_images, test_labels, rows, pixel_ro
         made["query_sheet_pixels"] = query_sheet(
             out / "query_sheet_pixels.png", rt, test_images, test_labels, pixel_rows,
             catalog_images, "Baseline: the same queries, nearest catalog items by raw-pixel L2")
+    if slider_tops:
+        made["slider_sheet"] = slider_sheet(out / "slider_sheet.png", rt, slider_tops,
+                                            catalog_images)
     return made

@@ -65,6 +65,9 @@ class EvalConfig:
     # minutes faster while the runtime's engine is the simple one (for screening runs).
     search: str = "runtime"
     baseline: bool = True  # the raw-pixel L2 search over the same catalog (minutes on 2 cores)
+    # The slider scenario: this many z per source (0: skip it), uniform and corners in [-a, a].
+    slider_queries: int = 1000
+    slider_range: float = 5.0
 
     def __post_init__(self):
         for name in ("test_limit", "is_images"):
@@ -75,6 +78,9 @@ class EvalConfig:
             raise ValueError(f"is_samples must be >= 1, got {self.is_samples}")
         if self.threads < 1 or self.query_batch < 1:
             raise ValueError("threads and query_batch must be >= 1")
+        if self.slider_queries < 0 or not self.slider_range > 0:
+            raise ValueError("slider_queries must be >= 0 and slider_range > 0, got "
+                             f"{self.slider_queries!r} and {self.slider_range!r}")
         if self.search not in ("runtime", "numpy"):
             raise ValueError(f"search must be 'runtime' or 'numpy', got {self.search!r}")
 
@@ -161,9 +167,10 @@ def expected_log_likelihood_neighbours(
 
 def pixel_neighbours(queries: np.ndarray, catalog: np.ndarray, k: int, batch: int = 500,
                      log=None) -> np.ndarray:
-    """Top-k catalog rows by L2 distance of raw pixels in [0, 1]: (Q, k), nearest first."""
-    q = queries.reshape(len(queries), -1).astype(np.float32) / 255.0
-    c = catalog.reshape(len(catalog), -1).astype(np.float32) / 255.0
+    """Top-k catalog rows by L2 distance of raw pixels in [0, 1]: (Q, k), nearest first.
+
+    Images are uint8 (0..255) or float in [0, 1]."""
+    q, c = unit_pixels(queries), unit_pixels(catalog)
     c_sq = (c * c).sum(axis=1)
     rows = np.empty((len(q), min(k, len(c))), dtype=np.int64)
     started = time.perf_counter()
@@ -176,6 +183,67 @@ def pixel_neighbours(queries: np.ndarray, catalog: np.ndarray, k: int, batch: in
             _log(log, f"  pixel baseline: {min(start + batch, len(q))}/{len(q)} queries "
                       f"({time.perf_counter() - started:.0f}s)")
     return rows
+
+
+def unit_pixels(images: np.ndarray) -> np.ndarray:
+    """(n, ...) uint8 0..255 or float [0, 1] images -> (n, pixels) float32 in [0, 1]."""
+    flat = images.reshape(len(images), -1)
+    return flat.astype(np.float32) / 255.0 if flat.dtype == np.uint8 else flat.astype(np.float32)
+
+
+def pixel_correlation(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pearson correlation of the pixels of image a[i] and b[i]: (n,) float64."""
+    a = unit_pixels(a).astype(np.float64)
+    b = unit_pixels(b).astype(np.float64)
+    a -= a.mean(axis=1, keepdims=True)
+    b -= b.mean(axis=1, keepdims=True)
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return (a * b).sum(axis=1) / np.maximum(norms, 1e-300)
+
+
+def _quartiles(values: np.ndarray) -> dict:
+    q25, median, q75 = np.quantile(values, [0.25, 0.5, 0.75])
+    return {"median": round(float(median), 4), "q25": round(float(q25), 4),
+            "q75": round(float(q75), 4)}
+
+
+def slider_queries(d: int, n: int, a: float, seed: int) -> dict[str, np.ndarray]:
+    """n slider positions z per source: N(0, I), uniform in [-a, a]^d, corners {-a, a}^d."""
+    rng = np.random.default_rng(seed)
+    return {"normal": rng.standard_normal((n, d)), "uniform": rng.uniform(-a, a, (n, d)),
+            "corners": rng.choice([-a, a], (n, d))}
+
+
+def slider_scenario(rt: Runtime, catalog_images: np.ndarray, n: int, a: float, seed: int,
+                    log=None) -> tuple[dict, dict]:
+    """How much the top match looks like the garment a shopper made with the sliders.
+
+    For each source of z (slider_queries), the pixel correlation between decode(z) and the
+    real catalog image of the top item by each match mode, beside a random item and the
+    pixel-nearest catalog image (the best any ranking could show), and |z - mu(decode(z))|.
+    Returns the report section and, for the pictures, {source: (z, top rows by mode)}.
+    """
+    rng = np.random.default_rng(seed + 1)
+    section = {"queries_per_source": n, "range": a, "seed": seed,
+               "measure": "Pearson correlation of pixels, decode(z) vs the top item's "
+                          "catalog image: median and quartiles", "sources": {}}
+    tops = {}
+    for source, z in slider_queries(rt.latent_dim, n, a, seed).items():
+        _log(log, f"slider scenario: {n} z from {source}")
+        decoded = rt.decode(z)
+        rows = {by: rt.nearest(z, k=1, by=by).rows[:, 0] for by in ("latent", "decoded")}
+        rows["random"] = rng.integers(0, len(catalog_images), n)
+        rows["pixel_nearest"] = pixel_neighbours(decoded, catalog_images, 1)[:, 0]
+        section["sources"][source] = {
+            name: _quartiles(pixel_correlation(decoded, catalog_images[r]))
+            for name, r in rows.items()
+        } | {
+            "distance": _quartiles(rt.roundtrip_distance(z)),
+            "distinct_top_items": {by: int(np.unique(rows[by]).size)
+                                   for by in ("latent", "decoded")},
+        }
+        tops[source] = (z, rows)
+    return section, tops
 
 
 # ----------------------------------------------------------------------------- likelihoods
@@ -406,6 +474,11 @@ def evaluate(
         report["retrieval"]["pixels_l2"] = pixels | {
             "engine": "numpy float32, raw pixels in [0, 1]", "seconds": round(seconds_pix, 1)}
 
+    slider_tops = None
+    if config.slider_queries:
+        report["slider_scenario"], slider_tops = slider_scenario(
+            rt, catalog_images, config.slider_queries, config.slider_range, config.seed, log=log)
+
     decoder = _TorchDecoder(ckpt) if ckpt is not None else _OnnxDecoder(rt)
     _log(log, f"loss parts ({decoder.name})")
     bce_mu = _bce_at_mu(decoder, x, mu)
@@ -448,7 +521,7 @@ def evaluate(
                 pictures, rt=rt, history=None if ckpt is None else ckpt["history"],
                 test_images=images, test_labels=labels, rows=rows_lik,
                 pixel_rows=rows_pix, catalog_images=catalog_images, variances=variances,
-                seed=config.seed)
+                seed=config.seed, slider_tops=slider_tops)
         report["seconds"] = round(time.perf_counter() - started, 1)
         (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         replace_directory(tmp, out_dir)
@@ -483,4 +556,13 @@ def summary(report: dict) -> str:
         f"{lik['is_images']} images) {lik['negative_log_likelihood_is']:.2f}")
     lines.append(f"reconstruction MSE {report['reconstruction_mse']:.5f}  active units "
                  f"{report['active_units']['count']}/{report['latent_dim']}")
+    if "slider_scenario" in report:
+        lines.append("slider scenario: pixel correlation of decode(z) and the top item, median")
+        lines.append(f"{'z from':<12}{'latent':>8}{'decoded':>9}{'random':>8}{'pixel-NN':>10}"
+                     f"{'|z - mu(dec z)|':>17}")
+        for source, row in report["slider_scenario"]["sources"].items():
+            lines.append(f"{source:<12}" + "".join(
+                f"{row[name]['median']:>{width}.3f}" for name, width in
+                (("latent", 8), ("decoded", 9), ("random", 8), ("pixel_nearest", 10),
+                 ("distance", 17))))
     return "\n".join(lines)
