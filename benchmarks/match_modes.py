@@ -1,0 +1,67 @@
+"""One query's cost by match mode on a bundle, single thread: what by="decoded" adds.
+
+    OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 python benchmarks/match_modes.py [--bundle DIR]
+
+Runtime.nearest(z, by="latent") searches by log q(z|x); by="decoded" decodes z, encodes the
+garment and searches by the expected log-likelihood under its posterior. Both also report
+|z - mu(decode(z))|, so both run the decoder and the encoder once. Each round times every
+step once, in turn, for a fresh z uniform in the slider box; medians over the rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+
+from vae_edge.runtime import Runtime
+from vae_edge.runtime.search import LikelihoodSearch
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bundle", default=None, help="bundle directory (default: shipped)")
+    parser.add_argument("--rounds", type=int, default=300)
+    parser.add_argument("-k", type=int, default=6)
+    parser.add_argument("--range", type=float, default=5.0, help="z uniform in [-RANGE, RANGE]")
+    args = parser.parse_args()
+
+    rt = Runtime.load(args.bundle, threads=1)
+    index = rt.index
+    engine = LikelihoodSearch(index.mu, index.log_sigma, index.ids, index.labels)
+    rng = np.random.default_rng(0)
+    k = args.k
+    steps = {
+        "decode": lambda z: rt.decode(z),
+        "decode + encode": lambda z: rt.encode(rt.decode(z)),
+        "search by z alone (engine)": lambda z: engine.search(z, k),
+        # the posterior of the decoded garment, computed outside the timing
+        "search by a posterior alone (engine)": lambda z: engine.search_gaussian(
+            *posteriors[z.tobytes()], k),
+        "nearest, by latent": lambda z: rt.nearest(z, k=k, by="latent"),
+        "nearest, by decoded": lambda z: rt.nearest(z, k=k, by="decoded"),
+    }
+    times = {name: [] for name in steps}
+    posteriors = {}
+    for round_ in range(-10, args.rounds):  # 10 rounds of warm-up
+        z = rng.uniform(-args.range, args.range, rt.latent_dim)
+        posteriors = {z.tobytes(): rt.encode(rt.decode(z))}
+        for name, step in steps.items():
+            started = time.perf_counter()
+            step(z)
+            if round_ >= 0:
+                times[name].append(time.perf_counter() - started)
+    medians = {name: 1e3 * statistics.median(t) for name, t in times.items()}
+    print(f"bundle {rt.root}: {len(index)} items, d = {rt.latent_dim}, k = {k}, one thread, "
+          f"{args.rounds} rounds, medians")
+    for name, ms in medians.items():
+        print(f"  {name:<40}{ms:8.3f} ms")
+    beyond = medians["nearest, by decoded"] - medians["search by a posterior alone (engine)"]
+    ratio = medians["nearest, by decoded"] / medians["nearest, by latent"]
+    print(f"  by decoded, beyond its search: {beyond:.3f} ms; by decoded / by latent: "
+          f"{ratio:.2f}")
+
+if __name__ == "__main__":
+    main()
