@@ -40,7 +40,8 @@ def bundle_options(command):
     @functools.wraps(command)
     def wrapper(bundle, threads, **kwargs):
         with library_errors():
-            runtime = Runtime.load(bundle, threads=threads)
+            # vae-run owns its process, so it caps numpy's BLAS pool too (Runtime.load)
+            runtime = Runtime.load(bundle, threads=threads, limit_blas=True)
         return command(runtime, **kwargs)
 
     return wrapper

@@ -197,15 +197,16 @@ class Runtime:
 
     @classmethod
     def load(cls, path: str | Path | None = None, *, threads: int = 1, verify: bool = True,
-             stream: bool = False, limit_blas: bool = True):
+             stream: bool = False, limit_blas: bool = False):
         """Load a bundle directory (None: the shipped default model).
 
         verify=True checks every file's size and sha256 against the manifest first.
         threads: onnxruntime intra-op threads; 1 suits a kiosk whose CPU is shared.
-        limit_blas=True also caps numpy's BLAS thread pool at `threads`, for the whole process:
-        the search is one small matrix product per query, and a multi-threaded BLAS on a busy
-        small CPU spends far longer waking and syncing threads than computing (measured here:
-        11.7 ms instead of 0.4 ms per query). Pass False to leave the host app's BLAS alone.
+        limit_blas=True also caps numpy's BLAS thread pool at `threads`, for the whole process
+        (so it is off unless asked: an app that embeds the runtime keeps its threads). The
+        search is one small matrix product per query, and a multi-threaded BLAS on a busy
+        small CPU spends far longer waking and syncing threads than computing (measured:
+        11.7 ms instead of 0.4 ms per query); `vae-run` asks for it.
         stream=True memory-maps the index and searches it in chunks (catalogs larger than
         RAM); results are the same, each search reads the whole index.
         """

@@ -98,21 +98,6 @@ def _atomic_save(picture, path: Path) -> Path:
     return path
 
 
-def image_grid(images: np.ndarray, columns: int, scale: int = 3, pad: int = 2) -> np.ndarray:
-    """Tile (N, H, W) or (N, 1, H, W) images into one uint8 picture, scaled up for viewing."""
-    tiles = to_uint8(np.asarray(images).reshape(len(images), *np.asarray(images).shape[-2:]))
-    n, h, w = tiles.shape
-    rows = -(-n // columns)
-    cell_h, cell_w = h * scale + pad, w * scale + pad
-    canvas = np.full((rows * cell_h + pad, columns * cell_w + pad), 255, dtype=np.uint8)
-    for i, tile in enumerate(tiles):
-        r, c = divmod(i, columns)
-        big = np.kron(tile, np.ones((scale, scale), dtype=np.uint8))
-        canvas[pad + r * cell_h : pad + r * cell_h + h * scale,
-               pad + c * cell_w : pad + c * cell_w + w * scale] = big
-    return canvas
-
-
 def save_sheet(path: str | Path, query: np.ndarray, items: np.ndarray, captions: list[str],
                title: str) -> Path:
     """Query image, then its nearest items, one row, each with a caption underneath."""

@@ -31,8 +31,9 @@ def test_nearest_table_and_json(tiny_bundle, runtime):
     result = run("nearest", "--bundle", tiny_bundle, "--z", Z8, "-k", 3)
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
-    assert lines[1].split() == ["rank", "id", "label", "log", "q(z|x)", "p(x|z)"]
-    assert len(lines) == 5
+    assert lines[1].startswith("ranked by latent; distance from the catalog |z - mu(decode(z))| = ")
+    assert lines[2].split() == ["rank", "id", "label", "log", "q(z|x)", "p(x|z)"]
+    assert len(lines) == 6
     result = run("nearest", "--bundle", tiny_bundle, "--z", Z8, "-k", 3, "--json")
     payload = json.loads(result.output)
     expected = runtime.nearest(np.array([float(v) for v in Z8.split(",")]), k=3)

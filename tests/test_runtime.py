@@ -169,14 +169,14 @@ def test_default_bundle_loads():
     assert len(matches) == 5 and len(runtime.index) == 60000
 
 
-def test_load_caps_blas_threads_unless_told_not_to(tiny_bundle):
+def test_load_caps_blas_threads_only_when_asked(tiny_bundle):
     from threadpoolctl import threadpool_info, threadpool_limits
 
     def blas_threads():
         return {lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"}
 
     with threadpool_limits(limits=2, user_api="blas"):  # restores the test process's pool after
-        Runtime.load(tiny_bundle, limit_blas=False)
+        Runtime.load(tiny_bundle)
         assert blas_threads() == {2}
-        Runtime.load(tiny_bundle, threads=1)
+        Runtime.load(tiny_bundle, threads=1, limit_blas=True)
         assert blas_threads() == {1}
