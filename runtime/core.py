@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -161,6 +162,10 @@ def _session(path: Path, threads: int):
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.log_severity_level = 3
+    # Without the arena each run's buffers go back to the allocator: with it, one large batch
+    # would stay resident for the life of the process (a 4,096-image decode: +150 MB), and
+    # a batch-1 run is no slower (benchmarks/footprint.py).
+    options.enable_cpu_mem_arena = False
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
@@ -182,15 +187,18 @@ class Runtime:
     """A loaded bundle: ONNX sessions, the float16 catalog index and its search engine.
 
     Thread safety: decode, encode and nearest only read shared state (onnxruntime's
-    InferenceSession.run is thread-safe), so one Runtime may serve many threads.
+    InferenceSession.run is thread-safe), so one Runtime may serve many threads. The encoder's
+    session is created on first use, under a lock.
     """
 
     def __init__(self, root: Path, manifest: dict, index: CatalogIndex, encoder, decoder,
-                 stream: bool = False):
+                 stream: bool = False, threads: int = 1):
         self.root = root
         self.manifest = manifest
         self.index = index
-        self._encoder = encoder
+        self._encoder = encoder  # None: created by the first encode
+        self._encoder_lock = threading.Lock()
+        self._threads = threads
         self._decoder = decoder
         engine = StreamingLikelihoodSearch if stream else LikelihoodSearch
         self._search = engine(index.mu, index.log_sigma, index.ids, index.labels)
@@ -225,12 +233,11 @@ class Runtime:
             check_onnx_file(root, name)
         d = manifest["latent_dim"]
         shape = list(manifest["image"]["shape"])
-        encoder = _session(root / MODEL_FILES["encoder"], threads)
-        _check_io(encoder, MODEL_FILES["encoder"], [("images", shape)],
-                  [("mu", [d]), ("log_var", [d])])
         decoder = _session(root / MODEL_FILES["decoder"], threads)
         _check_io(decoder, MODEL_FILES["decoder"], [("z", [d])], [("images", shape)])
-        return cls(root, manifest, index, encoder, decoder, stream=stream)
+        # Only image queries need the encoder: its session (about 5 MB resident and 40 ms) is
+        # made by the first encode, after the same checks.
+        return cls(root, manifest, index, None, decoder, stream=stream, threads=threads)
 
     @property
     def latent_dim(self) -> int:
@@ -250,14 +257,28 @@ class Runtime:
         single = array.ndim == 1
         batch = array.reshape(-1, self.latent_dim).astype(np.float32)
         (images,) = self._decoder.run(["images"], {"z": batch})
+        # A float32 sigmoid can round to just outside [0, 1] (-6e-8 on armhf's onnxruntime);
+        # encode() refuses such images, and the documented range is [0, 1].
+        np.clip(images, 0.0, 1.0, out=images)
         return images[0] if single else images
 
     def encode(self, images) -> tuple[np.ndarray, np.ndarray]:
         """Images -> (mu, log_sigma) float32, each (d,) for one image or (B, d)."""
         batch, single = check_images(images, self.image_shape)
-        mu, log_var = self._encoder.run(["mu", "log_var"], {"images": batch})
+        mu, log_var = self._encoder_session().run(["mu", "log_var"], {"images": batch})
         log_sigma = 0.5 * log_var
         return (mu[0], log_sigma[0]) if single else (mu, log_sigma)
+
+    def _encoder_session(self):
+        if self._encoder is None:
+            with self._encoder_lock:
+                if self._encoder is None:
+                    name = MODEL_FILES["encoder"]
+                    session = _session(self.root / name, self._threads)
+                    _check_io(session, name, [("images", list(self.image_shape))],
+                              [("mu", [self.latent_dim]), ("log_var", [self.latent_dim])])
+                    self._encoder = session
+        return self._encoder
 
     def nearest(self, z, k: int = 5, label: int | str | None = None,
                 by: str = "latent") -> Matches:
