@@ -180,3 +180,19 @@ def test_load_caps_blas_threads_only_when_asked(tiny_bundle):
         assert blas_threads() == {2}
         Runtime.load(tiny_bundle, threads=1, limit_blas=True)
         assert blas_threads() == {1}
+
+
+def test_decode_stays_in_unit_interval_where_the_sigmoid_saturates():
+    """Slider corners and far-out z drive the decoder's sigmoid to 0 and 1; the images stay in
+    the documented [0, 1], so that encode() takes them back (encode refuses anything else)."""
+    rt = Runtime.load()  # the shipped model
+    d = rt.latent_dim
+    corners = np.where(np.random.default_rng(0).random((32, d)) < 0.5, -5.0, 5.0)
+    z = np.concatenate([corners, np.full((1, d), 1e3), np.full((1, d), -1e3)])
+    images = rt.decode(z)
+    assert images.dtype == np.float32
+    assert images.min() >= 0.0 and images.max() <= 1.0
+    mu, log_sigma = rt.encode(images)
+    assert mu.shape == log_sigma.shape == (len(z), d)
+    assert np.isfinite(mu).all() and np.isfinite(log_sigma).all()
+    assert len(rt.nearest(z[0], k=3, by="decoded")) == 3
