@@ -272,3 +272,23 @@ def serve(runtime: Runtime, host: str, port: int, z_range: float, k: int, log_re
     click.echo(f"kiosk on {server.url} (latent dim {runtime.latent_dim}, "
                f"{len(runtime.index)} catalog items); Ctrl+C stops it")
     server.run(log=lambda message: click.echo(message, err=True))
+
+
+@main.command()
+@bundle_options
+@click.option("--seconds", type=click.FloatRange(0, 3600, min_open=True), default=3.0,
+              show_default=True, help="Time budget in all (a slow device's cold start may "
+                                      "take longer: at least one runs).")
+@click.option("--batch", type=click.IntRange(2, 4096), default=64, show_default=True,
+              help="Queries per call in the batch rows.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def bench(runtime: Runtime, seconds: float, batch: int, as_json: bool):
+    """Size this device: decode, encode and nearest latency (p50/p99), cold start, memory.
+
+    Run it on the hardware a shop means to use, with the bundle and --threads it will use.
+    """
+    from .bench import format_report, run_bench
+
+    with library_errors():
+        report = run_bench(runtime, seconds=seconds, batch=batch)
+    click.echo(json.dumps(report, indent=2) if as_json else format_report(report))

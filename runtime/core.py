@@ -248,6 +248,11 @@ class Runtime:
         return tuple(self.manifest["image"]["shape"])
 
     @property
+    def threads(self) -> int:
+        """onnxruntime's intra-op threads per session (Runtime.load(threads=))."""
+        return self._threads
+
+    @property
     def label_names(self) -> tuple[str, ...]:
         return self.index.label_names
 
