@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,7 @@ from .bundle import (
     read_manifest,
     verify_files,
 )
-from .search import LikelihoodSearch, Matches, StreamingLikelihoodSearch
+from .search import LikelihoodSearch, Matches
 
 # Latent values beyond this are not slider positions but mistakes; they would also
 # overflow float32 arithmetic in the decoder.
@@ -187,25 +186,22 @@ class Runtime:
     """A loaded bundle: ONNX sessions, the float16 catalog index and its search engine.
 
     Thread safety: decode, encode and nearest only read shared state (onnxruntime's
-    InferenceSession.run is thread-safe), so one Runtime may serve many threads. The encoder's
-    session is created on first use, under a lock.
+    InferenceSession.run is thread-safe), so one Runtime may serve many threads.
     """
 
     def __init__(self, root: Path, manifest: dict, index: CatalogIndex, encoder, decoder,
-                 stream: bool = False, threads: int = 1):
+                 threads: int = 1):
         self.root = root
         self.manifest = manifest
         self.index = index
-        self._encoder = encoder  # None: created by the first encode
-        self._encoder_lock = threading.Lock()
+        self._encoder = encoder
         self._threads = threads
         self._decoder = decoder
-        engine = StreamingLikelihoodSearch if stream else LikelihoodSearch
-        self._search = engine(index.mu, index.log_sigma, index.ids, index.labels)
+        self._search = LikelihoodSearch(index.mu, index.log_sigma, index.ids, index.labels)
 
     @classmethod
     def load(cls, path: str | Path | None = None, *, threads: int = 1, verify: bool = True,
-             stream: bool = False, limit_blas: bool = False):
+             limit_blas: bool = False):
         """Load a bundle directory (None: the shipped default model).
 
         verify=True checks every file's size and sha256 against the manifest first.
@@ -215,8 +211,6 @@ class Runtime:
         search is one small matrix product per query, and a multi-threaded BLAS on a busy
         small CPU spends far longer waking and syncing threads than computing (measured:
         11.7 ms instead of 0.4 ms per query); `vae-run` asks for it.
-        stream=True memory-maps the index and searches it in chunks (catalogs larger than
-        RAM); results are the same, each search reads the whole index.
         """
         root = default_bundle_path() if path is None else Path(path)
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
@@ -228,16 +222,17 @@ class Runtime:
         manifest = read_manifest(root)
         if verify:
             verify_files(root, manifest)
-        index = load_index(root, manifest, mmap=stream)
+        index = load_index(root, manifest)
         for name in MODEL_FILES.values():  # every check passes before onnxruntime sees a graph
             check_onnx_file(root, name)
         d = manifest["latent_dim"]
         shape = list(manifest["image"]["shape"])
+        encoder = _session(root / MODEL_FILES["encoder"], threads)
+        _check_io(encoder, MODEL_FILES["encoder"], [("images", shape)],
+                  [("mu", [d]), ("log_var", [d])])
         decoder = _session(root / MODEL_FILES["decoder"], threads)
         _check_io(decoder, MODEL_FILES["decoder"], [("z", [d])], [("images", shape)])
-        # Only image queries need the encoder: its session (about 5 MB resident and 40 ms) is
-        # made by the first encode, after the same checks.
-        return cls(root, manifest, index, None, decoder, stream=stream, threads=threads)
+        return cls(root, manifest, index, encoder, decoder, threads=threads)
 
     @property
     def latent_dim(self) -> int:
@@ -270,20 +265,9 @@ class Runtime:
     def encode(self, images) -> tuple[np.ndarray, np.ndarray]:
         """Images -> (mu, log_sigma) float32, each (d,) for one image or (B, d)."""
         batch, single = check_images(images, self.image_shape)
-        mu, log_var = self._encoder_session().run(["mu", "log_var"], {"images": batch})
+        mu, log_var = self._encoder.run(["mu", "log_var"], {"images": batch})
         log_sigma = 0.5 * log_var
         return (mu[0], log_sigma[0]) if single else (mu, log_sigma)
-
-    def _encoder_session(self):
-        if self._encoder is None:
-            with self._encoder_lock:
-                if self._encoder is None:
-                    name = MODEL_FILES["encoder"]
-                    session = _session(self.root / name, self._threads)
-                    _check_io(session, name, [("images", list(self.image_shape))],
-                              [("mu", [self.latent_dim]), ("log_var", [self.latent_dim])])
-                    self._encoder = session
-        return self._encoder
 
     def nearest(self, z, k: int = 5, label: int | str | None = None,
                 by: str = "latent") -> Matches:

@@ -76,24 +76,3 @@ def test_results_do_not_alias_shared_state(runtime):
         with pytest.raises(ValueError, match="read-only"):
             array[0] = 0
 
-
-def test_first_encodes_from_many_threads_at_once(tiny_bundle):
-    """A fresh Runtime's first image queries arrive together (the encoder is made on first
-    use): every thread gets the answer that one thread alone gets."""
-    from vae_edge.runtime import Runtime
-
-    images = np.random.default_rng(2).integers(0, 256, (THREADS, 28, 28), dtype=np.uint8)
-    serial = Runtime.load(tiny_bundle)
-    expected = [serial.encode(image) for image in images]
-    fresh = Runtime.load(tiny_bundle)
-    start = threading.Barrier(THREADS)
-
-    def worker(i: int):
-        start.wait()
-        return fresh.encode(images[i])
-
-    with ThreadPoolExecutor(THREADS) as pool:
-        results = list(pool.map(worker, range(THREADS)))
-    for (mu, log_sigma), (mu_serial, log_sigma_serial) in zip(results, expected):
-        np.testing.assert_array_equal(mu, mu_serial)
-        np.testing.assert_array_equal(log_sigma, log_sigma_serial)
