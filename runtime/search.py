@@ -44,8 +44,9 @@ import numpy as np
 LOG_2PI = math.log(2.0 * math.pi)
 UNIT_ROUNDOFF = 2.0**-24  # float32
 SKIP_NATS = 20.0  # items below best - log N - SKIP_NATS weigh < e^-SKIP_NATS of p's sum
+P_TOLERANCE = 1e-7  # items counted with float32 scores move p's sum by at most this
 SAFE_MAGNITUDE = 1e37  # float32 scores only while max|w| |q| stays below this
-GROUPS = 1024  # group maxima for a floor under the k-th best score (_kth_largest_floor)
+GROUPS = 1024  # group maxima: a floor under the k-th best score in one pass (_group_maxima)
 _TINY = float(np.finfo(np.float32).tiny)
 
 
@@ -120,16 +121,24 @@ def item_vectors(mu: np.ndarray, log_sigma: np.ndarray) -> np.ndarray:
     return w
 
 
-def _kth_largest_floor(scores: np.ndarray, k: int) -> float:
-    """A value that at least k distinct entries of `scores` reach: the k-th largest of the
-    maxima of disjoint groups (the columns of the scores laid out in rows of GROUPS), or of
-    all scores where they are too few for groups. The element-wise maximum over rows runs at
-    memory speed; np.partition of all the scores takes 50 to 70 times as long."""
+def _group_maxima(scores: np.ndarray) -> np.ndarray:
+    """The maxima of disjoint groups of the scores (the columns of the scores laid out in rows
+    of GROUPS, and the tail), or all the scores where they are too few for groups: the
+    element-wise maximum over rows runs at memory speed, and the k-th largest of the maxima
+    is reached by k distinct items (np.partition of all scores takes 50 to 70 times as long)."""
     rows = scores.size // GROUPS
-    if rows >= 2 and k <= GROUPS:
-        scores = np.concatenate((scores[:rows * GROUPS].reshape(rows, GROUPS).max(axis=0),
-                                 scores[rows * GROUPS:]))
-    return float(np.partition(scores, scores.size - k)[scores.size - k])
+    if rows < 2:
+        return scores
+    return np.concatenate((scores[:rows * GROUPS].reshape(rows, GROUPS).max(axis=0),
+                           scores[rows * GROUPS:]))
+
+
+def _kth_floor(scores: np.ndarray, k: int) -> float:
+    """A value that at least k distinct entries of `scores` (at least k of them) reach."""
+    maxima = _group_maxima(scores)
+    if maxima.size < k:
+        maxima = scores
+    return float(np.partition(maxima, maxima.size - k)[maxima.size - k])
 
 
 def _below(value: float) -> float:
@@ -220,25 +229,43 @@ class LikelihoodSearch:
                        probabilities=np.exp(scores - np.asarray(log_total)[..., None]))
 
     def _select(self, scores, z, var, error: float, k: int, label: int | None):
-        """One query's top k rows, their exact scores and log(sum of q(z|x)) (steps 2 and 3)."""
-        p_floor = float(scores.max()) - self._skip_nats - 2.0 * error
-        near = np.flatnonzero(scores >= _below(p_floor))
+        """One query's top k rows, their exact scores and log(sum of q(z|x)) (steps 2 to 4)."""
+        if label is None:  # one pass gives the maximum and a floor for the top k
+            maxima = _group_maxima(scores)
+            top32 = float(maxima.max())
+            threshold = _kth_floor(maxima if maxima.size >= k else scores, k) - 2.0 * error
+        else:
+            top32, threshold = float(scores.max()), math.inf
+        p_floor = top32 - self._skip_nats - 2.0 * error
+        threshold = min(threshold, p_floor)
+        near = np.flatnonzero(scores >= _below(threshold))
         near_scores = scores[near]
-        exact = self._exact_scores(z, var, near)
-        top = float(exact.max())
-        log_total = top + math.log(float(np.exp(exact - top).sum()))
         eligible = slice(None) if label is None else self.labels[near] == label
         pool = near_scores[eligible]
-        k_floor = -math.inf if pool.size < k else _kth_largest_floor(pool, k) - 2.0 * error
-        if k_floor >= p_floor:  # the top k lies among the rows rescored for p(x|z)
+        k_floor = -math.inf if pool.size < k else _kth_floor(pool, k) - 2.0 * error
+        covered = k_floor >= threshold  # the top k lies among the items near the best
+        # Step 3: within `heavy` nats of the best each item's float32 error could matter.
+        heavy = max(2.0 * error, math.log(near.size) + 2.0 * error - math.log(P_TOLERANCE)
+                    + math.log(math.expm1(min(error, 700.0))))
+        rescore = near_scores >= _below(top32 - heavy)
+        if covered:
             candidate = near_scores >= _below(k_floor)
             if label is not None:
                 candidate &= eligible
-            rows, exact = near[candidate], exact[candidate]
-        else:
+            rescore |= candidate
+        where = np.flatnonzero(rescore)
+        rows = near[where]
+        exact = self._exact_scores(z, var, rows)
+        top = float(exact.max())
+        light = near_scores[~rescore].astype(np.float64)  # counted with float32 scores
+        log_total = top + math.log(float(np.exp(exact - top).sum() + np.exp(light - top).sum()))
+        if covered:
+            keep = candidate[where]
+            rows, exact = rows[keep], exact[keep]
+        else:  # the k-th best lies below p's items: a floor from all eligible items
             rows = self._label_rows[label] if label is not None else None
             pool = scores if rows is None else scores[rows]
-            k_floor = _kth_largest_floor(pool, k) - 2.0 * error
+            k_floor = _kth_floor(pool, k) - 2.0 * error
             found = np.flatnonzero(pool >= _below(k_floor))
             rows = found if rows is None else rows[found]
             exact = self._exact_scores(z, var, rows)
