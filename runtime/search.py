@@ -8,30 +8,36 @@ With a = 1/sigma^2 this is the inner product of the item vector w(x) = [-a/2, a 
 c(x) = -sum(a mu^2/2 + log sigma) - (d/2) log 2pi, with the query vector q = [z^2, z, 1]
 (an image query N(z, var): q = [z^2 + var, z, 1] gives the expected log-likelihood). The
 item vectors are stored in float32, so one float32 product scores the catalog; a batch of
-queries is one matrix product, then each query is answered from its own score row:
+queries is one matrix product, then each query is answered from its own row of scores:
 
 1. Error bound. q and w are rounded to float32 (one unit u = 2^-24 each) and summed in any
    order, so |float32 score - exact score| <= gamma_{m+2} |w| |q| for m = 2d+1 terms
    (Higham 3.1-3.5, gamma_n = nu / (1 - nu)); doubled, it also covers the float64 rounding of
    w and of the direct formula. E = that bound with the catalog's largest |w|: every item's
    float32 score t lies within E of its exact score s.
-2. p(x|z) = q(z|x) / sum over the catalog (a uniform prior over items). The best exact score
-   is >= max t - E, so every item within L = log N + 20 nats of it has t >= max t - L - 2E:
-   one comparison finds them all, and they are rescored in float64. Each item left out
-   scores below best - L, so all of them together weigh < N e^-L = e^-20 of the sum: p is
-   within 2.1e-9 relative of exact, plus float64 rounding of the scores.
-3. Top k. The k-th largest t among any k eligible items, t_k, has k items with s >= t_k - E
-   behind it, so every item of the top k has t >= t_k - 2E (the floor). Taken among the items
-   of step 2 when that floor lies within them (they were rescored already); otherwise among
-   all eligible items (too few near the best, or a label whose best lie far below), followed
-   by one more comparison and rescoring. Sorted by (exact score desc, row asc): ties go to the
-   lower row, and bundle ids ascend with rows.
+2. p(x|z) = q(z|x) / S, S the sum of q(z|x') over the catalog (a uniform prior over items).
+   The best exact score b is >= max t - E, so every item within L = log N + 20 nats of b has
+   t >= max t - L - 2E: one comparison finds them. Each item left out scores below b - L, so
+   together they weigh < N e^-L = e^-20 of S. Of the items found, those with t >= max t - H
+   are rescored in float64 (the best among them), the others count with their float32
+   scores: each weighs < e^(2E - H) of S and is off by a factor within e^(+-E), so n of them
+   move S by < n e^(2E - H) (e^E - 1), which H = log n + 2E + log(e^E - 1) + log 1e7 makes
+   <= 1e-7. So p is within 1.1e-7 relative of exact, plus float64 rounding of the scores.
+3. Top k. Any k items whose float32 scores reach t_k have exact scores >= t_k - E, so every
+   item of the top k has t >= t_k - 2E (the floor). Unfiltered, t_k is the k-th largest
+   maximum of disjoint groups of scores (the same pass gives max t), and the comparison of
+   step 2 uses the lower of its two thresholds; then t_k is taken again from the scores
+   found (a higher floor, fewer candidates). With a label filter, t_k comes from the label's
+   items step 2 found; where they are too few or lie too far down, from the maxima of groups
+   of the label's scores, with one more comparison. Candidates are rescored in float64 and
+   sorted by (exact score desc, row asc): ties go to the lower row (bundle ids ascend with
+   rows).
 
 Range. The float32 stage needs max|w| |q| < 1e37 (no overflow to inf, 34x below the float32
 limit); a query beyond that is refused with ValueError, never answered wrongly. No trained
 bundle comes near it: |z| <= 1e6 (the runtime's limit) gives |q| <= 1e12 sqrt(d), and items
-with log sigma >= -20 and |mu| <= 100 have |w| < 2e21 d, so the product stays below 1e37 for
-every d up to 400 (a trained VAE's log sigma and mu lie within about -10 and 10).
+with log sigma >= -20 and |mu| <= 100 have |w| < 2e21 d, so the product stays below 2e33 d^1.5,
+under 1e37 for every d up to 290 (the shipped bundle: log sigma >= -3.5, |mu| <= 5.1).
 """
 
 from __future__ import annotations
@@ -229,7 +235,7 @@ class LikelihoodSearch:
                        probabilities=np.exp(scores - np.asarray(log_total)[..., None]))
 
     def _select(self, scores, z, var, error: float, k: int, label: int | None):
-        """One query's top k rows, their exact scores and log(sum of q(z|x)) (steps 2 to 4)."""
+        """One query's top k rows, their exact scores and log S (steps 2 and 3)."""
         if label is None:  # one pass gives the maximum and a floor for the top k
             maxima = _group_maxima(scores)
             top32 = float(maxima.max())
@@ -244,7 +250,7 @@ class LikelihoodSearch:
         pool = near_scores[eligible]
         k_floor = -math.inf if pool.size < k else _kth_floor(pool, k) - 2.0 * error
         covered = k_floor >= threshold  # the top k lies among the items near the best
-        # Step 3: within `heavy` nats of the best each item's float32 error could matter.
+        # Step 2: H nats below the best, float32 scores move S by <= P_TOLERANCE in all.
         heavy = max(2.0 * error, math.log(near.size) + 2.0 * error - math.log(P_TOLERANCE)
                     + math.log(math.expm1(min(error, 700.0))))
         rescore = near_scores >= _below(top32 - heavy)
@@ -262,7 +268,7 @@ class LikelihoodSearch:
         if covered:
             keep = candidate[where]
             rows, exact = rows[keep], exact[keep]
-        else:  # the k-th best lies below p's items: a floor from all eligible items
+        else:  # too few of the label's items near the best: a floor from all of them
             rows = self._label_rows[label] if label is not None else None
             pool = scores if rows is None else scores[rows]
             k_floor = _kth_floor(pool, k) - 2.0 * error
