@@ -21,7 +21,7 @@ from .bundle import (
     read_manifest,
     verify_files,
 )
-from .search import LikelihoodSearch, Matches, StreamingLikelihoodSearch
+from .search import LikelihoodSearch, Matches
 
 # Latent values beyond this are not slider positions but mistakes; they would also
 # overflow float32 arithmetic in the decoder.
@@ -185,19 +185,17 @@ class Runtime:
     InferenceSession.run is thread-safe), so one Runtime may serve many threads.
     """
 
-    def __init__(self, root: Path, manifest: dict, index: CatalogIndex, encoder, decoder,
-                 stream: bool = False):
+    def __init__(self, root: Path, manifest: dict, index: CatalogIndex, encoder, decoder):
         self.root = root
         self.manifest = manifest
         self.index = index
         self._encoder = encoder
         self._decoder = decoder
-        engine = StreamingLikelihoodSearch if stream else LikelihoodSearch
-        self._search = engine(index.mu, index.log_sigma, index.ids, index.labels)
+        self._search = LikelihoodSearch(index.mu, index.log_sigma, index.ids, index.labels)
 
     @classmethod
     def load(cls, path: str | Path | None = None, *, threads: int = 1, verify: bool = True,
-             stream: bool = False, limit_blas: bool = False):
+             limit_blas: bool = False):
         """Load a bundle directory (None: the shipped default model).
 
         verify=True checks every file's size and sha256 against the manifest first.
@@ -207,8 +205,6 @@ class Runtime:
         search is one small matrix product per query, and a multi-threaded BLAS on a busy
         small CPU spends far longer waking and syncing threads than computing (measured:
         11.7 ms instead of 0.4 ms per query); `vae-run` asks for it.
-        stream=True memory-maps the index and searches it in chunks (catalogs larger than
-        RAM); results are the same, each search reads the whole index.
         """
         root = default_bundle_path() if path is None else Path(path)
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
@@ -220,7 +216,7 @@ class Runtime:
         manifest = read_manifest(root)
         if verify:
             verify_files(root, manifest)
-        index = load_index(root, manifest, mmap=stream)
+        index = load_index(root, manifest)
         for name in MODEL_FILES.values():  # every check passes before onnxruntime sees a graph
             check_onnx_file(root, name)
         d = manifest["latent_dim"]
@@ -230,7 +226,7 @@ class Runtime:
                   [("mu", [d]), ("log_var", [d])])
         decoder = _session(root / MODEL_FILES["decoder"], threads)
         _check_io(decoder, MODEL_FILES["decoder"], [("z", [d])], [("images", shape)])
-        return cls(root, manifest, index, encoder, decoder, stream=stream)
+        return cls(root, manifest, index, encoder, decoder)
 
     @property
     def latent_dim(self) -> int:
