@@ -1,23 +1,27 @@
-"""Benchmark of the likelihood search engine (issue 3): naive numpy vs the engine vs FAISS.
+"""Benchmark of the likelihood search engine against plain numpy, the numpy floor and FAISS.
 
     OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 python benchmarks/search.py
-    OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 python benchmarks/search.py --warm 10
+    git show REV:runtime/search.py > /tmp/other.py
+    OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 python benchmarks/search.py --other /tmp/other.py
 
 Synthetic catalogs (mu ~ N(0, 1), log sigma ~ U(-3, 0), stored as float16 like a bundle),
-N = 60,000 and 1,000,000, d = 10 and 32, one query and a batch of 64, k = 10. Single-threaded.
-The methods are timed interleaved (one call of each per round, queries drawn afresh) so that
-load from other processes hits them alike; figures are medians over the rounds. Interleaved,
-each method mostly finds its data evicted by the others (at 60k the item vectors, 5 and 16 MB,
-could stay in the 32 MB L3 cache), except that the engine and its label filter read the same
-item vectors. With --warm CALLS each method runs CALLS times in a row per round instead (one
-untimed call first): each is timed warm, as on a kiosk that runs only it.
+N = 60,000 and 1,000,000, d = 10 and 32, one query and a batch of 64, k = 10, single-threaded.
+All methods are timed interleaved in one run (each round calls every method once on the same
+fresh query, in a random order), medians over the rounds. Each method reads its own copy of
+the item vectors w(x) = [-a/2, a mu, c], except that the engine and its label filter share one.
 
-- naive: the seeds' float64 broadcasting, (B, N, d) temporaries, argpartition and logsumexp.
-- engine: LikelihoodSearch.search (exact top k, float64 scores and p(x|z)).
-- engine+label: the same with a label filter (one of 10 classes).
-- faiss: IndexFlatIP over the same float32 item vectors w(x) = [-a/2, a mu, c], query
-  [z^2, z, 1]: float32 top k only, no rescoring and no p(x|z).
-- bound: the streaming bound, bytes of the float32 item vectors / measured memory bandwidth.
+- naive: the plain numpy a user would write: one float32 product of the queries [z^2, z, 1]
+  with the item vectors, argpartition, the k best sorted. Not exact (float32 cancellation
+  where sigma is small) and no p(x|z).
+- product (one query): the float32 score vector alone, in the engine's layout: any numpy
+  engine computes it.
+- floor (one query): the product, its maximum and one comparison listing the items within
+  log N + 20 nats of it, the items p(x|z) needs: the least an exact numpy engine with p(x|z)
+  can do.
+- engine, +label: LikelihoodSearch.search, exact top k and p(x|z); with a label filter (one of
+  10 classes).
+- faiss: IndexFlatIP over the same float32 item vectors: float32 top k only.
+- other (--other FILE): LikelihoodSearch of another runtime/search.py (it needs only numpy).
 """
 
 from __future__ import annotations
@@ -28,102 +32,36 @@ for _name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_name, "1")  # before numpy loads its BLAS
 
 import argparse  # noqa: E402
+import importlib.util  # noqa: E402
+import math  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from vae_edge.runtime.search import (  # noqa: E402
-    LikelihoodSearch,
-    item_vectors,
-    log_likelihood_reference,
-    top_k_rows,
-)
+from vae_edge.runtime.search import SKIP_NATS, LikelihoodSearch, item_vectors  # noqa: E402
 
 K = 10
-# The naive (B, N, d) float64 temporaries are skipped above this many elements.
-NAIVE_LIMIT = 2e8
 
 
-def naive_search(z, mu16, log_sigma16, k):
-    """What the seeds write: broadcast the direct formula, argpartition, logsumexp."""
-    scores = log_likelihood_reference(z, mu16, log_sigma16)
-    rows = top_k_rows(scores, k)
-    top = scores.max(axis=1, keepdims=True)
-    log_total = top + np.log(np.exp(scores - top).sum(axis=1, keepdims=True))
-    best = np.take_along_axis(scores, rows, axis=1)
-    return rows, np.exp(best - log_total)
-
-
-def memory_bandwidth(megabytes: int = 512, rounds: int = 7) -> float:
-    """Single-threaded read bandwidth in bytes/s: median time to reduce a large float32 array."""
-    data = np.ones(megabytes * (1 << 20) // 4, dtype=np.float32)
-    data.max()  # touch every page first
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        data.max()
-        times.append(time.perf_counter() - start)
-    return data.nbytes / statistics.median(times)
-
-
-def timed(methods: dict, make_query, rounds: int, warm: int = 0) -> dict:
-    """Median seconds per method, interleaved: each round calls every method once on the same
-    query, in a fresh random order (no method always follows another).
-
-    warm > 0: each round calls every method warm + 1 times in a row instead (fresh queries),
-    and drops the first call: each method is timed with its own data as warm as the caches
-    keep it, as on a kiosk that runs one engine (interleaving single calls lets methods evict
-    each other's data, and the engine and its label filter share their item vectors)."""
-    names = list(methods)
-    times = {name: [] for name in names}
+def timed(methods: dict, make_query, rounds: int) -> dict:
+    """Median seconds per method: each round calls every method once on the same query, in a
+    fresh random order (no method always follows another)."""
+    times = {name: [] for name in methods}
     order = np.random.default_rng(2)
     for _ in range(rounds):
         query = make_query()
-        for name in order.permutation(names):
-            for call in range(warm + 1):
-                if call:
-                    query = make_query()
-                start = time.perf_counter()
-                methods[name](query)
-                elapsed = time.perf_counter() - start
-                if call or not warm:
-                    times[name].append(elapsed)
+        for name in order.permutation(list(methods)):
+            start = time.perf_counter()
+            methods[name](query)
+            times[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in times.items()}
 
 
 def features(z):
     return np.concatenate([z * z, z, np.ones((z.shape[0], 1))], axis=1).astype(np.float32)
-
-
-def methods_for(engine, index, batch):
-    def one(z):
-        return z if batch > 1 else z[0]
-
-    return {
-        "engine": lambda z: engine.search(one(z), K),
-        "label": lambda z: engine.search(one(z), K, label=3),
-        "faiss": lambda z: index.search(features(z), K),
-    }
-
-
-def load_faiss():
-    """The faiss module, single-threaded; None (and a message) where faiss-cpu is missing."""
-    try:
-        import faiss
-    except ImportError:
-        print("faiss-cpu is needed: pip install -e '.[bench]'", file=sys.stderr)
-        return None
-    faiss.omp_set_num_threads(1)
-    return faiss
-
-
-def flat_index(faiss, vectors: np.ndarray):
-    """FAISS IndexFlatIP over float32 item vectors (n, 2d+1): exact inner-product search."""
-    index = faiss.IndexFlatIP(vectors.shape[1])
-    index.add(vectors)
-    return index
 
 
 def catalog(n: int, d: int, seed: int = 0):
@@ -134,6 +72,67 @@ def catalog(n: int, d: int, seed: int = 0):
     return mu, log_sigma, labels
 
 
+def naive_search(z, vectors, k):
+    """One float32 product, argpartition, the k best sorted: rows (B, k)."""
+    scores = features(z) @ vectors.T
+    part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    order = np.argsort(-np.take_along_axis(scores, part, axis=1), axis=1)
+    return np.take_along_axis(part, order, axis=1)
+
+
+def floor_search(z, columns, window):
+    """The product, its maximum and the comparison for the items p(x|z) needs."""
+    scores = features(z)[0] @ columns
+    return np.flatnonzero(scores >= float(scores.max()) - window)
+
+
+def load_module(path: Path):
+    spec = importlib.util.spec_from_file_location("other_search", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def catalog_rows(n, d, args, faiss, other, names, rng):
+    """Time every method on one synthetic catalog; yields one table line per batch size."""
+    mu, log_sigma, labels = catalog(n, d)
+    engine = LikelihoodSearch(mu, log_sigma, np.arange(n), labels)
+    rows_copy = item_vectors(mu, log_sigma)  # (n, 2d+1), as a user would build it
+    index = faiss.IndexFlatIP(rows_copy.shape[1])
+    index.add(rows_copy.copy())
+    product_copy = np.ascontiguousarray(rows_copy.T)
+    floor_copy = product_copy.copy()
+    window = math.log(n) + SKIP_NATS
+    other_engine = other.LikelihoodSearch(mu, log_sigma, np.arange(n), labels) if other else None
+    for batch in args.batches:
+        def one(z, batch=batch):
+            return z if batch > 1 else z[0]
+
+        methods = {
+            "naive": lambda z: naive_search(z, rows_copy, K),
+            "engine": lambda z: engine.search(one(z), K),
+            "label": lambda z: engine.search(one(z), K, label=3),
+            "faiss": lambda z: index.search(features(z), K),
+        }
+        if batch == 1:
+            methods["product"] = lambda z: features(z)[0] @ product_copy
+            methods["floor"] = lambda z: floor_search(z, floor_copy, window)
+        if other_engine is not None:
+            methods["other"] = lambda z: other_engine.search(one(z), K)
+        work = n * batch / 60_000
+        rounds = max(5, int(args.rounds / work ** 0.75))
+        ms = {name: seconds * 1e3 for name, seconds in timed(
+            methods, lambda shape=(batch, d): rng.standard_normal(shape), rounds).items()}
+        cells = " ".join(f"{ms[name]:10.3f}" if name in ms else f"{'-':>10}" for name in names)
+        floor = (f"{ms['engine'] - ms['floor']:9.3f} {ms['engine'] / ms['floor']:9.2f}"
+                 if "floor" in ms else f"{'-':>9} {'-':>9}")
+        line = (f"{n:>9} {d:>3} {batch:>3} | {cells} | {floor} "
+                f"{ms['engine'] / ms['faiss']:9.2f} {ms['label'] / ms['engine']:9.2f}")
+        if other_engine is not None:
+            line += f" {ms['engine'] / ms['other']:9.2f}"
+        yield f"{line}   ({rounds} rounds)"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[60_000, 1_000_000])
@@ -141,59 +140,34 @@ def main(argv=None) -> int:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 64])
     parser.add_argument("--rounds", type=int, default=300,
                         help="rounds for N = 60k, one query; fewer where a call is longer")
-    parser.add_argument("--warm", type=int, default=0, metavar="CALLS",
-                        help="time CALLS calls in a row per method and round (after one "
-                             "untimed call) instead of one call each, interleaved; rounds are "
-                             "divided by CALLS")
+    parser.add_argument("--other", type=Path, metavar="FILE",
+                        help="another runtime/search.py to time side by side")
     args = parser.parse_args(argv)
-    if args.warm < 0:
-        parser.error(f"--warm must be >= 0, got {args.warm}")
-    faiss = load_faiss()
-    if faiss is None:
+    try:
+        import faiss
+    except ImportError:
+        print("faiss-cpu is needed: pip install -e '.[bench]'", file=sys.stderr)
         return 2
+    faiss.omp_set_num_threads(1)
+    other = None
+    if args.other is not None:
+        if not args.other.is_file():
+            print(f"no such file: {args.other}", file=sys.stderr)
+            return 2
+        other = load_module(args.other)
 
-    bandwidth = memory_bandwidth()
-    mode = f"warm: {args.warm} calls in a row per method" if args.warm else "interleaved"
-    print(f"numpy {np.__version__}, faiss {faiss.__version__}, single-threaded, k = {K}, {mode}")
-    print(f"measured read bandwidth: {bandwidth / 1e9:.1f} GB/s")
-    header = (f"{'N':>9} {'d':>3} {'B':>3} | {'naive ms':>9} {'engine ms':>9} {'+label ms':>9} "
-              f"{'faiss ms':>9} {'bound ms':>8} | {'eng/faiss':>9} {'eng/bound':>9} "
-              f"{'label/eng':>9} {'naive/eng':>9}")
+    print(f"numpy {np.__version__}, faiss {faiss.__version__}, single-threaded, k = {K}")
+    names = ["naive", "product", "floor", "engine", "label", "faiss"] + (["other"] if other else [])
+    header = (f"{'N':>9} {'d':>3} {'B':>3} | " + " ".join(f"{name + ' ms':>10}" for name in names)
+              + f" | {'eng-floor':>9} {'eng/floor':>9} {'eng/faiss':>9} {'label/eng':>9}"
+              + (f" {'eng/other':>9}" if other else ""))
     print(header)
     print("-" * len(header))
     rng = np.random.default_rng(1)
     for n in args.sizes:
         for d in args.dims:
-            mu, log_sigma, labels = catalog(n, d)
-            engine = LikelihoodSearch(mu, log_sigma, np.arange(n), labels)
-            vectors = item_vectors(mu, log_sigma)
-            index = flat_index(faiss, vectors)
-            bound = vectors.nbytes / bandwidth
-            for batch in args.batches:
-                work = n * batch / 60_000
-                rounds = max(5, int(args.rounds / work ** 0.75))
-                if args.warm:
-                    rounds = max(3, rounds // args.warm)
-                shape = (batch, d)
-                result = timed(methods_for(engine, index, batch),
-                               lambda shape=shape: rng.standard_normal(shape), rounds, args.warm)
-                # naive apart: its (B, N, d) temporaries would flush the others' caches
-                naive_ok = batch * n * d <= NAIVE_LIMIT
-                if naive_ok:
-                    result.update(timed(
-                        {"naive": lambda z, mu=mu, ls=log_sigma: naive_search(z, mu, ls, K)},
-                        lambda shape=shape: rng.standard_normal(shape), max(3, rounds // 10)))
-                ms = {name: seconds * 1e3 for name, seconds in result.items()}
-                naive = f"{ms['naive']:9.2f}" if naive_ok else f"{'skipped':>9}"
-                ratio = f"{ms['naive'] / ms['engine']:9.1f}" if naive_ok else f"{'-':>9}"
-                bound_cell = f"{bound * 1e3:8.2f}" if batch == 1 else f"{'-':>8}"
-                bound_ratio = f"{result['engine'] / bound:9.2f}" if batch == 1 else f"{'-':>9}"
-                print(f"{n:>9} {d:>3} {batch:>3} | {naive} {ms['engine']:9.3f} "
-                      f"{ms['label']:9.3f} {ms['faiss']:9.3f} {bound_cell} | "
-                      f"{ms['engine'] / ms['faiss']:9.2f} {bound_ratio} "
-                      f"{ms['label'] / ms['engine']:9.2f} {ratio}   ({rounds} rounds)",
-                      flush=True)
-            del engine, index, vectors
+            for line in catalog_rows(n, d, args, faiss, other, names, rng):
+                print(line, flush=True)
     return 0
 
 

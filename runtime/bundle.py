@@ -212,7 +212,7 @@ def _npy_header(path: Path, name: str) -> tuple[np.dtype, tuple, int]:
         raise BundleError(f"{name}: not a readable .npy file ({exc})") from None
 
 
-def load_index(root: Path, manifest: dict, mmap: bool = False) -> CatalogIndex:
+def load_index(root: Path, manifest: dict) -> CatalogIndex:
     """Load the index arrays and check their dtypes and shapes against the manifest.
 
     Each header is checked before any data is read: an object array (which only pickle
@@ -243,7 +243,7 @@ def load_index(root: Path, manifest: dict, mmap: bool = False) -> CatalogIndex:
             )
         try:
             # allow_pickle=False again: the header check above is not the only guard.
-            array = np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
+            array = np.load(path, allow_pickle=False)
         except ValueError as exc:
             raise BundleError(f"{name}: not a plain numeric .npy array ({exc})") from None
         except (OSError, EOFError) as exc:

@@ -50,7 +50,7 @@ def test_vae_run_nearest_from_a_fresh_install(fresh_venv, tmp_path):
     result = subprocess.run([str(fresh_venv / "bin" / "vae-run"), "nearest", "--z", z, "-k", "5"],
                             capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert result.returncode == 0, result.stderr
-    rows = result.stdout.strip().splitlines()[2:]
+    rows = result.stdout.strip().splitlines()[3:]  # z, mode and distance, header
     assert len(rows) == 5
     assert all(float(row.split()[-1]) < 100 for row in rows)
 

@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 
 from vae_edge.runtime import BundleError, Runtime, parse_z
-from vae_edge.runtime.search import LikelihoodSearch
 
 pytestmark = pytest.mark.slow  # needs the tiny trained bundle
 
@@ -152,15 +151,6 @@ def test_wrong_index_shape_is_refused(bundle_copy):
 def test_threads_validation(tiny_bundle):
     with pytest.raises(ValueError, match="threads must be an integer >= 1, got 0"):
         Runtime.load(tiny_bundle, threads=0)
-
-
-def test_search_ties_go_to_lower_row():
-    mu = np.zeros((5, 2), np.float16)
-    log_sigma = np.zeros((5, 2), np.float16)
-    engine = LikelihoodSearch(mu, log_sigma, np.arange(5) + 10, np.zeros(5, np.int64))
-    assert engine.search(np.zeros(2), 3).ids.tolist() == [10, 11, 12]
-    # log q(0|x) for a standard normal in 2-D is -log(2 pi).
-    np.testing.assert_allclose(engine.search(np.zeros(2), 1).log_likelihoods, [-np.log(2 * np.pi)])
 
 
 def test_default_bundle_loads():
