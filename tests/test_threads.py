@@ -75,4 +75,3 @@ def test_results_do_not_alias_shared_state(runtime):
                   runtime.index.labels):
         with pytest.raises(ValueError, match="read-only"):
             array[0] = 0
-
