@@ -27,6 +27,7 @@ from .search import LikelihoodSearch, Matches
 # overflow float32 arithmetic in the decoder.
 MAX_ABS_Z = 1e6
 MAX_BATCH = 65536
+ROUNDTRIP_CHUNK = 64
 # How nearest() ranks the catalog for a latent query (see Runtime.nearest).
 MATCH_MODES = ("latent", "decoded")
 # parse_z refuses longer text before splitting it: a million values still get a precise
@@ -307,8 +308,15 @@ class Runtime:
         return self._roundtrip(check_latent(z, self.latent_dim))[2]
 
     def _roundtrip(self, z: np.ndarray):
-        """encode(decode(z)) for validated z: mu, log_sigma and |z - mu| (shaped like z)."""
-        mu, log_sigma = self.encode(self.decode(z.reshape(-1, self.latent_dim)))
+        """encode(decode(z)) for validated z: mu, log_sigma and |z - mu| (shaped like z).
+
+        In chunks of ROUNDTRIP_CHUNK rows: the graphs' intermediate images of a whole batch
+        would be resident at once (a kiosk's start-up sample of 512: +10 MB peak)."""
+        flat = z.reshape(-1, self.latent_dim)
+        parts = [self.encode(self.decode(flat[lo:lo + ROUNDTRIP_CHUNK]))
+                 for lo in range(0, len(flat), ROUNDTRIP_CHUNK)]
+        mu = np.concatenate([part[0] for part in parts])
+        log_sigma = np.concatenate([part[1] for part in parts])
         if z.ndim == 1:
             mu, log_sigma = mu[0], log_sigma[0]
         return mu, log_sigma, np.linalg.norm(z - mu, axis=-1)

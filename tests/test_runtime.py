@@ -186,3 +186,15 @@ def test_decode_stays_in_unit_interval_where_the_sigmoid_saturates():
     assert mu.shape == log_sigma.shape == (len(z), d)
     assert np.isfinite(mu).all() and np.isfinite(log_sigma).all()
     assert len(rt.nearest(z[0], k=3, by="decoded")) == 3
+
+
+def test_roundtrip_of_a_large_batch_equals_one_by_one(runtime):
+    """A batch longer than the round trip's chunks gives each z the distance it gets alone."""
+    z = np.random.default_rng(4).normal(size=(150, 8))
+    batch = runtime.roundtrip_distance(z)
+    assert batch.shape == (150,)
+    alone = np.array([runtime.roundtrip_distance(row) for row in z])
+    np.testing.assert_allclose(batch, alone, rtol=1e-6, atol=1e-6)
+    matches = runtime.nearest(z, k=3, by="decoded")
+    assert matches.ids.shape == (150, 3)
+    np.testing.assert_array_equal(matches.ids[149], runtime.nearest(z[149], k=3, by="decoded").ids)
