@@ -170,7 +170,7 @@ for cpu in $CPUS; do
 done
 say "venv in the root: $VENV_MB MB"
 if [ "$failed" = 0 ]; then
-    say "PASS: $ARCH answers identical to the host's"
+    say "PASS: $ARCH answers match the host's"
 else
     say "FAIL: $ARCH answers differ from the host's (files in $OUT)"
 fi
