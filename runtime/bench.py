@@ -7,7 +7,8 @@
 Per operation (decode, encode, nearest in each match mode), one query and a batch: the median
 (p50) and 99th percentile (p99) latency of single calls. Cold start and peak resident memory are
 those of a fresh Python process that loads the bundle and answers one nearest query, as
-`vae-run nearest` does.
+`vae-run nearest` does. Every row runs at least once after an untimed call, so a slow device
+takes longer than the budget; `calls` says how many calls a row's percentiles come from.
 """
 
 from __future__ import annotations
