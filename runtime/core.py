@@ -26,6 +26,10 @@ from .search import LikelihoodSearch, Matches, StreamingLikelihoodSearch
 # overflow float32 arithmetic in the decoder.
 MAX_ABS_Z = 1e6
 MAX_BATCH = 65536
+# onnxruntime threads per session: each is an OS thread, so more is a typo, not a machine
+# (and 2^31 does not fit onnxruntime's option). A fixed bound, not the CPU count, keeps a
+# service file valid when it moves to a smaller board.
+MAX_THREADS = 256
 # parse_z refuses longer text before splitting it: a million values still get a precise
 # count, a gigabyte does not get copied around.
 MAX_Z_TEXT = 16 << 20
@@ -198,7 +202,8 @@ class Runtime:
         """Load a bundle directory (None: the shipped default model).
 
         verify=True checks every file's size and sha256 against the manifest first.
-        threads: onnxruntime intra-op threads; 1 suits a kiosk whose CPU is shared.
+        threads: onnxruntime intra-op threads, 1..MAX_THREADS; 1 suits a kiosk whose CPU is
+        shared.
         limit_blas=True also caps numpy's BLAS thread pool at `threads`, for the whole process:
         the search is one small matrix product per query, and a multi-threaded BLAS on a busy
         small CPU spends far longer waking and syncing threads than computing (measured here:
@@ -207,8 +212,9 @@ class Runtime:
         RAM); results are the same, each search reads the whole index.
         """
         root = default_bundle_path() if path is None else Path(path)
-        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-            raise ValueError(f"threads must be an integer >= 1, got {threads!r}")
+        if (isinstance(threads, bool) or not isinstance(threads, int)
+                or not 1 <= threads <= MAX_THREADS):
+            raise ValueError(f"threads must be an integer in [1, {MAX_THREADS}], got {threads!r}")
         if limit_blas:
             from threadpoolctl import threadpool_limits
 
@@ -297,7 +303,7 @@ class Runtime:
             folded = {name.casefold(): i for i, name in enumerate(names)}
             if text.casefold() in folded:
                 return folded[text.casefold()]
-            if text.isdigit() and int(text) < len(names):
+            if text.isascii() and text.isdigit() and int(text) < len(names):
                 return int(text)
         raise ValueError(f"unknown label {label!r}: expected one of {', '.join(names)} "
                          f"(or a class id 0-{len(names) - 1})")
