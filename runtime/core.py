@@ -161,11 +161,29 @@ def _session(path: Path, threads: int):
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.log_severity_level = 3
+    # Fatal only: a graph that fails while running is reported once, by _run, on one line.
+    options.log_severity_level = 4
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
         raise BundleError(f"{path.name}: onnxruntime cannot load it ({exc})") from None
+
+
+def _run(session, name: str, outputs: list[str], feeds: dict) -> list[np.ndarray]:
+    """Run a bundle graph; its failures and non-finite outputs become BundleError.
+
+    The inputs were validated before, so a failure here is the graph's (a Reshape that
+    cannot apply, an allocation that cannot be met), not the caller's.
+    """
+    try:
+        results = session.run(outputs, feeds)
+    except Exception as exc:  # onnxruntime raises its own Fail/RuntimeException types
+        detail = " ".join(str(exc).split())
+        raise BundleError(f"{name}: onnxruntime failed running the graph ({detail})") from None
+    for output, result in zip(outputs, results):
+        if not np.isfinite(result).all():
+            raise BundleError(f"{name}: output {output!r} holds NaN or infinite values")
+    return results
 
 
 def _check_io(session, name: str, inputs: list[tuple[str, list]], outputs: list[tuple[str, list]]):
@@ -251,13 +269,14 @@ class Runtime:
         array = check_latent(z, self.latent_dim)
         single = array.ndim == 1
         batch = array.reshape(-1, self.latent_dim).astype(np.float32)
-        (images,) = self._decoder.run(["images"], {"z": batch})
+        (images,) = _run(self._decoder, MODEL_FILES["decoder"], ["images"], {"z": batch})
         return images[0] if single else images
 
     def encode(self, images) -> tuple[np.ndarray, np.ndarray]:
         """Images -> (mu, log_sigma) float32, each (d,) for one image or (B, d)."""
         batch, single = check_images(images, self.image_shape)
-        mu, log_var = self._encoder.run(["mu", "log_var"], {"images": batch})
+        mu, log_var = _run(self._encoder, MODEL_FILES["encoder"], ["mu", "log_var"],
+                           {"images": batch})
         log_sigma = 0.5 * log_var
         return (mu[0], log_sigma[0]) if single else (mu, log_sigma)
 

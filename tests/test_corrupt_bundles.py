@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -19,6 +21,7 @@ import numpy as np
 import onnxruntime
 import pytest
 from click.testing import CliRunner
+from PIL import Image
 
 from vae_edge.runtime import BundleError, Runtime
 from vae_edge.runtime import core as runtime_core
@@ -339,3 +342,103 @@ def test_extra_unlisted_files_are_ignored(bundle_copy):
     (bundle_copy / "README.txt").write_text("notes")
     os.symlink("/etc/passwd", bundle_copy / "passwd")
     assert len(Runtime.load(bundle_copy).index) == 5000
+
+
+# Graphs that load and match the manifest but fail or misbehave when run: each call is
+# refused with a BundleError naming the graph, and the CLI prints one line, exit status 2.
+
+def filled(source: str, output: str, tail: list[int], value: float) -> tuple[list, list]:
+    """Nodes and initializers making `output` a (batch, *tail) tensor of `value`, batch taken
+    from `source` at run time (so onnxruntime cannot fold it while loading)."""
+    from onnx import helper, numpy_helper
+
+    nodes = [helper.make_node("Shape", [source], [f"{output}_batch"], end=1),
+             helper.make_node("Concat", [f"{output}_batch", f"{output}_tail"],
+                              [f"{output}_shape"], axis=0),
+             helper.make_node("ConstantOfShape", [f"{output}_shape"], [output],
+                              value=numpy_helper.from_array(np.array([value], np.float32)))]
+    return nodes, [numpy_helper.from_array(np.array(tail, np.int64), f"{output}_tail")]
+
+
+def graph_file(name: str, kind: str) -> Callable:
+    """name (encoder.onnx or decoder.onnx) replaced by a graph with the bundle's signature
+    (latent dim 8) that, when run: 'reshape' applies a Reshape that cannot fit its input,
+    'allocate' asks for a 2^50-byte tensor (beyond any address space), 'nan' outputs NaN."""
+    def mutate(bundle: Path, outside: Path):
+        from onnx import TensorProto, helper, numpy_helper
+
+        def tensor(tensor_name, *dims):
+            return helper.make_tensor_value_info(tensor_name, TensorProto.FLOAT, ["b", *dims])
+
+        if name == "decoder.onnx":
+            source, inputs, outputs = "z", [tensor("z", 8)], [tensor("images", 1, 28, 28)]
+        else:
+            source, inputs = "images", [tensor("images", 1, 28, 28)]
+            outputs = [tensor("mu", 8), tensor("log_var", 8)]
+        nodes, initializers = [], []
+        for output in outputs:
+            tail = [d.dim_value for d in output.type.tensor_type.shape.dim[1:]]
+            if kind == "reshape":
+                # 3 x tail values: never the size of the one input item each call passes.
+                shape = numpy_helper.from_array(np.array([3, *tail], np.int64),
+                                                f"{output.name}_shape")
+                more = [helper.make_node("Reshape", [source, shape.name], [output.name])], [shape]
+            elif kind == "allocate":
+                more = filled(source, output.name, [1, 1 << 24, 1 << 24], 0.0)
+            else:
+                more = filled(source, output.name, tail, float("nan"))
+            nodes += more[0]
+            initializers += more[1]
+        graph = helper.make_graph(nodes, "g", inputs, outputs, initializers)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
+                                  ir_version=8)
+        (bundle / name).write_bytes(model.SerializeToString())
+    return resigned(mutate)
+
+
+FAILED_RUN = r"{}: onnxruntime failed running the graph \(\[ONNXRuntimeError\] .*{}.*\)$"
+RUN_CASES = [
+    ("decoder.onnx", "reshape", FAILED_RUN.format("decoder.onnx", "cannot be reshaped")),
+    ("decoder.onnx", "allocate", FAILED_RUN.format("decoder.onnx", "Failed to allocate memory")),
+    ("decoder.onnx", "nan", "decoder.onnx: output 'images' holds NaN or infinite values$"),
+    ("encoder.onnx", "reshape", FAILED_RUN.format("encoder.onnx", "cannot be reshaped")),
+    ("encoder.onnx", "nan", "encoder.onnx: output 'mu' holds NaN or infinite values$"),
+]
+
+
+@pytest.mark.parametrize(("name", "kind", "message"), RUN_CASES,
+                         ids=[f"{n[:7]}-{k}" for n, k, _ in RUN_CASES])
+def test_graph_failing_while_running_is_refused(bundle_copy, tmp_path, name, kind, message):
+    graph_file(name, kind)(bundle_copy, tmp_path)
+    runtime = Runtime.load(bundle_copy)
+    image = np.zeros((28, 28), np.uint8)
+    calls = ([lambda: runtime.decode(np.zeros(8))] if name == "decoder.onnx" else
+             [lambda: runtime.encode(image), lambda: runtime.nearest_image(image)])
+    for call in calls:
+        with pytest.raises(BundleError) as info:
+            call()
+        assert re.match(message, str(info.value)), str(info.value)
+        assert "\n" not in str(info.value)
+
+    picture = tmp_path / "photo.png"
+    Image.fromarray(image).save(picture)
+    command = (["decode", "--z", "0,0,0,0,0,0,0,0", "-o", str(tmp_path / "out.png")]
+               if name == "decoder.onnx" else ["encode", str(picture)])
+    result = CliRunner().invoke(run_main, [*command, "--bundle", str(bundle_copy)])
+    assert result.exit_code == 2
+    assert result.output == f"Error: {info.value}\n"
+
+
+def test_graph_failing_while_running_prints_one_line(bundle_copy, tmp_path):
+    """In a real process: onnxruntime's own log line would go to stderr beside the error."""
+    graph_file("decoder.onnx", "reshape")(bundle_copy, tmp_path)
+    cli = "from vae_edge.runtime.cli import main; main()"
+    result = subprocess.run([sys.executable, "-c", cli, "decode", "--bundle", str(bundle_copy),
+                             "--z", "0,0,0,0,0,0,0,0", "-o", str(tmp_path / "out.png")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert re.match("Error: " + FAILED_RUN.format("decoder.onnx", "cannot be reshaped"),
+                    result.stderr)
+    assert result.stderr.count("\n") == 1
+    assert not (tmp_path / "out.png").exists()
