@@ -13,6 +13,8 @@ import os
 import re
 import subprocess
 import sys
+import tracemalloc
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -112,6 +114,29 @@ def huge_header(bundle: Path, outside: Path):
     (bundle / "index_ids.npy").write_bytes(npy_with_header(header, data[128:]))
 
 
+def duplicate_key(where: str, line: str) -> Callable:
+    """manifest.json with `line` inserted after the first `where`: a key written twice."""
+    def mutate(bundle: Path, outside: Path):
+        text = (bundle / "manifest.json").read_text()
+        (bundle / "manifest.json").write_text(text.replace(where, where + line, 1))
+    return mutate
+
+
+def listed_extra_file(bundle: Path, outside: Path):
+    """A 2 GiB (sparse) file the manifest lists beside the bundle's own six."""
+    with open(bundle / "extra.bin", "wb") as handle:
+        handle.truncate(2 << 30)
+    edit_manifest(lambda m: m["files"].update(
+        {"extra.bin": {"sha256": "0" * 64, "bytes": 2 << 30}}))(bundle, outside)
+
+
+def huge_header_length(bundle: Path, outside: Path):
+    """index_ids.npy in .npy format 2.0 whose 4-byte header length claims about 4 GiB."""
+    data = (bundle / "index_ids.npy").read_bytes()
+    (bundle / "index_ids.npy").write_bytes(b"\x93NUMPY\x02\x00" + (2**32 - 16).to_bytes(4, "little")
+                                           + data[10:])
+
+
 def symlink_out(name: str) -> Callable:
     """name becomes a symlink to an identical copy outside the bundle (sha256 still matches)."""
     def mutate(bundle: Path, outside: Path):
@@ -209,6 +234,13 @@ CASES = [
          r"manifest.json files\['encoder.onnx'\]: missing key 'sha256'"),
     Case("files-lacks-decoder", edit_manifest(lambda m: m["files"].pop("decoder.onnx")),
          "manifest.json: files has no entry for decoder.onnx"),
+    Case("manifest-duplicate-key", duplicate_key("{", '"latent_dim": 9,'),
+         "manifest.json: key 'latent_dim' appears twice in one object"),
+    Case("manifest-duplicate-nested-key", duplicate_key('"encoder.onnx": {', '"bytes": 1,'),
+         "manifest.json: key 'bytes' appears twice in one object"),
+    Case("files-lists-extra", listed_extra_file,
+         "manifest.json: files lists 'extra.bin', which is not a bundle file "
+         r"\(expected exactly encoder.onnx, decoder.onnx, index_mu.npy"),
     Case("latent-dim-as-text", edit_manifest(lambda m: m.update(latent_dim="8")),
          "manifest.json: key 'latent_dim' should be int, got str"),
     Case("version-as-bool", edit_manifest(lambda m: m.update(format_version=True)),
@@ -269,9 +301,14 @@ CASES = [
          r"index_mu.npy: shape is \(5000, 8\), expected \(1000000000000, 8\)"),
     Case("resigned-huge-ids-header", resigned(huge_header),
          r"index_ids.npy: shape is \(1000000000000,\), expected \(5000,\)"),
+    Case("resigned-npy-header-length-4gib", resigned(huge_header_length),
+         "index_ids.npy: .npy header claims 4294967280 bytes, at most 10000 accepted"),
     Case("resigned-nan-mu", resigned(save_array("index_mu.npy", lambda a: np.where(
         np.arange(a.size).reshape(a.shape) == 17, np.float16("nan"), a))),
          "index_mu.npy: holds NaN or infinite values"),
+    Case("resigned-log-sigma-60000", resigned(save_array("index_log_sigma.npy", lambda a: np.where(
+        np.arange(a.size).reshape(a.shape) == 17, np.float16(-60000), a))),
+         "index_log_sigma.npy: values must be >= -40, got -60000"),
     Case("resigned-label-11", resigned(save_array("index_labels.npy", lambda a: a + 2)),
          r"index_labels.npy: labels must lie in \[0, 10\), got \[2, 11\]"),
     Case("resigned-truncated-onnx", resigned(truncate("decoder.onnx")),
@@ -315,7 +352,8 @@ def test_corrupt_bundle_is_refused(case, bundle_copy, tmp_path, no_graph_runs):
     case.mutate(bundle_copy, outside)
     verify_options = (True, False) if case.id.startswith("resigned") else (True,)
     for verify in verify_options:
-        with pytest.raises(case.error) as info:
+        with warnings.catch_warnings(), pytest.raises(case.error) as info:
+            warnings.simplefilter("error")  # refused without a warning printed first
             Runtime.load(bundle_copy, verify=verify)
         message = str(info.value)
         assert info.type is case.error, (type(info.value), message)
@@ -328,6 +366,18 @@ def test_corrupt_bundle_is_refused(case, bundle_copy, tmp_path, no_graph_runs):
     result = CliRunner().invoke(run_main, ["info", "--bundle", str(bundle_copy)])
     assert result.exit_code == 2
     assert result.output == f"Error: {message}\n"
+
+
+def test_npy_header_length_is_checked_before_reading(bundle_copy, tmp_path):
+    resigned(huge_header_length)(bundle_copy, tmp_path)
+    tracemalloc.start()
+    try:
+        with pytest.raises(BundleError, match="index_ids.npy: .npy header claims 4294967280"):
+            Runtime.load(bundle_copy)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20  # the claimed 4 GiB was never allocated
 
 
 def test_good_bundle_loads_after_resigning(bundle_copy):
