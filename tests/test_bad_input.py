@@ -242,6 +242,15 @@ def bomb_bmp(width: int, height: int) -> bytes:
     return b"BM" + struct.pack("<IHHI", 54, 0, 0, 54) + info
 
 
+def text_bomb_png() -> bytes:
+    """A valid 28 x 28 PNG with a zTXt chunk of 8 KB that inflates to 8 MiB of text."""
+    text = png_chunk(b"zTXt", b"Comment\x00\x00" + zlib.compress(b"\x00" * (8 << 20), 9))
+    pixels = zlib.compress(b"\x00" * (29 * 28))
+    ihdr = struct.pack(">IIBBBBB", 28, 28, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + text + png_chunk(b"IDAT", pixels)
+            + png_chunk(b"IEND", b""))
+
+
 def make_files(tmp_path):
     """name -> (path, expected error message) for every kind of bad image file."""
     cases = {}
@@ -279,6 +288,13 @@ def make_files(tmp_path):
     add("bomb.bmp", "bomb.bmp: refused before decoding, far too large (Image size "
         "(2500000000 pixels) exceeds limit",
         lambda p: p.write_bytes(bomb_bmp(50_000, 50_000)))
+    add("text-bomb.png", "text-bomb.png: cannot decode image (Decompressed data too large",
+        lambda p: p.write_bytes(text_bomb_png()))
+    add("palette-alpha.png", "palette-alpha.png: pixel mode P with transparency is not "
+        "supported; expected 8-bit grayscale (L), bilevel, palette or RGB without transparency",
+        lambda p: Image.new("P", (28, 28)).save(p, transparency=0))
+    add("gray-alpha.png", "gray-alpha.png: pixel mode L with transparency is not supported",
+        lambda p: Image.new("L", (28, 28)).save(p, transparency=0))
     add("folder.png", f"{tmp_path / 'folder.png'}: not a regular file", lambda p: p.mkdir())
     return cases
 
