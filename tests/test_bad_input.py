@@ -293,6 +293,8 @@ def make_files(tmp_path):
     add("palette-alpha.png", "palette-alpha.png: pixel mode P with transparency is not "
         "supported; expected 8-bit grayscale (L), bilevel, palette or RGB without transparency",
         lambda p: Image.new("P", (28, 28)).save(p, transparency=0))
+    add("clear.gif", "clear.gif: pixel mode P with transparency is not supported",
+        lambda p: Image.new("P", (28, 28)).save(p, transparency=0))
     add("gray-alpha.png", "gray-alpha.png: pixel mode L with transparency is not supported",
         lambda p: Image.new("L", (28, 28)).save(p, transparency=0))
     add("folder.png", f"{tmp_path / 'folder.png'}: not a regular file", lambda p: p.mkdir())
