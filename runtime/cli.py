@@ -23,16 +23,19 @@ class CliError(click.ClickException):
     exit_code = 2
 
 
-class AsciiInt(click.IntRange):
+class AsciiInt(click.types.IntParamType):
     """An integer option in ASCII digits; Python's int() would also take '\u0663' (Arabic 3)."""
 
-    name = "integer"
     _digits = re.compile(r"\s*[+-]?[0-9]+\s*", re.ASCII)
 
     def convert(self, value, param, ctx):
         if isinstance(value, str) and not self._digits.fullmatch(value):
             self.fail(f"{value!r} is not a valid integer.", param, ctx)
         return super().convert(value, param, ctx)
+
+
+class AsciiIntRange(AsciiInt, click.IntRange):
+    """AsciiInt within click.IntRange's bounds."""
 
 
 @contextlib.contextmanager
@@ -48,9 +51,8 @@ def library_errors():
 def bundle_options(command):
     @click.option("--bundle", type=click.Path(path_type=Path), default=None,
                   help="Bundle directory made by vae-export (default: the shipped model).")
-    @click.option("--threads", type=AsciiInt(1, MAX_THREADS), default=1, show_default=True,
-                  help=f"onnxruntime threads (1-{MAX_THREADS}); 1 leaves the rest of a kiosk's "
-                       "CPU free.")
+    @click.option("--threads", type=AsciiIntRange(1, MAX_THREADS), default=1, show_default=True,
+                  help="onnxruntime threads; 1 leaves the rest of a kiosk's CPU free.")
     @functools.wraps(command)
     def wrapper(bundle, threads, **kwargs):
         with library_errors():
