@@ -35,6 +35,12 @@ INDEX_DTYPES = {"mu": "float16", "log_sigma": "float16", "ids": "int32", "labels
 MODEL_FILES = {"encoder": "encoder.onnx", "decoder": "decoder.onnx"}
 # A real manifest is a few KB; anything this large is not one, and is not read into memory.
 MAX_MANIFEST_BYTES = 1 << 20
+# A bundle's .npy headers are about 128 bytes; numpy itself refuses more than 10,000 as unsafe,
+# but only after reading them, and a 4-byte length field can claim 4 GiB.
+MAX_NPY_HEADER_BYTES = 10_000
+# sigma >= e^-40 (4e-18): the search works with 1/sigma^2, which must fit float32 (and a
+# float16 log_sigma of -65504 would overflow even float64).
+MIN_LOG_SIGMA = -40.0
 _SHA256_HEX = frozenset("0123456789abcdef")
 
 
@@ -108,6 +114,17 @@ def _bundle_file(root: Path, name: str) -> Path:
     return path
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    """A JSON object that names no key twice: json keeps the last silently, so two readers
+    of one manifest could see two different bundles."""
+    unique = {}
+    for key, value in pairs:
+        if key in unique:
+            raise BundleError(f"{MANIFEST_NAME}: key {key!r} appears twice in one object")
+        unique[key] = value
+    return unique
+
+
 def read_manifest(root: Path) -> dict:
     root = Path(root)
     if not root.is_dir():
@@ -123,7 +140,7 @@ def read_manifest(root: Path) -> dict:
             f"(at most {MAX_MANIFEST_BYTES})"
         )
     try:
-        manifest = json.loads(path.read_bytes().decode("utf-8"))
+        manifest = json.loads(path.read_bytes().decode("utf-8"), object_pairs_hook=_unique_keys)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BundleError(f"{MANIFEST_NAME}: not valid JSON ({exc})") from None
     except RecursionError:
@@ -157,6 +174,14 @@ def read_manifest(root: Path) -> dict:
             raise BundleError(f"{where}: sha256 must be 64 lowercase hex digits, got {digest!r}")
         if _require(entry, "bytes", int, where) < 0:
             raise BundleError(f"{where}: bytes must be >= 0, got {entry['bytes']}")
+    required = list(MODEL_FILES.values()) + list(INDEX_FILES.values())
+    for name in required:
+        if name not in files:
+            raise BundleError(f"{MANIFEST_NAME}: files has no entry for {name}")
+    for name in files:  # refused before any file is read: a listed extra would be hashed
+        if name not in required:
+            raise BundleError(f"{MANIFEST_NAME}: files lists {name!r}, which is not a bundle "
+                              f"file (expected exactly {', '.join(required)})")
     index = _require(manifest, "index", dict, MANIFEST_NAME)
     size = _require(index, "size", int, "manifest.json index")
     if size < 1:
@@ -168,12 +193,9 @@ def read_manifest(root: Path) -> dict:
 
 
 def verify_files(root: Path, manifest: dict) -> dict[str, Path]:
-    """Check that every required file is listed, present, of the right size and sha256."""
+    """Check that every file the manifest lists (read_manifest made sure those are exactly
+    the bundle's files) is present, of the right size and sha256."""
     files = manifest["files"]
-    required = list(MODEL_FILES.values()) + list(INDEX_FILES.values())
-    for name in required:
-        if name not in files:
-            raise BundleError(f"{MANIFEST_NAME}: files has no entry for {name}")
     paths = {}
     for name, entry in files.items():
         path = _bundle_file(root, name)
@@ -199,12 +221,17 @@ def _npy_header(path: Path, name: str) -> tuple[np.dtype, tuple, int]:
     try:
         with open(path, "rb") as handle:
             version = fmt.read_magic(handle)
-            if version == (1, 0):
-                shape, _, dtype = fmt.read_array_header_1_0(handle)
-            elif version == (2, 0):
-                shape, _, dtype = fmt.read_array_header_2_0(handle)
-            else:
+            if version not in ((1, 0), (2, 0)):
                 raise BundleError(f"{name}: .npy format version {version} is not supported")
+            field = handle.read(2 if version == (1, 0) else 4)
+            header_bytes = int.from_bytes(field, "little")
+            if header_bytes > MAX_NPY_HEADER_BYTES:
+                raise BundleError(f"{name}: .npy header claims {header_bytes} bytes, at most "
+                                  f"{MAX_NPY_HEADER_BYTES} accepted")
+            handle.seek(-len(field), os.SEEK_CUR)
+            read_header = (fmt.read_array_header_1_0 if version == (1, 0)
+                           else fmt.read_array_header_2_0)
+            shape, _, dtype = read_header(handle)
             return dtype, shape, handle.tell()
     except (ValueError, SyntaxError, EOFError, OSError) as exc:
         if isinstance(exc, BundleError):
@@ -256,6 +283,10 @@ def load_index(root: Path, manifest: dict) -> CatalogIndex:
     for key in ("mu", "log_sigma"):
         if not np.isfinite(arrays[key]).all():
             raise BundleError(f"{INDEX_FILES[key]}: holds NaN or infinite values")
+    lowest = float(arrays["log_sigma"].min())
+    if lowest < MIN_LOG_SIGMA:
+        raise BundleError(f"{INDEX_FILES['log_sigma']}: values must be >= {MIN_LOG_SIGMA:g}, "
+                          f"got {lowest:.6g}")
     label_names = tuple(manifest["index"]["label_names"])
     labels = arrays["labels"]
     if labels.min() < 0 or labels.max() >= len(label_names):

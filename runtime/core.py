@@ -29,6 +29,10 @@ MAX_ABS_Z = 1e6
 MAX_BATCH = 65536
 # How nearest() ranks the catalog for a latent query (see Runtime.nearest).
 MATCH_MODES = ("latent", "decoded")
+# onnxruntime threads per session: each is an OS thread, so more is a typo, not a machine
+# (and 2^31 does not fit onnxruntime's option). A fixed bound, not the CPU count, keeps a
+# service file valid when it moves to a smaller board.
+MAX_THREADS = 256
 # parse_z refuses longer text before splitting it: a million values still get a precise
 # count, a gigabyte does not get copied around.
 MAX_Z_TEXT = 16 << 20
@@ -160,11 +164,29 @@ def _session(path: Path, threads: int):
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.log_severity_level = 3
+    # Fatal only: a graph that fails while running is reported once, by _run, on one line.
+    options.log_severity_level = 4
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
         raise BundleError(f"{path.name}: onnxruntime cannot load it ({exc})") from None
+
+
+def _run(session, name: str, outputs: list[str], feeds: dict) -> list[np.ndarray]:
+    """Run a bundle graph; its failures and non-finite outputs become BundleError.
+
+    The inputs were validated before, so a failure here is the graph's (a Reshape that
+    cannot apply, an allocation that cannot be met), not the caller's.
+    """
+    try:
+        results = session.run(outputs, feeds)
+    except Exception as exc:  # onnxruntime raises its own Fail/RuntimeException types
+        detail = " ".join(str(exc).split())
+        raise BundleError(f"{name}: onnxruntime failed running the graph ({detail})") from None
+    for output, result in zip(outputs, results):
+        if not np.isfinite(result).all():
+            raise BundleError(f"{name}: output {output!r} holds NaN or infinite values")
+    return results
 
 
 def _check_io(session, name: str, inputs: list[tuple[str, list]], outputs: list[tuple[str, list]]):
@@ -199,7 +221,8 @@ class Runtime:
         """Load a bundle directory (None: the shipped default model).
 
         verify=True checks every file's size and sha256 against the manifest first.
-        threads: onnxruntime intra-op threads; 1 suits a kiosk whose CPU is shared.
+        threads: onnxruntime intra-op threads, 1..MAX_THREADS; 1 suits a kiosk whose CPU is
+        shared.
         limit_blas=True also caps numpy's BLAS thread pool at `threads`, for the whole process
         (so it is off unless asked: an app that embeds the runtime keeps its threads). The
         search is one small matrix product per query, and a multi-threaded BLAS on a busy
@@ -207,8 +230,9 @@ class Runtime:
         11.7 ms instead of 0.4 ms per query); `vae-run` asks for it.
         """
         root = default_bundle_path() if path is None else Path(path)
-        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-            raise ValueError(f"threads must be an integer >= 1, got {threads!r}")
+        if (isinstance(threads, bool) or not isinstance(threads, int)
+                or not 1 <= threads <= MAX_THREADS):
+            raise ValueError(f"threads must be an integer in [1, {MAX_THREADS}], got {threads!r}")
         if limit_blas:
             from threadpoolctl import threadpool_limits
 
@@ -245,13 +269,14 @@ class Runtime:
         array = check_latent(z, self.latent_dim)
         single = array.ndim == 1
         batch = array.reshape(-1, self.latent_dim).astype(np.float32)
-        (images,) = self._decoder.run(["images"], {"z": batch})
+        (images,) = _run(self._decoder, MODEL_FILES["decoder"], ["images"], {"z": batch})
         return images[0] if single else images
 
     def encode(self, images) -> tuple[np.ndarray, np.ndarray]:
         """Images -> (mu, log_sigma) float32, each (d,) for one image or (B, d)."""
         batch, single = check_images(images, self.image_shape)
-        mu, log_var = self._encoder.run(["mu", "log_var"], {"images": batch})
+        mu, log_var = _run(self._encoder, MODEL_FILES["encoder"], ["mu", "log_var"],
+                           {"images": batch})
         log_sigma = 0.5 * log_var
         return (mu[0], log_sigma[0]) if single else (mu, log_sigma)
 
@@ -330,7 +355,7 @@ class Runtime:
             folded = {name.casefold(): i for i, name in enumerate(names)}
             if text.casefold() in folded:
                 return folded[text.casefold()]
-            if text.isdigit() and int(text) < len(names):
+            if text.isascii() and text.isdigit() and int(text) < len(names):
                 return int(text)
         raise ValueError(f"unknown label {label!r}: expected one of {', '.join(names)} "
                          f"(or a class id 0-{len(names) - 1})")
