@@ -27,7 +27,7 @@ from PIL import Image
 
 from vae_edge.runtime import BundleError, Runtime
 from vae_edge.runtime import core as runtime_core
-from vae_edge.runtime.bundle import INDEX_FILES, MODEL_FILES, write_manifest
+from vae_edge.runtime.bundle import INDEX_FILES, MODEL_FILES, graph_sections, write_manifest
 from vae_edge.runtime.cli import main as run_main
 
 pytestmark = pytest.mark.slow  # needs the tiny trained bundle
@@ -45,6 +45,12 @@ def edit_manifest(change: Callable[[dict], object]) -> Callable:
         change(manifest)
         (bundle / "manifest.json").write_text(json.dumps(manifest))
     return mutate
+
+
+def reshape(manifest: dict, latent_dim: int, image_shape: list) -> None:
+    """Claim another latent dim and image shape, consistently across the manifest."""
+    manifest.update(latent_dim=latent_dim, **graph_sections(latent_dim, image_shape))
+    manifest["image"]["shape"] = image_shape
 
 
 def resign(bundle: Path) -> None:
@@ -255,8 +261,20 @@ CASES = [
     Case("bytes-negative", edit_manifest(lambda m: m["files"]["index_mu.npy"].update(bytes=-1)),
          r"manifest.json files\['index_mu.npy'\]: bytes must be >= 0, got -1"),
     # Wrong shapes in the manifest.
-    Case("latent-dim-9", edit_manifest(lambda m: m.update(latent_dim=9)),
+    Case("latent-dim-9", edit_manifest(lambda m: reshape(m, 9, [1, 28, 28])),
          r"index_mu.npy: shape is \(5000, 8\), expected \(5000, 9\)"),
+    Case("latent-dim-9-alone", edit_manifest(lambda m: m.update(latent_dim=9)),
+         r"manifest.json: encoder outputs must be \{'mu': \['batch', 9\], 'log_var': "
+         r"\['batch', 9\]\}, got \{'mu': \['batch', 8\], 'log_var': \['batch', 8\]\}"),
+    Case("graph-output-renamed",
+         edit_manifest(lambda m: m["decoder"].update(outputs={"x": ["batch", 1, 28, 28]})),
+         r"manifest.json: decoder outputs must be \{'images': \['batch', 1, 28, 28\]\}, "
+         r"got \{'x': \['batch', 1, 28, 28\]\}"),
+    Case("image-range-0-255", edit_manifest(lambda m: m["image"].update(range=[0, 255])),
+         r"manifest.json: image range must be \[0.0, 1.0\], got \[0, 255\]"),
+    Case("index-file-renamed",
+         edit_manifest(lambda m: m["index"]["files"].update(mu="other.npy")),
+         r"manifest.json: index files must be"),
     Case("latent-dim-0", edit_manifest(lambda m: m.update(latent_dim=0)),
          "manifest.json: latent_dim must be >= 1, got 0"),
     Case("index-size-4999", edit_manifest(lambda m: m["index"].update(size=4999)),
@@ -265,7 +283,7 @@ CASES = [
          "manifest.json: index size must be >= 1, got 0"),
     Case("image-shape-2d", edit_manifest(lambda m: m["image"].update(shape=[28, 28])),
          r"manifest.json: image shape must be \[C, H, W\], got \[28, 28\]"),
-    Case("image-shape-29", edit_manifest(lambda m: m["image"].update(shape=[1, 28, 29])),
+    Case("image-shape-29", edit_manifest(lambda m: reshape(m, 8, [1, 28, 29])),
          r"encoder.onnx: inputs are \[\('images', \[1, 28, 28\]\)\], expected "
          r"\[\('images', \[1, 28, 29\]\)\]", loads_graphs=True),
     Case("label-names-short", edit_manifest(lambda m: m["index"].update(label_names=["a"])),
