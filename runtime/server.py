@@ -90,6 +90,10 @@ ITEM_PATH = re.compile(r"^/api/item/([^/]*?)(\.png)?$")
 INTEGER = re.compile(r"^[+-]?[0-9]{1,18}$")
 HOST_NAME = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$")
 POST_ROUTES = ("/api/decode", "/api/nearest")
+# Routes that run a model or the search: a worker thread answers them. The rest (the page,
+# info, samples, item JSON, errors) take microseconds and are answered on the event loop,
+# so they never queue behind a decode.
+COMPUTING_ROUTE = re.compile(r"^/api/(decode|decode\.png|nearest|item/[^/]*\.png)$")
 JSON_TYPE = "application/json; charset=utf-8"
 
 
@@ -352,7 +356,7 @@ class KioskAsgi:
 
     Everything decided from the request line and headers (framing, HTTP version, Host,
     method, cross-site origin, route, size) is answered before any body is read, on the
-    event loop; the KioskApp call itself runs in a worker thread.
+    event loop; KioskApp calls that decode or search run in a worker thread.
     """
 
     def __init__(self, app: KioskApp, hosts: HostPolicy, *, read_timeout: float,
@@ -376,8 +380,11 @@ class KioskAsgi:
                     body = await self._read_body(receive)
                     if body is None:
                         return  # the client left mid-body: nobody to answer
-                answer = await asyncio.get_running_loop().run_in_executor(
-                    self.workers, self.route, request, body)
+                if COMPUTING_ROUTE.match(urlsplit(request.path).path):
+                    answer = await asyncio.get_running_loop().run_in_executor(
+                        self.workers, self.route, request, body)
+                else:
+                    answer = self.route(request, body)
         except Exception:  # a bug in screening: log it, never show the client a traceback
             traceback.print_exc(file=sys.stderr)
             answer = error_answer(HTTPStatus.INTERNAL_SERVER_ERROR, "internal error", close=True)
@@ -483,7 +490,7 @@ class KioskAsgi:
             return f"cross-site request refused (Origin: {origin[:80]})"
         return None
 
-    # -- in a worker thread ------------------------------------------------------------------
+    # -- after the body (in a worker thread where it computes) -------------------------------
     def route(self, request: Request, body: bytes) -> Answer:
         try:
             path = urlsplit(request.path).path
