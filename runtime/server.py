@@ -95,6 +95,7 @@ POST_ROUTES = ("/api/decode", "/api/nearest")
 # so they never queue behind a decode.
 COMPUTING_ROUTE = re.compile(r"^/api/(decode|decode\.png|nearest|item/[^/]*\.png)$")
 JSON_TYPE = "application/json; charset=utf-8"
+QUOTED_BYTES = re.compile(r": (b['\"]|bytearray\().*$", re.DOTALL)
 
 
 class ApiError(Exception):
@@ -367,11 +368,13 @@ class KioskAsgi:
         self.log_requests = log_requests
         self.static = load_static()
         self.workers = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kiosk")
+        self.in_flight = 0  # requests between their head and their answer (event loop only)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return  # lifespan is off and websockets are not served
         request = Request.from_scope(scope)
+        self.in_flight += 1
         try:
             answer = self.screen(request)
             if answer is None:
@@ -380,7 +383,10 @@ class KioskAsgi:
                     body = await self._read_body(receive)
                     if body is None:
                         return  # the client left mid-body: nobody to answer
-                if COMPUTING_ROUTE.match(urlsplit(request.path).path):
+                # A request alone in the server is answered on the event loop: handing it to
+                # a thread and back costs more than many of the answers. When others are in
+                # flight, decode and search go to the workers so that they run side by side.
+                if self.in_flight > 1 and COMPUTING_ROUTE.match(urlsplit(request.path).path):
                     answer = await asyncio.get_running_loop().run_in_executor(
                         self.workers, self.route, request, body)
                 else:
@@ -388,6 +394,8 @@ class KioskAsgi:
         except Exception:  # a bug in screening: log it, never show the client a traceback
             traceback.print_exc(file=sys.stderr)
             answer = error_answer(HTTPStatus.INTERNAL_SERVER_ERROR, "internal error", close=True)
+        finally:
+            self.in_flight -= 1
         if self.log_requests or answer.status >= 400:  # failures are always worth a line
             self.log(request.client, f'"{request.line}" {answer.status}')
         await send({"type": "http.response.start", "status": answer.status,
@@ -435,7 +443,7 @@ class KioskAsgi:
         if request.http_version not in ("1.0", "1.1"):
             return error_answer(HTTPStatus.BAD_REQUEST, f"HTTP/{request.http_version} is "
                                 "not supported: send HTTP/1.1", close=True)
-        for name in ("host", "origin", "sec-fetch-site"):
+        for name in ("origin", "sec-fetch-site"):  # h11 refuses a repeated Host itself
             if name in request.repeated:
                 return error_answer(HTTPStatus.BAD_REQUEST,
                                     f"header given more than once: {name}", close=True)
@@ -705,8 +713,8 @@ class KioskProtocol(H11Protocol):
         status = refusal.error_status_hint if refusal is not None else 400
         if status == HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE:
             message = f"request line and headers exceed {MAX_HEAD_BYTES} bytes"
-        else:  # h11's reason, without the bytes it quotes after a colon
-            message = f"malformed request: {str(refusal or msg).partition(':')[0]}"
+        else:  # h11's reason, without the bytes it quotes
+            message = "malformed request: " + QUOTED_BYTES.sub("", str(refusal or msg))
         self._refuse(status, message)
         self.transport.close()
 

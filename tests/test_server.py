@@ -26,6 +26,7 @@ from vae_edge.runtime.server import (
     MAX_BODY_BYTES,
     MAX_HEAD_BYTES,
     MAX_QUERY_CHARS,
+    HostPolicy,
     KioskApp,
     make_server,
 )
@@ -398,11 +399,49 @@ def test_ambiguous_framing_is_refused_and_the_connection_closed(server, framing,
         (b"GET / HTTP/2.0", "HTTP/2.0 is not supported: send HTTP/1.1"),
         (b"GET /", "malformed request: illegal request line"),
         (b"GET / HTTP/1.1 extra", "malformed request: illegal request line"),
+        (b"GET / HTTP/1.1\r\nno colon here", "malformed request: illegal header line"),
+        (b"GET / HTTP/1.1\r\n" + HOST[:-2], "malformed request: Found multiple Host: headers"),
+        (b"POST /api/nearest HTTP/1.1\r\nOrigin: http://a\r\nOrigin: http://a",
+         "header given more than once: origin"),
     ],
 )
 def test_malformed_request_lines_get_a_400_status_line(server, request_line, message):
     reply, closed = exchange(server, request_line + b"\r\n" + HOST + b"\r\n" + NEXT)
     assert closed and answers(reply) == [(400, {"error": message})]
+
+
+def test_the_same_content_length_twice_counts_once(server):
+    body = json.dumps({"z": Z, "k": 1}).encode()
+    length = b"Content-Length: %d\r\n" % len(body)
+    reply, _ = exchange(server, b"POST /api/nearest HTTP/1.1\r\n" + HOST + length + length +
+                        b"Connection: close\r\n\r\n" + body)
+    [(status, payload)] = answers(reply)
+    assert status == 200 and payload["k"] == 1
+
+
+@pytest.mark.parametrize(
+    "head, status",
+    [
+        (b"POST /api/nearest HTTP/1.1\r\n" + HOST + b"Origin: https://evil.example\r\n", 403),
+        (b"POST /api/info HTTP/1.1\r\n" + HOST, 405),
+        (b"POST /api/nearest HTTP/1.1\r\n" + HOST.replace(b"127.0.0.1", b"evil.example"), 403),
+        (b"PUT /api/nearest HTTP/1.1\r\n" + HOST, 501),
+    ],
+)
+def test_a_refusal_before_the_body_closes_the_connection(server, head, status):
+    """The unread body is never taken for the next request."""
+    body = b"x" * 20
+    reply, closed = exchange(server, head + b"Content-Length: %d\r\n\r\n" % (len(body) +
+                                                                           len(NEXT)) + body + NEXT)
+    assert closed and [answer[0] for answer in answers(reply)] == [status]
+
+
+def test_a_body_over_the_cap_is_refused_before_it_is_read(server):
+    reply, closed = exchange(server, b"POST /api/nearest HTTP/1.1\r\n" + HOST +
+                             b"Content-Length: %d\r\n\r\n" % (MAX_BODY_BYTES + 1) + NEXT)
+    assert closed and answers(reply) == [
+        (413, {"error": f"request body is {MAX_BODY_BYTES + 1} bytes, "
+                        f"at most {MAX_BODY_BYTES} allowed"})]
 
 
 def test_slow_clients_leave_the_server_answering(server):
@@ -438,6 +477,13 @@ def test_a_trickled_request_is_cut_off_at_the_read_timeout(guarded):
         assert sock.recv(1) == b""  # and the connection is closed
     assert answers(reply) == [(408, {"error": f"request not received within {SHORT_TIMEOUT:g} s"})]
     assert SHORT_TIMEOUT - 0.1 < elapsed < SHORT_TIMEOUT + 1.5, elapsed
+
+
+def test_a_connection_that_sends_nothing_is_closed_without_an_answer(guarded):
+    with socket.create_connection(guarded.server_address[:2], timeout=5) as sock:
+        started = time.monotonic()
+        assert sock.recv(65536) == b""
+        assert time.monotonic() - started < SHORT_TIMEOUT + 1.5
 
 
 def test_a_stalled_body_is_a_408_without_traceback(guarded, capsys, caplog):
@@ -487,6 +533,14 @@ def test_host_must_be_a_name_the_server_answers_to(guarded, host, allowed):
         assert (status, payload) == (403, {"error": f"this kiosk does not serve host {host!r} "
                                                     "(the operator can add names with "
                                                     "--allow-host)"})
+
+
+def test_listening_on_every_address_answers_any_address_but_no_other_name():
+    everywhere = HostPolicy("0.0.0.0", "0.0.0.0", ["kiosk.local"])
+    assert everywhere.allows("192.168.1.20:8000") and everywhere.allows("[fe80::1]:8000")
+    assert everywhere.allows("localhost") and everywhere.allows("kiosk.local:8000")
+    assert not everywhere.allows("rebind.attacker.example")
+    assert not everywhere.allows("192.168.1.20.attacker.example")
 
 
 def test_a_request_without_host_is_refused(server):
@@ -620,6 +674,8 @@ def test_sigterm_finishes_the_request_in_flight(tiny_bundle, tmp_path):
             process.send_signal(signal.SIGTERM)
             time.sleep(1.0)
             assert process.poll() is None  # still waiting for the rest of the body
+            with pytest.raises(ConnectionRefusedError):  # but no longer accepting connections
+                socket.create_connection(("127.0.0.1", port), timeout=5).close()
             sock.sendall(body[10:])
             reply = b""
             while chunk := sock.recv(65536):  # until the server closes the connection
