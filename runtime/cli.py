@@ -270,19 +270,24 @@ def encode(runtime: Runtime, images: tuple[Path, ...], as_json: bool):
               show_default=True, help="Each slider spans [-RANGE, RANGE] (5 matches the seeds).")
 @click.option("-k", type=click.IntRange(1, 100), default=6, show_default=True,
               help="How many nearest catalog items the page shows.")
+@click.option("--allow-host", "allow_hosts", multiple=True, metavar="NAME",
+              help="Also answer requests addressed to this host name (repeatable), e.g. the "
+                   "name a reverse proxy or the local network uses for this machine. Only "
+                   "the listening address (and localhost) are answered otherwise.")
 @click.option("--log-requests", is_flag=True, help="Log every request (failures always are).")
-def serve(runtime: Runtime, host: str, port: int, z_range: float, k: int, log_requests: bool):
+def serve(runtime: Runtime, host: str, port: int, z_range: float, k: int,
+          allow_hosts: tuple[str, ...], log_requests: bool):
     """Serve the kiosk page and its JSON API (decode, nearest, sample, item).
 
     Open the printed URL in a browser: one slider per latent dim, the decoded garment,
     and the catalog items most likely to have produced it. The API is described in
-    docs/kiosk.md. Stop with Ctrl+C.
+    docs/kiosk.md. Ctrl+C or SIGTERM stops it after the requests in flight.
     """
     from .server import is_loopback, make_server
 
     with library_errors():
         server = make_server(runtime, host, port, z_range=z_range, k=k,
-                             log_requests=log_requests)
+                             log_requests=log_requests, allow_hosts=allow_hosts)
     if not is_loopback(host):
         click.echo(f"note: listening on {host}, so other machines can reach the kiosk", err=True)
     click.echo(f"kiosk on {server.url} (latent dim {runtime.latent_dim}, "
