@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from .bundle import (
-    MODEL_FILES,
     BundleError,
     CatalogIndex,
     check_onnx_file,
@@ -118,11 +119,14 @@ def check_k(k) -> int:
     return int(k)
 
 
-def check_images(images, image_shape: tuple[int, int, int]) -> tuple[np.ndarray, bool]:
-    """Images as (H, W), (B, H, W) or (B, C, H, W); uint8 0..255 or float in [0, 1].
+def check_images(images, image_shape: tuple[int, int, int],
+                 value_range=(0.0, 1.0)) -> tuple[np.ndarray, bool]:
+    """Images as (H, W), (B, H, W) or (B, C, H, W); uint8 0..255 or float in value_range
+    (the bundle's: [0, 1]).
 
     Returns float32 (B, C, H, W) and whether a single image was given.
     """
+    lowest, highest = (float(v) for v in value_range)
     channels, height, width = image_shape
     try:
         array = np.asarray(images)
@@ -144,15 +148,16 @@ def check_images(images, image_shape: tuple[int, int, int]) -> tuple[np.ndarray,
         )
     if not 1 <= array.shape[0] <= MAX_BATCH:
         raise ValueError(f"image batch size must be in [1, {MAX_BATCH}], got {array.shape[0]}")
-    if array.dtype == np.uint8:
+    if array.dtype == np.uint8:  # the schema's range is [0, 1] (bundle.IMAGE_RANGE)
         array = array.astype(np.float32) / 255.0
     else:
         # Checked before the cast: float64 1e308 is out of range, not "infinite".
         if not np.isfinite(array).all():
             raise ValueError("images hold NaN or infinite values")
         low, high = float(array.min()), float(array.max())
-        if low < 0.0 or high > 1.0:
-            raise ValueError(f"float images must lie in [0, 1], got [{low:.3g}, {high:.3g}]")
+        if low < lowest or high > highest:
+            raise ValueError(f"float images must lie in [{lowest:g}, {highest:g}], got "
+                             f"[{low:.3g}, {high:.3g}]")
         array = array.astype(np.float32)
     return np.ascontiguousarray(array), single
 
@@ -172,32 +177,43 @@ def _session(path: Path, threads: int):
         raise BundleError(f"{path.name}: onnxruntime cannot load it ({exc})") from None
 
 
-def _run(session, name: str, outputs: list[str], feeds: dict) -> list[np.ndarray]:
-    """Run a bundle graph; its failures and non-finite outputs become BundleError.
+@dataclass(frozen=True)
+class _Graph:
+    """One bundle graph, run as its manifest section describes it: one input, named outputs."""
 
-    The inputs were validated before, so a failure here is the graph's (a Reshape that
-    cannot apply, an allocation that cannot be met), not the caller's.
-    """
-    try:
-        results = session.run(outputs, feeds)
-    except Exception as exc:  # onnxruntime raises its own Fail/RuntimeException types
-        detail = " ".join(str(exc).split())
-        raise BundleError(f"{name}: onnxruntime failed running the graph ({detail})") from None
-    for output, result in zip(outputs, results):
-        if not np.isfinite(result).all():
-            raise BundleError(f"{name}: output {output!r} holds NaN or infinite values")
-    return results
+    session: Any
+    file: str
+    input: str
+    outputs: list[str]
 
+    @classmethod
+    def load(cls, root: Path, spec: dict, threads: int) -> _Graph:
+        """A session for the manifest section `spec`, whose inputs and outputs (names and
+        non-batch dims) must be the ones the section states."""
+        session = _session(root / spec["file"], threads)
+        for kind, actual, expected in (("input", session.get_inputs(), spec["inputs"]),
+                                       ("output", session.get_outputs(), spec["outputs"])):
+            got = [(a.name, list(a.shape[1:])) for a in actual]
+            want = [(name, list(shape[1:])) for name, shape in expected.items()]
+            if got != want:
+                raise BundleError(f"{spec['file']}: {kind}s are {got}, expected {want}")
+        (name,) = spec["inputs"]
+        return cls(session, spec["file"], name, list(spec["outputs"]))
 
-def _check_io(session, name: str, inputs: list[tuple[str, list]], outputs: list[tuple[str, list]]):
-    """Compare a session's named inputs/outputs and their non-batch dims with what we expect."""
-    for kind, actual, expected in (
-        ("input", session.get_inputs(), inputs),
-        ("output", session.get_outputs(), outputs),
-    ):
-        got = [(a.name, list(a.shape[1:])) for a in actual]
-        if got != expected:
-            raise BundleError(f"{name}: {kind}s are {got}, expected {expected}")
+    def run(self, batch: np.ndarray) -> list[np.ndarray]:
+        """The graph's outputs for one input batch; its failures and non-finite outputs
+        become BundleError. The input was validated before, so a failure here is the
+        graph's (a Reshape that cannot apply, an allocation that cannot be met)."""
+        try:
+            results = self.session.run(self.outputs, {self.input: batch})
+        except Exception as exc:  # onnxruntime raises its own Fail/RuntimeException types
+            detail = " ".join(str(exc).split())
+            raise BundleError(f"{self.file}: onnxruntime failed running the graph "
+                              f"({detail})") from None
+        for output, result in zip(self.outputs, results):
+            if not np.isfinite(result).all():
+                raise BundleError(f"{self.file}: output {output!r} holds NaN or infinite values")
+        return results
 
 
 class Runtime:
@@ -241,15 +257,10 @@ class Runtime:
         if verify:
             verify_files(root, manifest)
         index = load_index(root, manifest)
-        for name in MODEL_FILES.values():  # every check passes before onnxruntime sees a graph
-            check_onnx_file(root, name)
-        d = manifest["latent_dim"]
-        shape = list(manifest["image"]["shape"])
-        encoder = _session(root / MODEL_FILES["encoder"], threads)
-        _check_io(encoder, MODEL_FILES["encoder"], [("images", shape)],
-                  [("mu", [d]), ("log_var", [d])])
-        decoder = _session(root / MODEL_FILES["decoder"], threads)
-        _check_io(decoder, MODEL_FILES["decoder"], [("z", [d])], [("images", shape)])
+        for role in ("encoder", "decoder"):  # every check passes before onnxruntime sees a graph
+            check_onnx_file(root, manifest[role]["file"])
+        encoder, decoder = (_Graph.load(root, manifest[role], threads)
+                            for role in ("encoder", "decoder"))
         return cls(root, manifest, index, encoder, decoder)
 
     @property
@@ -269,14 +280,13 @@ class Runtime:
         array = check_latent(z, self.latent_dim)
         single = array.ndim == 1
         batch = array.reshape(-1, self.latent_dim).astype(np.float32)
-        (images,) = _run(self._decoder, MODEL_FILES["decoder"], ["images"], {"z": batch})
+        (images,) = self._decoder.run(batch)
         return images[0] if single else images
 
     def encode(self, images) -> tuple[np.ndarray, np.ndarray]:
         """Images -> (mu, log_sigma) float32, each (d,) for one image or (B, d)."""
-        batch, single = check_images(images, self.image_shape)
-        mu, log_var = _run(self._encoder, MODEL_FILES["encoder"], ["mu", "log_var"],
-                           {"images": batch})
+        batch, single = check_images(images, self.image_shape, self.manifest["image"]["range"])
+        mu, log_var = self._encoder.run(batch)
         log_sigma = 0.5 * log_var
         return (mu[0], log_sigma[0]) if single else (mu, log_sigma)
 
