@@ -162,7 +162,8 @@ def check_images(images, image_shape: tuple[int, int, int],
     return np.ascontiguousarray(array), single
 
 
-def _session(path: Path, threads: int):
+def open_session(path: Path, threads: int):
+    """An onnxruntime CPU session as the runtime runs its graphs; BundleError if it cannot load."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -190,7 +191,7 @@ class _Graph:
     def load(cls, root: Path, spec: dict, threads: int) -> _Graph:
         """A session for the manifest section `spec`, whose inputs and outputs (names and
         non-batch dims) must be the ones the section states."""
-        session = _session(root / spec["file"], threads)
+        session = open_session(root / spec["file"], threads)
         for kind, actual, expected in (("input", session.get_inputs(), spec["inputs"]),
                                        ("output", session.get_outputs(), spec["outputs"])):
             got = [(a.name, list(a.shape[1:])) for a in actual]

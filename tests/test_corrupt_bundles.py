@@ -26,7 +26,6 @@ from click.testing import CliRunner
 from PIL import Image
 
 from vae_edge.runtime import BundleError, Runtime
-from vae_edge.runtime import core as runtime_core
 from vae_edge.runtime.bundle import INDEX_FILES, MODEL_FILES, graph_sections, write_manifest
 from vae_edge.runtime.cli import main as run_main
 
@@ -349,17 +348,17 @@ CASES = [
 def no_graph_runs(monkeypatch):
     """Fail if any ONNX graph is run; record which graphs onnxruntime was asked to load."""
     loaded = []
-    real_session = runtime_core._session
+    real_session = onnxruntime.InferenceSession
 
-    def session(path, threads):
-        loaded.append(path.name)
-        return real_session(path, threads)
+    class Session(real_session):
+        def __init__(self, path, *args, **kwargs):
+            loaded.append(Path(path).name)
+            super().__init__(path, *args, **kwargs)
 
-    def run(*args, **kwargs):
-        raise AssertionError("an ONNX graph was run while loading a bundle")
+        def run(self, *args, **kwargs):
+            raise AssertionError("an ONNX graph was run while loading a bundle")
 
-    monkeypatch.setattr(runtime_core, "_session", session)
-    monkeypatch.setattr(onnxruntime.InferenceSession, "run", run)
+    monkeypatch.setattr(onnxruntime, "InferenceSession", Session)
     return loaded
 
 
