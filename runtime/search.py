@@ -53,7 +53,6 @@ SKIP_NATS = 20.0  # items below best - log N - SKIP_NATS weigh < e^-SKIP_NATS of
 P_TOLERANCE = 1e-7  # items counted with float32 scores move p's sum by at most this
 SAFE_MAGNITUDE = 1e37  # float32 scores only while max|w| |q| stays below this
 GROUPS = 1024  # group maxima: a floor under the k-th best score in one pass (_group_maxima)
-_TINY = float(np.finfo(np.float32).tiny)
 
 
 @dataclass(frozen=True)
@@ -132,17 +131,14 @@ def item_vectors(mu: np.ndarray, log_sigma: np.ndarray) -> np.ndarray:
 
 def _group_maxima(scores: np.ndarray) -> np.ndarray:
     """Per query, the maxima of the GROUPS disjoint groups {j, j + GROUPS, j + 2 GROUPS, ...}
-    of its scores (B, N) -> (B, GROUPS), or the scores themselves where they are too few for
-    groups. The element-wise maximum over rows of GROUPS runs at memory speed, and the k-th
-    largest of the maxima is reached by k distinct items (np.partition of all the scores
-    takes 50 to 70 times as long)."""
+    of its scores (B, N) -> (B, GROUPS), the last N mod GROUPS scores left out, or the scores
+    themselves where they are too few for groups. The element-wise maximum over rows of
+    GROUPS runs at memory speed, and the k-th largest of the maxima is reached by k distinct
+    items (np.partition of all the scores takes 50 to 70 times as long)."""
     whole = scores.shape[1] // GROUPS * GROUPS
     if whole < 2 * GROUPS:
         return scores
-    maxima = scores[:, :whole].reshape(scores.shape[0], -1, GROUPS).max(axis=1)
-    tail = scores[:, whole:]  # item whole + j joins group j
-    np.maximum(maxima[:, :tail.shape[1]], tail, out=maxima[:, :tail.shape[1]])
-    return maxima
+    return scores[:, :whole].reshape(scores.shape[0], -1, GROUPS).max(axis=1)
 
 
 def _float32_at_most(values: np.ndarray) -> np.ndarray:
@@ -174,8 +170,9 @@ class LikelihoodSearch:
             self._max_norm = max(self._max_norm, norm)
         self._skip_nats = math.log(n) + SKIP_NATS
         gamma = 2.0 * (2 * d + 3) * UNIT_ROUNDOFF  # doubled gamma_{m+2}, m = 2d + 1 (step 1)
-        self._error_per_norm = gamma / (1.0 - gamma) * self._max_norm * (1.0 + 4 * UNIT_ROUNDOFF)
-        self._log_inverse_tolerance = -math.log(P_TOLERANCE)
+        self._margin_per_norm = 2.0 * gamma / (1.0 - gamma) * self._max_norm \
+            * (1.0 + 4 * UNIT_ROUNDOFF)
+        self._log_half_inverse_tolerance = -math.log(2.0 * P_TOLERANCE)  # log(n E) = log(n 2E / 2)
         self._log_norm = 0.5 * d * LOG_2PI
         values, inverse = np.unique(self.labels, return_inverse=True)
         order = np.argsort(inverse, kind="stable")
@@ -218,13 +215,13 @@ class LikelihoodSearch:
                 f"query too large for this catalog's float32 scores: |[z^2, z, 1]| up to "
                 f"{largest:.3g} times item vector norm {self._max_norm:.3g}, "
                 f"expected the product below {SAFE_MAGNITUDE:g}")
-        errors = norms * self._error_per_norm  # E per query (step 1)
+        margins = norms * self._margin_per_norm  # 2E per query (step 1)
         features = features.astype(np.float32)
         # Queries in groups whose score matrix is no larger than the item vectors (or 16 MB).
         group = max(1, max(self._vectors.size, 1 << 22) // self._vectors.shape[1])
         parts = [self._select(features[lo:lo + group] @ self._vectors, z[lo:lo + group],
                               None if var is None else var[lo:lo + group],
-                              errors[lo:lo + group], k, label)
+                              margins[lo:lo + group], k, label)
                  for lo in range(0, z.shape[0], group)]
         rows, scores, log_total = parts[0] if len(parts) == 1 else \
             (np.concatenate(column) for column in zip(*parts))
@@ -234,38 +231,37 @@ class LikelihoodSearch:
                        labels=self.labels[rows].astype(np.int64), log_likelihoods=scores,
                        probabilities=np.exp(scores - log_total[..., None]))
 
-    def _select(self, scores, z, var, errors, k: int, label: int | None):
-        """Steps 2 and 3 for queries z (B, d) from their float32 scores (B, N): the top k rows
-        (B, k), their exact scores and log S (B,)."""
+    def _select(self, scores, z, var, margin, k: int, label: int | None):
+        """Steps 2 and 3 for queries z (B, d) from their float32 scores (B, N) and 2E (B,):
+        the top k rows (B, k), their exact scores and log S (B,)."""
         count, n = scores.shape
         pool = scores if label is None else scores[:, self._label_rows[label]]
         maxima = _group_maxima(pool)
         if maxima.shape[1] < k:
             maxima = pool
         kth = np.partition(maxima, -k, axis=1)[:, -k]  # k distinct items reach it
+        # top32: a float32 score (the largest but for the last N mod GROUPS), so b >= top32 - E
         top32 = (maxima if label is None else scores).max(axis=1)
-        margin = 2.0 * errors
         k_floor = kth - margin  # step 3: every item of the top k is at or above it
         p_floor = top32 - (margin + self._skip_nats)  # step 2: the items p(x|z) needs
         floor = p_floor if label is not None else np.minimum(p_floor, k_floor)
         flat = np.flatnonzero(scores >= _float32_at_most(floor)[:, None])
         query, rows = np.divmod(flat, n)
-        near = scores.reshape(-1)[flat].astype(np.float64)
-        # Step 2: those H nats below the best count with their float32 scores.
-        heavy = np.log(np.bincount(query, minlength=count) * np.expm1(np.minimum(errors, 600.0)))
-        heavy = top32 - (np.maximum(heavy + self._log_inverse_tolerance, 0.0) + margin)
-        rescore = near >= heavy[query]
+        near = scores.take(flat).astype(np.float64)
+        # Step 2: H = log(n E) + 3E + log(1 / P_TOLERANCE) nats below top32 and further,
+        # items count with their float32 scores (e^E - 1 <= E e^E).
+        heavy = top32 - (np.log(np.bincount(query, minlength=count) * margin) + 1.5 * margin
+                         + self._log_half_inverse_tolerance)
         if label is None:  # the candidates for the top k are among the items found
-            rescore |= near >= k_floor[query]
-            rescore = np.flatnonzero(rescore)
+            rescore = np.flatnonzero(near >= np.minimum(heavy, k_floor)[query])
             ranked = query[rescore], rows[rescore]
             exact = self._exact_scores(z, var, *ranked)
             near[rescore] = exact
         else:  # the label's items at or above its floor
+            rescore = np.flatnonzero(near >= heavy[query])
             found = np.flatnonzero(pool >= _float32_at_most(k_floor)[:, None])
             label_query, position = np.divmod(found, pool.shape[1])
             ranked = label_query, self._label_rows[label][position]
-            rescore = np.flatnonzero(rescore)
             exact = self._exact_scores(z, var, np.concatenate((query[rescore], ranked[0])),
                                        np.concatenate((rows[rescore], ranked[1])))
             near[rescore], exact = exact[:rescore.size], exact[rescore.size:]
@@ -292,4 +288,4 @@ class LikelihoodSearch:
             terms /= np.exp(2.0 * log_sigma)
         terms += log_sigma
         terms += log_sigma  # -1/2 sum [((z - mu)/sigma)^2 + 2 log sigma] - (d/2) log 2pi
-        return terms.sum(axis=1) * -0.5 - self._log_norm
+        return np.einsum("ij->i", terms) * -0.5 - self._log_norm
