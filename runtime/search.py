@@ -8,7 +8,8 @@ With a = 1/sigma^2 this is the inner product of the item vector w(x) = [-a/2, a 
 c(x) = -sum(a mu^2/2 + log sigma) - (d/2) log 2pi, with the query vector q = [z^2, z, 1]
 (an image query N(z, var): q = [z^2 + var, z, 1] gives the expected log-likelihood). The
 item vectors are stored in float32, so one float32 product scores the catalog; a batch of
-queries is one matrix product, then each query is answered from its own row of scores:
+queries is one matrix product, and the steps below run on the whole score matrix at once,
+with one threshold per query (one query is a batch of one):
 
 1. Error bound. q and w are rounded to float32 (one unit u = 2^-24 each) and summed in any
    order, so |float32 score - exact score| <= gamma_{m+2} |w| |q| for m = 2d+1 terms
@@ -16,20 +17,22 @@ queries is one matrix product, then each query is answered from its own row of s
    w and of the direct formula. E = that bound with the catalog's largest |w|: every item's
    float32 score t lies within E of its exact score s.
 2. p(x|z) = q(z|x) / S, S the sum of q(z|x') over the catalog (a uniform prior over items).
-   The best exact score b is >= max t - E, so every item within L = log N + 20 nats of b has
-   t >= max t - L - 2E: one comparison finds them. Each item left out scores below b - L, so
-   together they weigh < N e^-L = e^-20 of S. Of the items found, those with t >= max t - H
-   are rescored in float64 (the best among them), the others count with their float32
-   scores: each weighs < e^(2E - H) of S and is off by a factor within e^(+-E), so n of them
-   move S by < n e^(2E - H) (e^E - 1), which H = log n + 2E + log(e^E - 1) + log 1e7 makes
-   <= 1e-7. So p is within 1.1e-7 relative of exact, plus float64 rounding of the scores.
+   For any item's float32 score T the best exact score b is >= T - E; T is max t, or
+   unfiltered the largest group maximum of step 3 (the same pass). Every item within
+   L = log N + 20 nats of b has t >= T - L - 2E: one comparison finds them. Each item left
+   out scores below b - L, so together they weigh < N e^-L = e^-20 of S. Of the n items
+   found, those with t >= T - H are rescored in float64, the others count with their
+   float32 scores: each weighs < e^(2E - H) of S and is off by a factor within e^(+-E), so
+   together they move S by < n e^(2E - H) (e^E - 1) <= n E e^(3E - H), which
+   H = log(n E) + 3E + log 1e7 makes <= 1e-7. So p is within 1.1e-7 relative of exact, plus
+   float64 rounding of the scores.
 3. Top k. Any k items whose float32 scores reach t_k have exact scores >= t_k - E, so every
-   item of the top k has t >= t_k - 2E (the floor). Unfiltered, t_k is the k-th largest
-   maximum of disjoint groups of scores (the same pass gives max t), and the comparison of
-   step 2 uses the lower of its two thresholds; then t_k is taken again from the scores
-   found (a higher floor, fewer candidates). With a label filter, t_k comes from the label's
-   items step 2 found; where they are too few or lie too far down, from the maxima of groups
-   of the label's scores, with one more comparison. Candidates are rescored in float64 and
+   item of the top k has t >= t_k - 2E (the floor). t_k is the k-th largest maximum of the
+   1024 disjoint groups {j, j + 1024, ...} of the scores (of all scores where they are too
+   few), so k distinct items reach it. Unfiltered, step 2's comparison uses the lower of its
+   threshold and the floor, and the items found at or above the lower of T - H and the floor
+   are rescored; with a label filter, t_k comes from the label's scores and one more
+   comparison over them lists its candidates. The candidates, rescored in float64, are
    sorted by (exact score desc, row asc): ties go to the lower row (bundle ids ascend with
    rows).
 
