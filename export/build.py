@@ -13,10 +13,9 @@ import numpy as np
 import torch
 
 from ..runtime.bundle import (
-    FORMAT_NAME,
-    FORMAT_VERSION,
-    INDEX_FILES,
     MODEL_FILES,
+    new_manifest,
+    write_index,
     write_manifest,
 )
 from ..training.atomic import (
@@ -110,51 +109,34 @@ def build_bundle(
         images, labels = split.images[:limit], split.labels[:limit]
         log(f"encoding the catalog: {len(images)} {catalog} images")
         mu, log_sigma = encode_catalog(vae, images)
-        arrays = {
-            "mu": to_float16(INDEX_FILES["mu"], mu),
-            "log_sigma": to_float16(INDEX_FILES["log_sigma"], log_sigma),
+        write_index(tmp, {
+            "mu": to_float16("mu", mu),
+            "log_sigma": to_float16("log_sigma", log_sigma),
             "ids": np.arange(len(images), dtype=np.int32),
             "labels": labels.astype(np.int32),
-        }
-        for key, name in INDEX_FILES.items():
-            np.save(tmp / name, arrays[key], allow_pickle=False)
-
+        })
         history = checkpoint["history"]
-        manifest = {
-            "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "latent_dim": vae.config.latent_dim,
-            "image": {"shape": [1, 28, 28], "dtype": "float32", "range": [0.0, 1.0],
-                      "layout": "NCHW, white garment on black, like Fashion-MNIST"},
-            "encoder": {"file": MODEL_FILES["encoder"], "inputs": {"images": ["batch", 1, 28, 28]},
-                        "outputs": {"mu": ["batch", vae.config.latent_dim],
-                                    "log_var": ["batch", vae.config.latent_dim]}},
-            "decoder": {"file": MODEL_FILES["decoder"],
-                        "inputs": {"z": ["batch", vae.config.latent_dim]},
-                        "outputs": {"images": ["batch", 1, 28, 28]}},
-            "index": {
-                "catalog": f"fashion-mnist/{catalog}",
-                "size": len(images),
-                "files": dict(INDEX_FILES),
-                "dtypes": {k: str(a.dtype) for k, a in arrays.items()},
-                "log_sigma": "0.5 * log_var of q(z|x); sigma = exp(log_sigma)",
-                "ids": f"row number in the Fashion-MNIST {catalog} split",
-                "label_names": list(CLASS_NAMES),
-            },
-            "parity": report,
-            "model_config": checkpoint["config"],
-            "training": checkpoint["train_config"],
-            "epochs_trained": checkpoint["epoch"],
-            "metrics": {k: v for k, v in history[-1].items() if k.startswith("test_")},
-            "dataset": checkpoint.get("dataset", {}) | {"catalog_sha256": split.sha256},
-            "versions": {
+        manifest = new_manifest(
+            latent_dim=vae.config.latent_dim,
+            image_shape=(1, vae.config.image_size, vae.config.image_size),
+            image_layout="NCHW, white garment on black, like Fashion-MNIST",
+            catalog=f"fashion-mnist/{catalog}",
+            size=len(images),
+            label_names=CLASS_NAMES,
+            ids=f"row number in the Fashion-MNIST {catalog} split",
+            created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            parity=report,
+            model_config=checkpoint["config"],
+            training=checkpoint["train_config"],
+            epochs_trained=checkpoint["epoch"],
+            metrics={k: v for k, v in history[-1].items() if k.startswith("test_")},
+            dataset=checkpoint.get("dataset", {}) | {"catalog_sha256": split.sha256},
+            versions={
                 "vae-edge": _version("vae-edge"), "torch": str(torch.__version__),
                 "onnx": _version("onnx"), "onnxruntime": _version("onnxruntime"),
                 "numpy": np.__version__, "python": platform.python_version(),
             },
-            "files": {name: {} for name in list(MODEL_FILES.values()) + list(INDEX_FILES.values())},
-        }
+        )
         write_manifest(tmp, manifest)
 
         from ..runtime.core import Runtime

@@ -6,11 +6,8 @@ from pathlib import Path
 
 import click
 
+from ..runtime.cli import library_errors
 from .build import build_bundle
-
-
-class CliError(click.ClickException):
-    exit_code = 2
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -33,8 +30,6 @@ def main(checkpoint, out_dir, catalog, limit, data_dir, force):
     file. The graphs are checked against PyTorch at batch 1, 7 and 64 (max abs diff
     <= 1e-4) before anything is moved into place.
     """
-    try:
+    with library_errors():
         build_bundle(checkpoint, out_dir, catalog=catalog, data_dir=data_dir, limit=limit,
                      force=force, log=click.echo)
-    except (ValueError, FileNotFoundError, FileExistsError, OSError) as exc:
-        raise CliError(str(exc)) from None

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..runtime.core import open_session
 from ..training.model import VAE
 
 PARITY_BATCHES = (1, 7, 64)
@@ -79,21 +80,14 @@ def export_decoder(vae: VAE, path: str | Path) -> Path:
     return _export(DecoderGraph(vae), example, Path(path), "z", ["images"])
 
 
-def _session(path: Path):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
 @torch.no_grad()
 def parity(vae: VAE, encoder_path: Path, decoder_path: Path, seed: int = 0,
            batches: tuple[int, ...] = PARITY_BATCHES) -> dict:
     """Max |onnxruntime - torch| over both graphs' outputs at each batch size."""
     vae.eval()
     generator = torch.Generator().manual_seed(seed)
-    encoder, decoder = _session(encoder_path), _session(decoder_path)
+    # the sessions the runtime will run: the same options, so parity is the runtime's
+    encoder, decoder = open_session(encoder_path, threads=1), open_session(decoder_path, threads=1)
     report = {}
     for b in batches:
         images = torch.rand(b, 1, 28, 28, generator=generator)

@@ -1,6 +1,9 @@
-"""The bundle on disk: manifest, checksums, and the float16 index (numpy only, no pickle).
+"""The bundle schema, written by vae-export and read by the runtime (numpy only, no pickle).
 
-Layout of a bundle directory (format version 1, see docs/bundle-format.md):
+One module says what a bundle is: new_manifest and write_index write it (export), and
+read_manifest, verify_files and load_index check it, so the runtime then follows the manifest
+(file names, graph input and output names, image shape and value range) knowing that it says
+what this schema says. Layout of a bundle directory (format version 1, docs/bundle-format.md):
 
     manifest.json          what follows, with a sha256 and byte count for every file
     encoder.onnx           images (B, 1, 28, 28) float32 in [0, 1] -> mu, log_var (B, d)
@@ -33,8 +36,16 @@ INDEX_FILES = {
 }
 INDEX_DTYPES = {"mu": "float16", "log_sigma": "float16", "ids": "int32", "labels": "int32"}
 MODEL_FILES = {"encoder": "encoder.onnx", "decoder": "decoder.onnx"}
+IMAGE_DTYPE = "float32"
+IMAGE_RANGE = [0.0, 1.0]
 # A real manifest is a few KB; anything this large is not one, and is not read into memory.
 MAX_MANIFEST_BYTES = 1 << 20
+# A bundle's .npy headers are about 128 bytes; numpy itself refuses more than 10,000 as unsafe,
+# but only after reading them, and a 4-byte length field can claim 4 GiB.
+MAX_NPY_HEADER_BYTES = 10_000
+# sigma >= e^-40 (4e-18): the search works with 1/sigma^2, which must fit float32 (and a
+# float16 log_sigma of -65504 would overflow even float64).
+MIN_LOG_SIGMA = -40.0
 _SHA256_HEX = frozenset("0123456789abcdef")
 
 
@@ -70,9 +81,59 @@ class CatalogIndex:
     def __len__(self) -> int:
         return int(self.mu.shape[0])
 
-    @property
-    def dim(self) -> int:
-        return int(self.mu.shape[1])
+
+def graph_sections(latent_dim: int, image_shape) -> dict:
+    """The manifest's "encoder" and "decoder": each graph's file and its named inputs and
+    outputs with their shapes ("batch" is the dynamic batch axis)."""
+    images = ["batch", *[int(n) for n in image_shape]]
+    latent = ["batch", int(latent_dim)]
+    return {
+        "encoder": {"file": MODEL_FILES["encoder"], "inputs": {"images": images},
+                    "outputs": {"mu": latent, "log_var": latent}},
+        "decoder": {"file": MODEL_FILES["decoder"], "inputs": {"z": latent},
+                    "outputs": {"images": images}},
+    }
+
+
+def new_manifest(*, latent_dim: int, image_shape, image_layout: str, catalog: str, size: int,
+                 label_names, ids: str, **provenance) -> dict:
+    """A manifest with every section read_manifest checks, for write_manifest to complete
+    with the files' sizes and hashes; `provenance` (parity, model_config, training, ...) is
+    recorded as given."""
+    return {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "latent_dim": int(latent_dim),
+        "image": {"shape": [int(n) for n in image_shape], "dtype": IMAGE_DTYPE,
+                  "range": list(IMAGE_RANGE), "layout": image_layout},
+        **graph_sections(latent_dim, image_shape),
+        "index": {
+            "catalog": catalog,
+            "size": int(size),
+            "files": dict(INDEX_FILES),
+            "dtypes": dict(INDEX_DTYPES),
+            "log_sigma": "0.5 * log_var of q(z|x); sigma = exp(log_sigma)",
+            "ids": ids,
+            "label_names": list(label_names),
+        },
+        **provenance,
+        "files": {name: {} for name in bundle_files()},
+    }
+
+
+def bundle_files() -> list[str]:
+    """Every file of a bundle besides its manifest."""
+    return list(MODEL_FILES.values()) + list(INDEX_FILES.values())
+
+
+def write_index(root: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Save the index arrays (mu, log_sigma, ids, labels) under their file names, as .npy
+    files of the schema's dtypes (refused otherwise: a cast here would hide a bug)."""
+    for key, name in INDEX_FILES.items():
+        array = arrays[key]
+        if array.dtype != np.dtype(INDEX_DTYPES[key]):
+            raise ValueError(f"index {key}: dtype is {array.dtype}, expected {INDEX_DTYPES[key]}")
+        np.save(Path(root) / name, array, allow_pickle=False)
 
 
 def _require(mapping: dict, key: str, kind: type, where: str) -> Any:
@@ -108,6 +169,17 @@ def _bundle_file(root: Path, name: str) -> Path:
     return path
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    """A JSON object that names no key twice: json keeps the last silently, so two readers
+    of one manifest could see two different bundles."""
+    unique = {}
+    for key, value in pairs:
+        if key in unique:
+            raise BundleError(f"{MANIFEST_NAME}: key {key!r} appears twice in one object")
+        unique[key] = value
+    return unique
+
+
 def read_manifest(root: Path) -> dict:
     root = Path(root)
     if not root.is_dir():
@@ -123,7 +195,7 @@ def read_manifest(root: Path) -> dict:
             f"(at most {MAX_MANIFEST_BYTES})"
         )
     try:
-        manifest = json.loads(path.read_bytes().decode("utf-8"))
+        manifest = json.loads(path.read_bytes().decode("utf-8"), object_pairs_hook=_unique_keys)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BundleError(f"{MANIFEST_NAME}: not valid JSON ({exc})") from None
     except RecursionError:
@@ -144,8 +216,19 @@ def read_manifest(root: Path) -> dict:
         raise BundleError(f"{MANIFEST_NAME}: latent_dim must be >= 1, got {latent_dim}")
     image = _require(manifest, "image", dict, MANIFEST_NAME)
     shape = _require(image, "shape", list, "manifest.json image")
-    if len(shape) != 3 or not all(isinstance(s, int) and s > 0 for s in shape):
+    if len(shape) != 3 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0
+                                  for s in shape):
         raise BundleError(f"{MANIFEST_NAME}: image shape must be [C, H, W], got {shape}")
+    for key, expected in (("dtype", IMAGE_DTYPE), ("range", IMAGE_RANGE)):
+        if image.get(key) != expected:
+            raise BundleError(f"{MANIFEST_NAME}: image {key} must be {expected}, got "
+                              f"{image.get(key)!r}")
+    for graph, expected in graph_sections(latent_dim, shape).items():
+        section = _require(manifest, graph, dict, MANIFEST_NAME)
+        for key in ("file", "inputs", "outputs"):
+            if section.get(key) != expected[key]:
+                raise BundleError(f"{MANIFEST_NAME}: {graph} {key} must be {expected[key]}, "
+                                  f"got {section.get(key)!r}")
     files = _require(manifest, "files", dict, MANIFEST_NAME)
     for name, entry in files.items():
         _check_name(name)
@@ -157,7 +240,19 @@ def read_manifest(root: Path) -> dict:
             raise BundleError(f"{where}: sha256 must be 64 lowercase hex digits, got {digest!r}")
         if _require(entry, "bytes", int, where) < 0:
             raise BundleError(f"{where}: bytes must be >= 0, got {entry['bytes']}")
+    required = bundle_files()
+    for name in required:
+        if name not in files:
+            raise BundleError(f"{MANIFEST_NAME}: files has no entry for {name}")
+    for name in files:  # refused before any file is read: a listed extra would be hashed
+        if name not in required:
+            raise BundleError(f"{MANIFEST_NAME}: files lists {name!r}, which is not a bundle "
+                              f"file (expected exactly {', '.join(required)})")
     index = _require(manifest, "index", dict, MANIFEST_NAME)
+    for key, expected in (("files", INDEX_FILES), ("dtypes", INDEX_DTYPES)):
+        if index.get(key) != expected:
+            raise BundleError(f"{MANIFEST_NAME}: index {key} must be {expected}, got "
+                              f"{index.get(key)!r}")
     size = _require(index, "size", int, "manifest.json index")
     if size < 1:
         raise BundleError(f"{MANIFEST_NAME}: index size must be >= 1, got {size}")
@@ -168,12 +263,9 @@ def read_manifest(root: Path) -> dict:
 
 
 def verify_files(root: Path, manifest: dict) -> dict[str, Path]:
-    """Check that every required file is listed, present, of the right size and sha256."""
+    """Check that every file the manifest lists (read_manifest made sure those are exactly
+    the bundle's files) is present, of the right size and sha256."""
     files = manifest["files"]
-    required = list(MODEL_FILES.values()) + list(INDEX_FILES.values())
-    for name in required:
-        if name not in files:
-            raise BundleError(f"{MANIFEST_NAME}: files has no entry for {name}")
     paths = {}
     for name, entry in files.items():
         path = _bundle_file(root, name)
@@ -199,12 +291,17 @@ def _npy_header(path: Path, name: str) -> tuple[np.dtype, tuple, int]:
     try:
         with open(path, "rb") as handle:
             version = fmt.read_magic(handle)
-            if version == (1, 0):
-                shape, _, dtype = fmt.read_array_header_1_0(handle)
-            elif version == (2, 0):
-                shape, _, dtype = fmt.read_array_header_2_0(handle)
-            else:
+            if version not in ((1, 0), (2, 0)):
                 raise BundleError(f"{name}: .npy format version {version} is not supported")
+            field = handle.read(2 if version == (1, 0) else 4)
+            header_bytes = int.from_bytes(field, "little")
+            if header_bytes > MAX_NPY_HEADER_BYTES:
+                raise BundleError(f"{name}: .npy header claims {header_bytes} bytes, at most "
+                                  f"{MAX_NPY_HEADER_BYTES} accepted")
+            handle.seek(-len(field), os.SEEK_CUR)
+            read_header = (fmt.read_array_header_1_0 if version == (1, 0)
+                           else fmt.read_array_header_2_0)
+            shape, _, dtype = read_header(handle)
             return dtype, shape, handle.tell()
     except (ValueError, SyntaxError, EOFError, OSError) as exc:
         if isinstance(exc, BundleError):
@@ -220,9 +317,10 @@ def load_index(root: Path, manifest: dict) -> CatalogIndex:
     without allocating anything. The arrays come back read-only.
     """
     latent_dim = manifest["latent_dim"]
-    size = manifest["index"]["size"]
+    index = manifest["index"]
+    size = index["size"]
     arrays = {}
-    for key, name in INDEX_FILES.items():
+    for key, name in index["files"].items():
         path = _bundle_file(root, name)
         dtype, shape, offset = _npy_header(path, name)
         expected_shape = (size, latent_dim) if key in ("mu", "log_sigma") else (size,)
@@ -231,8 +329,8 @@ def load_index(root: Path, manifest: dict) -> CatalogIndex:
                 f"{name}: holds Python objects (dtype {dtype}), which only pickle can load; "
                 "refused"
             )
-        if dtype != np.dtype(INDEX_DTYPES[key]):
-            raise BundleError(f"{name}: dtype is {dtype}, expected {INDEX_DTYPES[key]}")
+        if dtype != np.dtype(index["dtypes"][key]):
+            raise BundleError(f"{name}: dtype is {dtype}, expected {index['dtypes'][key]}")
         if shape != expected_shape:
             raise BundleError(f"{name}: shape is {shape}, expected {expected_shape}")
         expected_bytes = offset + int(np.prod(shape)) * dtype.itemsize
@@ -253,14 +351,19 @@ def load_index(root: Path, manifest: dict) -> CatalogIndex:
         # Shared by every thread using the Runtime: nobody may change it in place.
         array.flags.writeable = False
         arrays[key] = array
+    files = index["files"]
     for key in ("mu", "log_sigma"):
         if not np.isfinite(arrays[key]).all():
-            raise BundleError(f"{INDEX_FILES[key]}: holds NaN or infinite values")
-    label_names = tuple(manifest["index"]["label_names"])
+            raise BundleError(f"{files[key]}: holds NaN or infinite values")
+    lowest = float(arrays["log_sigma"].min())
+    if lowest < MIN_LOG_SIGMA:
+        raise BundleError(f"{files['log_sigma']}: values must be >= {MIN_LOG_SIGMA:g}, "
+                          f"got {lowest:.6g}")
+    label_names = tuple(index["label_names"])
     labels = arrays["labels"]
     if labels.min() < 0 or labels.max() >= len(label_names):
         raise BundleError(
-            f"{INDEX_FILES['labels']}: labels must lie in [0, {len(label_names)}), "
+            f"{files['labels']}: labels must lie in [0, {len(label_names)}), "
             f"got [{labels.min()}, {labels.max()}]"
         )
     return CatalogIndex(label_names=label_names, **arrays)

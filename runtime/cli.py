@@ -5,12 +5,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import re
 from pathlib import Path
 
 import click
 import numpy as np
 
-from .core import MATCH_MODES, Runtime, parse_z
+from .core import MATCH_MODES, MAX_THREADS, Runtime, parse_z
 from .images import read_image, save_png, save_sheet
 
 SHEET_MAX_ITEMS = 20
@@ -20,6 +21,21 @@ class CliError(click.ClickException):
     """A one-line error with exit status 2 (bad input, bad bundle), never a traceback."""
 
     exit_code = 2
+
+
+class AsciiInt(click.types.IntParamType):
+    """An integer option in ASCII digits; Python's int() would also take '\u0663' (Arabic 3)."""
+
+    _digits = re.compile(r"\s*[+-]?[0-9]+\s*", re.ASCII)
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and not self._digits.fullmatch(value):
+            self.fail(f"{value!r} is not a valid integer.", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+class AsciiIntRange(AsciiInt, click.IntRange):
+    """AsciiInt within click.IntRange's bounds."""
 
 
 @contextlib.contextmanager
@@ -35,7 +51,7 @@ def library_errors():
 def bundle_options(command):
     @click.option("--bundle", type=click.Path(path_type=Path), default=None,
                   help="Bundle directory made by vae-export (default: the shipped model).")
-    @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+    @click.option("--threads", type=AsciiIntRange(1, MAX_THREADS), default=1, show_default=True,
                   help="onnxruntime threads; 1 leaves the rest of a kiosk's CPU free.")
     @functools.wraps(command)
     def wrapper(bundle, threads, **kwargs):
@@ -52,7 +68,7 @@ def latent_options(command):
                   help='Latent vector, one number per latent dim: "0.5,-1.2,...".')
     @click.option("--random", "use_random", is_flag=True,
                   help="Draw z from the prior N(0, I) instead of --z.")
-    @click.option("--seed", type=int, default=None, help="Seed for --random.")
+    @click.option("--seed", type=AsciiInt(), default=None, help="Seed for --random.")
     @functools.wraps(command)
     def wrapper(runtime, z_text, use_random, seed, **kwargs):
         return command(runtime, resolve_latent(runtime, z_text, use_random, seed), **kwargs)
@@ -135,7 +151,7 @@ def query_options(command):
                      help='Latent vector, one number per latent dim: "0.5,-1.2,...".'),
         click.option("--random", "use_random", is_flag=True,
                      help="Draw z from the prior N(0, I) instead of --z."),
-        click.option("--seed", type=int, default=None, help="Seed for --random."),
+        click.option("--seed", type=AsciiInt(), default=None, help="Seed for --random."),
     ]):
         wrapper = option(wrapper)
     return wrapper
@@ -144,7 +160,7 @@ def query_options(command):
 @main.command()
 @bundle_options
 @query_options
-@click.option("-k", type=int, default=5, show_default=True,
+@click.option("-k", type=AsciiInt(), default=5, show_default=True,
               help="How many items to return (more than the catalog returns all).")
 @click.option("--label", default=None, metavar="NAME",
               help="Only items of this class, by name (Sneaker) or id (7); p(x|z) stays "
@@ -254,19 +270,24 @@ def encode(runtime: Runtime, images: tuple[Path, ...], as_json: bool):
               show_default=True, help="Each slider spans [-RANGE, RANGE] (5 matches the seeds).")
 @click.option("-k", type=click.IntRange(1, 100), default=6, show_default=True,
               help="How many nearest catalog items the page shows.")
+@click.option("--allow-host", "allow_hosts", multiple=True, metavar="NAME",
+              help="Also answer requests addressed to this host name (repeatable), e.g. the "
+                   "name a reverse proxy or the local network uses for this machine. Only "
+                   "the listening address (and localhost) are answered otherwise.")
 @click.option("--log-requests", is_flag=True, help="Log every request (failures always are).")
-def serve(runtime: Runtime, host: str, port: int, z_range: float, k: int, log_requests: bool):
+def serve(runtime: Runtime, host: str, port: int, z_range: float, k: int,
+          allow_hosts: tuple[str, ...], log_requests: bool):
     """Serve the kiosk page and its JSON API (decode, nearest, sample, item).
 
     Open the printed URL in a browser: one slider per latent dim, the decoded garment,
     and the catalog items most likely to have produced it. The API is described in
-    docs/kiosk.md. Stop with Ctrl+C.
+    docs/kiosk.md. Ctrl+C or SIGTERM stops it after the requests in flight.
     """
     from .server import is_loopback, make_server
 
     with library_errors():
         server = make_server(runtime, host, port, z_range=z_range, k=k,
-                             log_requests=log_requests)
+                             log_requests=log_requests, allow_hosts=allow_hosts)
     if not is_loopback(host):
         click.echo(f"note: listening on {host}, so other machines can reach the kiosk", err=True)
     click.echo(f"kiosk on {server.url} (latent dim {runtime.latent_dim}, "

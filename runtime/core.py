@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from .bundle import (
-    MODEL_FILES,
     BundleError,
     CatalogIndex,
     check_onnx_file,
@@ -30,6 +31,10 @@ MAX_BATCH = 65536
 ROUNDTRIP_CHUNK = 64
 # How nearest() ranks the catalog for a latent query (see Runtime.nearest).
 MATCH_MODES = ("latent", "decoded")
+# onnxruntime threads per session: each is an OS thread, so more is a typo, not a machine
+# (and 2^31 does not fit onnxruntime's option). A fixed bound, not the CPU count, keeps a
+# service file valid when it moves to a smaller board.
+MAX_THREADS = 256
 # parse_z refuses longer text before splitting it: a million values still get a precise
 # count, a gigabyte does not get copied around.
 MAX_Z_TEXT = 16 << 20
@@ -115,11 +120,14 @@ def check_k(k) -> int:
     return int(k)
 
 
-def check_images(images, image_shape: tuple[int, int, int]) -> tuple[np.ndarray, bool]:
-    """Images as (H, W), (B, H, W) or (B, C, H, W); uint8 0..255 or float in [0, 1].
+def check_images(images, image_shape: tuple[int, int, int],
+                 value_range=(0.0, 1.0)) -> tuple[np.ndarray, bool]:
+    """Images as (H, W), (B, H, W) or (B, C, H, W); uint8 0..255 or float in value_range
+    (the bundle's: [0, 1]).
 
     Returns float32 (B, C, H, W) and whether a single image was given.
     """
+    lowest, highest = (float(v) for v in value_range)
     channels, height, width = image_shape
     try:
         array = np.asarray(images)
@@ -141,27 +149,30 @@ def check_images(images, image_shape: tuple[int, int, int]) -> tuple[np.ndarray,
         )
     if not 1 <= array.shape[0] <= MAX_BATCH:
         raise ValueError(f"image batch size must be in [1, {MAX_BATCH}], got {array.shape[0]}")
-    if array.dtype == np.uint8:
+    if array.dtype == np.uint8:  # the schema's range is [0, 1] (bundle.IMAGE_RANGE)
         array = array.astype(np.float32) / 255.0
     else:
         # Checked before the cast: float64 1e308 is out of range, not "infinite".
         if not np.isfinite(array).all():
             raise ValueError("images hold NaN or infinite values")
         low, high = float(array.min()), float(array.max())
-        if low < 0.0 or high > 1.0:
-            raise ValueError(f"float images must lie in [0, 1], got [{low:.3g}, {high:.3g}]")
+        if low < lowest or high > highest:
+            raise ValueError(f"float images must lie in [{lowest:g}, {highest:g}], got "
+                             f"[{low:.3g}, {high:.3g}]")
         array = array.astype(np.float32)
     return np.ascontiguousarray(array), single
 
 
-def _session(path: Path, threads: int):
+def open_session(path: Path, threads: int):
+    """An onnxruntime CPU session as the runtime runs its graphs; BundleError if it cannot load."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.log_severity_level = 3
+    # Fatal only: a graph that fails while running is reported once, by _run, on one line.
+    options.log_severity_level = 4
     # Without the arena each run's buffers go back to the allocator: with it, one large batch
     # would stay resident for the life of the process (a 4,096-image decode: +150 MB), and
     # a batch-1 run is no slower (benchmarks/footprint.py).
@@ -172,15 +183,43 @@ def _session(path: Path, threads: int):
         raise BundleError(f"{path.name}: onnxruntime cannot load it ({exc})") from None
 
 
-def _check_io(session, name: str, inputs: list[tuple[str, list]], outputs: list[tuple[str, list]]):
-    """Compare a session's named inputs/outputs and their non-batch dims with what we expect."""
-    for kind, actual, expected in (
-        ("input", session.get_inputs(), inputs),
-        ("output", session.get_outputs(), outputs),
-    ):
-        got = [(a.name, list(a.shape[1:])) for a in actual]
-        if got != expected:
-            raise BundleError(f"{name}: {kind}s are {got}, expected {expected}")
+@dataclass(frozen=True)
+class _Graph:
+    """One bundle graph, run as its manifest section describes it: one input, named outputs."""
+
+    session: Any
+    file: str
+    input: str
+    outputs: list[str]
+
+    @classmethod
+    def load(cls, root: Path, spec: dict, threads: int) -> _Graph:
+        """A session for the manifest section `spec`, whose inputs and outputs (names and
+        non-batch dims) must be the ones the section states."""
+        session = open_session(root / spec["file"], threads)
+        for kind, actual, expected in (("input", session.get_inputs(), spec["inputs"]),
+                                       ("output", session.get_outputs(), spec["outputs"])):
+            got = [(a.name, list(a.shape[1:])) for a in actual]
+            want = [(name, list(shape[1:])) for name, shape in expected.items()]
+            if got != want:
+                raise BundleError(f"{spec['file']}: {kind}s are {got}, expected {want}")
+        (name,) = spec["inputs"]
+        return cls(session, spec["file"], name, list(spec["outputs"]))
+
+    def run(self, batch: np.ndarray) -> list[np.ndarray]:
+        """The graph's outputs for one input batch; its failures and non-finite outputs
+        become BundleError. The input was validated before, so a failure here is the
+        graph's (a Reshape that cannot apply, an allocation that cannot be met)."""
+        try:
+            results = self.session.run(self.outputs, {self.input: batch})
+        except Exception as exc:  # onnxruntime raises its own Fail/RuntimeException types
+            detail = " ".join(str(exc).split())
+            raise BundleError(f"{self.file}: onnxruntime failed running the graph "
+                              f"({detail})") from None
+        for output, result in zip(self.outputs, results):
+            if not np.isfinite(result).all():
+                raise BundleError(f"{self.file}: output {output!r} holds NaN or infinite values")
+        return results
 
 
 class Runtime:
@@ -206,7 +245,8 @@ class Runtime:
         """Load a bundle directory (None: the shipped default model).
 
         verify=True checks every file's size and sha256 against the manifest first.
-        threads: onnxruntime intra-op threads; 1 suits a kiosk whose CPU is shared.
+        threads: onnxruntime intra-op threads, 1..MAX_THREADS; 1 suits a kiosk whose CPU is
+        shared.
         limit_blas=True also caps numpy's BLAS thread pool at `threads`, for the whole process
         (so it is off unless asked: an app that embeds the runtime keeps its threads). The
         search is one small matrix product per query, and a multi-threaded BLAS on a busy
@@ -214,8 +254,9 @@ class Runtime:
         11.7 ms instead of 0.4 ms per query); `vae-run` asks for it.
         """
         root = default_bundle_path() if path is None else Path(path)
-        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-            raise ValueError(f"threads must be an integer >= 1, got {threads!r}")
+        if (isinstance(threads, bool) or not isinstance(threads, int)
+                or not 1 <= threads <= MAX_THREADS):
+            raise ValueError(f"threads must be an integer in [1, {MAX_THREADS}], got {threads!r}")
         if limit_blas:
             from threadpoolctl import threadpool_limits
 
@@ -224,15 +265,10 @@ class Runtime:
         if verify:
             verify_files(root, manifest)
         index = load_index(root, manifest)
-        for name in MODEL_FILES.values():  # every check passes before onnxruntime sees a graph
-            check_onnx_file(root, name)
-        d = manifest["latent_dim"]
-        shape = list(manifest["image"]["shape"])
-        encoder = _session(root / MODEL_FILES["encoder"], threads)
-        _check_io(encoder, MODEL_FILES["encoder"], [("images", shape)],
-                  [("mu", [d]), ("log_var", [d])])
-        decoder = _session(root / MODEL_FILES["decoder"], threads)
-        _check_io(decoder, MODEL_FILES["decoder"], [("z", [d])], [("images", shape)])
+        for role in ("encoder", "decoder"):  # every check passes before onnxruntime sees a graph
+            check_onnx_file(root, manifest[role]["file"])
+        encoder, decoder = (_Graph.load(root, manifest[role], threads)
+                            for role in ("encoder", "decoder"))
         return cls(root, manifest, index, encoder, decoder, threads=threads)
 
     @property
@@ -257,16 +293,16 @@ class Runtime:
         array = check_latent(z, self.latent_dim)
         single = array.ndim == 1
         batch = array.reshape(-1, self.latent_dim).astype(np.float32)
-        (images,) = self._decoder.run(["images"], {"z": batch})
-        # A float32 sigmoid can round to just outside [0, 1] (-6e-8 on armhf's onnxruntime);
+        (images,) = self._decoder.run(batch)
+        # A float32 sigmoid can round to just outside [0, 1] (-1.2e-7 with armhf's onnxruntime);
         # encode() refuses such images, and the documented range is [0, 1].
         np.clip(images, 0.0, 1.0, out=images)
         return images[0] if single else images
 
     def encode(self, images) -> tuple[np.ndarray, np.ndarray]:
         """Images -> (mu, log_sigma) float32, each (d,) for one image or (B, d)."""
-        batch, single = check_images(images, self.image_shape)
-        mu, log_var = self._encoder.run(["mu", "log_var"], {"images": batch})
+        batch, single = check_images(images, self.image_shape, self.manifest["image"]["range"])
+        mu, log_var = self._encoder.run(batch)
         log_sigma = 0.5 * log_var
         return (mu[0], log_sigma[0]) if single else (mu, log_sigma)
 
@@ -352,7 +388,7 @@ class Runtime:
             folded = {name.casefold(): i for i, name in enumerate(names)}
             if text.casefold() in folded:
                 return folded[text.casefold()]
-            if text.isdigit() and int(text) < len(names):
+            if text.isascii() and text.isdigit() and int(text) < len(names):
                 return int(text)
         raise ValueError(f"unknown label {label!r}: expected one of {', '.join(names)} "
                          f"(or a class id 0-{len(names) - 1})")

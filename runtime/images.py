@@ -44,28 +44,33 @@ def read_image(path: str | Path, size: tuple[int, int]) -> np.ndarray:
         raise ValueError(f"{path}: not a regular file")
     height, width = size
 
-    def wrong_size(w: int, h: int) -> ValueError:
-        return ValueError(f"{path.name}: image is {w}x{h} pixels, expected {width}x{height}")
-
+    # Pillow's own errors are caught around the calls into it only: a ValueError raised
+    # while parsing (an oversized text chunk) needs the file name, ours already have it.
     try:
-        header = _png_header_size(path)
-        if header is not None and header != (width, height):
-            raise wrong_size(*header)
-        with Image.open(path, formats=IMAGE_FORMATS) as image:
-            if image.size != (width, height):
-                raise wrong_size(*image.size)
-            if image.mode not in IMAGE_MODES:
-                raise ValueError(
-                    f"{path.name}: pixel mode {image.mode} is not supported; expected 8-bit "
-                    "grayscale (L), bilevel, palette or RGB without transparency"
-                )
-            return np.asarray(image.convert("L"), dtype=np.uint8)
+        found = _png_header_size(path)
+        mode = transparent = pixels = None
+        if found in (None, (width, height)):
+            with Image.open(path, formats=IMAGE_FORMATS) as image:
+                found, mode = image.size, image.mode
+                transparent = "transparency" in image.info  # a tRNS chunk or GIF key colour
+                if found == (width, height) and mode in IMAGE_MODES and not transparent:
+                    pixels = np.asarray(image.convert("L"), dtype=np.uint8)
     except UnidentifiedImageError:
         raise ValueError(f"{path.name}: not an image file Pillow can read") from None
     except Image.DecompressionBombError as exc:  # header of a non-PNG format claims a huge size
         raise ValueError(f"{path.name}: refused before decoding, far too large ({exc})") from None
-    except (OSError, SyntaxError, struct.error) as exc:  # truncated or corrupt image data
+    except (OSError, SyntaxError, ValueError, struct.error) as exc:  # truncated or corrupt data
         raise ValueError(f"{path.name}: cannot decode image ({exc})") from None
+    if found != (width, height):
+        raise ValueError(f"{path.name}: image is {found[0]}x{found[1]} pixels, "
+                         f"expected {width}x{height}")
+    if pixels is None:
+        with_transparency = " with transparency" if transparent else ""
+        raise ValueError(
+            f"{path.name}: pixel mode {mode}{with_transparency} is not supported; expected "
+            "8-bit grayscale (L), bilevel, palette or RGB without transparency"
+        )
+    return pixels
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:

@@ -8,7 +8,8 @@ With a = 1/sigma^2 this is the inner product of the item vector w(x) = [-a/2, a 
 c(x) = -sum(a mu^2/2 + log sigma) - (d/2) log 2pi, with the query vector q = [z^2, z, 1]
 (an image query N(z, var): q = [z^2 + var, z, 1] gives the expected log-likelihood). The
 item vectors are stored in float32, so one float32 product scores the catalog; a batch of
-queries is one matrix product, then each query is answered from its own row of scores:
+queries is one matrix product, and the steps below run on the whole score matrix at once,
+with one threshold per query (one query is a batch of one):
 
 1. Error bound. q and w are rounded to float32 (one unit u = 2^-24 each) and summed in any
    order, so |float32 score - exact score| <= gamma_{m+2} |w| |q| for m = 2d+1 terms
@@ -16,20 +17,22 @@ queries is one matrix product, then each query is answered from its own row of s
    w and of the direct formula. E = that bound with the catalog's largest |w|: every item's
    float32 score t lies within E of its exact score s.
 2. p(x|z) = q(z|x) / S, S the sum of q(z|x') over the catalog (a uniform prior over items).
-   The best exact score b is >= max t - E, so every item within L = log N + 20 nats of b has
-   t >= max t - L - 2E: one comparison finds them. Each item left out scores below b - L, so
-   together they weigh < N e^-L = e^-20 of S. Of the items found, those with t >= max t - H
-   are rescored in float64 (the best among them), the others count with their float32
-   scores: each weighs < e^(2E - H) of S and is off by a factor within e^(+-E), so n of them
-   move S by < n e^(2E - H) (e^E - 1), which H = log n + 2E + log(e^E - 1) + log 1e7 makes
-   <= 1e-7. So p is within 1.1e-7 relative of exact, plus float64 rounding of the scores.
+   For any item's float32 score T the best exact score b is >= T - E; T is max t, or
+   unfiltered the largest group maximum of step 3 (the same pass). Every item within
+   L = log N + 20 nats of b has t >= T - L - 2E: one comparison finds them. Each item left
+   out scores below b - L, so together they weigh < N e^-L = e^-20 of S. Of the n items
+   found, those with t >= T - H are rescored in float64, the others count with their
+   float32 scores: each weighs < e^(2E - H) of S and is off by a factor within e^(+-E), so
+   together they move S by < n e^(2E - H) (e^E - 1) <= n E e^(3E - H), which
+   H = log(n E) + 3E + log 1e7 makes <= 1e-7. So p is within 1.1e-7 relative of exact, plus
+   float64 rounding of the scores.
 3. Top k. Any k items whose float32 scores reach t_k have exact scores >= t_k - E, so every
-   item of the top k has t >= t_k - 2E (the floor). Unfiltered, t_k is the k-th largest
-   maximum of disjoint groups of scores (the same pass gives max t), and the comparison of
-   step 2 uses the lower of its two thresholds; then t_k is taken again from the scores
-   found (a higher floor, fewer candidates). With a label filter, t_k comes from the label's
-   items step 2 found; where they are too few or lie too far down, from the maxima of groups
-   of the label's scores, with one more comparison. Candidates are rescored in float64 and
+   item of the top k has t >= t_k - 2E (the floor). t_k is the k-th largest maximum of the
+   1024 disjoint groups {j, j + 1024, ...} of the scores (of all scores where they are too
+   few), so k distinct items reach it. Unfiltered, step 2's comparison uses the lower of its
+   threshold and the floor, and the items found at or above the lower of T - H and the floor
+   are rescored; with a label filter, t_k comes from the label's scores and one more
+   comparison over them lists its candidates. The candidates, rescored in float64, are
    sorted by (exact score desc, row asc): ties go to the lower row (bundle ids ascend with
    rows).
 
@@ -53,7 +56,6 @@ SKIP_NATS = 20.0  # items below best - log N - SKIP_NATS weigh < e^-SKIP_NATS of
 P_TOLERANCE = 1e-7  # items counted with float32 scores move p's sum by at most this
 SAFE_MAGNITUDE = 1e37  # float32 scores only while max|w| |q| stays below this
 GROUPS = 1024  # group maxima: a floor under the k-th best score in one pass (_group_maxima)
-_TINY = float(np.finfo(np.float32).tiny)
 
 
 @dataclass(frozen=True)
@@ -131,28 +133,21 @@ def item_vectors(mu: np.ndarray, log_sigma: np.ndarray) -> np.ndarray:
 
 
 def _group_maxima(scores: np.ndarray) -> np.ndarray:
-    """The maxima of disjoint groups of the scores (the columns of the scores laid out in rows
-    of GROUPS, and the tail), or all the scores where they are too few for groups: the
-    element-wise maximum over rows runs at memory speed, and the k-th largest of the maxima
-    is reached by k distinct items (np.partition of all scores takes 50 to 70 times as long)."""
-    rows = scores.size // GROUPS
-    if rows < 2:
+    """Per query, the maxima of the GROUPS disjoint groups {j, j + GROUPS, j + 2 GROUPS, ...}
+    of its scores (B, N) -> (B, GROUPS), the last N mod GROUPS scores left out, or the scores
+    themselves where they are too few for groups. The element-wise maximum over rows of
+    GROUPS runs at memory speed, and the k-th largest of the maxima is reached by k distinct
+    items (np.partition of all the scores takes 50 to 70 times as long)."""
+    whole = scores.shape[1] // GROUPS * GROUPS
+    if whole < 2 * GROUPS:
         return scores
-    return np.concatenate((scores[:rows * GROUPS].reshape(rows, GROUPS).max(axis=0),
-                           scores[rows * GROUPS:]))
+    return scores[:, :whole].reshape(scores.shape[0], -1, GROUPS).max(axis=1)
 
 
-def _kth_floor(scores: np.ndarray, k: int) -> float:
-    """A value that at least k distinct entries of `scores` (at least k of them) reach."""
-    maxima = _group_maxima(scores)
-    if maxima.size < k:
-        maxima = scores
-    return float(np.partition(maxima, maxima.size - k)[maxima.size - k])
-
-
-def _below(value: float) -> float:
-    """A threshold that stays <= value after numpy rounds it to float32 for a comparison."""
-    return value - abs(value) * 2.0**-22 - _TINY
+def _float32_at_most(values: np.ndarray) -> np.ndarray:
+    """float32 thresholds no larger than the float64 values, for comparisons with float32
+    scores: rounding to float32 moves a value by at most half a unit, one step down undoes it."""
+    return np.nextafter(values.astype(np.float32), np.float32(-np.inf))
 
 
 class LikelihoodSearch:
@@ -177,6 +172,11 @@ class LikelihoodSearch:
             norm = math.sqrt(float(np.square(w, dtype=np.float64).sum(axis=1).max()))
             self._max_norm = max(self._max_norm, norm)
         self._skip_nats = math.log(n) + SKIP_NATS
+        gamma = 2.0 * (2 * d + 3) * UNIT_ROUNDOFF  # doubled gamma_{m+2}, m = 2d + 1 (step 1)
+        self._margin_per_norm = 2.0 * gamma / (1.0 - gamma) * self._max_norm \
+            * (1.0 + 4 * UNIT_ROUNDOFF)
+        self._log_half_inverse_tolerance = -math.log(2.0 * P_TOLERANCE)  # log(n E) = log(n 2E / 2)
+        self._log_norm = 0.5 * d * LOG_2PI
         values, inverse = np.unique(self.labels, return_inverse=True)
         order = np.argsort(inverse, kind="stable")
         self._label_rows = dict(zip(values.tolist(), np.split(order, np.cumsum(
@@ -211,87 +211,84 @@ class LikelihoodSearch:
         k = min(int(k), self.label_count(label))
         features = np.concatenate((z * z if var is None else z * z + var, z,
                                    np.ones((z.shape[0], 1))), axis=1)
-        query_norm = np.sqrt(np.einsum("bm,bm->b", features, features))
-        if float(query_norm.max()) * max(self._max_norm, 1.0) >= SAFE_MAGNITUDE:
+        norms = np.sqrt(np.einsum("bm,bm->b", features, features))
+        largest = float(norms.max())
+        if largest * self._max_norm >= SAFE_MAGNITUDE:
             raise ValueError(
                 f"query too large for this catalog's float32 scores: |[z^2, z, 1]| up to "
-                f"{float(query_norm.max()):.3g} times item vector norm {self._max_norm:.3g}, "
+                f"{largest:.3g} times item vector norm {self._max_norm:.3g}, "
                 f"expected the product below {SAFE_MAGNITUDE:g}")
-        gamma = 2.0 * (features.shape[1] + 2) * UNIT_ROUNDOFF
-        errors = gamma / (1.0 - gamma) * self._max_norm * query_norm * (1.0 + 4 * UNIT_ROUNDOFF)
+        margins = norms * self._margin_per_norm  # 2E per query (step 1)
         features = features.astype(np.float32)
         # Queries in groups whose score matrix is no larger than the item vectors (or 16 MB).
-        n = self._vectors.shape[1]
-        group = max(1, max(self._vectors.size, 1 << 22) // n)
-        results = []
-        for lo in range(0, z.shape[0], group):
-            scores = features[lo] @ self._vectors if z.shape[0] == 1 else \
-                features[lo:lo + group] @ self._vectors
-            for b, row in enumerate(scores.reshape(-1, n), start=lo):
-                results.append(self._select(row, z[b], None if var is None else var[b],
-                                            float(errors[b]) + _TINY, k, label))
-        rows, scores, log_total = (np.array(column) for column in zip(*results))
+        group = max(1, max(self._vectors.size, 1 << 22) // self._vectors.shape[1])
+        parts = [self._select(features[lo:lo + group] @ self._vectors, z[lo:lo + group],
+                              None if var is None else var[lo:lo + group],
+                              margins[lo:lo + group], k, label)
+                 for lo in range(0, z.shape[0], group)]
+        rows, scores, log_total = parts[0] if len(parts) == 1 else \
+            (np.concatenate(column) for column in zip(*parts))
         if single:
             rows, scores, log_total = rows[0], scores[0], log_total[0]
         return Matches(rows=rows, ids=self.ids[rows].astype(np.int64),
                        labels=self.labels[rows].astype(np.int64), log_likelihoods=scores,
-                       probabilities=np.exp(scores - np.asarray(log_total)[..., None]))
+                       probabilities=np.exp(scores - log_total[..., None]))
 
-    def _select(self, scores, z, var, error: float, k: int, label: int | None):
-        """One query's top k rows, their exact scores and log S (steps 2 and 3)."""
-        if label is None:  # one pass gives the maximum and a floor for the top k
-            maxima = _group_maxima(scores)
-            top32 = float(maxima.max())
-            threshold = _kth_floor(maxima if maxima.size >= k else scores, k) - 2.0 * error
-        else:
-            top32, threshold = float(scores.max()), math.inf
-        p_floor = top32 - self._skip_nats - 2.0 * error
-        threshold = min(threshold, p_floor)
-        near = np.flatnonzero(scores >= _below(threshold))
-        near_scores = scores[near]
-        eligible = slice(None) if label is None else self.labels[near] == label
-        pool = near_scores[eligible]
-        k_floor = -math.inf if pool.size < k else _kth_floor(pool, k) - 2.0 * error
-        covered = k_floor >= threshold  # the top k lies among the items near the best
-        # Step 2: H nats below the best, float32 scores move S by <= P_TOLERANCE in all.
-        heavy = max(2.0 * error, math.log(near.size) + 2.0 * error - math.log(P_TOLERANCE)
-                    + math.log(math.expm1(min(error, 700.0))))
-        rescore = near_scores >= _below(top32 - heavy)
-        if covered:
-            candidate = near_scores >= _below(k_floor)
-            if label is not None:
-                candidate &= eligible
-            rescore |= candidate
-        where = np.flatnonzero(rescore)
-        rows = near[where]
-        exact = self._exact_scores(z, var, rows)
-        top = float(exact.max())
-        light = near_scores[~rescore].astype(np.float64)  # counted with float32 scores
-        log_total = top + math.log(float(np.exp(exact - top).sum() + np.exp(light - top).sum()))
-        if covered:
-            keep = candidate[where]
-            rows, exact = rows[keep], exact[keep]
-        else:  # too few of the label's items near the best: a floor from all of them
-            rows = self._label_rows[label] if label is not None else None
-            pool = scores if rows is None else scores[rows]
-            k_floor = _kth_floor(pool, k) - 2.0 * error
-            found = np.flatnonzero(pool >= _below(k_floor))
-            rows = found if rows is None else rows[found]
-            exact = self._exact_scores(z, var, rows)
-        order = np.lexsort((rows, -exact))[:k]
-        return rows[order].astype(np.int64), exact[order], log_total
+    def _select(self, scores, z, var, margin, k: int, label: int | None):
+        """Steps 2 and 3 for queries z (B, d) from their float32 scores (B, N) and 2E (B,):
+        the top k rows (B, k), their exact scores and log S (B,)."""
+        count, n = scores.shape
+        pool = scores if label is None else scores[:, self._label_rows[label]]
+        maxima = _group_maxima(pool)
+        if maxima.shape[1] < k:
+            maxima = pool
+        kth = np.partition(maxima, -k, axis=1)[:, -k]  # k distinct items reach it
+        # top32: a float32 score (the largest but for the last N mod GROUPS), so b >= top32 - E
+        top32 = (maxima if label is None else scores).max(axis=1)
+        k_floor = kth - margin  # step 3: every item of the top k is at or above it
+        p_floor = top32 - (margin + self._skip_nats)  # step 2: the items p(x|z) needs
+        floor = p_floor if label is not None else np.minimum(p_floor, k_floor)
+        flat = np.flatnonzero(scores >= _float32_at_most(floor)[:, None])
+        query, rows = np.divmod(flat, n)
+        near = scores.take(flat).astype(np.float64)
+        # Step 2: H = log(n E) + 3E + log(1 / P_TOLERANCE) nats below top32 and further,
+        # items count with their float32 scores (e^E - 1 <= E e^E).
+        heavy = top32 - (np.log(np.bincount(query, minlength=count) * margin) + 1.5 * margin
+                         + self._log_half_inverse_tolerance)
+        if label is None:  # the candidates for the top k are among the items found
+            rescore = np.flatnonzero(near >= np.minimum(heavy, k_floor)[query])
+            ranked = query[rescore], rows[rescore]
+            exact = self._exact_scores(z, var, *ranked)
+            near[rescore] = exact
+        else:  # the label's items at or above its floor
+            rescore = np.flatnonzero(near >= heavy[query])
+            found = np.flatnonzero(pool >= _float32_at_most(k_floor)[:, None])
+            label_query, position = np.divmod(found, pool.shape[1])
+            ranked = label_query, self._label_rows[label][position]
+            exact = self._exact_scores(z, var, np.concatenate((query[rescore], ranked[0])),
+                                       np.concatenate((rows[rescore], ranked[1])))
+            near[rescore], exact = exact[:rescore.size], exact[rescore.size:]
+        starts = np.searchsorted(query, np.arange(count))  # every query finds its best
+        top = np.maximum.reduceat(near, starts)
+        log_total = top + np.log(np.add.reduceat(np.exp(near - top[query]), starts))
+        # Every query has k ranked items or more, in row order: best first, lower row first.
+        order = np.lexsort((-exact, ranked[0]))
+        best = order[np.searchsorted(ranked[0], np.arange(count))[:, None] + np.arange(k)]
+        return ranked[1][best], exact[best], log_total
 
-    def _exact_scores(self, z, var, rows) -> np.ndarray:
-        """The direct formula in float64 for one query against the given rows: (len(rows),)."""
+    def _exact_scores(self, z, var, query, rows) -> np.ndarray:
+        """The direct formula in float64 for the pairs (query, row): (len(rows),)."""
         # take: a quarter of the time of fancy indexing for a few rows of a 2-D array
         log_sigma = self._log_sigma.take(rows, axis=0).astype(np.float64)
-        terms = z - self._mu.take(rows, axis=0)  # float16 items widen exactly to float64
+        terms = self._mu.take(rows, axis=0).astype(np.float64)  # float16 widens exactly
+        terms -= z[query]
         if var is None:
-            terms *= np.exp(-log_sigma)
+            terms /= np.exp(log_sigma)
             terms *= terms
         else:
             terms *= terms
-            terms += var
-            terms *= np.exp(-2.0 * log_sigma)
-        terms += 2.0 * log_sigma  # -1/2 sum [((z - mu)/sigma)^2 + 2 log sigma]
-        return -0.5 * terms.sum(axis=1) - 0.5 * self._mu.shape[1] * LOG_2PI
+            terms += var[query]
+            terms /= np.exp(2.0 * log_sigma)
+        terms += log_sigma
+        terms += log_sigma  # -1/2 sum [((z - mu)/sigma)^2 + 2 log sigma] - (d/2) log 2pi
+        return np.einsum("ij->i", terms) * -0.5 - self._log_norm

@@ -1,8 +1,11 @@
 """`vae-run serve`: a small JSON API and a touch-friendly kiosk page over one shared Runtime.
 
-Standard library only (http.server.ThreadingHTTPServer): the runtime has to install light on a
-Raspberry Pi, and a kiosk serves one screen on loopback, so a framework would add dependencies
-without adding anything the kiosk needs. docs/kiosk.md documents the API and the choice.
+HTTP is uvicorn with h11 (both pure Python): h11 parses each request strictly, and uvicorn's
+asyncio loop holds every connection without a thread, so slow or stalled clients cost a socket,
+not a worker. `KioskProtocol` adds what neither has: one deadline for reading each request,
+head and body together, and JSON bodies for the requests h11 refuses. `KioskAsgi` screens each
+request (framing, Host, cross-site origin) before reading its body, then runs the `KioskApp`
+call in a small thread pool. docs/kiosk.md documents the API, the trust model and the choice.
 
 Routes (all answers are JSON except the page, its assets and the *.png routes):
 
@@ -25,21 +28,29 @@ only "internal error" (the traceback goes to the server's stderr, never to the c
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import functools
 import io
+import ipaddress
 import json
 import re
+import signal
 import socket
 import sys
 import threading
 import traceback
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
+import h11
 import numpy as np
+import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .core import MATCH_MODES, Runtime, check_k, check_latent, parse_z
 from .images import to_uint8
@@ -55,8 +66,14 @@ FAR_QUANTILE = 0.99
 # 512 latent values of up to ~25 JSON characters each fit comfortably under both caps.
 MAX_BODY_BYTES = 64 * 1024
 MAX_QUERY_CHARS = 16 * 1024
-MAX_CONNECTIONS = 32
-IDLE_TIMEOUT_S = 15.0
+MAX_HEAD_BYTES = 32 * 1024  # request line and headers together; the query cap fits inside
+# One request, head and body, must arrive within this of its first byte (or of the
+# connection opening): a client trickling a byte at a time cannot hold a connection longer.
+READ_TIMEOUT_S = 10.0
+IDLE_TIMEOUT_S = 15  # a kept-alive connection with no request in progress closes after this
+WORKER_THREADS = 4  # decode and search release the GIL; more threads than cores buys nothing
+SHUTDOWN_GRACE_S = 30  # requests in flight at SIGTERM get this long to finish
+BACKLOG = 128
 ITEM_IMAGE_CACHE = 4096
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -75,6 +92,14 @@ PAGE_POLICY = ("default-src 'self'; img-src 'self' data:; script-src 'self'; sty
                "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 ITEM_PATH = re.compile(r"^/api/item/([^/]*?)(\.png)?$")
 INTEGER = re.compile(r"^[+-]?[0-9]{1,18}$")
+HOST_NAME = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$")
+POST_ROUTES = ("/api/decode", "/api/nearest")
+# Routes that run a model or the search: a worker thread answers them. The rest (the page,
+# info, samples, item JSON, errors) take microseconds and are answered on the event loop,
+# so they never queue behind a decode.
+COMPUTING_ROUTE = re.compile(r"^/api/(decode|decode\.png|nearest|item/[^/]*\.png)$")
+JSON_TYPE = "application/json; charset=utf-8"
+QUOTED_BYTES = re.compile(r": (b['\"]|bytearray\().*$", re.DOTALL)
 
 
 class ApiError(Exception):
@@ -234,51 +259,274 @@ class KioskApp:
         return png_bytes(self.runtime.decode(self.runtime.index.mu[row].astype(np.float64)))
 
 
-class KioskHandler(BaseHTTPRequestHandler):
-    """One request; routing and validation, then one KioskApp call."""
+@dataclass(frozen=True)
+class Answer:
+    """One HTTP response, before it is written."""
 
-    protocol_version = "HTTP/1.1"  # keep-alive: a slider sends many small requests
-    server_version = "vae-edge-kiosk"
-    timeout = IDLE_TIMEOUT_S  # an idle or stalled client frees its thread after this
-    # Headers and body go out in two writes; with Nagle on, the client's delayed ACK would
-    # hold the body back ~40 ms on every keep-alive request.
-    disable_nagle_algorithm = True
+    status: int
+    body: bytes
+    content_type: str = JSON_TYPE
+    cache: str = "no-store"
+    headers: tuple[tuple[str, str], ...] = ()
+    close: bool = False  # end the connection after this answer
 
-    # -- responses -----------------------------------------------------------------------
-    def _send(self, status: int, body: bytes, content_type: str, *, cache: str = "no-store",
-              headers: dict | None = None):
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", cache)
-        self.send_header("X-Content-Type-Options", "nosniff")
-        for name, value in (headers or {}).items():
-            self.send_header(name, value)
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
 
-    def _json(self, payload: dict, status: int = 200):
-        body = json.dumps(payload, separators=(",", ":")).encode("utf-8")
-        self._send(status, body, "application/json; charset=utf-8")
+def json_answer(payload: dict, status: int = 200, *, close: bool = False) -> Answer:
+    return Answer(status, json.dumps(payload, separators=(",", ":")).encode("utf-8"), close=close)
 
-    def send_error(self, code, message=None, explain=None):
-        """http.server's own errors (bad request line, URI too long, 501) as JSON too."""
-        self.close_connection = True
+
+def error_answer(status: int, message: str, *, close: bool = False) -> Answer:
+    return json_answer({"error": message}, status, close=close)
+
+
+@dataclass(frozen=True)
+class Request:
+    """What the router needs of one request; path and query are the raw, undecoded target."""
+
+    method: str
+    path: str
+    query: str
+    http_version: str
+    headers: dict[str, str]  # lower-case names; a repeated name keeps its first value
+    repeated: frozenset[str]  # names given more than once
+    client: str
+
+    @classmethod
+    def from_scope(cls, scope: dict) -> Request:
+        headers, repeated = {}, set()
+        for name, value in scope["headers"]:
+            key = name.decode("latin-1")
+            if key in headers:
+                repeated.add(key)
+            else:
+                headers[key] = value.decode("latin-1")
+        client = scope.get("client")
+        return cls(method=scope["method"], path=scope["raw_path"].decode("ascii", "replace"),
+                   query=scope["query_string"].decode("ascii", "replace"),
+                   http_version=scope["http_version"], headers=headers,
+                   repeated=frozenset(repeated), client=client[0] if client else "-")
+
+    @property
+    def line(self) -> str:
+        target = self.path + (f"?{self.query}" if self.query else "")
+        return f"{self.method} {target[:200]} HTTP/{self.http_version}"
+
+
+class HostPolicy:
+    """Which Host header values this server answers: the defence against DNS rebinding.
+
+    A page on another site that rebinds its own name to this machine's address still sends
+    its own name as Host, so only names the server knows are its own are accepted: the
+    address it listens on, `localhost` when that is a loopback or wildcard address, any IP
+    address when it listens on all of them (an address cannot be rebound), and the names the
+    operator lists. The port is not compared: a rebinding page is refused by its name.
+    """
+
+    def __init__(self, listen_host: str, bound_ip: str, allowed: Iterable[str] = ()):
+        names = {listen_host.lower().strip("[]"), bound_ip.lower()}
+        wildcard = ipaddress.ip_address(bound_ip).is_unspecified
+        if wildcard or ipaddress.ip_address(bound_ip).is_loopback:
+            names.add("localhost")
+        for name in allowed:
+            names.add(check_host_name(name))
+        self.names = frozenset(names)
+        self.any_address = wildcard
+
+    def allows(self, host_header: str) -> bool:
+        name = host_header.strip().lower()
+        if name.startswith("["):
+            name = name[1:].partition("]")[0]
+        elif name.count(":") == 1:
+            name = name.partition(":")[0]
+        if name in self.names:
+            return True
+        if self.any_address:
+            try:
+                ipaddress.ip_address(name)
+            except ValueError:
+                return False
+            return True
+        return False
+
+
+def check_host_name(name: str) -> str:
+    """A name for --allow-host: a DNS name or an IP address, without port or wildcard."""
+    if not isinstance(name, str):
+        raise ValueError(f"allowed host must be a string, got {type(name).__name__}")
+    text = name.strip().lower()
+    try:
+        return str(ipaddress.ip_address(text.strip("[]")))
+    except ValueError:
+        pass
+    if not HOST_NAME.match(text) or ".." in text:
+        raise ValueError(f"allowed host must be a host name or IP address without port, "
+                         f"got {name[:80]!r}")
+    return text
+
+
+class KioskAsgi:
+    """The HTTP layer as an ASGI app: screen the request, read its body, call KioskApp.
+
+    Everything decided from the request line and headers (framing, HTTP version, Host,
+    method, cross-site origin, route, size) is answered before any body is read, on the
+    event loop; KioskApp calls that decode or search run in a worker thread.
+    """
+
+    def __init__(self, app: KioskApp, hosts: HostPolicy, *, read_timeout: float,
+                 log_requests: bool = False, workers: int = WORKER_THREADS):
+        self.app = app
+        self.hosts = hosts
+        self.read_timeout = read_timeout
+        self.log_requests = log_requests
+        self.static = load_static()
+        self.workers = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kiosk")
+        self.in_flight = 0  # requests between their head and their answer (event loop only)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return  # lifespan is off and websockets are not served
+        request = Request.from_scope(scope)
+        self.in_flight += 1
         try:
-            status = HTTPStatus(code)
-            text = message or status.phrase
-        except ValueError:
-            text = message or "error"
-        if not getattr(self, "command", None):
-            self.command = "GET"  # unparsed request line: still send the JSON body
-        self._json({"error": text}, status=code)
+            answer = self.screen(request)
+            if answer is None:
+                body = b""
+                if request.method == "POST":
+                    body = await self._read_body(receive)
+                    if body is None:
+                        return  # the client left mid-body: nobody to answer
+                # A request alone in the server is answered on the event loop: handing it to
+                # a thread and back costs more than many of the answers. When others are in
+                # flight, decode and search go to the workers so that they run side by side.
+                if self.in_flight > 1 and COMPUTING_ROUTE.match(urlsplit(request.path).path):
+                    answer = await asyncio.get_running_loop().run_in_executor(
+                        self.workers, self.route, request, body)
+                else:
+                    answer = self.route(request, body)
+        except Exception:  # a bug in screening: log it, never show the client a traceback
+            traceback.print_exc(file=sys.stderr)
+            answer = error_answer(HTTPStatus.INTERNAL_SERVER_ERROR, "internal error", close=True)
+        finally:
+            self.in_flight -= 1
+        if self.log_requests or answer.status >= 400:  # failures are always worth a line
+            self.log(request.client, f'"{request.line}" {answer.status}')
+        await send({"type": "http.response.start", "status": answer.status,
+                    "headers": self._headers(answer)})
+        await send({"type": "http.response.body", "body": answer.body})
 
-    # -- request parsing -------------------------------------------------------------------
-    def _query(self) -> dict[str, str]:
-        query = urlsplit(self.path).query
+    @staticmethod
+    def _headers(answer: Answer) -> list[tuple[bytes, bytes]]:
+        headers = [("content-type", answer.content_type),
+                   ("content-length", str(len(answer.body))),
+                   ("cache-control", answer.cache),
+                   ("x-content-type-options", "nosniff"), *answer.headers]
+        if answer.close:
+            headers.append(("connection", "close"))
+        return [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers]
+
+    @staticmethod
+    async def _read_body(receive) -> bytes | None:
+        # h11 has already checked Content-Length, and screen() its size.
+        chunks = []
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    @staticmethod
+    def log(client: str, text: str) -> None:
+        print(f"{client} {text}", file=sys.stderr, flush=True)
+
+    # -- before the body ---------------------------------------------------------------------
+    def screen(self, request: Request) -> Answer | None:
+        """A refusal decided from the request line and headers, or None to go on.
+
+        Every refusal closes the connection: any body the client sent is never read, so the
+        connection could not be trusted to start a new request where this one ends.
+        """
+        headers = request.headers
+        if "content-length" in headers and "transfer-encoding" in headers:
+            return error_answer(HTTPStatus.BAD_REQUEST, "both Content-Length and "
+                                "Transfer-Encoding given: the body's length is ambiguous",
+                                close=True)
+        if request.http_version not in ("1.0", "1.1"):
+            return error_answer(HTTPStatus.BAD_REQUEST, f"HTTP/{request.http_version} is "
+                                "not supported: send HTTP/1.1", close=True)
+        for name in ("origin", "sec-fetch-site"):  # h11 refuses a repeated Host itself
+            if name in request.repeated:
+                return error_answer(HTTPStatus.BAD_REQUEST,
+                                    f"header given more than once: {name}", close=True)
+        host = headers.get("host")
+        if host is None:
+            return error_answer(HTTPStatus.BAD_REQUEST, "a Host header is required",
+                                close=True)
+        if not self.hosts.allows(host):
+            return error_answer(HTTPStatus.FORBIDDEN, f"this kiosk does not serve host "
+                                f"{host[:80]!r} (the operator can add names with --allow-host)",
+                                close=True)
+        if request.method not in ("GET", "HEAD", "POST"):
+            return error_answer(HTTPStatus.NOT_IMPLEMENTED,
+                                f"Unsupported method ({request.method[:20]!r})", close=True)
+        if request.method == "GET" or request.method == "HEAD":
+            return None
+        refusal = self.cross_site(headers, host)
+        if refusal:
+            return error_answer(HTTPStatus.FORBIDDEN, refusal, close=True)
+        path = urlsplit(request.path).path
+        if path not in POST_ROUTES:
+            known = path == "/" or path.startswith(("/static/", "/api/"))
+            return error_answer(HTTPStatus.METHOD_NOT_ALLOWED if known else HTTPStatus.NOT_FOUND,
+                                f"POST is for /api/decode and /api/nearest, not {path[:80]}",
+                                close=True)
+        if "transfer-encoding" in headers:
+            return error_answer(HTTPStatus.LENGTH_REQUIRED,
+                                "chunked bodies are not accepted: send Content-Length",
+                                close=True)
+        if "content-length" not in headers:
+            return error_answer(HTTPStatus.LENGTH_REQUIRED, "POST needs a Content-Length header",
+                                close=True)
+        length = int(headers["content-length"])  # h11 accepts only plain decimal digits
+        if length > MAX_BODY_BYTES:
+            return error_answer(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"request body is {length} "
+                                f"bytes, at most {MAX_BODY_BYTES} allowed", close=True)
+        return None
+
+    @staticmethod
+    def cross_site(headers: dict[str, str], host: str) -> str | None:
+        """Why a state-changing request is refused as cross-site, or None.
+
+        Browsers send Origin (and Sec-Fetch-Site) with every POST, so a page on another site
+        is refused whatever it posts; clients that are not browsers send neither and are
+        answered, since they could send any headers they liked anyway.
+        """
+        site = headers.get("sec-fetch-site")
+        if site is not None and site not in ("same-origin", "none"):
+            return f"cross-site request refused (Sec-Fetch-Site: {site[:40]})"
+        origin = headers.get("origin")
+        if origin is not None and origin.lower() != f"http://{host.lower()}":
+            return f"cross-site request refused (Origin: {origin[:80]})"
+        return None
+
+    # -- after the body (in a worker thread where it computes) -------------------------------
+    def route(self, request: Request, body: bytes) -> Answer:
+        try:
+            path = urlsplit(request.path).path
+            if request.method == "POST":
+                return self._post(path, body)
+            return self._get(path, request.query)
+        except ApiError as exc:
+            return error_answer(exc.status, str(exc), close=exc.close)
+        except (ValueError, FileNotFoundError) as exc:
+            return error_answer(HTTPStatus.BAD_REQUEST, str(exc))
+        except Exception:  # a bug: log it here, never show the client a traceback
+            traceback.print_exc(file=sys.stderr)
+            return error_answer(HTTPStatus.INTERNAL_SERVER_ERROR, "internal error", close=True)
+
+    @staticmethod
+    def _query(query: str) -> dict[str, str]:
         if len(query) > MAX_QUERY_CHARS:
             raise ApiError(HTTPStatus.REQUEST_URI_TOO_LONG,
                            f"query string is {len(query)} characters, at most "
@@ -293,27 +541,10 @@ class KioskHandler(BaseHTTPRequestHandler):
             raise ValueError(f"query parameter given more than once: {', '.join(repeated)}")
         return {name: values[0] for name, values in params.items()}
 
-    def _body(self) -> dict:
-        length_text = self.headers.get("Content-Length")
-        if self.headers.get("Transfer-Encoding"):
-            raise ApiError(HTTPStatus.LENGTH_REQUIRED,
-                           "chunked bodies are not accepted: send Content-Length", close=True)
-        if length_text is None:
-            raise ApiError(HTTPStatus.LENGTH_REQUIRED, "POST needs a Content-Length header",
-                           close=True)
-        if not length_text.strip().isdigit():
-            raise ApiError(HTTPStatus.BAD_REQUEST,
-                           f"Content-Length is not a number: {length_text[:40]!r}", close=True)
-        length = int(length_text)
-        if length > MAX_BODY_BYTES:
-            raise ApiError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                           f"request body is {length} bytes, at most {MAX_BODY_BYTES} allowed",
-                           close=True)
-        raw = self.rfile.read(length)
-        if len(raw) != length:
-            raise ApiError(HTTPStatus.BAD_REQUEST, "request body ended early", close=True)
+    @staticmethod
+    def _json_body(raw: bytes) -> dict:
         # The body is read as JSON whatever Content-Type says: `curl -d` sends a form type,
-        # and the API changes nothing on the server, so there is nothing to guard by type.
+        # and cross-site posts are refused by origin before the body is read.
         try:
             payload = json.loads(raw.decode("utf-8"))
         except UnicodeDecodeError:
@@ -338,38 +569,8 @@ class KioskHandler(BaseHTTPRequestHandler):
             raise ValueError(f"missing field: {missing[0]}")
         return params
 
-    # -- routing ---------------------------------------------------------------------------
-    def do_GET(self):
-        self._dispatch("GET")
-
-    def do_HEAD(self):
-        self._dispatch("GET")
-
-    def do_POST(self):
-        self._dispatch("POST")
-
-    def _dispatch(self, method: str):
-        app: KioskApp = self.server.app
-        try:
-            path = urlsplit(self.path).path
-            if method == "POST":
-                self._post(app, path)
-            else:
-                self._get(app, path)
-        except ApiError as exc:
-            if exc.close:
-                self.close_connection = True
-            self._json({"error": str(exc)}, status=exc.status)
-        except (ValueError, FileNotFoundError) as exc:
-            self._json({"error": str(exc)}, status=HTTPStatus.BAD_REQUEST)
-        except (BrokenPipeError, ConnectionResetError):
-            self.close_connection = True
-        except Exception:  # a bug: log it here, never show the client a traceback
-            traceback.print_exc(file=sys.stderr)
-            self.close_connection = True
-            self._json({"error": "internal error"}, status=HTTPStatus.INTERNAL_SERVER_ERROR)
-
-    def _get(self, app: KioskApp, path: str):
+    def _get(self, path: str, query_string: str) -> Answer:
+        app = self.app
         d = app.runtime.latent_dim
         if path in ("/", "/index.html"):
             return self._static("index.html")
@@ -377,76 +578,55 @@ class KioskHandler(BaseHTTPRequestHandler):
             return self._static(path[len("/static/"):])
         if not path.startswith("/api/"):
             raise ApiError(HTTPStatus.NOT_FOUND, f"no such page: {path[:80]}")
-        query = self._query()
+        query = self._query(query_string)
         if path == "/api/info":
             self._fields(query, (), ())
-            return self._json(app.info())
+            return json_answer(app.info())
         if path == "/api/sample":
             self._fields(query, (), ("seed",))
             seed = parse_int(query["seed"], "seed") if "seed" in query else None
-            return self._json(app.sample(seed))
+            return json_answer(app.sample(seed))
         if path == "/api/decode":
             self._fields(query, ("z",), ())
-            return self._json(app.decode(parse_z(query["z"], d)))
+            return json_answer(app.decode(parse_z(query["z"], d)))
         if path == "/api/decode.png":
             self._fields(query, ("z",), ())
-            return self._send(200, app.decode_png(parse_z(query["z"], d)), "image/png")
+            return Answer(200, app.decode_png(parse_z(query["z"], d)), "image/png")
         if path == "/api/nearest":
             self._fields(query, ("z",), ("k", "by"))
             k = parse_int(query["k"], "k") if "k" in query else app.k
-            return self._json(app.nearest(parse_z(query["z"], d), k,
-                                          query.get("by", "latent")))
+            return json_answer(app.nearest(parse_z(query["z"], d), k,
+                                           query.get("by", "latent")))
         match = ITEM_PATH.match(path)
         if match:
             self._fields(query, (), ())
             item_id = parse_int(match.group(1), "item id")
             if match.group(2):
                 # The bundle cannot change under a running server, so the picture may be cached.
-                return self._send(200, app.item_png(app.row_of(item_id)), "image/png",
-                                  cache="private, max-age=3600")
-            return self._json(app.item(item_id))
+                return Answer(200, app.item_png(app.row_of(item_id)), "image/png",
+                              cache="private, max-age=3600")
+            return json_answer(app.item(item_id))
         raise ApiError(HTTPStatus.NOT_FOUND, f"no such API route: {path[:80]}")
 
-    def _post(self, app: KioskApp, path: str):
+    def _post(self, path: str, raw: bytes) -> Answer:
+        app = self.app
         d = app.runtime.latent_dim
-        if path not in ("/api/decode", "/api/nearest"):
-            known = path == "/" or path.startswith(("/static/", "/api/"))
-            # Read nothing of a body we will not use: the connection is closed instead.
-            raise ApiError(HTTPStatus.METHOD_NOT_ALLOWED if known else HTTPStatus.NOT_FOUND,
-                           f"POST is for /api/decode and /api/nearest, not {path[:80]}",
-                           close=True)
-        body = self._body()
+        body = self._json_body(raw)
         if path == "/api/decode":
             self._fields(body, ("z",), ())
-            return self._json(app.decode(latent_from_json(body["z"], d)))
+            return json_answer(app.decode(latent_from_json(body["z"], d)))
         self._fields(body, ("z",), ("k", "by"))
         k = parse_int(body["k"], "k") if "k" in body else app.k
-        return self._json(app.nearest(latent_from_json(body["z"], d), k,
-                                      body.get("by", "latent")))
+        return json_answer(app.nearest(latent_from_json(body["z"], d), k,
+                                       body.get("by", "latent")))
 
-    def _static(self, name: str):
-        page = self.server.static.get(name)
+    def _static(self, name: str) -> Answer:
+        page = self.static.get(name)
         if page is None:
             raise ApiError(HTTPStatus.NOT_FOUND, f"no such file: {name[:80]}")
         body, content_type = page
-        headers = {"Content-Security-Policy": PAGE_POLICY} if name.endswith(".html") else {}
-        self._send(200, body, content_type, cache="no-cache", headers=headers)
-
-    # -- logging ---------------------------------------------------------------------------
-    def log_message(self, format, *args):
-        if self.server.log_requests:
-            super().log_message(format, *args)
-
-    def log_request(self, code="-", size="-"):
-        # Failures are always worth a line; successes only when asked for.
-        failed = isinstance(code, int) and code >= 400
-        if self.server.log_requests or failed:
-            super().log_message('"%s" %s %s', self.requestline, str(code), str(size))
-
-    def log_error(self, format, *args):
-        # An idle keep-alive connection timing out is routine, not an error.
-        if self.server.log_requests or not format.startswith("Request timed out"):
-            super().log_message(format, *args)
+        headers = (("content-security-policy", PAGE_POLICY),) if name.endswith(".html") else ()
+        return Answer(200, body, content_type, cache="no-cache", headers=headers)
 
 
 def load_static(directory: Path = STATIC_DIR) -> dict[str, tuple[bytes, str]]:
@@ -463,18 +643,125 @@ def load_static(directory: Path = STATIC_DIR) -> dict[str, tuple[bytes, str]]:
     return files
 
 
-class KioskServer(ThreadingHTTPServer):
-    """A thread per connection, at most max_connections at once (the rest wait to be accepted)."""
+class _RefusalRecordingConnection(h11.Connection):
+    """h11's connection, keeping the error it raised for the peer's bytes (for the answer)."""
 
-    daemon_threads = True
+    refusal: h11.RemoteProtocolError | None = None
 
-    def __init__(self, address, app: KioskApp, *, log_requests: bool = False,
-                 max_connections: int = MAX_CONNECTIONS):
-        self.app = app
-        self.static = load_static()
-        self.log_requests = log_requests
-        self._slots = threading.BoundedSemaphore(max_connections)
-        super().__init__(address, KioskHandler)
+    def next_event(self):
+        try:
+            return super().next_event()
+        except h11.RemoteProtocolError as exc:
+            self.refusal = exc
+            raise
+
+
+class KioskProtocol(H11Protocol):
+    """uvicorn's h11 protocol with a deadline on reading each request and JSON refusals.
+
+    uvicorn's own keep-alive timer starts only after an answer and restarts with every byte,
+    so by itself a client that trickles a header byte at a time holds its connection for ever.
+    Here a request's head and body must arrive within the read timeout of its first byte (of
+    the connection opening, for the first request); a request already begun then gets a 408.
+    """
+
+    def __init__(self, config, server_state, app_state, _loop=None):
+        super().__init__(config, server_state, app_state, _loop)
+        self.kiosk: KioskAsgi = config.app
+        self.conn = _RefusalRecordingConnection(h11.SERVER, config.h11_max_incomplete_event_size)
+        self.read_deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport):
+        super().connection_made(transport)
+        # An answer's head and body go out in two writes; with Nagle on, the client's delayed
+        # ACK would hold the body back ~40 ms on every keep-alive request. (asyncio sets this
+        # itself only for sockets made with proto=IPPROTO_TCP.)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._start_read_clock()
+
+    def data_received(self, data: bytes) -> None:
+        if self.read_deadline is None and self.conn.their_state is h11.IDLE:
+            self._start_read_clock()  # the first bytes of a request on a kept-alive connection
+        super().data_received(data)
+        self._stop_read_clock_once_received()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        # A pipelined request that arrived while this one was answered starts its clock now.
+        state = self.conn.their_state
+        if state is h11.SEND_BODY or (state is h11.IDLE and self.conn.trailing_data[0]):
+            self._start_read_clock()
+
+    def connection_lost(self, exc):
+        self._stop_read_clock()
+        super().connection_lost(exc)
+
+    def _start_read_clock(self) -> None:
+        if self.read_deadline is None and not self.transport.is_closing():
+            self.read_deadline = self.loop.call_later(self.kiosk.read_timeout, self._read_timed_out)
+
+    def _stop_read_clock(self) -> None:
+        if self.read_deadline is not None:
+            self.read_deadline.cancel()
+            self.read_deadline = None
+
+    def _stop_read_clock_once_received(self) -> None:
+        if self.conn.their_state not in (h11.IDLE, h11.SEND_BODY):
+            self._stop_read_clock()
+
+    def _read_timed_out(self) -> None:
+        self.read_deadline = None
+        if self.transport.is_closing():
+            return
+        begun = self.conn.their_state is h11.SEND_BODY or bool(self.conn.trailing_data[0])
+        if begun:  # a connection that never sent a byte is closed without a word
+            self._refuse(HTTPStatus.REQUEST_TIMEOUT, f"request not received within "
+                         f"{self.kiosk.read_timeout:g} s")
+        self.transport.close()
+
+    def send_400_response(self, msg: str) -> None:
+        """h11 refused the request (malformed line or header, bad or conflicting length)."""
+        refusal = self.conn.refusal
+        status = refusal.error_status_hint if refusal is not None else 400
+        if status == HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE:
+            message = f"request line and headers exceed {MAX_HEAD_BYTES} bytes"
+        else:  # h11's reason, without the bytes it quotes
+            message = "malformed request: " + QUOTED_BYTES.sub("", str(refusal or msg))
+        self._refuse(status, message)
+        self.transport.close()
+
+    def _refuse(self, status: int, message: str) -> None:
+        # Written directly, not through h11: the request may not even have a parsed head,
+        # and the connection closes right after.
+        body = json.dumps({"error": message}).encode("utf-8")
+        phrase = HTTPStatus(status).phrase
+        self.transport.write(
+            f"HTTP/1.1 {status} {phrase}\r\ncontent-type: {JSON_TYPE}\r\n"
+            f"content-length: {len(body)}\r\ncache-control: no-store\r\n"
+            f"x-content-type-options: nosniff\r\nconnection: close\r\n\r\n".encode("latin-1")
+            + body)
+        client = self.client[0] if self.client else "-"
+        self.kiosk.log(client, f"{status} {message}")
+
+
+class KioskServer:
+    """A bound kiosk server: serve_forever() (any thread) or run() (the main thread, signals)."""
+
+    def __init__(self, sock: socket.socket, asgi: KioskAsgi):
+        self.socket = sock
+        self.asgi = asgi
+        self.app = asgi.app
+        self.server_address = sock.getsockname()
+        self._uvicorn = uvicorn.Server(uvicorn.Config(
+            asgi, http=KioskProtocol, loop="asyncio", ws="none", lifespan="off",
+            interface="asgi3", log_config=None, access_log=False, proxy_headers=False,
+            server_header=False, timeout_keep_alive=IDLE_TIMEOUT_S,
+            timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
+            h11_max_incomplete_event_size=MAX_HEAD_BYTES, backlog=BACKLOG))
+        self._serving = threading.Event()
+        self._stopped = threading.Event()
 
     @property
     def url(self) -> str:
@@ -482,50 +769,85 @@ class KioskServer(ThreadingHTTPServer):
         shown = f"[{host}]" if ":" in host else host
         return f"http://{shown}:{port}/"
 
-    def process_request(self, request, client_address):
-        self._slots.acquire()
+    def serve_forever(self) -> None:
+        """Serve until shutdown() (or, in the main thread, SIGINT/SIGTERM); once per server."""
+        self._serving.set()
         try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self._slots.release()
-            raise
-
-    def process_request_thread(self, request, client_address):
-        try:
-            super().process_request_thread(request, client_address)
+            self._uvicorn.run(sockets=[self.socket])
         finally:
-            self._slots.release()
+            self._stopped.set()
+
+    def shutdown(self) -> None:
+        """Stop serving, let requests in flight finish, and wait for serve_forever to return."""
+        self._uvicorn.should_exit = True
+        if self._serving.is_set():
+            self._stopped.wait()
+
+    def server_close(self) -> None:
+        self.socket.close()
+        self.asgi.workers.shutdown(wait=True)
 
     def run(self, log=print) -> None:
-        """Serve until Ctrl+C (or shutdown() from another thread), then close the socket."""
+        """Serve until Ctrl+C or SIGTERM, finish the requests in flight, close the socket.
+
+        Call from the main thread. While serving, uvicorn handles both signals; once it has
+        stopped it raises the signal again, which lands on the handler installed here instead
+        of ending the process, so the caller returns normally.
+        """
+        caught = []
+
+        def stop(signum, frame):
+            caught.append(signum)
+            self._uvicorn.should_exit = True
+
+        previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             self.serve_forever()
-        except KeyboardInterrupt:
-            log("stopped")
         finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
             self.server_close()
-
-
-class _KioskServer6(KioskServer):
-    address_family = socket.AF_INET6
+        log(f"stopped ({signal.Signals(caught[0]).name})" if caught else "stopped")
 
 
 def make_server(runtime: Runtime, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, *,
                 z_range: float = DEFAULT_RANGE, k: int = DEFAULT_K,
-                log_requests: bool = False) -> KioskServer:
+                log_requests: bool = False, allow_hosts: Iterable[str] = (),
+                read_timeout: float = READ_TIMEOUT_S) -> KioskServer:
     """A bound, not yet serving, kiosk server; port 0 picks a free port (see .url).
 
-    Raises ValueError for a bad range or k and for an address that cannot be bound.
+    allow_hosts: names besides the listening address that clients may send as Host (the
+    names a reverse proxy or the local network uses for this machine).
+    Raises ValueError for a bad range, k, host name or timeout and for an address that cannot
+    be bound.
     """
     app = KioskApp(runtime, z_range=z_range, k=k)
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
         raise ValueError(f"port must be an integer in [0, 65535], got {port!r}")
-    cls = _KioskServer6 if ":" in host else KioskServer
+    if isinstance(read_timeout, bool) or not isinstance(read_timeout, (int, float)) or not (
+        0 < read_timeout <= 3600
+    ):
+        raise ValueError(f"read timeout must be a number of seconds in (0, 3600], "
+                         f"got {read_timeout!r}")
+    if isinstance(allow_hosts, str):
+        allow_hosts = (allow_hosts,)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
-        return cls((host, port), app, log_requests=log_requests)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(BACKLOG)
+        hosts = HostPolicy(host, sock.getsockname()[0], allow_hosts)
+        asgi = KioskAsgi(app, hosts, read_timeout=float(read_timeout),
+                         log_requests=log_requests)
     except OSError as exc:
+        sock.close()
         reason = exc.strerror or str(exc)
         raise ValueError(f"cannot listen on {host}:{port}: {reason}") from None
+    except BaseException:
+        sock.close()
+        raise
+    return KioskServer(sock, asgi)
 
 
 def is_loopback(host: str) -> bool:

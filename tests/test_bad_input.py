@@ -153,6 +153,39 @@ def test_cli_huge_k_returns_the_whole_catalog(tiny_bundle):
     assert '"k": 5000' in result.output
 
 
+# --- integers: ASCII digits only; --threads bounded ----------------------------------------
+
+NOT_AN_INTEGER = "Error: Invalid value for '{}': '{}' is not a valid integer."
+UNKNOWN_LABEL = ("Error: unknown label '{}': expected one of T-shirt/top, Trouser, Pullover, "
+                 "Dress, Coat, Sandal, Shirt, Sneaker, Bag, Ankle boot (or a class id 0-9)")
+THREADS_RANGE = "Error: Invalid value for '--threads': {} is not in the range 1<=x<=256."
+
+
+@pytest.mark.parametrize(
+    ("args", "last_line"),
+    [(["--z", Z8, "-k", "\u0663"], NOT_AN_INTEGER.format("-k", "\u0663")),  # Arabic-Indic 3
+     (["--random", "--seed", "\u0663"], NOT_AN_INTEGER.format("--seed", "\u0663")),
+     (["--z", Z8, "--label", "\u0663"], UNKNOWN_LABEL.format("\u0663")),
+     (["--z", Z8, "--label", "\u00b2"], UNKNOWN_LABEL.format("\u00b2")),  # superscript 2
+     (["--z", Z8, "--threads", "\u0663"], NOT_AN_INTEGER.format("--threads", "\u0663")),
+     *[(["--z", Z8, "--threads", str(n)], THREADS_RANGE.format(n))
+       for n in (0, 257, 3000, 2**31, 10**20)]],
+)
+def test_cli_integer_options_refused(tiny_bundle, args, last_line):
+    result = CliRunner().invoke(run_main, ["nearest", "--bundle", str(tiny_bundle), *args])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines()[-1] == last_line
+    assert "Traceback" not in result.output
+
+
+def test_label_ids_are_ascii_digits(runtime):
+    assert runtime.label_id(" 3 ") == 3
+    assert set(runtime.nearest(np.zeros(D), k=4, label="3").labels.tolist()) == {3}
+    for label in ("\u0663", "\u00b2", "\uff13"):  # Arabic-Indic 3, superscript 2, fullwidth 3
+        with pytest.raises(ValueError, match=f"^unknown label '{label}': expected one of"):
+            runtime.nearest(np.zeros(D), k=4, label=label)
+
+
 # --- image arrays --------------------------------------------------------------------------
 
 IMG = r"images must be \(28, 28\) or \(batch, 1, 28, 28\), got "
@@ -209,6 +242,15 @@ def bomb_bmp(width: int, height: int) -> bytes:
     return b"BM" + struct.pack("<IHHI", 54, 0, 0, 54) + info
 
 
+def text_bomb_png() -> bytes:
+    """A valid 28 x 28 PNG with a zTXt chunk of 8 KB that inflates to 8 MiB of text."""
+    text = png_chunk(b"zTXt", b"Comment\x00\x00" + zlib.compress(b"\x00" * (8 << 20), 9))
+    pixels = zlib.compress(b"\x00" * (29 * 28))
+    ihdr = struct.pack(">IIBBBBB", 28, 28, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + text + png_chunk(b"IDAT", pixels)
+            + png_chunk(b"IEND", b""))
+
+
 def make_files(tmp_path):
     """name -> (path, expected error message) for every kind of bad image file."""
     cases = {}
@@ -246,6 +288,15 @@ def make_files(tmp_path):
     add("bomb.bmp", "bomb.bmp: refused before decoding, far too large (Image size "
         "(2500000000 pixels) exceeds limit",
         lambda p: p.write_bytes(bomb_bmp(50_000, 50_000)))
+    add("text-bomb.png", "text-bomb.png: cannot decode image (Decompressed data too large",
+        lambda p: p.write_bytes(text_bomb_png()))
+    add("palette-alpha.png", "palette-alpha.png: pixel mode P with transparency is not "
+        "supported; expected 8-bit grayscale (L), bilevel, palette or RGB without transparency",
+        lambda p: Image.new("P", (28, 28)).save(p, transparency=0))
+    add("clear.gif", "clear.gif: pixel mode P with transparency is not supported",
+        lambda p: Image.new("P", (28, 28)).save(p, transparency=0))
+    add("gray-alpha.png", "gray-alpha.png: pixel mode L with transparency is not supported",
+        lambda p: Image.new("L", (28, 28)).save(p, transparency=0))
     add("folder.png", f"{tmp_path / 'folder.png'}: not a regular file", lambda p: p.mkdir())
     return cases
 

@@ -11,6 +11,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
+import sys
+import tracemalloc
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -19,10 +23,10 @@ import numpy as np
 import onnxruntime
 import pytest
 from click.testing import CliRunner
+from PIL import Image
 
 from vae_edge.runtime import BundleError, Runtime
-from vae_edge.runtime import core as runtime_core
-from vae_edge.runtime.bundle import INDEX_FILES, MODEL_FILES, write_manifest
+from vae_edge.runtime.bundle import INDEX_FILES, MODEL_FILES, graph_sections, write_manifest
 from vae_edge.runtime.cli import main as run_main
 
 pytestmark = pytest.mark.slow  # needs the tiny trained bundle
@@ -40,6 +44,12 @@ def edit_manifest(change: Callable[[dict], object]) -> Callable:
         change(manifest)
         (bundle / "manifest.json").write_text(json.dumps(manifest))
     return mutate
+
+
+def reshape(manifest: dict, latent_dim: int, image_shape: list) -> None:
+    """Claim another latent dim and image shape, consistently across the manifest."""
+    manifest.update(latent_dim=latent_dim, **graph_sections(latent_dim, image_shape))
+    manifest["image"]["shape"] = image_shape
 
 
 def resign(bundle: Path) -> None:
@@ -107,6 +117,29 @@ def huge_header(bundle: Path, outside: Path):
     data = (bundle / "index_ids.npy").read_bytes()
     header = "{'descr': '<i4', 'fortran_order': False, 'shape': (1000000000000,), }"
     (bundle / "index_ids.npy").write_bytes(npy_with_header(header, data[128:]))
+
+
+def duplicate_key(where: str, line: str) -> Callable:
+    """manifest.json with `line` inserted after the first `where`: a key written twice."""
+    def mutate(bundle: Path, outside: Path):
+        text = (bundle / "manifest.json").read_text()
+        (bundle / "manifest.json").write_text(text.replace(where, where + line, 1))
+    return mutate
+
+
+def listed_extra_file(bundle: Path, outside: Path):
+    """A 2 GiB (sparse) file the manifest lists beside the bundle's own six."""
+    with open(bundle / "extra.bin", "wb") as handle:
+        handle.truncate(2 << 30)
+    edit_manifest(lambda m: m["files"].update(
+        {"extra.bin": {"sha256": "0" * 64, "bytes": 2 << 30}}))(bundle, outside)
+
+
+def huge_header_length(bundle: Path, outside: Path):
+    """index_ids.npy in .npy format 2.0 whose 4-byte header length claims about 4 GiB."""
+    data = (bundle / "index_ids.npy").read_bytes()
+    (bundle / "index_ids.npy").write_bytes(b"\x93NUMPY\x02\x00" + (2**32 - 16).to_bytes(4, "little")
+                                           + data[10:])
 
 
 def symlink_out(name: str) -> Callable:
@@ -206,6 +239,13 @@ CASES = [
          r"manifest.json files\['encoder.onnx'\]: missing key 'sha256'"),
     Case("files-lacks-decoder", edit_manifest(lambda m: m["files"].pop("decoder.onnx")),
          "manifest.json: files has no entry for decoder.onnx"),
+    Case("manifest-duplicate-key", duplicate_key("{", '"latent_dim": 9,'),
+         "manifest.json: key 'latent_dim' appears twice in one object"),
+    Case("manifest-duplicate-nested-key", duplicate_key('"encoder.onnx": {', '"bytes": 1,'),
+         "manifest.json: key 'bytes' appears twice in one object"),
+    Case("files-lists-extra", listed_extra_file,
+         "manifest.json: files lists 'extra.bin', which is not a bundle file "
+         r"\(expected exactly encoder.onnx, decoder.onnx, index_mu.npy"),
     Case("latent-dim-as-text", edit_manifest(lambda m: m.update(latent_dim="8")),
          "manifest.json: key 'latent_dim' should be int, got str"),
     Case("version-as-bool", edit_manifest(lambda m: m.update(format_version=True)),
@@ -220,8 +260,20 @@ CASES = [
     Case("bytes-negative", edit_manifest(lambda m: m["files"]["index_mu.npy"].update(bytes=-1)),
          r"manifest.json files\['index_mu.npy'\]: bytes must be >= 0, got -1"),
     # Wrong shapes in the manifest.
-    Case("latent-dim-9", edit_manifest(lambda m: m.update(latent_dim=9)),
+    Case("latent-dim-9", edit_manifest(lambda m: reshape(m, 9, [1, 28, 28])),
          r"index_mu.npy: shape is \(5000, 8\), expected \(5000, 9\)"),
+    Case("latent-dim-9-alone", edit_manifest(lambda m: m.update(latent_dim=9)),
+         r"manifest.json: encoder outputs must be \{'mu': \['batch', 9\], 'log_var': "
+         r"\['batch', 9\]\}, got \{'mu': \['batch', 8\], 'log_var': \['batch', 8\]\}"),
+    Case("graph-output-renamed",
+         edit_manifest(lambda m: m["decoder"].update(outputs={"x": ["batch", 1, 28, 28]})),
+         r"manifest.json: decoder outputs must be \{'images': \['batch', 1, 28, 28\]\}, "
+         r"got \{'x': \['batch', 1, 28, 28\]\}"),
+    Case("image-range-0-255", edit_manifest(lambda m: m["image"].update(range=[0, 255])),
+         r"manifest.json: image range must be \[0.0, 1.0\], got \[0, 255\]"),
+    Case("index-file-renamed",
+         edit_manifest(lambda m: m["index"]["files"].update(mu="other.npy")),
+         r"manifest.json: index files must be"),
     Case("latent-dim-0", edit_manifest(lambda m: m.update(latent_dim=0)),
          "manifest.json: latent_dim must be >= 1, got 0"),
     Case("index-size-4999", edit_manifest(lambda m: m["index"].update(size=4999)),
@@ -230,7 +282,7 @@ CASES = [
          "manifest.json: index size must be >= 1, got 0"),
     Case("image-shape-2d", edit_manifest(lambda m: m["image"].update(shape=[28, 28])),
          r"manifest.json: image shape must be \[C, H, W\], got \[28, 28\]"),
-    Case("image-shape-29", edit_manifest(lambda m: m["image"].update(shape=[1, 28, 29])),
+    Case("image-shape-29", edit_manifest(lambda m: reshape(m, 8, [1, 28, 29])),
          r"encoder.onnx: inputs are \[\('images', \[1, 28, 28\]\)\], expected "
          r"\[\('images', \[1, 28, 29\]\)\]", loads_graphs=True),
     Case("label-names-short", edit_manifest(lambda m: m["index"].update(label_names=["a"])),
@@ -266,9 +318,14 @@ CASES = [
          r"index_mu.npy: shape is \(5000, 8\), expected \(1000000000000, 8\)"),
     Case("resigned-huge-ids-header", resigned(huge_header),
          r"index_ids.npy: shape is \(1000000000000,\), expected \(5000,\)"),
+    Case("resigned-npy-header-length-4gib", resigned(huge_header_length),
+         "index_ids.npy: .npy header claims 4294967280 bytes, at most 10000 accepted"),
     Case("resigned-nan-mu", resigned(save_array("index_mu.npy", lambda a: np.where(
         np.arange(a.size).reshape(a.shape) == 17, np.float16("nan"), a))),
          "index_mu.npy: holds NaN or infinite values"),
+    Case("resigned-log-sigma-60000", resigned(save_array("index_log_sigma.npy", lambda a: np.where(
+        np.arange(a.size).reshape(a.shape) == 17, np.float16(-60000), a))),
+         "index_log_sigma.npy: values must be >= -40, got -60000"),
     Case("resigned-label-11", resigned(save_array("index_labels.npy", lambda a: a + 2)),
          r"index_labels.npy: labels must lie in \[0, 10\), got \[2, 11\]"),
     Case("resigned-truncated-onnx", resigned(truncate("decoder.onnx")),
@@ -291,17 +348,17 @@ CASES = [
 def no_graph_runs(monkeypatch):
     """Fail if any ONNX graph is run; record which graphs onnxruntime was asked to load."""
     loaded = []
-    real_session = runtime_core._session
+    real_session = onnxruntime.InferenceSession
 
-    def session(path, threads):
-        loaded.append(path.name)
-        return real_session(path, threads)
+    class Session(real_session):
+        def __init__(self, path, *args, **kwargs):
+            loaded.append(Path(path).name)
+            super().__init__(path, *args, **kwargs)
 
-    def run(*args, **kwargs):
-        raise AssertionError("an ONNX graph was run while loading a bundle")
+        def run(self, *args, **kwargs):
+            raise AssertionError("an ONNX graph was run while loading a bundle")
 
-    monkeypatch.setattr(runtime_core, "_session", session)
-    monkeypatch.setattr(onnxruntime.InferenceSession, "run", run)
+    monkeypatch.setattr(onnxruntime, "InferenceSession", Session)
     return loaded
 
 
@@ -312,7 +369,8 @@ def test_corrupt_bundle_is_refused(case, bundle_copy, tmp_path, no_graph_runs):
     case.mutate(bundle_copy, outside)
     verify_options = (True, False) if case.id.startswith("resigned") else (True,)
     for verify in verify_options:
-        with pytest.raises(case.error) as info:
+        with warnings.catch_warnings(), pytest.raises(case.error) as info:
+            warnings.simplefilter("error")  # refused without a warning printed first
             Runtime.load(bundle_copy, verify=verify)
         message = str(info.value)
         assert info.type is case.error, (type(info.value), message)
@@ -327,6 +385,18 @@ def test_corrupt_bundle_is_refused(case, bundle_copy, tmp_path, no_graph_runs):
     assert result.output == f"Error: {message}\n"
 
 
+def test_npy_header_length_is_checked_before_reading(bundle_copy, tmp_path):
+    resigned(huge_header_length)(bundle_copy, tmp_path)
+    tracemalloc.start()
+    try:
+        with pytest.raises(BundleError, match="index_ids.npy: .npy header claims 4294967280"):
+            Runtime.load(bundle_copy)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20  # the claimed 4 GiB was never allocated
+
+
 def test_good_bundle_loads_after_resigning(bundle_copy):
     """The resign helper itself keeps a good bundle good (so refusals above are real)."""
     resign(bundle_copy)
@@ -339,3 +409,103 @@ def test_extra_unlisted_files_are_ignored(bundle_copy):
     (bundle_copy / "README.txt").write_text("notes")
     os.symlink("/etc/passwd", bundle_copy / "passwd")
     assert len(Runtime.load(bundle_copy).index) == 5000
+
+
+# Graphs that load and match the manifest but fail or misbehave when run: each call is
+# refused with a BundleError naming the graph, and the CLI prints one line, exit status 2.
+
+def filled(source: str, output: str, tail: list[int], value: float) -> tuple[list, list]:
+    """Nodes and initializers making `output` a (batch, *tail) tensor of `value`, batch taken
+    from `source` at run time (so onnxruntime cannot fold it while loading)."""
+    from onnx import helper, numpy_helper
+
+    nodes = [helper.make_node("Shape", [source], [f"{output}_batch"], end=1),
+             helper.make_node("Concat", [f"{output}_batch", f"{output}_tail"],
+                              [f"{output}_shape"], axis=0),
+             helper.make_node("ConstantOfShape", [f"{output}_shape"], [output],
+                              value=numpy_helper.from_array(np.array([value], np.float32)))]
+    return nodes, [numpy_helper.from_array(np.array(tail, np.int64), f"{output}_tail")]
+
+
+def graph_file(name: str, kind: str) -> Callable:
+    """name (encoder.onnx or decoder.onnx) replaced by a graph with the bundle's signature
+    (latent dim 8) that, when run: 'reshape' applies a Reshape that cannot fit its input,
+    'allocate' asks for a 2^50-byte tensor (beyond any address space), 'nan' outputs NaN."""
+    def mutate(bundle: Path, outside: Path):
+        from onnx import TensorProto, helper, numpy_helper
+
+        def tensor(tensor_name, *dims):
+            return helper.make_tensor_value_info(tensor_name, TensorProto.FLOAT, ["b", *dims])
+
+        if name == "decoder.onnx":
+            source, inputs, outputs = "z", [tensor("z", 8)], [tensor("images", 1, 28, 28)]
+        else:
+            source, inputs = "images", [tensor("images", 1, 28, 28)]
+            outputs = [tensor("mu", 8), tensor("log_var", 8)]
+        nodes, initializers = [], []
+        for output in outputs:
+            tail = [d.dim_value for d in output.type.tensor_type.shape.dim[1:]]
+            if kind == "reshape":
+                # 3 x tail values: never the size of the one input item each call passes.
+                shape = numpy_helper.from_array(np.array([3, *tail], np.int64),
+                                                f"{output.name}_shape")
+                more = [helper.make_node("Reshape", [source, shape.name], [output.name])], [shape]
+            elif kind == "allocate":
+                more = filled(source, output.name, [1, 1 << 24, 1 << 24], 0.0)
+            else:
+                more = filled(source, output.name, tail, float("nan"))
+            nodes += more[0]
+            initializers += more[1]
+        graph = helper.make_graph(nodes, "g", inputs, outputs, initializers)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
+                                  ir_version=8)
+        (bundle / name).write_bytes(model.SerializeToString())
+    return resigned(mutate)
+
+
+FAILED_RUN = r"{}: onnxruntime failed running the graph \(\[ONNXRuntimeError\] .*{}.*\)$"
+RUN_CASES = [
+    ("decoder.onnx", "reshape", FAILED_RUN.format("decoder.onnx", "cannot be reshaped")),
+    ("decoder.onnx", "allocate", FAILED_RUN.format("decoder.onnx", "Failed to allocate memory")),
+    ("decoder.onnx", "nan", "decoder.onnx: output 'images' holds NaN or infinite values$"),
+    ("encoder.onnx", "reshape", FAILED_RUN.format("encoder.onnx", "cannot be reshaped")),
+    ("encoder.onnx", "nan", "encoder.onnx: output 'mu' holds NaN or infinite values$"),
+]
+
+
+@pytest.mark.parametrize(("name", "kind", "message"), RUN_CASES,
+                         ids=[f"{n[:7]}-{k}" for n, k, _ in RUN_CASES])
+def test_graph_failing_while_running_is_refused(bundle_copy, tmp_path, name, kind, message):
+    graph_file(name, kind)(bundle_copy, tmp_path)
+    runtime = Runtime.load(bundle_copy)
+    image = np.zeros((28, 28), np.uint8)
+    calls = ([lambda: runtime.decode(np.zeros(8))] if name == "decoder.onnx" else
+             [lambda: runtime.encode(image), lambda: runtime.nearest_image(image)])
+    for call in calls:
+        with pytest.raises(BundleError) as info:
+            call()
+        assert re.match(message, str(info.value)), str(info.value)
+        assert "\n" not in str(info.value)
+
+    picture = tmp_path / "photo.png"
+    Image.fromarray(image).save(picture)
+    command = (["decode", "--z", "0,0,0,0,0,0,0,0", "-o", str(tmp_path / "out.png")]
+               if name == "decoder.onnx" else ["encode", str(picture)])
+    result = CliRunner().invoke(run_main, [*command, "--bundle", str(bundle_copy)])
+    assert result.exit_code == 2
+    assert result.output == f"Error: {info.value}\n"
+
+
+def test_graph_failing_while_running_prints_one_line(bundle_copy, tmp_path):
+    """In a real process: onnxruntime's own log line would go to stderr beside the error."""
+    graph_file("decoder.onnx", "reshape")(bundle_copy, tmp_path)
+    cli = "from vae_edge.runtime.cli import main; main()"
+    result = subprocess.run([sys.executable, "-c", cli, "decode", "--bundle", str(bundle_copy),
+                             "--z", "0,0,0,0,0,0,0,0", "-o", str(tmp_path / "out.png")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert re.match("Error: " + FAILED_RUN.format("decoder.onnx", "cannot be reshaped"),
+                    result.stderr)
+    assert result.stderr.count("\n") == 1
+    assert not (tmp_path / "out.png").exists()

@@ -149,8 +149,10 @@ def test_wrong_index_shape_is_refused(bundle_copy):
 
 
 def test_threads_validation(tiny_bundle):
-    with pytest.raises(ValueError, match="threads must be an integer >= 1, got 0"):
-        Runtime.load(tiny_bundle, threads=0)
+    for threads in (0, 257, 3000, 2**31, 10**20, 2.0, True):
+        with pytest.raises(ValueError) as info:
+            Runtime.load(tiny_bundle, threads=threads)
+        assert str(info.value) == f"threads must be an integer in [1, 256], got {threads!r}"
 
 
 def test_default_bundle_loads():

@@ -207,6 +207,32 @@ def test_image_query_ranks_by_expected_log_likelihood(data):
     check_against_reference(matches, ranked, min(k, count), log_total(reference))
 
 
+@pytest.mark.parametrize("d", [3, 16])
+@pytest.mark.parametrize("k", [1, 10, 1500])
+@pytest.mark.parametrize("label", [None, 1])
+def test_catalog_large_enough_for_group_maxima(d, k, label):
+    """2,085 items: the top-k floor comes from maxima of groups of the scores, and the last
+    N mod 1024 items belong to no group; k = 1500 exceeds the number of groups."""
+    rng = np.random.default_rng(d)
+    n = 2 * 1024 + 37
+    mu = rng.standard_normal((n, d)).astype(np.float16)
+    log_sigma = rng.uniform(-3.0, 0.0, (n, d)).astype(np.float16)
+    labels = rng.integers(0, 3, n)
+    mu[-1] = mu[0]  # the best item of the first query lies in the tail, tied with row 0
+    log_sigma[-1] = log_sigma[0]
+    engine = LikelihoodSearch(mu, log_sigma, np.arange(n), labels)
+    z = np.concatenate((mu[[0]].astype(np.float64), rng.standard_normal((4, d))))
+    reference = log_likelihood_reference(z, mu, log_sigma)
+    ranked = reference if label is None else np.where(labels == label, reference, -np.inf)
+    count = engine.label_count(label)
+    matches = engine.search(z, k, label)
+    check_against_reference(matches, ranked, min(k, count), log_total(reference))
+    for row, query in enumerate(z):
+        single = engine.search(query, k, label)
+        np.testing.assert_array_equal(matches.rows[row], single.rows)
+        np.testing.assert_array_equal(matches.log_likelihoods[row], single.log_likelihoods)
+
+
 @pytest.mark.parametrize("batch", [1, 7, 64])
 def test_cancellation_with_tiny_sigma(batch):
     # a = e^20: the expanded form's terms a*mu^2 ~ 1e9 cancel to differences of ~1 in float32.

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -21,7 +22,14 @@ from PIL import Image
 
 from vae_edge.runtime.cli import main as run_main
 from vae_edge.runtime.images import to_uint8
-from vae_edge.runtime.server import MAX_BODY_BYTES, MAX_QUERY_CHARS, KioskApp, make_server
+from vae_edge.runtime.server import (
+    MAX_BODY_BYTES,
+    MAX_HEAD_BYTES,
+    MAX_QUERY_CHARS,
+    HostPolicy,
+    KioskApp,
+    make_server,
+)
 
 pytestmark = pytest.mark.slow  # needs the tiny trained bundle
 
@@ -30,9 +38,7 @@ Z = [0.5, -1.2, 0.0, 1.0, 2.0, -2.0, 0.1, 3.0]
 Z_TEXT = ",".join(str(v) for v in Z)
 
 
-@pytest.fixture(scope="module")
-def server(runtime):
-    srv = make_server(runtime, "127.0.0.1", 0)
+def serving(srv):
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
     yield srv
@@ -41,15 +47,31 @@ def server(runtime):
     thread.join(timeout=10)
 
 
+@pytest.fixture(scope="module")
+def server(runtime):
+    yield from serving(make_server(runtime, "127.0.0.1", 0))
+
+
+SHORT_TIMEOUT = 2.0
+
+
+@pytest.fixture(scope="module")
+def guarded(runtime):
+    """A server with a short read timeout and one extra host name the operator allowed."""
+    yield from serving(make_server(runtime, "127.0.0.1", 0, read_timeout=SHORT_TIMEOUT,
+                                   allow_hosts=["Kiosk.Local"]))
+
+
 def call(server, method, path, body=None, headers=None, connection=None):
-    """(status, headers, raw bytes); body: a dict is sent as JSON, bytes as they are."""
+    """(status, headers (case-insensitive), raw bytes); body: a dict is sent as JSON, bytes as
+    they are."""
     conn = connection or http.client.HTTPConnection(*server.server_address[:2], timeout=30)
     if isinstance(body, dict) or isinstance(body, list):
         body = json.dumps(body).encode()
     try:
         conn.request(method, path, body=body, headers=headers or {})
         response = conn.getresponse()
-        return response.status, dict(response.getheaders()), response.read()
+        return response.status, response.headers, response.read()
     finally:
         if connection is None:
             conn.close()
@@ -59,6 +81,38 @@ def call_json(server, method, path, body=None, **kwargs):
     status, headers, raw = call(server, method, path, body, **kwargs)
     assert headers["Content-Type"] == "application/json; charset=utf-8", raw[:200]
     return status, json.loads(raw)
+
+
+def exchange(server, data: bytes, timeout: float = 10.0) -> tuple[bytes, bool]:
+    """Raw bytes in, everything the server sends back: (reply, whether the server closed)."""
+    chunks = []
+    with socket.create_connection(server.server_address[:2], timeout=timeout) as sock:
+        sock.sendall(data)
+        try:
+            while True:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    return b"".join(chunks), True
+                chunks.append(chunk)
+        except socket.timeout:
+            return b"".join(chunks), False
+
+
+def answers(reply: bytes) -> list[tuple[int, dict]]:
+    """Each (status, JSON body) in a raw reply, in order; every one must be a whole answer."""
+    found = []
+    while reply:
+        head, separator, rest = reply.partition(b"\r\n\r\n")
+        assert separator, f"incomplete answer: {reply[:200]!r}"
+        lines = head.decode("latin-1").split("\r\n")
+        version, status, _ = lines[0].split(" ", 2)
+        assert version == "HTTP/1.1", lines[0]
+        fields = dict(line.lower().split(": ", 1) for line in lines[1:])
+        assert fields["content-type"] == "application/json; charset=utf-8", head
+        length = int(fields["content-length"])
+        found.append((int(status), json.loads(rest[:length])))
+        reply = rest[length:]
+    return found
 
 
 def pixels_of_png(data: bytes) -> np.ndarray:
@@ -235,17 +289,18 @@ def test_body_and_query_are_capped(server):
     assert status == 414
     assert payload == {"error": f"query string is {len(long_query)} characters, "
                                 f"at most {MAX_QUERY_CHARS} allowed"}
-    # Beyond http.server's own request-line limit the answer is still JSON.
-    status, payload = call_json(server, "GET", "/api/decode?z=" + "0" * 70000)
-    assert status == 414 and payload == {"error": "Request-URI Too Long"}
+    # A request line and headers past h11's buffer limit: still a JSON answer, and the end.
+    reply, closed = exchange(server, b"GET /api/decode?z=" + b"0" * (MAX_HEAD_BYTES + 1000))
+    assert closed and answers(reply) == [
+        (431, {"error": f"request line and headers exceed {MAX_HEAD_BYTES} bytes"})]
 
 
 def test_post_without_length_is_refused(server):
     with socket.create_connection(server.server_address[:2], timeout=30) as sock:
-        sock.sendall(b"POST /api/decode HTTP/1.1\r\nHost: x\r\n\r\n")
+        sock.sendall(b"POST /api/decode HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         reply = sock.makefile("rb").read()
     head, _, body = reply.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 411 ") and b"Connection: close" in head
+    assert head.startswith(b"HTTP/1.1 411 ") and b"connection: close" in head
     assert json.loads(body) == {"error": "POST needs a Content-Length header"}
 
 
@@ -324,6 +379,217 @@ def test_concurrent_requests_get_their_own_answers(server, runtime):
     assert failures == []
 
 
+HOST = b"Host: 127.0.0.1\r\n"
+NEXT = b"GET /api/info HTTP/1.1\r\n" + HOST + b"\r\n"  # what a smuggled request would be
+
+
+@pytest.mark.parametrize(
+    "framing, message",
+    [
+        (b"Content-Length: \xb2\r\n", "malformed request: bad Content-Length"),
+        (b"Content-Length: " + b"1" * 5002 + b"\r\n", "malformed request: bad Content-Length"),
+        (b"Content-Length: 2\r\nContent-Length: 40\r\n",
+         "malformed request: conflicting Content-Length headers"),
+        (b"Content-Length: 40\r\nTransfer-Encoding: chunked\r\n",
+         "both Content-Length and Transfer-Encoding given: the body's length is ambiguous"),
+    ],
+)
+def test_ambiguous_framing_is_refused_and_the_connection_closed(server, framing, message):
+    """The request after the refused one is never answered: nothing can be smuggled."""
+    body = b"2\r\n{}\r\n0\r\n\r\n"
+    reply, closed = exchange(server, b"POST /api/decode HTTP/1.1\r\n" + HOST + framing +
+                             b"\r\n" + body + NEXT)
+    assert closed and answers(reply) == [(400, {"error": message})]
+
+
+@pytest.mark.parametrize(
+    "request_line, message",
+    [
+        (b"GARBAGE", "malformed request: illegal request line"),
+        (b"GET / HTTP/2.0", "HTTP/2.0 is not supported: send HTTP/1.1"),
+        (b"GET /", "malformed request: illegal request line"),
+        (b"GET / HTTP/1.1 extra", "malformed request: illegal request line"),
+        (b"GET / HTTP/1.1\r\nno colon here", "malformed request: illegal header line"),
+        (b"GET / HTTP/1.1\r\n" + HOST[:-2], "malformed request: Found multiple Host: headers"),
+        (b"POST /api/nearest HTTP/1.1\r\nOrigin: http://a\r\nOrigin: http://a",
+         "header given more than once: origin"),
+    ],
+)
+def test_malformed_request_lines_get_a_400_status_line(server, request_line, message):
+    reply, closed = exchange(server, request_line + b"\r\n" + HOST + b"\r\n" + NEXT)
+    assert closed and answers(reply) == [(400, {"error": message})]
+
+
+def test_the_same_content_length_twice_counts_once(server):
+    body = json.dumps({"z": Z, "k": 1}).encode()
+    length = b"Content-Length: %d\r\n" % len(body)
+    reply, _ = exchange(server, b"POST /api/nearest HTTP/1.1\r\n" + HOST + length + length +
+                        b"Connection: close\r\n\r\n" + body)
+    [(status, payload)] = answers(reply)
+    assert status == 200 and payload["k"] == 1
+
+
+@pytest.mark.parametrize(
+    "head, status",
+    [
+        (b"POST /api/nearest HTTP/1.1\r\n" + HOST + b"Origin: https://evil.example\r\n", 403),
+        (b"POST /api/info HTTP/1.1\r\n" + HOST, 405),
+        (b"POST /api/nearest HTTP/1.1\r\n" + HOST.replace(b"127.0.0.1", b"evil.example"), 403),
+        (b"PUT /api/nearest HTTP/1.1\r\n" + HOST, 501),
+    ],
+)
+def test_a_refusal_before_the_body_closes_the_connection(server, head, status):
+    """The unread body is never taken for the next request."""
+    body = b"x" * 20
+    reply, closed = exchange(server, head + b"Content-Length: %d\r\n\r\n" % (len(body) +
+                                                                           len(NEXT)) + body + NEXT)
+    assert closed and [answer[0] for answer in answers(reply)] == [status]
+
+
+def test_a_body_over_the_cap_is_refused_before_it_is_read(server):
+    reply, closed = exchange(server, b"POST /api/nearest HTTP/1.1\r\n" + HOST +
+                             b"Content-Length: %d\r\n\r\n" % (MAX_BODY_BYTES + 1) + NEXT)
+    assert closed and answers(reply) == [
+        (413, {"error": f"request body is {MAX_BODY_BYTES + 1} bytes, "
+                        f"at most {MAX_BODY_BYTES} allowed"})]
+
+
+def test_slow_clients_leave_the_server_answering(server):
+    """45 clients each sending a header byte every 2 s; others are answered within 1 s."""
+    head = b"GET /api/info HTTP/1.1\r\n" + HOST + b"X-Slow: "
+    slow = [socket.create_connection(server.server_address[:2], timeout=5) for _ in range(45)]
+    try:
+        delays = []
+        for step in range(3):
+            for sock in slow:
+                sock.sendall(head[step:step + 1])
+            started = time.monotonic()
+            status, _, _ = call(server, "GET", "/api/info")
+            delays.append(time.monotonic() - started)
+            assert status == 200
+            time.sleep(2.0)
+        assert max(delays) < 1.0, delays
+    finally:
+        for sock in slow:
+            sock.close()
+
+
+def test_a_trickled_request_is_cut_off_at_the_read_timeout(guarded):
+    """The timeout bounds the whole request, not each read: a byte every 0.25 s still ends."""
+    head = b"GET /api/info HTTP/1.1\r\n" + HOST + b"X-Slow: " + b"a" * 200
+    with socket.create_connection(guarded.server_address[:2], timeout=5) as sock:
+        started = time.monotonic()
+        for byte in head[:int(SHORT_TIMEOUT / 0.25) - 1]:  # stop sending before the deadline
+            sock.sendall(bytes([byte]))
+            time.sleep(0.25)
+        reply = sock.recv(65536)
+        elapsed = time.monotonic() - started
+        assert sock.recv(1) == b""  # and the connection is closed
+    assert answers(reply) == [(408, {"error": f"request not received within {SHORT_TIMEOUT:g} s"})]
+    assert SHORT_TIMEOUT - 0.1 < elapsed < SHORT_TIMEOUT + 1.5, elapsed
+
+
+def test_a_connection_that_sends_nothing_is_closed_without_an_answer(guarded):
+    with socket.create_connection(guarded.server_address[:2], timeout=5) as sock:
+        started = time.monotonic()
+        assert sock.recv(65536) == b""
+        assert time.monotonic() - started < SHORT_TIMEOUT + 1.5
+
+
+def test_a_stalled_body_is_a_408_without_traceback(guarded, capsys, caplog):
+    started = time.monotonic()
+    reply, closed = exchange(guarded, b"POST /api/decode HTTP/1.1\r\n" + HOST +
+                             b"Content-Length: 100\r\n\r\n" + b"0123456789")
+    assert closed and answers(reply) == [
+        (408, {"error": f"request not received within {SHORT_TIMEOUT:g} s"})]
+    assert time.monotonic() - started < SHORT_TIMEOUT + 1.5
+    assert "Traceback" not in capsys.readouterr().err
+    assert not [record for record in caplog.records if record.exc_info]
+
+
+def test_a_client_gone_mid_body_logs_no_traceback(server, runtime, capsys, caplog):
+    with socket.create_connection(server.server_address[:2], timeout=5) as sock:
+        sock.sendall(b"POST /api/nearest HTTP/1.1\r\n" + HOST +
+                     b"Content-Length: 100\r\n\r\n" + b'{"z": [0, ')
+        time.sleep(0.2)
+    time.sleep(0.3)
+    status, payload = call_json(server, "POST", "/api/nearest", {"z": Z, "k": 1})
+    assert status == 200 and payload["results"][0]["id"] == runtime.nearest(np.array(Z), k=1).ids[0]
+    assert "Traceback" not in capsys.readouterr().err
+    assert not [record for record in caplog.records if record.exc_info]
+
+
+@pytest.mark.parametrize(
+    "host, allowed",
+    [
+        ("127.0.0.1:{port}", True),
+        ("localhost:{port}", True),
+        ("kiosk.local", True),  # listed by the operator (allow_hosts), in any case, any port
+        ("KIOSK.LOCAL:8080", True),
+        ("rebind.attacker.example", False),
+        ("rebind.attacker.example:{port}", False),
+        ("kiosk.local.attacker.example", False),
+        ("127.0.0.2:{port}", False),  # an address, but not the one it listens on
+    ],
+)
+def test_host_must_be_a_name_the_server_answers_to(guarded, host, allowed):
+    host = host.format(port=guarded.server_address[1])
+    reply, closed = exchange(guarded, f"GET /api/info HTTP/1.1\r\nHost: {host}\r\n"
+                                      "Connection: close\r\n\r\n".encode())
+    [(status, payload)] = answers(reply)
+    if allowed:
+        assert status == 200 and payload["latent_dim"] == D
+    else:
+        assert (status, payload) == (403, {"error": f"this kiosk does not serve host {host!r} "
+                                                    "(the operator can add names with "
+                                                    "--allow-host)"})
+
+
+def test_listening_on_every_address_answers_any_address_but_no_other_name():
+    everywhere = HostPolicy("0.0.0.0", "0.0.0.0", ["kiosk.local"])
+    assert everywhere.allows("192.168.1.20:8000") and everywhere.allows("[fe80::1]:8000")
+    assert everywhere.allows("localhost") and everywhere.allows("kiosk.local:8000")
+    assert not everywhere.allows("rebind.attacker.example")
+    assert not everywhere.allows("192.168.1.20.attacker.example")
+
+
+def test_a_request_without_host_is_refused(server):
+    reply, closed = exchange(server, b"GET /api/info HTTP/1.0\r\n\r\n")
+    assert closed and answers(reply) == [(400, {"error": "a Host header is required"})]
+
+
+@pytest.mark.parametrize(
+    "headers, refusal",
+    [
+        ({"Origin": "https://evil.example"}, "Origin: https://evil.example"),
+        ({"Origin": "null"}, "Origin: null"),
+        ({"Origin": "http://localhost:{port}"}, "Origin: http://localhost:{port}"),
+        ({"Sec-Fetch-Site": "cross-site"}, "Sec-Fetch-Site: cross-site"),
+        ({"Sec-Fetch-Site": "same-site", "Origin": "http://127.0.0.1:{port}"},
+         "Sec-Fetch-Site: same-site"),
+        ({"Origin": "http://127.0.0.1:{port}", "Sec-Fetch-Site": "same-origin"}, None),
+        ({}, None),  # not a browser: nothing to tell, and nothing a browser page could forge
+    ],
+)
+def test_cross_site_posts_are_refused(server, headers, refusal):
+    port = server.server_address[1]
+    headers = {name: value.format(port=port) for name, value in headers.items()}
+    status, payload = call_json(server, "POST", "/api/nearest", {"z": Z, "k": 1},
+                                headers=headers)
+    if refusal is None:
+        assert status == 200 and payload["k"] == 1
+    else:
+        refusal = refusal.format(port=port)
+        assert (status, payload) == (403, {"error": f"cross-site request refused ({refusal})"})
+
+
+def test_cross_site_reads_are_answered(server):
+    """A GET changes nothing; the browser keeps its answer from the other site (no CORS)."""
+    status, headers, _ = call(server, "GET", "/api/info",
+                              headers={"Origin": "https://evil.example"})
+    assert status == 200 and "Access-Control-Allow-Origin" not in headers
+
+
 def test_app_rejects_bad_settings(runtime):
     with pytest.raises(ValueError, match=r"^range must be a number in \(0, 100\], got 0$"):
         KioskApp(runtime, z_range=0)
@@ -346,8 +612,14 @@ def test_serve_cli_errors(tiny_bundle):
     assert result.exit_code == 2 and "Invalid value for '--range'" in result.output
     result = CliRunner().invoke(run_main, ["serve", "--bundle", str(tiny_bundle), "-k", "0"])
     assert result.exit_code == 2 and "Invalid value for '-k'" in result.output
+    result = CliRunner().invoke(run_main, ["serve", "--bundle", str(tiny_bundle),
+                                           "--allow-host", "kiosk.local:80"])
+    assert result.exit_code == 2
+    assert ("Error: allowed host must be a host name or IP address without port, "
+            "got 'kiosk.local:80'") in result.output
 
 
+SERVE = "from vae_edge.runtime.cli import main; main()"
 BLOCK_TORCH = textwrap.dedent(
     """
     import importlib.abc, sys
@@ -364,19 +636,27 @@ BLOCK_TORCH = textwrap.dedent(
 )
 
 
+def start_serve(args, cwd, code=SERVE):
+    """`vae-run serve` in its own session: signals reach it only from the test, and how the
+    shell started pytest (a background job ignores SIGINT) does not matter."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", code, "serve", "--port", "0", *args], stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, cwd=cwd, start_new_session=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    line = process.stdout.readline()
+    if not line.startswith("kiosk on http://127.0.0.1:"):
+        process.kill()
+        pytest.fail(f"vae-run serve did not start: {line}{process.communicate(timeout=30)[1]}")
+    return process, line, int(line.split("http://127.0.0.1:")[1].split("/")[0])
+
+
 def test_vae_run_serve_without_torch(tiny_bundle, tmp_path):
     """The real command in its own process, torch unimportable; Ctrl+C stops it cleanly."""
-    process = subprocess.Popen(
-        [sys.executable, "-c", BLOCK_TORCH, "serve", "--bundle", str(tiny_bundle),
-         "--port", "0", "--range", "5", "-k", "3"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    process, line, port = start_serve(["--bundle", str(tiny_bundle), "--range", "5", "-k", "3"],
+                                      tmp_path, code=BLOCK_TORCH)
     try:
-        line = process.stdout.readline()
-        assert line.startswith("kiosk on http://127.0.0.1:"), process.stderr.read()
         assert "(latent dim 8, 5000 catalog items)" in line
-        host, port = line.split("http://")[1].split("/")[0].split(":")
-        conn = http.client.HTTPConnection(host, int(port), timeout=30)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
         conn.request("GET", "/api/info")
         info = json.loads(conn.getresponse().read())
         conn.close()
@@ -388,4 +668,34 @@ def test_vae_run_serve_without_torch(tiny_bundle, tmp_path):
             process.kill()
             process.wait()
     assert process.returncode == 0, err
-    assert "stopped" in err and "Traceback" not in err
+    assert err == "stopped (SIGINT)\n"
+
+
+def test_sigterm_finishes_the_request_in_flight(tiny_bundle, tmp_path):
+    """SIGTERM while a request's body is half sent: it is answered, then the server exits 0."""
+    process, _, port = start_serve(["--bundle", str(tiny_bundle), "--allow-host", "kiosk.local"],
+                                   tmp_path)
+    try:
+        body = json.dumps({"z": Z, "k": 2}).encode()
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            sock.sendall(b"POST /api/nearest HTTP/1.1\r\nHost: kiosk.local\r\n"
+                         b"Content-Length: %d\r\n\r\n" % len(body) + body[:10])
+            time.sleep(0.5)
+            process.send_signal(signal.SIGTERM)
+            time.sleep(1.0)
+            assert process.poll() is None  # still waiting for the rest of the body
+            with pytest.raises(ConnectionRefusedError):  # but no longer accepting connections
+                socket.create_connection(("127.0.0.1", port), timeout=5).close()
+            sock.sendall(body[10:])
+            reply = b""
+            while chunk := sock.recv(65536):  # until the server closes the connection
+                reply += chunk
+        out, err = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    [(status, payload)] = answers(reply)
+    assert status == 200 and [r["rank"] for r in payload["results"]] == [1, 2]
+    assert process.returncode == 0, err
+    assert err == "stopped (SIGTERM)\n"

@@ -1,4 +1,6 @@
 import json
+import os
+import re
 
 import numpy as np
 import pytest
@@ -80,6 +82,37 @@ def test_bad_checkpoint_is_a_clear_error(tmp_path):
         load_checkpoint(path)
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         load_checkpoint(tmp_path / "missing.pt")
+
+
+class RunsCode:
+    """Pickles as a call to os.system: what a hostile checkpoint carries."""
+
+    def __init__(self, sentinel):
+        self.sentinel = sentinel
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.sentinel}",)
+
+
+def test_checkpoint_carrying_code_is_refused_in_one_line(tmp_path):
+    from click.testing import CliRunner
+
+    from vae_edge.export.cli import main as export_main
+
+    path, sentinel = tmp_path / "checkpoint.pt", tmp_path / "pwned"
+    torch.save({"config": RunsCode(sentinel), "model": {}}, path)
+    with pytest.raises(ValueError) as info:
+        load_checkpoint(path)
+    message = str(info.value)
+    assert re.fullmatch(
+        f"{re.escape(str(path))}: not a readable vae-edge checkpoint: it holds a pickled "
+        r"Python object \((posix|nt)\.system\) besides tensors and plain data; refused, "
+        "unpickling it could run code", message), message
+    result = CliRunner().invoke(export_main, [str(path), "-o", str(tmp_path / "bundle")])
+    assert result.exit_code == 2
+    assert result.output == f"Error: {message}\n"  # one line, and no advice to unpickle it
+    assert "weights_only" not in result.output
+    assert not sentinel.exists()
 
 
 def test_kl_warmup():

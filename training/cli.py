@@ -7,13 +7,10 @@ from pathlib import Path
 
 import click
 
+from ..runtime.cli import CliError, library_errors
 from .data import download
 from .model import VAEConfig
 from .train import TrainConfig, train
-
-
-class CliError(click.ClickException):
-    exit_code = 2
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -66,7 +63,7 @@ def main(out_dir, latent_dim, channels, hidden_dim, epochs, batch_size, lr, lr_s
         widths = tuple(int(c) for c in channels.split(","))
     except ValueError:
         raise CliError(f"--channels must be comma-separated integers, got {channels!r}") from None
-    try:
+    with library_errors():
         model_config = VAEConfig(latent_dim=latent_dim, channels=widths, hidden_dim=hidden_dim,
                                  num_classes=10 if label_weight > 0 else 0)
         config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, beta=beta,
@@ -78,7 +75,5 @@ def main(out_dir, latent_dim, channels, hidden_dim, epochs, batch_size, lr, lr_s
         show = sys.stderr.isatty() if progress is None else progress
         checkpoint = train(model_config, config, out_dir, data_dir=data_dir, resume=resume,
                            progress=show, log=click.echo)
-    except (ValueError, FileNotFoundError, FileExistsError, OSError) as exc:
-        raise CliError(str(exc)) from None
     last = checkpoint["history"][-1]
     click.echo(f"done: {out_dir / 'checkpoint.pt'} (test loss {last['test_loss']:.2f} nats/image)")

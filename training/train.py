@@ -10,6 +10,7 @@ import json
 import math
 import os
 import platform
+import re
 import tempfile
 import time
 from dataclasses import asdict, dataclass, fields
@@ -138,6 +139,25 @@ def write_metrics(history: list[dict], path: Path) -> None:
     fsync_path(path.parent)
 
 
+def _load_failure(exc: Exception) -> str:
+    """One line on why torch.load(weights_only=True) failed.
+
+    torch's own text for a file holding pickled objects advises loading it with
+    weights_only=False, which would run whatever code the file carries: that advice is
+    never passed on, only what was refused.
+    """
+    message = str(exc)
+    if "weights_only" not in message:
+        return " ".join(message.split())
+    blocked = re.search(r"GLOBAL ([\w.]+)", message)
+    if blocked:
+        return (f"it holds a pickled Python object ({blocked.group(1)}) besides tensors and "
+                "plain data; refused, unpickling it could run code")
+    detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", message)
+    return "PyTorch's weights-only reader refuses it" + (
+        f" ({detail.group(1).strip()})" if detail else "")
+
+
 def load_checkpoint(path: str | Path) -> dict:
     """Load a checkpoint safely (weights_only: no pickle code runs) and check its keys."""
     path = Path(path)
@@ -146,7 +166,8 @@ def load_checkpoint(path: str | Path) -> dict:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError...
-        raise ValueError(f"{path}: not a readable vae-edge checkpoint ({exc})") from None
+        raise ValueError(f"{path}: not a readable vae-edge checkpoint: {_load_failure(exc)}"
+                         ) from None
     missing = {"config", "model", "train_config", "epoch", "history"} - set(checkpoint)
     if missing:
         raise ValueError(f"{path}: checkpoint lacks keys {sorted(missing)}")
