@@ -27,7 +27,7 @@ import torch
 
 from vae_edge.export.build import recover_interrupted_export
 from vae_edge.runtime import Runtime
-from vae_edge.training.atomic import stale_temporaries
+from vae_edge.runtime.atomic import stale_temporaries
 from vae_edge.training.data import FILES, IMAGE_MAGIC, IdxFile, download, load_split
 from vae_edge.training.train import load_checkpoint
 

@@ -38,9 +38,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..runtime.atomic import replace_directory
 from ..runtime.core import Runtime
 from ..runtime.search import LOG_2PI, top_k_rows
-from .atomic import replace_directory
 from .data import Split, load_split
 
 REPORT_NAME = "report.json"
