@@ -23,10 +23,10 @@ def splits(data_dir):
 
 @pytest.fixture(scope="module")
 def report_dir(tmp_path_factory, tiny_bundle, tiny_run, splits):
-    from vae_edge.training.evaluate import EvalConfig, evaluate
+    from vae_edge.evaluation.report import EvalConfig, evaluate_bundle
 
     out = tmp_path_factory.mktemp("eval") / "report"
-    evaluate(tiny_bundle, out, checkpoint=tiny_run[0] / "checkpoint.pt",
+    evaluate_bundle(tiny_bundle, out, checkpoint=tiny_run[0] / "checkpoint.pt",
              config=EvalConfig(test_limit=TEST_LIMIT, is_images=40, is_samples=100,
                                slider_queries=SLIDER_QUERIES, slider_range=4.0),
              log=None, catalog_split=splits[0], test_split=splits[1])
@@ -66,7 +66,7 @@ def test_report_contents(report, tiny_run):
 
 def test_slider_scenario_by_hand(report, runtime, splits):
     """Each figure recomputed from the runtime, the catalog images and np.corrcoef."""
-    from vae_edge.training.evaluate import slider_queries
+    from vae_edge.evaluation.report import slider_queries
 
     section = report["slider_scenario"]
     assert (section["queries_per_source"], section["range"]) == (SLIDER_QUERIES, 4.0)
@@ -104,8 +104,8 @@ def test_pictures_written(report_dir, report):
 
 def test_retrieval_matches_brute_force(report, tiny_bundle, splits):
     """Recompute all three retrievals for the queries from scratch and compare the figures."""
+    from vae_edge.evaluation.report import label_metrics
     from vae_edge.runtime import Runtime
-    from vae_edge.training.evaluate import label_metrics
 
     rt = Runtime.load(tiny_bundle)
     train, test = splits
@@ -140,7 +140,7 @@ def test_retrieval_matches_brute_force(report, tiny_bundle, splits):
 
 
 def test_label_metrics_by_hand():
-    from vae_edge.training.evaluate import label_metrics
+    from vae_edge.evaluation.report import label_metrics
 
     neighbours = np.array([[1, 2, 2, 1, 0, 0, 0, 0, 0, 0],  # 5-vote: 1 and 2 tie -> 1 ranks first
                            [3, 3, 3, 3, 3, 3, 3, 3, 3, 3]])
@@ -152,8 +152,8 @@ def test_label_metrics_by_hand():
 
 def test_onnx_backend_agrees_with_pytorch(tiny_bundle, tiny_run, splits):
     """Without a checkpoint the likelihoods come from decoder.onnx: the same up to float32."""
+    from vae_edge.evaluation.report import _OnnxDecoder, _TorchDecoder, importance_sampled
     from vae_edge.runtime import Runtime
-    from vae_edge.training.evaluate import _OnnxDecoder, _TorchDecoder, importance_sampled
     from vae_edge.training.train import load_checkpoint
 
     rt = Runtime.load(tiny_bundle)
@@ -168,7 +168,7 @@ def test_onnx_backend_agrees_with_pytorch(tiny_bundle, tiny_run, splits):
 
 
 def test_wrong_checkpoint_is_refused(tiny_bundle, tmp_path, splits, data_dir):
-    from vae_edge.training.evaluate import EvalConfig, evaluate
+    from vae_edge.evaluation.report import EvalConfig, evaluate_bundle
     from vae_edge.training.model import VAEConfig
     from vae_edge.training.train import TrainConfig, train
 
@@ -177,14 +177,14 @@ def test_wrong_checkpoint_is_refused(tiny_bundle, tmp_path, splits, data_dir):
           TrainConfig(epochs=1, batch_size=64, subset=200, test_subset=50, seed=1), other,
           data_dir=data_dir, progress=False, log=lambda message: None)
     with pytest.raises(ValueError, match="is not the model of bundle"):
-        evaluate(tiny_bundle, tmp_path / "report", checkpoint=other / "checkpoint.pt",
+        evaluate_bundle(tiny_bundle, tmp_path / "report", checkpoint=other / "checkpoint.pt",
                  config=EvalConfig(test_limit=7, is_images=1, is_samples=2, pictures=False),
                  log=None, catalog_split=splits[0], test_split=splits[1])
     assert not (tmp_path / "report").exists()
 
 
 def test_config_validation():
-    from vae_edge.training.evaluate import EvalConfig
+    from vae_edge.evaluation.report import EvalConfig
 
     with pytest.raises(ValueError, match="test_limit must be None or >= 1, got 0"):
         EvalConfig(test_limit=0)
@@ -193,7 +193,7 @@ def test_config_validation():
 
 
 def test_cli_without_checkpoint(tiny_bundle, tmp_path):
-    from vae_edge.training.eval_cli import main
+    from vae_edge.evaluation.cli import main
 
     out = tmp_path / "report"
     args = [str(tiny_bundle), "--out", str(out), "--test-limit", "64", "--is-images", "7",
@@ -212,7 +212,7 @@ def test_cli_without_checkpoint(tiny_bundle, tmp_path):
 
 
 def test_cli_errors(tmp_path):
-    from vae_edge.training.eval_cli import main
+    from vae_edge.evaluation.cli import main
 
     missing = tmp_path / "nope"
     result = CliRunner().invoke(main, [str(missing), "--out", str(tmp_path / "r")])
@@ -225,7 +225,7 @@ def test_cli_errors(tmp_path):
 
 def test_numpy_search_ranks_like_the_runtime(runtime, splits):
     """The eval's fast `numpy` engine returns rt.nearest's rows (same scores, other arithmetic)."""
-    from vae_edge.training.evaluate import expected_log_likelihood_neighbours
+    from vae_edge.evaluation.report import expected_log_likelihood_neighbours
 
     mu, _ = runtime.encode(splits[1].images[:64])
     fast = expected_log_likelihood_neighbours(mu, None, runtime.index.mu,

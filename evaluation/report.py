@@ -40,8 +40,8 @@ import numpy as np
 
 from ..runtime.core import Runtime
 from ..runtime.search import LOG_2PI, top_k_rows
-from .atomic import replace_directory
-from .data import Split, load_split
+from ..training.atomic import replace_directory
+from ..training.data import Split, load_split
 
 REPORT_NAME = "report.json"
 PICTURES_DIR = "pictures"
@@ -255,7 +255,7 @@ class _TorchDecoder:
     name = "pytorch-checkpoint"
 
     def __init__(self, checkpoint: dict):
-        from .train import model_from_checkpoint
+        from ..training.train import model_from_checkpoint
 
         self.model = model_from_checkpoint(checkpoint)
 
@@ -339,7 +339,7 @@ def check_checkpoint_matches(checkpoint: dict, rt: Runtime, images: np.ndarray,
     """The checkpoint's encoder must give the bundle's index (float16) for its first items."""
     import torch
 
-    from .train import model_from_checkpoint, to_tensor
+    from ..training.train import model_from_checkpoint, to_tensor
 
     config = rt.manifest.get("model_config")
     if config is not None and checkpoint["config"] != config:
@@ -372,7 +372,7 @@ def _catalog_split(rt: Runtime, data_dir, catalog_split: Split | None) -> tuple[
 # ----------------------------------------------------------------------------- main entry
 
 
-def evaluate(
+def evaluate_bundle(
     bundle: str | Path,
     out_dir: str | Path,
     checkpoint: str | Path | None = None,
@@ -392,7 +392,7 @@ def evaluate(
     rt = Runtime.load(bundle, threads=config.threads)
     ckpt = None
     if checkpoint is not None:
-        from .train import load_checkpoint
+        from ..training.train import load_checkpoint
 
         ckpt = load_checkpoint(checkpoint)
     catalog_name, catalog = _catalog_split(rt, data_dir, catalog_split)
@@ -513,11 +513,11 @@ def evaluate(
     try:
         if config.pictures:
             _log(log, "pictures")
-            from . import eval_pictures
+            from . import pictures as drawing
 
             pictures = tmp / PICTURES_DIR
             pictures.mkdir()
-            report["pictures"] = eval_pictures.draw_all(
+            report["pictures"] = drawing.draw_all(
                 pictures, rt=rt, history=None if ckpt is None else ckpt["history"],
                 test_images=images, test_labels=labels, rows=rows_lik,
                 pixel_rows=rows_pix, catalog_images=catalog_images, variances=variances,

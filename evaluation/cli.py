@@ -1,4 +1,4 @@
-"""`vae-eval`: a thin click layer over vae_edge.training.evaluate.evaluate."""
+"""`vae-eval`: a thin click layer over vae_edge.evaluation.report.evaluate_bundle."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .evaluate import EvalConfig, evaluate
+from .report import EvalConfig, evaluate_bundle
 
 
 class CliError(click.ClickException):
@@ -68,7 +68,7 @@ def main(bundle, out_dir, checkpoint, test_limit, is_images, is_samples, seed, t
                             is_samples=is_samples, seed=seed, threads=threads, search=search,
                             baseline=baseline, slider_queries=slider_queries,
                             slider_range=slider_range, pictures=pictures)
-        evaluate(bundle, out_dir, checkpoint=checkpoint, config=config, data_dir=data_dir,
+        evaluate_bundle(bundle, out_dir, checkpoint=checkpoint, config=config, data_dir=data_dir,
                  force=force, log=click.echo)
     except ImportError as exc:
         raise CliError(f"{exc}; install the train extra: pip install 'vae-edge[train]'") from None
