@@ -152,7 +152,7 @@ def test_label_metrics_by_hand():
 
 def test_onnx_backend_agrees_with_pytorch(tiny_bundle, tiny_run, splits):
     """Without a checkpoint the likelihoods come from decoder.onnx: the same up to float32."""
-    from vae_edge.evaluation.report import _OnnxDecoder, _TorchDecoder, importance_sampled
+    from vae_edge.evaluation.report import OnnxDecoder, TorchDecoder, importance_sampled
     from vae_edge.runtime import Runtime
     from vae_edge.training.train import load_checkpoint
 
@@ -162,7 +162,7 @@ def test_onnx_backend_agrees_with_pytorch(tiny_bundle, tiny_run, splits):
     mu, log_sigma = rt.encode(images)
     checkpoint = load_checkpoint(tiny_run[0] / "checkpoint.pt")
     results = [importance_sampled(decoder, x, mu, log_sigma, samples=100, seed=3)
-               for decoder in (_TorchDecoder(checkpoint), _OnnxDecoder(rt))]
+               for decoder in (TorchDecoder(checkpoint), OnnxDecoder(rt))]
     np.testing.assert_allclose(results[0]["log_px"], results[1]["log_px"], rtol=1e-4)
     np.testing.assert_allclose(results[0]["recon"], results[1]["recon"], rtol=1e-4)
 
@@ -221,13 +221,3 @@ def test_cli_errors(tmp_path):
     result = CliRunner().invoke(main, ["--out", str(tmp_path / "r"), "--is-samples", "0"])
     assert result.exit_code == 2
     assert "Invalid value for '--is-samples'" in result.output
-
-
-def test_numpy_search_ranks_like_the_runtime(runtime, splits):
-    """The eval's fast `numpy` engine returns rt.nearest's rows (same scores, other arithmetic)."""
-    from vae_edge.evaluation.report import expected_log_likelihood_neighbours
-
-    mu, _ = runtime.encode(splits[1].images[:64])
-    fast = expected_log_likelihood_neighbours(mu, None, runtime.index.mu,
-                                              runtime.index.log_sigma, 10, batch=7)
-    np.testing.assert_array_equal(fast, runtime.nearest(mu, k=10).rows)
