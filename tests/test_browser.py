@@ -22,8 +22,6 @@ from PIL import Image
 from vae_edge.runtime.images import to_uint8
 from vae_edge.runtime.server import make_server
 
-pytestmark = pytest.mark.slow  # needs the tiny trained bundle
-
 CHROMIUM = Path(os.environ.get("KIOSK_CHROMIUM", "/usr/bin/chromium"))
 # Without the background-networking flags Chromium keeps dialing Google from a closed network.
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
