@@ -6,11 +6,8 @@ from pathlib import Path
 
 import click
 
+from ..runtime.cli import CliError, library_errors
 from .report import EvalConfig, evaluate_bundle
-
-
-class CliError(click.ClickException):
-    exit_code = 2
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -60,13 +57,12 @@ def main(bundle, out_dir, checkpoint, test_limit, is_images, is_samples, seed, t
     and OUT/pictures/*.png; the full test set takes a few minutes on 2 cores.
     """
     try:
-        config = EvalConfig(test_limit=test_limit, is_images=is_images or None,
-                            is_samples=is_samples, seed=seed, threads=threads,
-                            baseline=baseline, slider_queries=slider_queries,
-                            slider_range=slider_range, pictures=pictures)
-        evaluate_bundle(bundle, out_dir, checkpoint=checkpoint, config=config, data_dir=data_dir,
-                 force=force, log=click.echo)
+        with library_errors():
+            config = EvalConfig(test_limit=test_limit, is_images=is_images or None,
+                                is_samples=is_samples, seed=seed, threads=threads,
+                                baseline=baseline, slider_queries=slider_queries,
+                                slider_range=slider_range, pictures=pictures)
+            evaluate_bundle(bundle, out_dir, checkpoint=checkpoint, config=config,
+                            data_dir=data_dir, force=force, log=click.echo)
     except ImportError as exc:
         raise CliError(f"{exc}; install the train extra: pip install 'vae-edge[train]'") from None
-    except (ValueError, FileNotFoundError, FileExistsError, OSError) as exc:
-        raise CliError(str(exc)) from None
