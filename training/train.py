@@ -91,7 +91,7 @@ def lr_at(config: TrainConfig, epoch: int) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: VAE, images: torch.Tensor, batch_size: int = 1000) -> dict:
+def mean_loss_parts_at_mu(model: VAE, images: torch.Tensor, batch_size: int = 1000) -> dict:
     """Mean per-image loss parts in nats, encoding with mu (no sampling)."""
     model.eval()
     recon_sum = kl_sum = sq_err = 0.0
@@ -247,7 +247,7 @@ def train(
             sums["kl"] += kl.sum().item()
             bar.set_postfix(loss=f"{loss.item():.1f}")
         bar.close()
-        test = evaluate(model, x_test)
+        test = mean_loss_parts_at_mu(model, x_test)
         row = {
             "epoch": epoch + 1,
             "beta": beta,
