@@ -4,26 +4,22 @@ from __future__ import annotations
 
 import datetime
 import platform
-import shutil
-import tempfile
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..runtime.atomic import (
+    atomic_directory,
+    remove_stale_temporaries,
+    stale_temporaries,
+)
 from ..runtime.bundle import (
     MODEL_FILES,
     new_manifest,
     write_index,
     write_manifest,
-)
-from ..training.atomic import (
-    fsync_tree,
-    remove_stale_temporaries,
-    replace_directory,
-    stale_temporaries,
-    temp_prefix,
 )
 from ..training.data import CLASS_NAMES, Split, load_split
 from ..training.model import VAE
@@ -88,11 +84,7 @@ def build_bundle(
         raise ValueError(f"limit must be >= 1, got {limit}")
     checkpoint = load_checkpoint(checkpoint_path)
     vae = model_from_checkpoint(checkpoint)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(out_dir), suffix=".partial",
-                                dir=out_dir.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; a bundle is meant to be shared
-    try:
+    with atomic_directory(out_dir) as tmp:
         log("exporting encoder.onnx and decoder.onnx")
         encoder_path = export_encoder(vae, tmp / MODEL_FILES["encoder"])
         decoder_path = export_decoder(vae, tmp / MODEL_FILES["decoder"])
@@ -142,11 +134,6 @@ def build_bundle(
         from ..runtime.core import Runtime
 
         Runtime.load(tmp)  # the runtime must accept what we wrote
-        fsync_tree(tmp)  # on disk before the rename makes it the bundle
-        replace_directory(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log(f"wrote {out_dir}")
     return out_dir
 

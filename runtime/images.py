@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import struct
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from .atomic import atomic_file
 
 # Pillow can parse dozens of formats; a kiosk needs a few, and every parser left out is
 # one less that untrusted bytes can reach.
@@ -90,18 +90,9 @@ def save_png(path: str | Path, image: np.ndarray) -> Path:
 
 
 def _atomic_save(picture, path: Path) -> Path:
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"output directory does not exist: {path.parent}")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            picture.save(handle, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as handle:
+        picture.save(handle, format="PNG")
     return path
-
 
 def save_sheet(path: str | Path, query: np.ndarray, items: np.ndarray, captions: list[str],
                title: str) -> Path:

@@ -10,8 +10,6 @@ from vae_edge.runtime.cli import SHEET_MAX_ITEMS
 from vae_edge.runtime.cli import main as run_main
 from vae_edge.training.cli import main as train_main
 
-pytestmark = pytest.mark.slow  # needs the tiny trained bundle
-
 Z8 = "0.5,-1.2,0,1,2,-2,0.1,3"
 
 

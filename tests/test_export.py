@@ -15,8 +15,6 @@ from vae_edge.runtime.bundle import sha256_file
 from vae_edge.training.data import load_split
 from vae_edge.training.train import model_from_checkpoint, to_tensor
 
-pytestmark = pytest.mark.slow
-
 
 def test_bundle_files_and_manifest(tiny_bundle, tiny_run):
     names = sorted(p.name for p in tiny_bundle.iterdir())
@@ -86,6 +84,7 @@ def test_nearest_equals_float64_brute_force(runtime, batch):
                                np.take_along_axis(reference, expected_rows, axis=1), rtol=1e-9)
 
 
+@pytest.mark.slow  # exports two bundles
 def test_export_refuses_existing_bundle_and_replaces_with_force(tiny_run, tiny_bundle, tmp_path):
     out = tmp_path / "bundle"
     out.mkdir()
@@ -98,6 +97,7 @@ def test_export_refuses_existing_bundle_and_replaces_with_force(tiny_run, tiny_b
     assert [p.name for p in tmp_path.iterdir()] == ["bundle"]  # no temporary left over
 
 
+@pytest.mark.slow  # exports two bundles
 def test_failed_export_keeps_the_previous_bundle(tiny_run, tmp_path, monkeypatch):
     out = tmp_path / "bundle"
     build_bundle(tiny_run[0] / "checkpoint.pt", out, limit=10, log=lambda m: None)

@@ -8,9 +8,10 @@ import sys
 import venv
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow  # builds and installs a wheel
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,6 +35,9 @@ def fresh_venv(tmp_path_factory):
 
 
 def test_vae_run_nearest_from_a_fresh_install(fresh_venv, tmp_path):
+    """The installed CLI answers with the shipped bundle exactly as the Runtime here does."""
+    from vae_edge.runtime import Runtime
+
     python = fresh_venv / "bin" / "python"
     probe = subprocess.run([str(python), "-c", "import torch"], capture_output=True)
     assert probe.returncode != 0, "torch must not be installed by the base package"
@@ -43,16 +47,24 @@ def test_vae_run_nearest_from_a_fresh_install(fresh_venv, tmp_path):
     info = subprocess.run([str(fresh_venv / "bin" / "vae-run"), "info", "--json"],
                           capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert info.returncode == 0, info.stderr
-    latent_dim = json.loads(info.stdout)["latent_dim"]
     assert "site-packages" in json.loads(info.stdout)["bundle"]
+    shipped = Runtime.load()  # the same models/default, from the checkout
+    assert json.loads(info.stdout)["catalog_size"] == len(shipped.index)
 
-    z = ",".join(["0.5", "-1.2"] * (latent_dim // 2) + ["0"] * (latent_dim % 2))
-    result = subprocess.run([str(fresh_venv / "bin" / "vae-run"), "nearest", "--z", z, "-k", "5"],
+    z = np.resize([0.5, -1.2], shipped.latent_dim)
+    result = subprocess.run([str(fresh_venv / "bin" / "vae-run"), "nearest", "-k", "5", "--json",
+                             "--z", ",".join(map(str, z))],
                             capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert result.returncode == 0, result.stderr
-    rows = result.stdout.strip().splitlines()[3:]  # z, mode and distance, header
-    assert len(rows) == 5
-    assert all(float(row.split()[-1]) < 100 for row in rows)
+    installed = json.loads(result.stdout)["results"]
+    expected = shipped.nearest(z, k=5)
+    assert [r["id"] for r in installed] == expected.ids.tolist()
+    assert [r["label_id"] for r in installed] == expected.labels.tolist()
+    # Another numpy build may round the float64 rescoring differently in the last bits.
+    np.testing.assert_allclose([r["log_likelihood"] for r in installed],
+                               expected.log_likelihoods, rtol=1e-9)
+    np.testing.assert_allclose([r["probability"] for r in installed],
+                               expected.probabilities, rtol=1e-9)
 
 
 def test_repo_is_not_on_the_path(fresh_venv, tmp_path):

@@ -27,11 +27,9 @@ import torch
 
 from vae_edge.export.build import recover_interrupted_export
 from vae_edge.runtime import Runtime
-from vae_edge.training.atomic import stale_temporaries
+from vae_edge.runtime.atomic import stale_temporaries
 from vae_edge.training.data import FILES, IMAGE_MAGIC, IdxFile, download, load_split
 from vae_edge.training.train import load_checkpoint
-
-pytestmark = pytest.mark.slow
 
 # One thread: the same arithmetic in every process (and a fair share of a busy CI box).
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -73,6 +71,7 @@ def strip_seconds(rows):
     return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
 
 
+@pytest.mark.slow  # trains twice
 def test_train_killed_mid_epoch_resumes_bit_identical(tmp_path, data_dir):
     train = console("vae-train", "training")
     common = [*TRAIN_ARGS, "--data-dir", str(data_dir)]
@@ -125,6 +124,7 @@ def bundle_bytes(bundle: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(bundle.iterdir())}
 
 
+@pytest.mark.slow  # exports twice
 def test_export_killed_mid_write_keeps_the_previous_bundle(tmp_path, tiny_run, bundle_copy,
                                                            data_dir):
     previous = bundle_bytes(bundle_copy)

@@ -18,8 +18,6 @@ from vae_edge.runtime import Runtime
 from vae_edge.runtime.cli import main as vae_run
 from vae_edge.runtime.server import KioskApp
 
-pytestmark = pytest.mark.slow  # needs the tiny trained bundle
-
 
 def expected_log_likelihoods(query_mu, query_log_sigma, mu16, log_sigma16) -> np.ndarray:
     """E_{z ~ N(m, s^2)} log q(z|x) for queries (B, d) against items (N, d), float64: (B, N)."""

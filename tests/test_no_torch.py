@@ -4,10 +4,6 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
-
-pytestmark = pytest.mark.slow  # needs the tiny trained bundle
-
 BLOCKER = textwrap.dedent(
     """
     import importlib.abc, sys

@@ -5,8 +5,6 @@ import pytest
 
 from vae_edge.runtime import BundleError, Runtime, parse_z
 
-pytestmark = pytest.mark.slow  # needs the tiny trained bundle
-
 
 @pytest.mark.parametrize("batch", [1, 7, 64])
 def test_decode_and_encode_shapes(runtime, batch):

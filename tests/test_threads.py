@@ -9,8 +9,6 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.slow  # needs the tiny trained bundle
-
 THREADS, CALLS_PER_THREAD = 8, 500
 
 

@@ -25,6 +25,7 @@ def quiet(message):
     pass
 
 
+@pytest.mark.slow
 def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path, splits):
     config = TrainConfig(epochs=3, batch_size=32, seed=7, kl_warmup_epochs=2)
     straight = train(MODEL, config, tmp_path / "a", splits=splits, progress=False, log=quiet)
@@ -47,6 +48,7 @@ def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path, splits):
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_metrics_are_finite_and_decreasing(tmp_path, splits):
     checkpoint = train(MODEL, TrainConfig(epochs=2, batch_size=32), tmp_path, splits=splits,
                        progress=False, log=quiet)
@@ -57,6 +59,7 @@ def test_metrics_are_finite_and_decreasing(tmp_path, splits):
     assert last["train_loss"] < first["train_loss"]
 
 
+@pytest.mark.slow
 def test_refuses_to_overwrite_and_checks_resume_config(tmp_path, splits):
     config = TrainConfig(epochs=1, batch_size=64)
     train(MODEL, config, tmp_path, splits=splits, progress=False, log=quiet)
@@ -67,6 +70,7 @@ def test_refuses_to_overwrite_and_checks_resume_config(tmp_path, splits):
               resume=True, progress=False, log=quiet)
 
 
+@pytest.mark.slow
 def test_checkpoint_loads_with_weights_only(tmp_path, splits):
     train(MODEL, TrainConfig(epochs=2, lr_schedule="cosine", kl_warmup_epochs=2), tmp_path,
           splits=splits, progress=False, log=quiet)
@@ -120,6 +124,7 @@ def test_kl_warmup():
     assert [beta_at(config, e) for e in range(5)] == [0.125, 0.25, 0.375, 0.5, 0.5]
 
 
+@pytest.mark.slow
 def test_label_weight_trains_a_classifier_on_z(tmp_path, splits):
     labelled = VAEConfig(latent_dim=4, channels=(4, 8), hidden_dim=16, num_classes=10)
     config = TrainConfig(epochs=1, batch_size=32, label_weight=1.0)

@@ -17,14 +17,13 @@ import hashlib
 import os
 import struct
 import sys
-import tempfile
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .atomic import fsync_path, remove_stale_temporaries, temp_prefix
+from ..runtime.atomic import atomic_file, remove_stale_temporaries
 
 ENV_VAR = "VAE_EDGE_DATA_DIR"
 SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -203,18 +202,11 @@ def download(
                 log(f"{target.name}: present but invalid, downloading again")
         url = mirror.rstrip("/") + "/" + entry.name + ".gz"
         log(f"downloading {url}")
-        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(target), suffix=".part", dir=destination)
-        try:
-            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
+        with atomic_file(target, suffix=".part") as out:
+            with urllib.request.urlopen(url, timeout=60) as response:
                 _copy_with_progress(response, out, target.name, log)
-                out.flush()
-                os.fsync(out.fileno())
-            read_idx(Path(tmp), entry)  # size, shape and sha256 of the content
-            os.replace(tmp, target)
-            fsync_path(destination)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+            out.flush()
+            read_idx(Path(out.name), entry)  # size, shape and sha256, before it is renamed
     return destination
 
 

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import platform
 import re
-import tempfile
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -20,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .atomic import fsync_path, remove_stale_temporaries, temp_prefix
+from ..runtime.atomic import atomic_file, remove_stale_temporaries
 from .data import CLASS_NAMES, Split, load_split
 from .model import VAE, VAEConfig, loss_parts
 
@@ -93,7 +91,7 @@ def lr_at(config: TrainConfig, epoch: int) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: VAE, images: torch.Tensor, batch_size: int = 1000) -> dict:
+def mean_loss_parts_at_mu(model: VAE, images: torch.Tensor, batch_size: int = 1000) -> dict:
     """Mean per-image loss parts in nats, encoding with mu (no sampling)."""
     model.eval()
     recon_sum = kl_sum = sq_err = 0.0
@@ -111,32 +109,15 @@ def evaluate(model: VAE, images: torch.Tensor, batch_size: int = 1000) -> dict:
 
 
 def save_atomic(obj, path: Path) -> None:
-    """torch.save to a temporary sibling, flushed to disk, then renamed over path."""
-    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        fsync_path(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_path(path.parent)
+    """torch.save, atomically (runtime.atomic.atomic_file)."""
+    with atomic_file(path) as handle:
+        torch.save(obj, handle)
 
 
 def write_metrics(history: list[dict], path: Path) -> None:
     """metrics.jsonl, one row per finished epoch, replaced atomically."""
-    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.writelines(json.dumps(row) + "\n" for row in history)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_path(path.parent)
+    with atomic_file(path) as handle:
+        handle.writelines((json.dumps(row) + "\n").encode("utf-8") for row in history)
 
 
 def _load_failure(exc: Exception) -> str:
@@ -266,7 +247,7 @@ def train(
             sums["kl"] += kl.sum().item()
             bar.set_postfix(loss=f"{loss.item():.1f}")
         bar.close()
-        test = evaluate(model, x_test)
+        test = mean_loss_parts_at_mu(model, x_test)
         row = {
             "epoch": epoch + 1,
             "beta": beta,

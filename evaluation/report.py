@@ -2,13 +2,12 @@
 
 What is measured, and through what:
 
-- retrieval, through the exported runtime: each test image is encoded by encoder.onnx
-  (rt.encode) and its mu is the query of rt.nearest over the bundle's float16 catalog index;
-  reported as 1-NN label agreement, kNN-5 majority-vote accuracy and label precision@10.
-  Beside it, in the same run: the raw-pixel L2 baseline over the very same catalog items, and
-  retrieval by the expected log-likelihood of the whole query posterior,
-  E_{z ~ q(z|x_query)} log q(z|x_item), computed here in numpy on the float16 index (closed
-  form for two diagonal Gaussians) until the runtime's engine offers it.
+- retrieval, through the exported runtime's search: each test image is encoded by
+  encoder.onnx (rt.encode) and its mu is the query of rt.nearest over the bundle's float16
+  catalog index; reported as 1-NN label agreement, kNN-5 majority-vote accuracy and label
+  precision@10. Beside it, in the same run: the raw-pixel L2 baseline over the very same
+  catalog items, and retrieval by the expected log-likelihood of the whole query posterior,
+  E_{z ~ q(z|x_query)} log q(z|x_item) (rt.nearest_image, what a photo query ranks by).
 - reconstruction MSE (decoder.onnx on mu) and active units (variance over the test set of mu
   above 0.01, Burda et al. 2016), through the runtime.
 - loss parts in nats per image: reconstruction at z = mu (what training logs), KL, the negative
@@ -30,18 +29,16 @@ from __future__ import annotations
 import datetime
 import json
 import math
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
+from ..runtime.atomic import atomic_directory
 from ..runtime.core import Runtime
 from ..runtime.search import LOG_2PI, top_k_rows
-from .atomic import replace_directory
-from .data import Split, load_split
+from ..training.data import Split, load_split
 
 REPORT_NAME = "report.json"
 PICTURES_DIR = "pictures"
@@ -61,9 +58,6 @@ class EvalConfig:
     threads: int = 2  # onnxruntime intra-op threads
     pictures: bool = True
     query_batch: int = 250  # queries per rt.nearest call: bounds the (B, N) score matrix
-    # "runtime": rt.nearest, what ships; "numpy": the same log q(mu|x) as matrix products,
-    # minutes faster while the runtime's engine is the simple one (for screening runs).
-    search: str = "runtime"
     baseline: bool = True  # the raw-pixel L2 search over the same catalog (minutes on 2 cores)
     # The slider scenario: this many z per source (0: skip it), uniform and corners in [-a, a].
     slider_queries: int = 1000
@@ -81,8 +75,6 @@ class EvalConfig:
         if self.slider_queries < 0 or not self.slider_range > 0:
             raise ValueError("slider_queries must be >= 0 and slider_range > 0, got "
                              f"{self.slider_queries!r} and {self.slider_range!r}")
-        if self.search not in ("runtime", "numpy"):
-            raise ValueError(f"search must be 'runtime' or 'numpy', got {self.search!r}")
 
 
 def _log(log, message: str) -> None:
@@ -121,47 +113,20 @@ def label_metrics(neighbour_labels: np.ndarray, labels: np.ndarray, n_classes: i
     }
 
 
-def runtime_neighbours(rt: Runtime, queries: np.ndarray, k: int, batch: int,
-                       log=None) -> np.ndarray:
-    """Catalog rows of rt.nearest(query, k) for every query: (Q, k)."""
+def search_rows(search, queries: np.ndarray, k: int, batch: int, what: str,
+                log=None) -> np.ndarray:
+    """Catalog rows of search(block, k).rows for blocks of `batch` queries: (Q, k).
+
+    search is a runtime query method: rt.nearest (latent z) or rt.nearest_image (images).
+    """
     rows = np.empty((len(queries), k), dtype=np.int64)
     started = time.perf_counter()
     for start in range(0, len(queries), batch):
-        rows[start : start + batch] = rt.nearest(queries[start : start + batch], k=k).rows
+        rows[start : start + batch] = search(queries[start : start + batch], k=k).rows
         if log is not None and (start // batch) % 10 == 9:
             done = min(start + batch, len(queries))
-            _log(log, f"  likelihood search: {done}/{len(queries)} queries "
+            _log(log, f"  {what}: {done}/{len(queries)} queries "
                       f"({time.perf_counter() - started:.0f}s)")
-    return rows
-
-
-def expected_log_likelihood_neighbours(
-    query_mu: np.ndarray, query_log_sigma: np.ndarray | None, mu16: np.ndarray,
-    log_sigma16: np.ndarray, k: int, batch: int = 64,
-) -> np.ndarray:
-    """Top-k catalog rows by E_{z~q(z|x_q)} log q(z|x_i), best first: (Q, k).
-
-    With query_log_sigma None this is log q(mu_q | x_i), the runtime's ranking, computed
-    the fast way (the `numpy` search engine of the eval, for screening runs).
-
-    For diagonal Gaussians the expectation is closed form:
-        sum_j [ -((m_j - mu_ij)^2 + s_j^2) / (2 sigma_ij^2) - log sigma_ij ] - (d/2) log 2pi,
-    expanded into matrix products in float64 so that 10k x 60k scores take seconds.
-    """
-    mu = mu16.astype(np.float64)
-    log_sigma = log_sigma16.astype(np.float64)
-    a = 0.5 * np.exp(-2.0 * log_sigma)  # (N, d): 1 / (2 sigma^2)
-    const = -log_sigma.sum(axis=1) - 0.5 * mu.shape[1] * LOG_2PI - (a * mu * mu).sum(axis=1)
-    a_mu = a * mu
-    m = np.asarray(query_mu, dtype=np.float64)
-    # No query log-sigma: the query is the point mu itself, i.e. plain log q(mu_q | x_i).
-    s2 = (np.zeros_like(m) if query_log_sigma is None
-          else np.exp(2.0 * np.asarray(query_log_sigma, dtype=np.float64)))
-    rows = np.empty((len(m), min(k, len(mu))), dtype=np.int64)
-    for start in range(0, len(m), batch):
-        mq, sq = m[start : start + batch], s2[start : start + batch]
-        scores = const[None, :] + 2.0 * mq @ a_mu.T - (mq * mq + sq) @ a.T
-        rows[start : start + batch] = top_k_rows(scores, k)
     return rows
 
 
@@ -249,13 +214,13 @@ def slider_scenario(rt: Runtime, catalog_images: np.ndarray, n: int, a: float, s
 # ----------------------------------------------------------------------------- likelihoods
 
 
-class _TorchDecoder:
+class TorchDecoder:
     """log p(x|z) from the checkpoint's decoder logits (exact Bernoulli likelihood)."""
 
     name = "pytorch-checkpoint"
 
     def __init__(self, checkpoint: dict):
-        from .train import model_from_checkpoint
+        from ..training.train import model_from_checkpoint
 
         self.model = model_from_checkpoint(checkpoint)
 
@@ -274,7 +239,7 @@ class _TorchDecoder:
         return -nll.numpy().astype(np.float64).reshape(b, k)
 
 
-class _OnnxDecoder:
+class OnnxDecoder:
     """log p(x|z) from decoder.onnx's probabilities, clipped to float32's resolution."""
 
     name = "onnx-decoder"
@@ -339,7 +304,7 @@ def check_checkpoint_matches(checkpoint: dict, rt: Runtime, images: np.ndarray,
     """The checkpoint's encoder must give the bundle's index (float16) for its first items."""
     import torch
 
-    from .train import model_from_checkpoint, to_tensor
+    from ..training.train import model_from_checkpoint, to_tensor
 
     config = rt.manifest.get("model_config")
     if config is not None and checkpoint["config"] != config:
@@ -372,7 +337,7 @@ def _catalog_split(rt: Runtime, data_dir, catalog_split: Split | None) -> tuple[
 # ----------------------------------------------------------------------------- main entry
 
 
-def evaluate(
+def evaluate_bundle(
     bundle: str | Path,
     out_dir: str | Path,
     checkpoint: str | Path | None = None,
@@ -392,7 +357,7 @@ def evaluate(
     rt = Runtime.load(bundle, threads=config.threads)
     ckpt = None
     if checkpoint is not None:
-        from .train import load_checkpoint
+        from ..training.train import load_checkpoint
 
         ckpt = load_checkpoint(checkpoint)
     catalog_name, catalog = _catalog_split(rt, data_dir, catalog_split)
@@ -444,18 +409,15 @@ def evaluate(
     }
 
     k = min(RETRIEVAL_K, len(rt.index))
+    _log(log, f"retrieval: rt.nearest on {len(images)} test mu over {len(rt.index)} items")
     t0 = time.perf_counter()
-    if config.search == "runtime":
-        _log(log, f"retrieval: rt.nearest on {len(images)} test mu over {len(rt.index)} items")
-        rows_lik = runtime_neighbours(rt, mu, k, config.query_batch, log=log)
-        engine = "runtime Runtime.nearest (log q(mu_test | x_item), float16 index)"
-    else:
-        _log(log, f"retrieval: numpy log q(mu|x) on {len(images)} test mu over "
-                  f"{len(rt.index)} items")
-        rows_lik = expected_log_likelihood_neighbours(mu, None, rt.index.mu, rt.index.log_sigma, k)
-        engine = "numpy matrix products (log q(mu_test | x_item), float16 index)"
+    rows_lik = search_rows(rt.nearest, mu, k, config.query_batch, "likelihood search", log=log)
     seconds_lik = time.perf_counter() - t0
-    rows_exp = expected_log_likelihood_neighbours(mu, log_sigma, rt.index.mu, rt.index.log_sigma, k)
+    _log(log, f"retrieval: rt.nearest_image on {len(images)} test images")
+    t0 = time.perf_counter()
+    rows_exp = search_rows(rt.nearest_image, images, k, config.query_batch,
+                           "expected log-likelihood search", log=log)
+    seconds_exp = time.perf_counter() - t0
     rows_pix = None
     if config.baseline:
         _log(log, "retrieval: raw-pixel L2 baseline over the same catalog")
@@ -465,9 +427,11 @@ def evaluate(
     cat_labels = rt.index.labels.astype(np.int64)
     report["retrieval"] = {
         "likelihood_mu": label_metrics(cat_labels[rows_lik], labels, n_classes)
-        | {"engine": engine, "seconds": round(seconds_lik, 1)},
+        | {"engine": "runtime Runtime.nearest (log q(mu_test | x_item), float16 index)",
+           "seconds": round(seconds_lik, 1)},
         "expected_likelihood": label_metrics(cat_labels[rows_exp], labels, n_classes)
-        | {"engine": "numpy, E_{z~q(z|x_test)} log q(z | x_item) on the float16 index"},
+        | {"engine": "runtime Runtime.nearest_image (E_{z~q(z|x_test)} log q(z | x_item), "
+                     "float16 index)", "seconds": round(seconds_exp, 1)},
     }
     if rows_pix is not None:
         pixels = label_metrics(cat_labels[rows_pix], labels, n_classes)
@@ -479,7 +443,7 @@ def evaluate(
         report["slider_scenario"], slider_tops = slider_scenario(
             rt, catalog_images, config.slider_queries, config.slider_range, config.seed, log=log)
 
-    decoder = _TorchDecoder(ckpt) if ckpt is not None else _OnnxDecoder(rt)
+    decoder = TorchDecoder(ckpt) if ckpt is not None else OnnxDecoder(rt)
     _log(log, f"loss parts ({decoder.name})")
     bce_mu = _bce_at_mu(decoder, x, mu)
     kl = 0.5 * (np.exp(2 * log_sigma.astype(np.float64)) + mu.astype(np.float64) ** 2
@@ -507,27 +471,20 @@ def evaluate(
         "seconds": round(time.perf_counter() - t0, 1),
     }
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
-    tmp.chmod(0o755)
-    try:
+    with atomic_directory(out_dir) as tmp:
         if config.pictures:
             _log(log, "pictures")
-            from . import eval_pictures
+            from . import pictures as drawing
 
             pictures = tmp / PICTURES_DIR
             pictures.mkdir()
-            report["pictures"] = eval_pictures.draw_all(
+            report["pictures"] = drawing.draw_all(
                 pictures, rt=rt, history=None if ckpt is None else ckpt["history"],
                 test_images=images, test_labels=labels, rows=rows_lik,
                 pixel_rows=rows_pix, catalog_images=catalog_images, variances=variances,
                 seed=config.seed, slider_tops=slider_tops)
         report["seconds"] = round(time.perf_counter() - started, 1)
         (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        replace_directory(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     _log(log, summary(report))
     return report
 

@@ -1,4 +1,4 @@
-"""`vae-eval`: a thin click layer over vae_edge.training.evaluate.evaluate."""
+"""`vae-eval`: a thin click layer over vae_edge.evaluation.report.evaluate_bundle."""
 
 from __future__ import annotations
 
@@ -6,11 +6,8 @@ from pathlib import Path
 
 import click
 
-from .evaluate import EvalConfig, evaluate
-
-
-class CliError(click.ClickException):
-    exit_code = 2
+from ..runtime.cli import CliError, library_errors
+from .report import EvalConfig, evaluate_bundle
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -31,10 +28,6 @@ class CliError(click.ClickException):
               help="Seed of the importance samples and of the prior-sample picture.")
 @click.option("--threads", type=click.IntRange(min=1), default=EvalConfig.threads,
               show_default=True, help="onnxruntime intra-op threads.")
-@click.option("--search", type=click.Choice(["runtime", "numpy"]), default="runtime",
-              show_default=True,
-              help="Likelihood search by rt.nearest (what ships), or the same scores as numpy "
-                   "matrix products (faster; for screening runs).")
 @click.option("--baseline/--no-baseline", default=True, show_default=True,
               help="Also search the same catalog by raw-pixel L2 (the figure to beat).")
 @click.option("--slider-queries", type=click.IntRange(min=0),
@@ -49,8 +42,8 @@ class CliError(click.ClickException):
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None,
               help="Directory with the Fashion-MNIST IDX files.")
 @click.option("--force", is_flag=True, help="Replace an existing report directory.")
-def main(bundle, out_dir, checkpoint, test_limit, is_images, is_samples, seed, threads, search,
-         baseline, slider_queries, slider_range, pictures, data_dir, force):
+def main(bundle, out_dir, checkpoint, test_limit, is_images, is_samples, seed, threads, baseline,
+         slider_queries, slider_range, pictures, data_dir, force):
     """Evaluate BUNDLE (default: the shipped model) on the Fashion-MNIST test set.
 
     Retrieval goes through the exported runtime: each test image is encoded by
@@ -64,13 +57,12 @@ def main(bundle, out_dir, checkpoint, test_limit, is_images, is_samples, seed, t
     and OUT/pictures/*.png; the full test set takes a few minutes on 2 cores.
     """
     try:
-        config = EvalConfig(test_limit=test_limit, is_images=is_images or None,
-                            is_samples=is_samples, seed=seed, threads=threads, search=search,
-                            baseline=baseline, slider_queries=slider_queries,
-                            slider_range=slider_range, pictures=pictures)
-        evaluate(bundle, out_dir, checkpoint=checkpoint, config=config, data_dir=data_dir,
-                 force=force, log=click.echo)
+        with library_errors():
+            config = EvalConfig(test_limit=test_limit, is_images=is_images or None,
+                                is_samples=is_samples, seed=seed, threads=threads,
+                                baseline=baseline, slider_queries=slider_queries,
+                                slider_range=slider_range, pictures=pictures)
+            evaluate_bundle(bundle, out_dir, checkpoint=checkpoint, config=config,
+                            data_dir=data_dir, force=force, log=click.echo)
     except ImportError as exc:
         raise CliError(f"{exc}; install the train extra: pip install 'vae-edge[train]'") from None
-    except (ValueError, FileNotFoundError, FileExistsError, OSError) as exc:
-        raise CliError(str(exc)) from None

@@ -1,4 +1,8 @@
-"""Temporary files and directories that an interrupted run cannot leave looking complete.
+"""Files and directories written so that an interrupted run cannot leave them looking complete.
+
+atomic_file and atomic_directory are the one way this project writes a result: the runtime's
+PNGs, training's checkpoints and metrics, downloaded data, export's bundles and vae-eval's
+reports.
 
 Every long write goes to a hidden sibling named `.{target}.{pid}.{random}{suffix}` and is
 renamed over the target only once it is complete and flushed to disk. A SIGKILL (or a power
@@ -8,10 +12,13 @@ is gone: the pid in the name tells a live concurrent writer from a dead one.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 
 def temp_prefix(target: Path) -> str:
@@ -111,3 +118,48 @@ def replace_directory(tmp: Path, out_dir: Path) -> None:
         raise
     fsync_path(out_dir.parent)
     shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_file(target: Path, suffix: str = ".tmp") -> Iterator[BinaryIO]:
+    """A binary file to write target's new content into (its .name is the temporary path).
+
+    When the block ends normally the file is flushed to disk and renamed over target; when it
+    raises, the temporary is removed and target is left as it was.
+    """
+    target = Path(target)
+    if not target.parent.is_dir():
+        raise FileNotFoundError(f"output directory does not exist: {target.parent}")
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(target), suffix=suffix, dir=target.parent)
+    os.close(fd)
+    try:
+        with open(tmp, "wb") as handle:  # opened by name, so handle.name is the path
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_path(target.parent)
+
+
+@contextlib.contextmanager
+def atomic_directory(out_dir: Path) -> Iterator[Path]:
+    """A temporary sibling directory to fill with out_dir's new content.
+
+    When the block ends normally everything in it is flushed to disk and it replaces out_dir
+    (replace_directory); when it raises, it is removed and out_dir is left as it was.
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(out_dir), suffix=".partial",
+                                dir=out_dir.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; bundles and reports are meant to be shared
+    try:
+        yield tmp
+        fsync_tree(tmp)
+        replace_directory(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
