@@ -21,8 +21,6 @@ from vae_edge.runtime.cli import main as run_main
 from vae_edge.runtime.core import MAX_ABS_Z, check_images, check_k, check_latent, parse_z
 from vae_edge.runtime.images import read_image
 
-pytestmark = pytest.mark.slow  # most cases need the tiny trained bundle
-
 D = 8
 Z8 = "0.5,-1.2,0,1,2,-2,0.1,3"
 SHAPE_MSG = r"z must have shape \(8,\) or \(batch, 8\), got "

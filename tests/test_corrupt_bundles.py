@@ -29,8 +29,6 @@ from vae_edge.runtime import BundleError, Runtime
 from vae_edge.runtime.bundle import INDEX_FILES, MODEL_FILES, graph_sections, write_manifest
 from vae_edge.runtime.cli import main as run_main
 
-pytestmark = pytest.mark.slow  # needs the tiny trained bundle
-
 ALL_FILES = list(MODEL_FILES.values()) + list(INDEX_FILES.values())
 
 

@@ -298,7 +298,6 @@ def test_item_that_does_not_fit_float32_is_refused():
 
 # -- through the runtime and the CLI (needs the tiny trained bundle) -------------------------
 
-@pytest.mark.slow
 @pytest.mark.parametrize("batch", [1, 7, 64])
 def test_runtime_label_filter_and_image_query(runtime, batch):
     rng = np.random.default_rng(batch)
@@ -322,7 +321,6 @@ def test_runtime_label_filter_and_image_query(runtime, batch):
     check_against_reference(matches, expected, 5, log_total(expected))
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("label", ["Shoe", 10, -1, True, 2.0])
 def test_unknown_label(runtime, label):
     names = ", ".join(runtime.label_names)
@@ -338,7 +336,6 @@ def run(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
-@pytest.mark.slow
 def test_cli_label_and_image(tiny_bundle, runtime, tmp_path):
     from vae_edge.runtime.images import save_png
 
@@ -372,7 +369,6 @@ def test_cli_label_and_image(tiny_bundle, runtime, tmp_path):
     assert "image = " in table.output and "Bag" in table.output
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -31,8 +31,6 @@ from vae_edge.runtime.server import (
     make_server,
 )
 
-pytestmark = pytest.mark.slow  # needs the tiny trained bundle
-
 D = 8  # the tiny bundle's latent dim
 Z = [0.5, -1.2, 0.0, 1.0, 2.0, -2.0, 0.1, 3.0]
 Z_TEXT = ",".join(str(v) for v in Z)
