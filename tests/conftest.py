@@ -69,7 +69,7 @@ def bundle_copy(tiny_bundle, tmp_path):
 
 
 def brute_force_log_q(z: np.ndarray, mu16: np.ndarray, log_sigma16: np.ndarray) -> np.ndarray:
-    """The formula from DEVELOPERS.md in float64, loop-free, on the dequantized index."""
+    """log q(z|x) by its definition in float64, loop-free, on the dequantized index."""
     mu = mu16.astype(np.float64)
     log_sigma = log_sigma16.astype(np.float64)
     sigma = np.exp(log_sigma)
