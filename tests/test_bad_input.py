@@ -73,6 +73,7 @@ BAD_Z_ARRAYS = [
     (np.zeros(0), SHAPE_MSG + r"\(0,\)"),
     (np.zeros(10**6), SHAPE_MSG + r"\(1000000,\)"),
     (np.zeros((2, 3, 8)), SHAPE_MSG + r"\(2, 3, 8\)"),
+    (np.zeros((2, 9)), SHAPE_MSG + r"\(2, 9\)"),
     (np.float64(1.0), SHAPE_MSG + r"\(\)"),
     (np.zeros((0, 8)), r"z batch size must be in \[1, 65536\], got 0"),
     (np.zeros((65537, 8)), r"z batch size must be in \[1, 65536\], got 65537"),
@@ -102,7 +103,7 @@ def test_z_at_the_limits_works(runtime):
     z = np.full(D, MAX_ABS_Z)
     assert np.isfinite(runtime.decode(z)).all()
     assert np.isfinite(runtime.nearest(-z, k=3).log_likelihoods).all()
-    np.testing.assert_array_equal(parse_z("1e6 -1E+6 .5 5. +0 -0 1e-320 7", D),
+    np.testing.assert_array_equal(parse_z("1e6, -1E+6 .5,5. +0 -0 1e-320 7", D),
                                   [1e6, -1e6, 0.5, 5.0, 0.0, 0.0, 1e-320, 7.0])
     np.testing.assert_array_equal(check_latent(np.arange(8, dtype=np.uint8), D), np.arange(8.0))
 
@@ -126,7 +127,10 @@ def test_api_k_refused(runtime, k, message):
 
 def test_k_above_the_catalog_is_clamped(runtime):
     for k in (len(runtime.index) + 1, 10**30, np.uint64(2**63)):
-        assert len(runtime.nearest(np.zeros(D), k=k)) == len(runtime.index)
+        matches = runtime.nearest(np.zeros(D), k=k)
+        assert sorted(matches.ids.tolist()) == sorted(runtime.index.ids.tolist())
+        assert np.all(np.diff(matches.log_likelihoods) <= 0)
+        assert matches.probabilities.sum() == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tracemalloc
@@ -206,6 +207,8 @@ CASES = [
     *[Case(f"truncated-{n}", truncate(n), rf"{n}: {SIZE}") for n in ALL_FILES],
     *[Case(f"empty-{n}", replace_file(n, b""), rf"{n}: {SIZE}") for n in ALL_FILES[:3]],
     *[Case(f"bitflip-{n}", flip_bit(n), rf"{n}: {SHA}") for n in ALL_FILES],
+    Case("missing-bundle", lambda b, o: shutil.rmtree(b),
+         r"bundle directory not found: /.*/bundle$", FileNotFoundError),
     Case("missing-decoder", lambda b, o: (b / "decoder.onnx").unlink(),
          r"bundle .*: file decoder.onnx is missing", FileNotFoundError),
     Case("missing-manifest", lambda b, o: (b / "manifest.json").unlink(),
