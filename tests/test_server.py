@@ -11,7 +11,6 @@ import signal
 import socket
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 
@@ -618,22 +617,6 @@ def test_serve_cli_errors(tiny_bundle):
 
 
 SERVE = "from vae_edge.runtime.cli import main; main()"
-BLOCK_TORCH = textwrap.dedent(
-    """
-    import importlib.abc, sys
-
-    class Block(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in ("torch", "onnx", "onnxscript", "tqdm"):
-                raise ImportError(f"{name} is blocked in this test")
-
-    sys.meta_path.insert(0, Block())
-    from vae_edge.runtime.cli import main
-    main()
-    """
-)
-
-
 def start_serve(args, cwd, code=SERVE):
     """`vae-run serve` in its own session: signals reach it only from the test, and how the
     shell started pytest (a background job ignores SIGINT) does not matter."""
@@ -648,10 +631,10 @@ def start_serve(args, cwd, code=SERVE):
     return process, line, int(line.split("http://127.0.0.1:")[1].split("/")[0])
 
 
-def test_vae_run_serve_without_torch(tiny_bundle, tmp_path):
+def test_vae_run_serve_without_torch(tiny_bundle, tmp_path, without_torch):
     """The real command in its own process, torch unimportable; Ctrl+C stops it cleanly."""
     process, line, port = start_serve(["--bundle", str(tiny_bundle), "--range", "5", "-k", "3"],
-                                      tmp_path, code=BLOCK_TORCH)
+                                      tmp_path, code=without_torch(SERVE))
     try:
         assert "(latent dim 8, 5000 catalog items)" in line
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
