@@ -19,6 +19,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from vae_edge.runtime import Runtime
 from vae_edge.runtime.cli import main as run_main
 from vae_edge.runtime.images import to_uint8
 from vae_edge.runtime.server import (
@@ -330,13 +331,24 @@ def test_keep_alive_survives_a_bad_request(server, runtime):
         conn.close()
 
 
-def test_a_bug_is_a_500_without_traceback(server, monkeypatch, capsys):
-    def broken(z):
-        raise RuntimeError("secret detail")
+class FailingRuntime(Runtime):
+    """A runtime whose decode, once failing is set, raises an error that is not the caller's
+    fault (the kiosk decodes at start-up, so the bug shows only afterwards)."""
 
-    monkeypatch.setattr(server.app, "decode", broken)
-    status, payload = call_json(server, "POST", "/api/decode", {"z": Z})
-    assert (status, payload) == (500, {"error": "internal error"})
+    failing = False
+
+    def decode(self, z):
+        if self.failing:
+            raise RuntimeError("secret detail")
+        return super().decode(z)
+
+
+def test_a_bug_is_a_500_without_traceback(tiny_bundle, capsys):
+    runtime = FailingRuntime.load(tiny_bundle)
+    for failing in serving(make_server(runtime, "127.0.0.1", 0)):
+        runtime.failing = True
+        status, payload = call_json(failing, "POST", "/api/decode", {"z": Z})
+        assert (status, payload) == (500, {"error": "internal error"})
     assert "secret detail" in capsys.readouterr().err  # logged for the operator only
 
 
