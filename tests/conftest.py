@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import textwrap
 
 import numpy as np
 import pytest
@@ -21,6 +22,27 @@ def _require_data():
         if os.environ.get("CI"):
             raise  # CI installs dataset-fashion-mnist: missing data there is a failure
         pytest.skip(f"Fashion-MNIST not installed: {exc}")
+
+
+BLOCK_TORCH = textwrap.dedent(
+    """
+    import importlib.abc, sys
+
+    class Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in ("torch", "onnx", "onnxscript", "tqdm"):
+                raise ImportError(f"{name} is blocked in this test")
+
+    sys.meta_path.insert(0, Block())
+    """
+)
+
+
+@pytest.fixture(scope="session")
+def without_torch():
+    """code -> the same Python source for `python -c`, run where torch, onnx, onnxscript and
+    tqdm cannot be imported (as on a kiosk that installed the runtime alone)."""
+    return lambda code: BLOCK_TORCH + textwrap.dedent(code)
 
 
 @pytest.fixture(scope="session")
@@ -69,7 +91,7 @@ def bundle_copy(tiny_bundle, tmp_path):
 
 
 def brute_force_log_q(z: np.ndarray, mu16: np.ndarray, log_sigma16: np.ndarray) -> np.ndarray:
-    """The formula from DEVELOPERS.md in float64, loop-free, on the dequantized index."""
+    """log q(z|x) by its definition in float64, loop-free, on the dequantized index."""
     mu = mu16.astype(np.float64)
     log_sigma = log_sigma16.astype(np.float64)
     sigma = np.exp(log_sigma)

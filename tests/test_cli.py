@@ -8,6 +8,7 @@ from PIL import Image
 from vae_edge.export.cli import main as export_main
 from vae_edge.runtime.cli import SHEET_MAX_ITEMS
 from vae_edge.runtime.cli import main as run_main
+from vae_edge.runtime.images import save_png
 from vae_edge.training.cli import main as train_main
 
 Z8 = "0.5,-1.2,0,1,2,-2,0.1,3"
@@ -38,6 +39,34 @@ def test_nearest_table_and_json(tiny_bundle, runtime):
     assert [r["id"] for r in payload["results"]] == expected.ids.tolist()
     assert [r["log_likelihood"] for r in payload["results"]] == expected.log_likelihoods.tolist()
     assert {"id", "label", "log_likelihood"} <= set(payload["results"][0])
+
+
+def test_nearest_label_and_image(tiny_bundle, runtime, tmp_path):
+    result = run("nearest", "--bundle", tiny_bundle, "--z", Z8, "-k", 4, "--label", "Sneaker",
+                 "--json")
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.output)
+    expected = runtime.nearest(np.array([float(v) for v in Z8.split(",")]), k=4, label=7)
+    assert [r["id"] for r in payload["results"]] == expected.ids.tolist()
+    assert {r["label"] for r in payload["results"]} == {"Sneaker"}
+    for r, p in zip(payload["results"], expected.probabilities):
+        assert set(r) >= {"id", "label", "log_likelihood", "probability"}
+        assert r["probability"] == pytest.approx(p, rel=1e-12)
+
+    photo = tmp_path / "photo.png"
+    save_png(photo, runtime.decode(np.zeros(runtime.latent_dim)))
+    result = run("nearest", "--bundle", tiny_bundle, "--image", photo, "-k", 3, "--json",
+                 "--sheet", tmp_path / "sheet.png")
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.output.splitlines()[0])
+    expected = runtime.nearest_image(np.asarray(Image.open(photo)), k=3)
+    assert payload["image"] == str(photo)
+    assert [r["id"] for r in payload["results"]] == expected.ids.tolist()
+    assert (tmp_path / "sheet.png").is_file()
+
+    table = run("nearest", "--bundle", tiny_bundle, "--image", photo, "--label", "bag")
+    assert table.exit_code == 0, table.output
+    assert "image = " in table.output and "Bag" in table.output
 
 
 def test_random_is_reproducible(tiny_bundle):
@@ -76,46 +105,21 @@ def test_sheet(tiny_bundle, tmp_path):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["nearest", "--z", "1,2"], "Error: z has 2 values, expected 8 (the latent dimension)"),
-        (["nearest", "--z", "1,2,3,4,5,6,7,x"], "Error: z value 8 is not a number: 'x'"),
-        (["nearest", "--z", "1,2,3,4,5,6,7,nan"], "Error: z holds NaN or infinite values"),
-        (["nearest", "--z", "1,2,3,4,5,6,7,inf"], "Error: z holds NaN or infinite values"),
-        (["nearest", "--z", Z8, "-k", "0"], "Error: k must be >= 1, got 0"),
         (["nearest"], "Error: give exactly one of --z NUMBERS or --random"),
         (["nearest", "--z", Z8, "--random"], "Error: give exactly one of --z NUMBERS or --random"),
+        (["nearest", "--image", "missing.png", "--random"],
+         "Error: give either --image PATH or a latent (--z NUMBERS / --random), not both"),
+        (["nearest", "--image", "missing.png"], "Error: image not found: missing.png"),
         (["decode", "--z", Z8, "-o", "/nonexistent/dir/x.png"],
          "Error: output directory does not exist: /nonexistent/dir"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(tiny_bundle, args, message):
+    """Bad z, k, images and bundles: test_bad_input.py and test_corrupt_bundles.py."""
     result = run(*args, "--bundle", tiny_bundle)
     assert result.exit_code == 2
     assert result.output.strip().splitlines()[-1] == message
     assert "Traceback" not in result.output
-
-
-def test_bad_images(tiny_bundle, tmp_path):
-    big = tmp_path / "big.png"
-    Image.new("L", (32, 28)).save(big)
-    result = run("encode", "--bundle", tiny_bundle, big)
-    assert result.exit_code == 2
-    assert result.output.strip() == "Error: big.png: image is 32x28 pixels, expected 28x28"
-    junk = tmp_path / "junk.png"
-    junk.write_bytes(b"not an image")
-    result = run("encode", "--bundle", tiny_bundle, junk)
-    assert result.output.strip() == "Error: junk.png: not an image file Pillow can read"
-    result = run("encode", "--bundle", tiny_bundle, tmp_path / "missing.png")
-    assert result.exit_code == 2 and "image not found" in result.output
-
-
-def test_bad_bundle(tmp_path, bundle_copy):
-    result = run("info", "--bundle", tmp_path / "none")
-    assert result.exit_code == 2
-    assert result.output.strip() == f"Error: bundle directory not found: {tmp_path / 'none'}"
-    (bundle_copy / "encoder.onnx").write_bytes(b"x" * 10)
-    result = run("nearest", "--bundle", bundle_copy, "--z", Z8)
-    assert result.exit_code == 2
-    assert "encoder.onnx: size is 10 bytes" in result.output
 
 
 def test_train_and_export_cli_errors(tmp_path):

@@ -2,31 +2,17 @@
 
 import subprocess
 import sys
-import textwrap
-
-BLOCKER = textwrap.dedent(
-    """
-    import importlib.abc, sys
-
-    class Block(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in ("torch", "onnx", "onnxscript", "tqdm"):
-                raise ImportError(f"{name} is blocked in this test")
-
-    sys.meta_path.insert(0, Block())
-    """
-)
 
 
 def run_python(code, tmp_path):
-    result = subprocess.run([sys.executable, "-c", BLOCKER + textwrap.dedent(code)],
+    result = subprocess.run([sys.executable, "-c", code],
                             capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr
     return result.stdout
 
 
-def test_runtime_api_without_torch(tiny_bundle, tmp_path):
-    out = run_python(
+def test_runtime_api_without_torch(tiny_bundle, tmp_path, without_torch):
+    out = run_python(without_torch(
         f"""
         try:
             import torch
@@ -43,19 +29,19 @@ def test_runtime_api_without_torch(tiny_bundle, tmp_path):
         assert matches.ids.shape == (3, 2)
         assert not [m for m in sys.modules if m.split(".")[0] in ("torch", "onnx")]
         print("ok", sorted(m for m in sys.modules if m.startswith("vae_edge")))
-        """,
+        """),
         tmp_path,
     )
     assert out.startswith("ok") and "vae_edge.training" not in out
 
 
-def test_cli_without_torch(tiny_bundle, tmp_path):
-    out = run_python(
+def test_cli_without_torch(tiny_bundle, tmp_path, without_torch):
+    out = run_python(without_torch(
         f"""
         from vae_edge.runtime.cli import main
         main(["nearest", "--bundle", {str(tiny_bundle)!r}, "--random", "--seed", "1",
               "--json", "--sheet", "s.png"], standalone_mode=False)
-        """,
+        """),
         tmp_path,
     )
     assert '"results"' in out and (tmp_path / "s.png").is_file()

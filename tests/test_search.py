@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -296,9 +293,8 @@ def test_item_that_does_not_fit_float32_is_refused():
                          np.zeros(2))
 
 
-# -- through the runtime and the CLI (needs the tiny trained bundle) -------------------------
+# -- through the runtime (needs the tiny trained bundle) ---------------------------------------
 
-@pytest.mark.slow
 @pytest.mark.parametrize("batch", [1, 7, 64])
 def test_runtime_label_filter_and_image_query(runtime, batch):
     rng = np.random.default_rng(batch)
@@ -322,7 +318,6 @@ def test_runtime_label_filter_and_image_query(runtime, batch):
     check_against_reference(matches, expected, 5, log_total(expected))
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("label", ["Shoe", 10, -1, True, 2.0])
 def test_unknown_label(runtime, label):
     names = ", ".join(runtime.label_names)
@@ -330,61 +325,3 @@ def test_unknown_label(runtime, label):
         runtime.nearest(np.zeros(runtime.latent_dim), k=3, label=label)
     assert str(error.value) == (f"unknown label {label!r}: expected one of {names} "
                                 f"(or a class id 0-9)")
-
-
-def run(*args):
-    from vae_edge.runtime.cli import main
-
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-@pytest.mark.slow
-def test_cli_label_and_image(tiny_bundle, runtime, tmp_path):
-    from vae_edge.runtime.images import save_png
-
-    z = "0.5,-1.2,0,1,2,-2,0.1,3"
-    result = run("nearest", "--bundle", tiny_bundle, "--z", z, "-k", 4, "--label", "Sneaker",
-                 "--json")
-    assert result.exit_code == 0, result.output
-    payload = json.loads(result.output)
-    expected = runtime.nearest(np.array([float(v) for v in z.split(",")]), k=4, label=7)
-    assert [r["id"] for r in payload["results"]] == expected.ids.tolist()
-    assert {r["label"] for r in payload["results"]} == {"Sneaker"}
-    for r, p in zip(payload["results"], expected.probabilities):
-        assert set(r) >= {"id", "label", "log_likelihood", "probability"}
-        assert r["probability"] == pytest.approx(p, rel=1e-12)
-
-    photo = tmp_path / "photo.png"
-    save_png(photo, runtime.decode(np.zeros(runtime.latent_dim)))
-    result = run("nearest", "--bundle", tiny_bundle, "--image", photo, "-k", 3, "--json",
-                 "--sheet", tmp_path / "sheet.png")
-    assert result.exit_code == 0, result.output
-    payload = json.loads(result.output.splitlines()[0])
-    from PIL import Image
-
-    expected = runtime.nearest_image(np.asarray(Image.open(photo)), k=3)
-    assert payload["image"] == str(photo)
-    assert [r["id"] for r in payload["results"]] == expected.ids.tolist()
-    assert (tmp_path / "sheet.png").is_file()
-
-    table = run("nearest", "--bundle", tiny_bundle, "--image", photo, "--label", "bag")
-    assert table.exit_code == 0, table.output
-    assert "image = " in table.output and "Bag" in table.output
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        (["--z", "0,0,0,0,0,0,0,0", "--label", "Shoe"],
-         "Error: unknown label 'Shoe': expected one of T-shirt/top, Trouser, Pullover, Dress, "
-         "Coat, Sandal, Shirt, Sneaker, Bag, Ankle boot (or a class id 0-9)"),
-        (["--image", "missing.png"], "Error: image not found: missing.png"),
-        (["--image", "missing.png", "--random"],
-         "Error: give either --image PATH or a latent (--z NUMBERS / --random), not both"),
-    ],
-)
-def test_cli_errors(tiny_bundle, args, message):
-    result = run("nearest", "--bundle", tiny_bundle, *args)
-    assert result.exit_code == 2
-    assert result.output.strip().splitlines()[-1] == message

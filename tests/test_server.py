@@ -11,7 +11,6 @@ import signal
 import socket
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 
@@ -20,6 +19,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from vae_edge.runtime import Runtime
 from vae_edge.runtime.cli import main as run_main
 from vae_edge.runtime.images import to_uint8
 from vae_edge.runtime.server import (
@@ -30,8 +30,6 @@ from vae_edge.runtime.server import (
     KioskApp,
     make_server,
 )
-
-pytestmark = pytest.mark.slow  # needs the tiny trained bundle
 
 D = 8  # the tiny bundle's latent dim
 Z = [0.5, -1.2, 0.0, 1.0, 2.0, -2.0, 0.1, 3.0]
@@ -333,13 +331,24 @@ def test_keep_alive_survives_a_bad_request(server, runtime):
         conn.close()
 
 
-def test_a_bug_is_a_500_without_traceback(server, monkeypatch, capsys):
-    def broken(z):
-        raise RuntimeError("secret detail")
+class FailingRuntime(Runtime):
+    """A runtime whose decode, once failing is set, raises an error that is not the caller's
+    fault (the kiosk decodes at start-up, so the bug shows only afterwards)."""
 
-    monkeypatch.setattr(server.app, "decode", broken)
-    status, payload = call_json(server, "POST", "/api/decode", {"z": Z})
-    assert (status, payload) == (500, {"error": "internal error"})
+    failing = False
+
+    def decode(self, z):
+        if self.failing:
+            raise RuntimeError("secret detail")
+        return super().decode(z)
+
+
+def test_a_bug_is_a_500_without_traceback(tiny_bundle, capsys):
+    runtime = FailingRuntime.load(tiny_bundle)
+    for failing in serving(make_server(runtime, "127.0.0.1", 0)):
+        runtime.failing = True
+        status, payload = call_json(failing, "POST", "/api/decode", {"z": Z})
+        assert (status, payload) == (500, {"error": "internal error"})
     assert "secret detail" in capsys.readouterr().err  # logged for the operator only
 
 
@@ -620,22 +629,6 @@ def test_serve_cli_errors(tiny_bundle):
 
 
 SERVE = "from vae_edge.runtime.cli import main; main()"
-BLOCK_TORCH = textwrap.dedent(
-    """
-    import importlib.abc, sys
-
-    class Block(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in ("torch", "onnx", "onnxscript", "tqdm"):
-                raise ImportError(f"{name} is blocked in this test")
-
-    sys.meta_path.insert(0, Block())
-    from vae_edge.runtime.cli import main
-    main()
-    """
-)
-
-
 def start_serve(args, cwd, code=SERVE):
     """`vae-run serve` in its own session: signals reach it only from the test, and how the
     shell started pytest (a background job ignores SIGINT) does not matter."""
@@ -650,10 +643,10 @@ def start_serve(args, cwd, code=SERVE):
     return process, line, int(line.split("http://127.0.0.1:")[1].split("/")[0])
 
 
-def test_vae_run_serve_without_torch(tiny_bundle, tmp_path):
+def test_vae_run_serve_without_torch(tiny_bundle, tmp_path, without_torch):
     """The real command in its own process, torch unimportable; Ctrl+C stops it cleanly."""
     process, line, port = start_serve(["--bundle", str(tiny_bundle), "--range", "5", "-k", "3"],
-                                      tmp_path, code=BLOCK_TORCH)
+                                      tmp_path, code=without_torch(SERVE))
     try:
         assert "(latent dim 8, 5000 catalog items)" in line
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
