@@ -165,7 +165,7 @@ class LikelihoodSearch:
         self.ids, self.labels = np.asarray(ids), np.asarray(labels)
         self._vectors = np.empty((2 * d + 1, n), dtype=np.float32)  # one column per item
         self._max_norm = 0.0  # the largest |w| of the float32 item vectors
-        step = 1 << 16  # float64 temporaries of a bounded size
+        step = 4096  # float64 temporaries of a few MB: the build adds little to peak memory
         for lo in range(0, n, step):
             w = item_vectors(mu[lo:lo + step], log_sigma[lo:lo + step])
             self._vectors[:, lo:lo + step] = w.T
