@@ -643,10 +643,17 @@ def load_static(directory: Path = STATIC_DIR) -> dict[str, tuple[bytes, str]]:
     return files
 
 
-class _RefusalRecordingConnection(h11.Connection):
-    """h11's connection, keeping the error it raised for the peer's bytes (for the answer)."""
+class _KioskConnection(h11.Connection):
+    """h11's connection, keeping the error it raised for the peer's bytes (for the answer),
+    and handing out an answer's head together with its body.
+
+    uvicorn writes the head and the body as they come from h11: two sends, two packets and
+    two wake-ups of the client for every answer. Held back until the body, the head goes out
+    in the same send (an empty write is nothing to asyncio).
+    """
 
     refusal: h11.RemoteProtocolError | None = None
+    _head = b""
 
     def next_event(self):
         try:
@@ -654,6 +661,14 @@ class _RefusalRecordingConnection(h11.Connection):
         except h11.RemoteProtocolError as exc:
             self.refusal = exc
             raise
+
+    def send(self, event):
+        data = super().send(event)
+        if type(event) is h11.Response:
+            self._head, data = data, b""
+        elif self._head and data is not None:
+            data, self._head = self._head + data, b""
+        return data
 
 
 class KioskProtocol(H11Protocol):
@@ -668,7 +683,7 @@ class KioskProtocol(H11Protocol):
     def __init__(self, config, server_state, app_state, _loop=None):
         super().__init__(config, server_state, app_state, _loop)
         self.kiosk: KioskAsgi = config.app
-        self.conn = _RefusalRecordingConnection(h11.SERVER, config.h11_max_incomplete_event_size)
+        self.conn = _KioskConnection(h11.SERVER, config.h11_max_incomplete_event_size)
         self.read_deadline: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport):
