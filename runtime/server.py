@@ -688,9 +688,9 @@ class KioskProtocol(H11Protocol):
 
     def connection_made(self, transport):
         super().connection_made(transport)
-        # An answer's head and body go out in two writes; with Nagle on, the client's delayed
-        # ACK would hold the body back ~40 ms on every keep-alive request. (asyncio sets this
-        # itself only for sockets made with proto=IPPROTO_TCP.)
+        # With Nagle on, a write made while earlier bytes are unacknowledged (the tail of a
+        # large answer, a pipelined answer) waits ~40 ms for the client's delayed ACK.
+        # (asyncio sets this itself only for sockets made with proto=IPPROTO_TCP.)
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
