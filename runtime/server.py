@@ -643,10 +643,17 @@ def load_static(directory: Path = STATIC_DIR) -> dict[str, tuple[bytes, str]]:
     return files
 
 
-class _RefusalRecordingConnection(h11.Connection):
-    """h11's connection, keeping the error it raised for the peer's bytes (for the answer)."""
+class _KioskConnection(h11.Connection):
+    """h11's connection, keeping the error it raised for the peer's bytes (for the answer),
+    and handing out an answer's head together with its body.
+
+    uvicorn writes the head and the body as they come from h11: two sends, two packets and
+    two wake-ups of the client for every answer. Held back until the body, the head goes out
+    in the same send (an empty write is nothing to asyncio).
+    """
 
     refusal: h11.RemoteProtocolError | None = None
+    _head = b""
 
     def next_event(self):
         try:
@@ -654,6 +661,14 @@ class _RefusalRecordingConnection(h11.Connection):
         except h11.RemoteProtocolError as exc:
             self.refusal = exc
             raise
+
+    def send(self, event):
+        data = super().send(event)
+        if type(event) is h11.Response:
+            self._head, data = data, b""
+        elif self._head and data is not None:
+            data, self._head = self._head + data, b""
+        return data
 
 
 class KioskProtocol(H11Protocol):
@@ -668,14 +683,14 @@ class KioskProtocol(H11Protocol):
     def __init__(self, config, server_state, app_state, _loop=None):
         super().__init__(config, server_state, app_state, _loop)
         self.kiosk: KioskAsgi = config.app
-        self.conn = _RefusalRecordingConnection(h11.SERVER, config.h11_max_incomplete_event_size)
+        self.conn = _KioskConnection(h11.SERVER, config.h11_max_incomplete_event_size)
         self.read_deadline: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport):
         super().connection_made(transport)
-        # An answer's head and body go out in two writes; with Nagle on, the client's delayed
-        # ACK would hold the body back ~40 ms on every keep-alive request. (asyncio sets this
-        # itself only for sockets made with proto=IPPROTO_TCP.)
+        # With Nagle on, a write made while earlier bytes are unacknowledged (the tail of a
+        # large answer, a pipelined answer) waits ~40 ms for the client's delayed ACK.
+        # (asyncio sets this itself only for sockets made with proto=IPPROTO_TCP.)
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
