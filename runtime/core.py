@@ -28,7 +28,7 @@ from .search import LikelihoodSearch, Matches
 # overflow float32 arithmetic in the decoder.
 MAX_ABS_Z = 1e6
 MAX_BATCH = 65536
-ROUNDTRIP_CHUNK = 64
+ROUNDTRIP_CHUNK = 16
 # How nearest() ranks the catalog for a latent query (see Runtime.nearest).
 MATCH_MODES = ("latent", "decoded")
 # onnxruntime threads per session: each is an OS thread, so more is a typo, not a machine
@@ -347,7 +347,7 @@ class Runtime:
         """encode(decode(z)) for validated z: mu, log_sigma and |z - mu| (shaped like z).
 
         In chunks of ROUNDTRIP_CHUNK rows: the graphs' intermediate images of a whole batch
-        would be resident at once (a kiosk's start-up sample of 512: +10 MB peak)."""
+        would stay resident (a kiosk's start-up sample of 512: +10 MB at 64 rows a chunk)."""
         flat = z.reshape(-1, self.latent_dim)
         parts = [self.encode(self.decode(flat[lo:lo + ROUNDTRIP_CHUNK]))
                  for lo in range(0, len(flat), ROUNDTRIP_CHUNK)]
