@@ -347,7 +347,7 @@ class Runtime:
         """encode(decode(z)) for validated z: mu, log_sigma and |z - mu| (shaped like z).
 
         In chunks of ROUNDTRIP_CHUNK rows: the graphs' intermediate images of a whole batch
-        would stay resident (a kiosk's start-up sample of 512: +10 MB at 64 rows a chunk)."""
+        would stay resident (a kiosk's start-up sample of 512 z: +10 MB at 64 rows a chunk)."""
         flat = z.reshape(-1, self.latent_dim)
         parts = [self.encode(self.decode(flat[lo:lo + ROUNDTRIP_CHUNK]))
                  for lo in range(0, len(flat), ROUNDTRIP_CHUNK)]

@@ -151,7 +151,7 @@ def test_kiosk_app_reports_mode_distance_and_far(runtime):
     app = KioskApp(runtime)
     info = app.info()
     assert info["match_modes"] == ["latent", "decoded"]
-    typical = runtime.roundtrip_distance(runtime.sample_prior(512, seed=0))
+    typical = runtime.roundtrip_distance(runtime.sample_prior(256, seed=0))
     assert info["far_distance"] == pytest.approx(float(np.quantile(typical, 0.99)))
     for z in (np.zeros(runtime.latent_dim), np.full(runtime.latent_dim, 5.0)):
         for by in ("latent", "decoded"):

@@ -133,7 +133,7 @@ def test_info(server, runtime):
                     "catalog_size": 5000, "range": 3.0, "k": 6, "max_k": 100,
                     "match_modes": ["latent", "decoded"],
                     "far_distance": pytest.approx(info["far_distance"])}
-    typical = runtime.roundtrip_distance(runtime.sample_prior(512, seed=0))
+    typical = runtime.roundtrip_distance(runtime.sample_prior(256, seed=0))
     assert info["far_distance"] == float(np.quantile(typical, 0.99))
 
 
