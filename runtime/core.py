@@ -5,9 +5,8 @@ Only numpy, onnxruntime and the standard library are imported here (no torch, no
 
 from __future__ import annotations
 
-import dataclasses
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -171,7 +170,7 @@ def open_session(path: Path, threads: int):
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    # Fatal only: a graph that fails while running is reported once, by _run, on one line.
+    # Fatal only: a graph that fails while running is reported once, by _Graph.run, on one line.
     options.log_severity_level = 4
     # Without the arena each run's buffers go back to the allocator: with it, one large batch
     # would stay resident for the life of the process (a 4,096-image decode: +150 MB), and
@@ -332,7 +331,7 @@ class Runtime:
         else:
             matches = self._search.search_gaussian(mu.astype(np.float64),
                                                    log_sigma.astype(np.float64), k, label_id)
-        return dataclasses.replace(matches, distances=distances)
+        return replace(matches, distances=distances)
 
     def roundtrip_distance(self, z) -> np.ndarray:
         """|z - mu(decode(z))|: how far the encoder puts the decoded garment from z.
