@@ -290,20 +290,26 @@ class Runtime:
     def decode(self, z) -> np.ndarray:
         """z (d,) or (B, d) -> float32 images (C, H, W) or (B, C, H, W) in [0, 1]."""
         array = check_latent(z, self.latent_dim)
-        single = array.ndim == 1
-        batch = array.reshape(-1, self.latent_dim).astype(np.float32)
-        (images,) = self._decoder.run(batch)
-        # A float32 sigmoid can round to just outside [0, 1] (-1.2e-7 with armhf's onnxruntime);
-        # encode() refuses such images, and the documented range is [0, 1].
-        np.clip(images, 0.0, 1.0, out=images)
-        return images[0] if single else images
+        images = self._decode(array.reshape(-1, self.latent_dim))
+        return images[0] if array.ndim == 1 else images
 
     def encode(self, images) -> tuple[np.ndarray, np.ndarray]:
         """Images -> (mu, log_sigma) float32, each (d,) for one image or (B, d)."""
         batch, single = check_images(images, self.image_shape, self.manifest["image"]["range"])
-        mu, log_var = self._encoder.run(batch)
-        log_sigma = 0.5 * log_var
+        mu, log_sigma = self._encode(batch)
         return (mu[0], log_sigma[0]) if single else (mu, log_sigma)
+
+    def _decode(self, z: np.ndarray) -> np.ndarray:
+        """Validated z (B, d) -> images (B, C, H, W) float32 in [0, 1], ready for _encode."""
+        (images,) = self._decoder.run(z.astype(np.float32))
+        # A float32 sigmoid can round to just outside [0, 1] (-1.2e-7 with armhf's onnxruntime);
+        # encode() refuses such images, and the documented range is [0, 1].
+        return np.clip(images, 0.0, 1.0, out=images)
+
+    def _encode(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Validated float32 images (B, C, H, W) -> mu, log_sigma (B, d)."""
+        mu, log_var = self._encoder.run(images)
+        return mu, 0.5 * log_var
 
     def nearest(self, z, k: int = 5, label: int | str | None = None,
                 by: str = "latent") -> Matches:
@@ -348,7 +354,8 @@ class Runtime:
         In chunks of ROUNDTRIP_CHUNK rows: the graphs' intermediate images of a whole batch
         would stay resident (a kiosk's start-up sample of 512 z: +10 MB at 64 rows a chunk)."""
         flat = z.reshape(-1, self.latent_dim)
-        parts = [self.encode(self.decode(flat[lo:lo + ROUNDTRIP_CHUNK]))
+        # The decoder's images go to the encoder as they are: already checked, float32, in range.
+        parts = [self._encode(self._decode(flat[lo:lo + ROUNDTRIP_CHUNK]))
                  for lo in range(0, len(flat), ROUNDTRIP_CHUNK)]
         mu = np.concatenate([part[0] for part in parts])
         log_sigma = np.concatenate([part[1] for part in parts])
