@@ -37,7 +37,7 @@ import numpy as np
 
 from ..runtime.atomic import atomic_directory
 from ..runtime.core import Runtime
-from ..runtime.search import LOG_2PI, top_k_rows
+from ..runtime.search import LOG_2PI
 from ..training.data import Split, load_split
 
 REPORT_NAME = "report.json"
@@ -128,6 +128,21 @@ def search_rows(search, queries: np.ndarray, k: int, batch: int, what: str,
             _log(log, f"  {what}: {done}/{len(queries)} queries "
                       f"({time.perf_counter() - started:.0f}s)")
     return rows
+
+
+def top_k_rows(scores: np.ndarray, k: int) -> np.ndarray:
+    """Rows of the k highest scores per query, best first, lower row first on ties.
+
+    scores: (B, N). Returns (B, k) int64.
+    """
+    n = scores.shape[1]
+    if k < n:
+        part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    else:
+        part = np.broadcast_to(np.arange(n), scores.shape).copy()
+    part_scores = np.take_along_axis(scores, part, axis=1)
+    order = np.lexsort((part, -part_scores), axis=1)  # last key primary: -score, then row
+    return np.take_along_axis(part, order, axis=1).astype(np.int64)
 
 
 def pixel_neighbours(queries: np.ndarray, catalog: np.ndarray, k: int, batch: int = 500,

@@ -80,34 +80,6 @@ class Matches:
         return int(self.ids.shape[-1])
 
 
-def log_likelihood_reference(z: np.ndarray, mu: np.ndarray, log_sigma: np.ndarray) -> np.ndarray:
-    """Direct formula in float64 for queries z (B, d) against items (N, d): returns (B, N).
-
-    The definition the engine is tested against; it is O(B*N*d) in memory.
-    """
-    z = np.asarray(z, dtype=np.float64)
-    mu = np.asarray(mu, dtype=np.float64)
-    log_sigma = np.asarray(log_sigma, dtype=np.float64)
-    diff = z[:, None, :] - mu[None, :, :]  # (B, N, d)
-    quad = 0.5 * np.einsum("bnd,nd->bn", diff * diff, np.exp(-2.0 * log_sigma))
-    return -quad - log_sigma.sum(axis=1)[None, :] - 0.5 * mu.shape[1] * LOG_2PI
-
-
-def top_k_rows(scores: np.ndarray, k: int) -> np.ndarray:
-    """Rows of the k highest scores per query, best first, lower row first on ties.
-
-    scores: (B, N). Returns (B, k) int64.
-    """
-    n = scores.shape[1]
-    if k < n:
-        part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-    else:
-        part = np.broadcast_to(np.arange(n), scores.shape).copy()
-    part_scores = np.take_along_axis(scores, part, axis=1)
-    order = np.lexsort((part, -part_scores), axis=1)  # last key primary: -score, then row
-    return np.take_along_axis(part, order, axis=1).astype(np.int64)
-
-
 def item_vectors(mu: np.ndarray, log_sigma: np.ndarray) -> np.ndarray:
     """w(x) = [-a/2, a*mu, c] per item, (n, 2d+1) float32, computed in float64.
 

@@ -7,7 +7,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vae_edge.runtime.search import LikelihoodSearch, log_likelihood_reference
+from vae_edge.runtime.search import LikelihoodSearch
+
+from .conftest import brute_force_log_q
 
 SETTINGS = settings(max_examples=60, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -84,7 +86,7 @@ def test_engine_equals_float64_reference(data):
     n = mu.shape[0]
     engine = LikelihoodSearch(mu, log_sigma, np.arange(n) + 100, labels)
     z = data.draw(queries(mu, rng, batch=data.draw(st.sampled_from([1, 7]))))
-    reference = log_likelihood_reference(z, mu, log_sigma)
+    reference = brute_force_log_q(z, mu, log_sigma)
     k = data.draw(st.sampled_from([1, 2, n, n + 5]))
     matches = engine.search(z, k)
     assert matches.rows.shape == (z.shape[0], min(k, n))  # k > N is clamped to N
@@ -104,7 +106,7 @@ def test_one_query_has_shape_k(data):
     k = min(k, mu.shape[0])
     for field in ("rows", "ids", "labels", "log_likelihoods", "probabilities"):
         assert getattr(matches, field).shape == (k,)
-    reference = log_likelihood_reference(z[None], mu, log_sigma)[0]
+    reference = brute_force_log_q(z[None], mu, log_sigma)[0]
     check_against_reference(matches, reference, k, log_total(reference))
 
 
@@ -133,7 +135,7 @@ def test_label_filter_is_exact(data):
     engine = LikelihoodSearch(mu, log_sigma, np.arange(mu.shape[0]), labels)
     label = int(labels[data.draw(st.integers(0, labels.size - 1))])
     z = data.draw(queries(mu, rng, batch=data.draw(st.sampled_from([1, 7]))))
-    reference = log_likelihood_reference(z, mu, log_sigma)
+    reference = brute_force_log_q(z, mu, log_sigma)
     count = int((labels == label).sum())
     assert engine.label_count(label) == count
     k = data.draw(st.sampled_from([1, 3, count, count + 4]))
@@ -156,7 +158,7 @@ def test_filtered_query_whose_best_lie_far_below_the_catalogs(k):
     log_sigma = rng.uniform(-3.0, -1.0, (n, d)).astype(np.float16)
     engine = LikelihoodSearch(mu, log_sigma, np.arange(n), labels)
     z = np.zeros(d)
-    reference = log_likelihood_reference(z[None], mu, log_sigma)[0]
+    reference = brute_force_log_q(z[None], mu, log_sigma)[0]
     assert reference[labels == 0].max() - reference[labels == 1].max() > 1000
     matches = engine.search(z, k, label=1)
     assert np.all(matches.labels == 1)
@@ -175,7 +177,7 @@ def test_top_k_far_below_the_items_p_needs(k):
     labels = rng.integers(0, 3, n)
     engine = LikelihoodSearch(mu, log_sigma, np.arange(n), labels)
     z = rng.standard_normal((3, d))
-    reference = log_likelihood_reference(z, mu, log_sigma)
+    reference = brute_force_log_q(z, mu, log_sigma)
     check_against_reference(engine.search(z, k), reference, k, log_total(reference))
     filtered = np.where(labels == 2, reference, -np.inf)
     check_against_reference(engine.search(z, k, label=2), filtered, k, log_total(reference))
@@ -191,7 +193,7 @@ def test_image_query_ranks_by_expected_log_likelihood(data):
     query_log_sigma = rng.uniform(-4, 1, size=query_mu.shape)
     # E_{z ~ N(m, s^2)} log q(z|x) = log q(m|x) - sum s^2 / (2 sigma^2)
     inv_var = np.exp(-2.0 * log_sigma.astype(np.float64))
-    reference = (log_likelihood_reference(query_mu, mu, log_sigma)
+    reference = (brute_force_log_q(query_mu, mu, log_sigma)
                  - 0.5 * np.exp(2 * query_log_sigma) @ inv_var.T)
     k = data.draw(st.sampled_from([1, 4]))
     label = data.draw(st.sampled_from([None, int(labels[0])]))
@@ -219,7 +221,7 @@ def test_catalog_large_enough_for_group_maxima(d, k, label):
     log_sigma[-1] = log_sigma[0]
     engine = LikelihoodSearch(mu, log_sigma, np.arange(n), labels)
     z = np.concatenate((mu[[0]].astype(np.float64), rng.standard_normal((4, d))))
-    reference = log_likelihood_reference(z, mu, log_sigma)
+    reference = brute_force_log_q(z, mu, log_sigma)
     ranked = reference if label is None else np.where(labels == label, reference, -np.inf)
     count = engine.label_count(label)
     matches = engine.search(z, k, label)
@@ -241,7 +243,7 @@ def test_cancellation_with_tiny_sigma(batch):
     log_sigma[::3] = -9.5
     engine = LikelihoodSearch(mu, log_sigma, np.arange(n), np.zeros(n, dtype=np.int64))
     z = mu[rng.integers(0, n, batch)].astype(np.float64) + rng.normal(size=(batch, d)) * 1e-4
-    reference = log_likelihood_reference(z, mu, log_sigma)
+    reference = brute_force_log_q(z, mu, log_sigma)
     matches = engine.search(z, 10)
     check_against_reference(matches, reference, 10, log_total(reference))
 
@@ -280,7 +282,7 @@ def test_extreme_query_is_exact_or_refused():
     log_sigma = np.array([[-30.0], [-30.0], [0.0]], np.float16)
     engine = LikelihoodSearch(mu, log_sigma, np.arange(3), np.zeros(3, np.int64))
     z = np.array([[1.5]])
-    reference = log_likelihood_reference(z, mu, log_sigma)
+    reference = brute_force_log_q(z, mu, log_sigma)
     check_against_reference(engine.search(z, 3), reference, 3, log_total(reference))
     with pytest.raises(ValueError, match="query too large for this catalog's float32 scores"):
         engine.search(np.array([1e6]), 3)
@@ -300,7 +302,7 @@ def test_runtime_label_filter_and_image_query(runtime, batch):
     rng = np.random.default_rng(batch)
     z = rng.normal(size=(batch, runtime.latent_dim))
     index = runtime.index
-    reference = log_likelihood_reference(z, index.mu, index.log_sigma)
+    reference = brute_force_log_q(z, index.mu, index.log_sigma)
     sneaker = runtime.label_names.index("Sneaker")
     by_name = runtime.nearest(z, k=5, label="sneaker")
     by_id = runtime.nearest(z, k=5, label=sneaker)
@@ -313,7 +315,7 @@ def test_runtime_label_filter_and_image_query(runtime, batch):
     mu, log_sigma = runtime.encode(images)
     matches = runtime.nearest_image(images, k=5)
     inv_var = np.exp(-2.0 * index.log_sigma.astype(np.float64))
-    expected = (log_likelihood_reference(mu, index.mu, index.log_sigma)
+    expected = (brute_force_log_q(mu, index.mu, index.log_sigma)
                 - 0.5 * np.exp(2.0 * log_sigma.astype(np.float64)) @ inv_var.T)
     check_against_reference(matches, expected, 5, log_total(expected))
 
