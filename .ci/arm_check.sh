@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # ARM check: install this working tree in an emulated Debian ARM root and compare its answers
-# with the host's (scripts/compare_answers.py: same ids, log-likelihoods, PNG bytes).
+# with the host's (.ci/compare_answers.py: same ids, log-likelihoods, PNG bytes).
 #
-#   sudo bash scripts/arm_check.sh            # arm64: Debian bookworm, `pip install .` (PyPI wheels)
-#   sudo bash scripts/arm_check.sh armhf      # armv7: Debian trixie's python3-onnxruntime & co,
+#   sudo bash .ci/arm_check.sh            # arm64: Debian bookworm, `pip install .` (PyPI wheels)
+#   sudo bash .ci/arm_check.sh armhf      # armv7: Debian trixie's python3-onnxruntime & co,
 #                                             #        `pip install --no-deps .` over system packages
 #   ARM_CHECK_CPUS="cortex-a72" ...           # emulated CPUs (default: per arch, see below)
 #   ARM_CHECK_CACHE=DIR ...                   # where roots, qemu and the host venv are kept
@@ -165,7 +165,7 @@ for cpu in $CPUS; do
         tar -cf /opt/answers.tar ."
     mkdir -p "$OUT/$cpu" && tar -xf "$ROOT/opt/answers.tar" -C "$OUT/$cpu"
     say "$cpu: commands took $((SECONDS - t0)) s under emulation"
-    "$HOST_VENV/bin/python" "$REPO/scripts/compare_answers.py" "$OUT/host" "$OUT/$cpu" || failed=1
+    "$HOST_VENV/bin/python" "$REPO/.ci/compare_answers.py" "$OUT/host" "$OUT/$cpu" || failed=1
     sed 's/^/    /' "$OUT/$cpu/bench.txt"
 done
 say "venv in the root: $VENV_MB MB"

@@ -1,6 +1,6 @@
 """Compare the answers of `vae-run` on two machines (directories written by arm_check.sh).
 
-    python scripts/compare_answers.py HOST_DIR GUEST_DIR     # exit status 1 when they differ
+    python .ci/compare_answers.py HOST_DIR GUEST_DIR     # exit status 1 when they differ
 
 Same bundle summary, same ranked ids and labels, decoded PNGs equal pixel for pixel (to one
 grey level: the decoder's float32 output can land either side of a rounding step), and scores
