@@ -264,11 +264,11 @@ def encode(runtime: Runtime, images: tuple[Path, ...], as_json: bool):
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on. The default is reachable from this machine only; "
                    "0.0.0.0 opens the kiosk to the network.")
-@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True,
+@click.option("--port", type=AsciiIntRange(0, 65535), default=8000, show_default=True,
               help="TCP port; 0 picks a free one (the URL is printed).")
 @click.option("--range", "z_range", type=click.FloatRange(0, 100, min_open=True), default=3.0,
               show_default=True, help="Each slider spans [-RANGE, RANGE] (5 matches the seeds).")
-@click.option("-k", type=click.IntRange(1, 100), default=6, show_default=True,
+@click.option("-k", type=AsciiIntRange(1, 100), default=6, show_default=True,
               help="How many nearest catalog items the page shows.")
 @click.option("--allow-host", "allow_hosts", multiple=True, metavar="NAME",
               help="Also answer requests addressed to this host name (repeatable), e.g. the "
@@ -300,7 +300,7 @@ def serve(runtime: Runtime, host: str, port: int, z_range: float, k: int,
 @click.option("--seconds", type=click.FloatRange(0, 3600, min_open=True), default=3.0,
               show_default=True, help="Time budget in all (a slow device's cold start may "
                                       "take longer: at least one runs).")
-@click.option("--batch", type=click.IntRange(2, 4096), default=64, show_default=True,
+@click.option("--batch", type=AsciiIntRange(2, 4096), default=64, show_default=True,
               help="Queries per call in the batch rows.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def bench(runtime: Runtime, seconds: float, batch: int, as_json: bool):
