@@ -1,4 +1,5 @@
-"""PNG in and out (Pillow), and the nearest-items contact sheet."""
+"""Photos in (any size, fitted to the model's square), PNG and WebP out (Pillow), and the
+nearest-items contact sheet."""
 
 from __future__ import annotations
 
@@ -9,12 +10,15 @@ import numpy as np
 
 from .atomic import atomic_file
 
-# Pillow can parse dozens of formats; a kiosk needs a few, and every parser left out is
+# Pillow can parse dozens of formats; a catalog needs a few, and every parser left out is
 # one less that untrusted bytes can reach.
-IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "PPM")
-# 8-bit modes that convert to grayscale without guessing: "I;16" would be clipped to white
-# and an alpha channel leaves the background undefined, so those are refused instead.
-IMAGE_MODES = ("L", "1", "P", "RGB")
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "PPM")
+# 8-bit modes (alpha included). 16-bit and float modes ("I;16", "I", "F") are refused: their
+# value range is not fixed, so converting them to 8 bits would be a guess.
+IMAGE_MODES = ("L", "1", "P", "RGB", "RGBA", "LA", "PA", "CMYK", "YCbCr", "La", "RGBa")
+# A photo larger than this is refused from its header, before any pixel is decoded
+# (a decompression bomb); 50 megapixels is beyond any product photo.
+MAX_PHOTO_PIXELS = 50_000_000
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -27,50 +31,116 @@ def _png_header_size(path: Path) -> tuple[int, int] | None:
     return struct.unpack(">II", head[16:24])
 
 
-def read_image(path: str | Path, size: tuple[int, int]) -> np.ndarray:
-    """Read one image file as uint8 grayscale (H, W); it must already be size = (H, W).
+def _too_large(size: tuple[int, int]) -> bool:
+    return size[0] * size[1] > MAX_PHOTO_PIXELS
 
-    Formats: PNG, JPEG, BMP, GIF, PPM/PGM; modes: 8-bit grayscale, bilevel, palette or RGB
-    (converted to grayscale). The size is checked from the header before any pixel is
-    decoded, so a huge file (a decompression bomb) is refused cheaply. Raises
-    FileNotFoundError or ValueError naming the file.
+
+def load_photo(path: str | Path):
+    """Open and decode one photo as a Pillow image in mode "L" or "RGB", upright.
+
+    Formats: PNG, JPEG, WebP, BMP, GIF, PPM/PGM, any size up to MAX_PHOTO_PIXELS (checked
+    from the header before decoding); 8-bit modes, grayscale or colour. The EXIF orientation
+    of a camera photo is applied; transparent pixels are put on white (a product cut-out on
+    a transparent background shows on white, as in a shop). Raises FileNotFoundError or
+    ValueError naming the file.
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"image not found: {path}")
     if not path.is_file():
         raise ValueError(f"{path}: not a regular file")
-    height, width = size
-
     # Pillow's own errors are caught around the calls into it only: a ValueError raised
     # while parsing (an oversized text chunk) needs the file name, ours already have it.
     try:
         found = _png_header_size(path)
-        mode = transparent = pixels = None
-        if found in (None, (width, height)):
-            with Image.open(path, formats=IMAGE_FORMATS) as image:
-                found, mode = image.size, image.mode
-                transparent = "transparency" in image.info  # a tRNS chunk or GIF key colour
-                if found == (width, height) and mode in IMAGE_MODES and not transparent:
-                    pixels = np.asarray(image.convert("L"), dtype=np.uint8)
+        if found is not None and _too_large(found):
+            raise _Refused(found)
+        with Image.open(path, formats=IMAGE_FORMATS) as image:
+            if _too_large(image.size):
+                raise _Refused(image.size)
+            if image.mode not in IMAGE_MODES:
+                raise ValueError(
+                    f"{path.name}: pixel mode {image.mode} is not supported; expected an 8-bit "
+                    "grayscale, palette or colour image (16-bit and float images are not)")
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            has_alpha = image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (
+                "transparency" in image.info)
+            if has_alpha:
+                rgba = image.convert("RGBA")
+                picture = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                picture.alpha_composite(rgba)
+                return picture.convert("RGB")
+            return image.convert("L" if image.mode in ("L", "1") else "RGB")
+    except _Refused as refused:
+        width, height = refused.args[0]
+        raise ValueError(f"{path.name}: image is {width}x{height} pixels, too large to decode "
+                         f"safely (at most {MAX_PHOTO_PIXELS:,} pixels)") from None
     except UnidentifiedImageError:
         raise ValueError(f"{path.name}: not an image file Pillow can read") from None
     except Image.DecompressionBombError as exc:  # header of a non-PNG format claims a huge size
         raise ValueError(f"{path.name}: refused before decoding, far too large ({exc})") from None
-    except (OSError, SyntaxError, ValueError, struct.error) as exc:  # truncated or corrupt data
+    except ValueError as exc:
+        if str(exc).startswith(f"{path.name}: "):
+            raise
         raise ValueError(f"{path.name}: cannot decode image ({exc})") from None
-    if found != (width, height):
-        raise ValueError(f"{path.name}: image is {found[0]}x{found[1]} pixels, "
-                         f"expected {width}x{height}")
-    if pixels is None:
-        with_transparency = " with transparency" if transparent else ""
-        raise ValueError(
-            f"{path.name}: pixel mode {mode}{with_transparency} is not supported; expected "
-            "8-bit grayscale (L), bilevel, palette or RGB without transparency"
-        )
-    return pixels
+    except (OSError, SyntaxError, struct.error) as exc:  # truncated or corrupt data
+        raise ValueError(f"{path.name}: cannot decode image ({exc})") from None
+
+
+class _Refused(Exception):
+    """A photo's header gives a size above MAX_PHOTO_PIXELS."""
+
+
+def fit_photo(image, size: int, channels: int) -> np.ndarray:
+    """A photo (Pillow image) fitted into a size x size square: uint8 (channels, size, size).
+
+    The aspect ratio is kept: the longer side is scaled to `size` (Lanczos), the picture is
+    centred and the rest is padded with the median colour of the photo's outermost pixels, so
+    a product shot on white is padded with white and a garment on black with black. A photo
+    that is already size x size is used as it is. channels 1 gives grayscale (ITU-R 601-2
+    luma), 3 colour.
+    """
+    from PIL import Image
+
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels!r}")
+    picture = image.convert("L" if channels == 1 else "RGB")
+    width, height = picture.size
+    if (width, height) != (size, size):
+        scale = size / max(width, height)
+        new = (max(1, round(width * scale)), max(1, round(height * scale)))
+        pixels = np.asarray(picture)
+        border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+        background = tuple(int(v) for v in np.median(border.reshape(len(border), -1), axis=0))
+        canvas = Image.new(picture.mode, (size, size),
+                           background[0] if channels == 1 else background)
+        canvas.paste(picture.resize(new, Image.LANCZOS),
+                     ((size - new[0]) // 2, (size - new[1]) // 2))
+        picture = canvas
+    pixels = np.asarray(picture, dtype=np.uint8)
+    return pixels[None] if channels == 1 else np.ascontiguousarray(pixels.transpose(2, 0, 1))
+
+
+def read_image(path: str | Path, size: int, channels: int) -> np.ndarray:
+    """One photo file fitted as training fits catalog photos: uint8 (channels, size, size)."""
+    return fit_photo(load_photo(path), size, channels)
+
+
+def thumbnail_bytes(image, size: int, quality: int = 80) -> bytes:
+    """A colour (or grayscale) photo fitted into size x size, as WebP bytes."""
+    from io import BytesIO
+
+    from PIL import Image
+
+    channels = 1 if image.mode == "L" else 3
+    pixels = fit_photo(image, size, channels)
+    picture = Image.fromarray(pixels[0] if channels == 1 else pixels.transpose(1, 2, 0))
+    out = BytesIO()
+    picture.save(out, format="WEBP", quality=quality, method=6)
+    return out.getvalue()
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:

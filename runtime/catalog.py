@@ -1,0 +1,205 @@
+"""A shop's catalog: a CSV of items and their photos, checked row by row before any work.
+
+The format (docs/catalog.md): UTF-8 CSV with a header row;
+- `id`: unique, non-empty text (a SKU);
+- `image`: a path, relative to the CSV or absolute, to a PNG, JPEG or WebP photo, any size,
+  grayscale or colour;
+- `label`: optional category text;
+- every other column is kept as text metadata and comes back with search results.
+
+read_catalog parses and checks the CSV itself; catalog_photos decodes the photos, and
+fit_catalog fits them all into one uint8 array. A bad row is reported with its CSV line
+number; with skip_bad it is left out and counted instead.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from .images import fit_photo, load_photo, thumbnail_bytes
+
+REQUIRED_COLUMNS = ("id", "image")
+MAX_ID_LENGTH = 200
+SHOWN_ERRORS = 5  # bad rows named in the error; the count says how many there were in all
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """The good rows of a catalog CSV, in file order."""
+
+    source: Path  # the CSV file
+    ids: tuple[str, ...]
+    labels: tuple[str, ...] | None  # None when the CSV has no label column
+    images: tuple[Path, ...]  # absolute paths
+    columns: tuple[str, ...]  # metadata column names, in CSV order
+    metadata: tuple[tuple[str, ...], ...]  # one tuple of texts per item, as `columns`
+    lines: tuple[int, ...]  # the CSV line each item starts on
+    skipped: tuple[str, ...] = field(default=())  # "line N: why" for each row left out
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def select(self, keep: list[int], skipped: list[str]) -> Catalog:
+        """The catalog with only the items at positions `keep`; `skipped` adds to .skipped."""
+        def pick(values):
+            return tuple(values[i] for i in keep)
+
+        return replace(self, ids=pick(self.ids),
+                       labels=None if self.labels is None else pick(self.labels),
+                       images=pick(self.images), metadata=pick(self.metadata),
+                       lines=pick(self.lines), skipped=self.skipped + tuple(skipped))
+
+
+def bad_rows_error(source: Path, problems: list[str], what: str = "row") -> ValueError:
+    what = what if len(problems) == 1 else what + "s"
+    shown = "; ".join(problems[:SHOWN_ERRORS])
+    more = f" (and {len(problems) - SHOWN_ERRORS} more)" if len(problems) > SHOWN_ERRORS else ""
+    return ValueError(f"{source}: {len(problems)} bad {what}: {shown}{more}; fix them or pass "
+                      "--skip-bad to leave them out")
+
+
+def _id_problem(item_id: str) -> str | None:
+    if not item_id:
+        return "empty id"
+    if len(item_id) > MAX_ID_LENGTH:
+        return f"id longer than {MAX_ID_LENGTH} characters"
+    if item_id != item_id.strip() or any(ord(c) < 32 or ord(c) == 127 for c in item_id):
+        return f"id {item_id[:40]!r} has surrounding spaces or control characters"
+    return None
+
+
+def read_catalog(path: str | Path, *, skip_bad: bool = False,
+                 known_ids: frozenset[str] = frozenset()) -> Catalog:
+    """Parse and check a catalog CSV (the photos are checked by catalog_photos).
+
+    Refused with ValueError: a file that is not UTF-8 CSV, a header without `id` and
+    `image` or with repeated or empty names, and rows with the wrong number of fields, an
+    empty or repeated id (also one in known_ids: items already in a bundle) or an empty image
+    path. skip_bad leaves bad rows out instead, listing them in Catalog.skipped; a malformed
+    file is refused either way.
+    """
+    source = Path(path)
+    if not source.is_file():
+        raise FileNotFoundError(f"catalog CSV not found: {source}")
+    try:
+        text = source.read_text(encoding="utf-8-sig")  # -sig: spreadsheets write a BOM
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{source}: not UTF-8 text (byte {exc.start}: {exc.reason}); save the "
+                         "CSV as UTF-8") from None
+    reader = csv.reader(text.splitlines(keepends=True), strict=True)
+    try:
+        header = next(reader, None)
+        if header is None:
+            raise ValueError(f"{source}: empty file; expected a header row with id and image")
+        names = [name.strip() for name in header]
+        missing = [name for name in REQUIRED_COLUMNS if name not in names]
+        if missing:
+            raise ValueError(f"{source}: header has no {' or '.join(missing)} column; expected "
+                             f"columns id, image[, label, ...], got {', '.join(names)[:200]}")
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated or "" in names:
+            raise ValueError(f"{source}: header has {'repeated' if repeated else 'empty'} "
+                             f"column names{': ' + ', '.join(repeated) if repeated else ''}")
+        id_at, image_at = names.index("id"), names.index("image")
+        label_at = names.index("label") if "label" in names else None
+        extra = [i for i, name in enumerate(names) if name not in ("id", "image", "label")]
+        rows, problems, seen = [], [], set(known_ids)
+        line = reader.line_num + 1
+        for fields in reader:
+            start, line = line, reader.line_num + 1
+            if not any(value.strip() for value in fields):
+                continue  # blank lines, as spreadsheets leave at the end
+            problem = None
+            if len(fields) != len(names):
+                problem = f"{len(fields)} fields, expected {len(names)}"
+            else:
+                item_id = fields[id_at]
+                problem = _id_problem(item_id)
+                if problem is None and item_id in seen:
+                    problem = f"id {item_id!r} repeated"
+                elif problem is None and not fields[image_at].strip():
+                    problem = "empty image path"
+            if problem is not None:
+                problems.append(f"line {start}: {problem}")
+                continue
+            seen.add(item_id)
+            rows.append((start, fields))
+    except csv.Error as exc:
+        raise ValueError(f"{source}: malformed CSV at line {reader.line_num}: {exc}") from None
+    if problems and not skip_bad:
+        raise bad_rows_error(source, problems)
+    if not rows:
+        raise ValueError(f"{source}: no items; expected at least one row after the header")
+    return Catalog(
+        source=source,
+        ids=tuple(fields[id_at] for _, fields in rows),
+        labels=None if label_at is None else tuple(fields[label_at].strip() for _, fields in rows),
+        images=tuple((source.parent / fields[image_at].strip()).absolute() for _, fields in rows),
+        columns=tuple(names[i] for i in extra),
+        metadata=tuple(tuple(fields[i] for i in extra) for _, fields in rows),
+        lines=tuple(start for start, _ in rows),
+        skipped=tuple(problems),
+    )
+
+
+def catalog_photos(catalog: Catalog) -> Iterator[tuple[int, object | None, str | None]]:
+    """(position, Pillow image or None, problem or None) for each item, in order."""
+    for position, path in enumerate(catalog.images):
+        try:
+            yield position, load_photo(path), None
+        except (FileNotFoundError, ValueError) as exc:
+            yield position, None, f"line {catalog.lines[position]}: {exc}"
+
+
+def fit_catalog(catalog: Catalog, size: int, channels: int, *, skip_bad: bool = False,
+                thumbnail_size: int | None = None, out: np.ndarray | None = None,
+                progress: Callable[[int], None] | None = None
+                ) -> tuple[Catalog, np.ndarray, list[bytes] | None]:
+    """Decode every photo once and fit it into (channels, size, size) uint8.
+
+    Returns the catalog of the items whose photos decoded, their fitted pixels and, with
+    thumbnail_size, a WebP thumbnail of each. out: a (len(catalog), channels, size, size)
+    uint8 array to fill (a memory map for catalogs larger than RAM); the first len(result)
+    rows hold the result. A photo that cannot be read is a bad row: ValueError naming the
+    lines, unless skip_bad. progress(n) is called after each photo.
+    """
+    shape = (len(catalog), channels, size, size)
+    if out is None:
+        out = np.empty(shape, dtype=np.uint8)
+    elif out.shape != shape or out.dtype != np.uint8:
+        raise ValueError(f"out must be uint8 {shape}, got {out.dtype} {out.shape}")
+    keep, problems, thumbnails = [], [], [] if thumbnail_size else None
+    for position, photo, problem in catalog_photos(catalog):
+        if problem is not None:
+            problems.append(problem)
+        else:
+            out[len(keep)] = fit_photo(photo, size, channels)
+            if thumbnails is not None:
+                thumbnails.append(thumbnail_bytes(photo, thumbnail_size))
+            keep.append(position)
+        if progress is not None:
+            progress(1)
+    if problems and not skip_bad:
+        raise bad_rows_error(catalog.source, problems, "photo")
+    if not keep:
+        raise ValueError(f"{catalog.source}: no item has a readable photo")
+    return catalog.select(keep, problems), out[:len(keep)], thumbnails
+
+
+def catalog_fingerprint(catalog: Catalog) -> str:
+    """sha256 over the CSV's bytes and each photo's size and modification time: a cache of
+    fitted photos made from the same fingerprint is still valid."""
+    digest = hashlib.sha256(catalog.source.read_bytes())
+    for path in catalog.images:
+        try:
+            stat = path.stat()
+            digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        except OSError:
+            digest.update(f"{path}\0missing\n".encode())
+    return digest.hexdigest()
