@@ -163,3 +163,18 @@ def atomic_directory(out_dir: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def recover_directory(out_dir: Path, log=print) -> None:
+    """Undo what a killed atomic_directory left beside out_dir: its half-written `.partial`
+    directory, and, if it died between replace_directory's two renames, the previous
+    directory parked as `.old` (moved back, since out_dir is then missing)."""
+    out_dir = Path(out_dir)
+    remove_stale_temporaries(out_dir, ".partial", log)
+    parked = stale_temporaries(out_dir, ".old")
+    if parked and not out_dir.exists():
+        newest = max(parked, key=lambda p: p.stat().st_mtime)
+        newest.rename(out_dir)
+        log(f"restored the previous {out_dir} from {newest.name} (a run was interrupted "
+            "while replacing it)")
+    remove_stale_temporaries(out_dir, ".old", log)

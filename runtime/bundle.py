@@ -1,22 +1,28 @@
-"""The bundle schema, written by vae-export and read by the runtime (numpy only, no pickle).
+"""The bundle schema, written by vae-export and `vae-run add/remove`, and read by the runtime
+(numpy only, no pickle).
 
-One module says what a bundle is: new_manifest and write_index write it (export), and
+One module says what a bundle is: new_manifest, write_index and write_manifest write it, and
 read_manifest, verify_files and load_index check it, so the runtime then follows the manifest
 (file names, graph input and output names, image shape and value range) knowing that it says
-what this schema says. Layout of a bundle directory (format version 1, docs/bundle-format.md):
+what this schema says. Layout of a bundle directory (format version 2, docs/bundle-format.md):
 
     manifest.json          what follows, with a sha256 and byte count for every file
-    encoder.onnx           images (B, 1, 28, 28) float32 in [0, 1] -> mu, log_var (B, d)
-    decoder.onnx           z (B, d) float32 -> images (B, 1, 28, 28) float32 in [0, 1]
+    encoder.onnx           images (B, C, H, W) float32 in [0, 1] -> mu, log_var (B, d)
+    decoder.onnx           z (B, d) float32 -> images (B, C, H, W) float32 in [0, 1]
     index_mu.npy           (N, d) float16, posterior means of the catalog items
     index_log_sigma.npy    (N, d) float16, log standard deviations (= log_var / 2)
-    index_ids.npy          (N,) int32, catalog item ids (row in the source dataset)
-    index_labels.npy       (N,) int32, class ids; names are in the manifest
+    index_labels.npy       (N,) int32, label ids; their names are in the manifest
+    items.csv              UTF-8 CSV: id (text, unique) and the catalog's metadata columns,
+                           one row per item in index order
+    thumbnails.bin         optional: the items' photos as WebP files back to back
+    thumbnail_offsets.npy  with it: (N + 1,) int64, item i is bytes [offsets[i], offsets[i+1])
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import os
 from dataclasses import dataclass
@@ -26,15 +32,17 @@ from typing import Any
 import numpy as np
 
 FORMAT_NAME = "vae-edge-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 INDEX_FILES = {
     "mu": "index_mu.npy",
     "log_sigma": "index_log_sigma.npy",
-    "ids": "index_ids.npy",
     "labels": "index_labels.npy",
 }
-INDEX_DTYPES = {"mu": "float16", "log_sigma": "float16", "ids": "int32", "labels": "int32"}
+INDEX_DTYPES = {"mu": "float16", "log_sigma": "float16", "labels": "int32"}
+ITEMS_FILE = "items.csv"
+THUMBNAIL_FILES = {"images": "thumbnails.bin", "offsets": "thumbnail_offsets.npy"}
+THUMBNAIL_FORMAT = "webp"
 MODEL_FILES = {"encoder": "encoder.onnx", "decoder": "decoder.onnx"}
 IMAGE_DTYPE = "float32"
 IMAGE_RANGE = [0.0, 1.0]
@@ -46,6 +54,7 @@ MAX_NPY_HEADER_BYTES = 10_000
 # sigma >= e^-40 (4e-18): the search works with 1/sigma^2, which must fit float32 (and a
 # float16 log_sigma of -65504 would overflow even float64).
 MIN_LOG_SIGMA = -40.0
+FLOAT16_MAX = float(np.finfo(np.float16).max)
 _SHA256_HEX = frozenset("0123456789abcdef")
 
 
@@ -70,16 +79,35 @@ def default_bundle_path() -> Path:
 
 @dataclass(frozen=True)
 class CatalogIndex:
-    """The catalog's posteriors as stored: float16 mu and log_sigma, (N, d) each."""
+    """A bundle's catalog: float16 posteriors (N, d), label ids (N,), and the items' table.
+
+    ids: (N,) object array of str. metadata: one (N,) object array of str per column of
+    `columns`. thumbnails: the WebP bytes of every item back to back (a read-only memory map
+    or bytes) and (N + 1,) offsets, or both None.
+    """
 
     mu: np.ndarray
     log_sigma: np.ndarray
-    ids: np.ndarray
     labels: np.ndarray
     label_names: tuple[str, ...]
+    ids: np.ndarray
+    columns: tuple[str, ...] = ()
+    metadata: tuple[np.ndarray, ...] = ()
+    thumbnails: np.ndarray | bytes | None = None
+    thumbnail_offsets: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.mu.shape[0])
+
+    def item_metadata(self, row: int) -> dict[str, str]:
+        return {name: str(values[row]) for name, values in zip(self.columns, self.metadata)}
+
+    def thumbnail(self, row: int) -> bytes | None:
+        """The item's photo (WebP bytes), or None in a bundle without thumbnails."""
+        if self.thumbnail_offsets is None:
+            return None
+        start, end = self.thumbnail_offsets[row], self.thumbnail_offsets[row + 1]
+        return bytes(self.thumbnails[start:end])
 
 
 def graph_sections(latent_dim: int, image_shape) -> dict:
@@ -95,11 +123,15 @@ def graph_sections(latent_dim: int, image_shape) -> dict:
     }
 
 
-def new_manifest(*, latent_dim: int, image_shape, image_layout: str, catalog: str, size: int,
-                 label_names, ids: str, **provenance) -> dict:
+def new_manifest(*, latent_dim: int, image_shape, image_layout: str, catalog: str,
+                 index: CatalogIndex, ids: str, thumbnail_size: int | None = None,
+                 **provenance) -> dict:
     """A manifest with every section read_manifest checks, for write_manifest to complete
     with the files' sizes and hashes; `provenance` (parity, model_config, training, ...) is
-    recorded as given."""
+    recorded as given. thumbnail_size: the side of the thumbnails, when index has them."""
+    has_thumbnails = index.thumbnail_offsets is not None
+    if has_thumbnails != (thumbnail_size is not None):
+        raise ValueError("thumbnail_size goes with an index that has thumbnails, and only then")
     return {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -109,31 +141,55 @@ def new_manifest(*, latent_dim: int, image_shape, image_layout: str, catalog: st
         **graph_sections(latent_dim, image_shape),
         "index": {
             "catalog": catalog,
-            "size": int(size),
+            "size": len(index),
             "files": dict(INDEX_FILES),
             "dtypes": dict(INDEX_DTYPES),
             "log_sigma": "0.5 * log_var of q(z|x); sigma = exp(log_sigma)",
-            "ids": ids,
-            "label_names": list(label_names),
+            "label_names": list(index.label_names),
         },
+        "items": {"file": ITEMS_FILE, "columns": ["id", *index.columns], "ids": ids},
+        "thumbnails": None if not has_thumbnails else {
+            "files": dict(THUMBNAIL_FILES), "format": THUMBNAIL_FORMAT,
+            "size": [int(thumbnail_size), int(thumbnail_size)]},
         **provenance,
-        "files": {name: {} for name in bundle_files()},
+        "files": {name: {} for name in bundle_files(has_thumbnails)},
     }
 
 
-def bundle_files() -> list[str]:
+def bundle_files(thumbnails: bool) -> list[str]:
     """Every file of a bundle besides its manifest."""
-    return list(MODEL_FILES.values()) + list(INDEX_FILES.values())
+    return (list(MODEL_FILES.values()) + list(INDEX_FILES.values()) + [ITEMS_FILE]
+            + (list(THUMBNAIL_FILES.values()) if thumbnails else []))
 
 
-def write_index(root: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Save the index arrays (mu, log_sigma, ids, labels) under their file names, as .npy
-    files of the schema's dtypes (refused otherwise: a cast here would hide a bug)."""
+def to_float16(name: str, array: np.ndarray) -> np.ndarray:
+    """An index array as the schema stores it; ValueError where float16 would overflow."""
+    largest = float(np.abs(array).max(initial=0.0))
+    if not largest <= FLOAT16_MAX:
+        raise ValueError(f"{name}: values up to {largest:.3g} overflow float16")
+    return array.astype(np.float16)
+
+
+def write_index(root: Path, index: CatalogIndex) -> None:
+    """Write the index arrays, items.csv and the thumbnails (if any) under their file names.
+    Arrays must have the schema's dtypes (refused otherwise: a cast here would hide a bug)."""
+    root = Path(root)
+    arrays = {"mu": index.mu, "log_sigma": index.log_sigma, "labels": index.labels}
     for key, name in INDEX_FILES.items():
         array = arrays[key]
         if array.dtype != np.dtype(INDEX_DTYPES[key]):
             raise ValueError(f"index {key}: dtype is {array.dtype}, expected {INDEX_DTYPES[key]}")
-        np.save(Path(root) / name, array, allow_pickle=False)
+        np.save(root / name, array, allow_pickle=False)
+    with open(root / ITEMS_FILE, "w", encoding="utf-8", newline="") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(["id", *index.columns])
+        for row in range(len(index)):
+            writer.writerow([index.ids[row], *(values[row] for values in index.metadata)])
+    if index.thumbnail_offsets is not None:
+        np.save(root / THUMBNAIL_FILES["offsets"],
+                np.asarray(index.thumbnail_offsets, dtype=np.int64), allow_pickle=False)
+        with open(root / THUMBNAIL_FILES["images"], "wb") as handle:
+            handle.write(memoryview(index.thumbnails)[:int(index.thumbnail_offsets[-1])])
 
 
 def _require(mapping: dict, key: str, kind: type, where: str) -> Any:
@@ -240,7 +296,30 @@ def read_manifest(root: Path) -> dict:
             raise BundleError(f"{where}: sha256 must be 64 lowercase hex digits, got {digest!r}")
         if _require(entry, "bytes", int, where) < 0:
             raise BundleError(f"{where}: bytes must be >= 0, got {entry['bytes']}")
-    required = bundle_files()
+    items = _require(manifest, "items", dict, MANIFEST_NAME)
+    if items.get("file") != ITEMS_FILE:
+        raise BundleError(f"{MANIFEST_NAME}: items file must be {ITEMS_FILE!r}, got "
+                          f"{items.get('file')!r}")
+    columns = _require(items, "columns", list, "manifest.json items")
+    if (not columns or columns[0] != "id" or not all(isinstance(c, str) and c for c in columns)
+            or len(set(columns)) != len(columns)):
+        raise BundleError(f"{MANIFEST_NAME}: items columns must be distinct non-empty names "
+                          f"starting with 'id', got {columns!r}")
+    if "thumbnails" not in manifest:
+        raise BundleError(f"{MANIFEST_NAME}: missing key 'thumbnails' (null when there are none)")
+    thumbnails = manifest["thumbnails"]
+    if thumbnails is not None:
+        if not isinstance(thumbnails, dict):
+            raise BundleError(f"{MANIFEST_NAME}: thumbnails must be an object or null")
+        size = thumbnails.get("size")
+        if (thumbnails.get("files") != THUMBNAIL_FILES
+                or thumbnails.get("format") != THUMBNAIL_FORMAT
+                or not isinstance(size, list) or len(size) != 2
+                or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0
+                           for n in size)):
+            raise BundleError(f"{MANIFEST_NAME}: thumbnails must be files {THUMBNAIL_FILES}, "
+                              f"format {THUMBNAIL_FORMAT!r} and size [W, H], got {thumbnails!r}")
+    required = bundle_files(thumbnails is not None)
     for name in required:
         if name not in files:
             raise BundleError(f"{MANIFEST_NAME}: files has no entry for {name}")
@@ -366,7 +445,67 @@ def load_index(root: Path, manifest: dict) -> CatalogIndex:
             f"{files['labels']}: labels must lie in [0, {len(label_names)}), "
             f"got [{labels.min()}, {labels.max()}]"
         )
-    return CatalogIndex(label_names=label_names, **arrays)
+    ids, metadata = _load_items(root, manifest["items"]["columns"], size)
+    thumbnails = offsets = None
+    if manifest["thumbnails"] is not None:
+        thumbnails, offsets = _load_thumbnails(root, size)
+    return CatalogIndex(label_names=label_names, ids=ids,
+                        columns=tuple(manifest["items"]["columns"][1:]), metadata=metadata,
+                        thumbnails=thumbnails, thumbnail_offsets=offsets, **arrays)
+
+
+def _load_items(root: Path, columns: list[str], size: int):
+    """items.csv: the header the manifest names, then `size` rows of as many fields, ids
+    unique and non-empty. Returns the ids and one column array per metadata column."""
+    path = _bundle_file(root, ITEMS_FILE)
+    try:
+        text = path.read_text(encoding="utf-8")
+        rows = list(csv.reader(io.StringIO(text, newline=""), strict=True))
+    except UnicodeDecodeError as exc:
+        raise BundleError(f"{ITEMS_FILE}: not UTF-8 ({exc.reason} at byte {exc.start})") from None
+    except csv.Error as exc:
+        raise BundleError(f"{ITEMS_FILE}: malformed CSV ({exc})") from None
+    if not rows or rows[0] != columns:
+        raise BundleError(f"{ITEMS_FILE}: header must be {columns}, got "
+                          f"{rows[0] if rows else 'nothing'}")
+    if len(rows) - 1 != size:
+        raise BundleError(f"{ITEMS_FILE}: {len(rows) - 1} items, the index has {size}")
+    bad = next((line for line, row in enumerate(rows[1:], start=2) if len(row) != len(columns)),
+               None)
+    if bad is not None:
+        raise BundleError(f"{ITEMS_FILE}: line {bad} has {len(rows[bad - 1])} fields, "
+                          f"expected {len(columns)}")
+    table = [np.array(column, dtype=object) for column in zip(*rows[1:])]
+    ids = table[0]
+    if len(set(ids.tolist())) != size or "" in set(ids.tolist()):
+        raise BundleError(f"{ITEMS_FILE}: ids must be unique and non-empty")
+    for column in table:
+        column.flags.writeable = False
+    return ids, tuple(table[1:])
+
+
+def _load_thumbnails(root: Path, size: int):
+    """thumbnail_offsets.npy ((size + 1,) int64, from 0, never decreasing, ending at the
+    size of thumbnails.bin) and thumbnails.bin, memory-mapped read-only."""
+    name = THUMBNAIL_FILES["offsets"]
+    path = _bundle_file(root, name)
+    dtype, shape, _ = _npy_header(path, name)
+    if dtype != np.dtype(np.int64) or shape != (size + 1,):
+        raise BundleError(f"{name}: expected int64 ({size + 1},), got {dtype} {shape}")
+    try:
+        offsets = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise BundleError(f"{name}: not a readable .npy file ({exc})") from None
+    images = _bundle_file(root, THUMBNAIL_FILES["images"])
+    total = images.stat().st_size
+    if offsets[0] != 0 or offsets[-1] != total or (np.diff(offsets) < 0).any():
+        raise BundleError(f"{name}: offsets must rise from 0 to the size of "
+                          f"{THUMBNAIL_FILES['images']} ({total} bytes)")
+    offsets.flags.writeable = False
+    # A memory map: the photos stay on disk until asked for, and a bundle replaced on disk
+    # (vae-run add) leaves this one readable for as long as it is loaded.
+    data = np.memmap(images, dtype=np.uint8, mode="r") if total else b""
+    return data, offsets
 
 
 # ONNX protobuf field numbers (onnx.proto) on every path that can lead to a tensor.

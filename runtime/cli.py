@@ -1,4 +1,5 @@
-"""`vae-run`: a thin click layer over vae_edge.runtime (decode, encode, nearest, info)."""
+"""`vae-run`: a thin click layer over vae_edge.runtime (decode, encode, nearest, info, serve,
+bench, add, remove)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import click
 import numpy as np
 
 from .core import MATCH_MODES, MAX_THREADS, Runtime, parse_z
-from .images import read_image, save_png, save_sheet
+from .images import save_png, save_sheet
 
 SHEET_MAX_ITEMS = 20
 
@@ -131,7 +132,8 @@ def query_options(command):
     """--z / --random (see latent_options) or --image PATH: exactly one."""
 
     @click.option("--image", "image_path", type=click.Path(path_type=Path), default=None,
-                  help="Query by a photo (28x28 grayscale PNG) instead of z: ranks items by the "
+                  help="Query by a photo (PNG, JPEG or WebP, any size; fitted into the model's "
+                       "square as training fitted the catalog) instead of z: ranks items by the "
                        "expected log-likelihood under the photo's encoding q(z|photo).")
     @functools.wraps(command)
     def wrapper(runtime, image_path, z_text, use_random, seed, **kwargs):
@@ -142,7 +144,7 @@ def query_options(command):
             raise CliError("give either --image PATH or a latent (--z NUMBERS / --random), "
                            "not both")
         with library_errors():
-            pixels = read_image(image_path, runtime.image_shape[1:])
+            pixels = runtime.read_photo(image_path)
         return command(runtime, None, image=(image_path, pixels), **kwargs)
 
     # latent_options' click options, declared here so that the wrapper receives them
@@ -196,10 +198,12 @@ def nearest(runtime: Runtime, z: np.ndarray | None, image, k: int, label: str | 
             matches = runtime.nearest_image(image[1], k=k, label=label)
     names = runtime.label_names
     results = [
-        {"rank": rank, "id": int(item_id), "label": names[label_id], "label_id": int(label_id),
-         "log_likelihood": float(score), "probability": float(probability)}
-        for rank, (item_id, label_id, score, probability) in enumerate(
-            zip(matches.ids, matches.labels, matches.log_likelihoods, matches.probabilities),
+        {"rank": rank, "id": str(item_id), "label": names[label_id], "label_id": int(label_id),
+         "log_likelihood": float(score), "probability": float(probability),
+         "metadata": metadata}
+        for rank, (item_id, label_id, score, probability, metadata) in enumerate(
+            zip(matches.ids, matches.labels, matches.log_likelihoods, matches.probabilities,
+                matches.metadata),
             start=1)
     ]
     if sheet is not None:
@@ -210,7 +214,7 @@ def nearest(runtime: Runtime, z: np.ndarray | None, image, k: int, label: str | 
             if image is None:
                 query, title = runtime.decode(z), "decoded z"
             else:
-                query, title = image[1][None].astype(np.float32) / 255.0, "query image"
+                query, title = image[1].astype(np.float32) / 255.0, "query image"
             captions = [f"query: {title}"] + [
                 f"#{r['id']} {r['label']}\n{r['log_likelihood']:.2f}"
                 for r in results[:SHEET_MAX_ITEMS]]
@@ -233,10 +237,13 @@ def nearest(runtime: Runtime, z: np.ndarray | None, image, k: int, label: str | 
             click.echo(f"image = {image[0]}")
         # decoded and photo queries rank by the expectation over a posterior
         score = "log q(z|x)" if by == "latent" and image is None else "E log q(z|x)"
-        click.echo(f"{'rank':>4}  {'id':>6}  {'label':<12} {score:>12}  {'p(x|z)':>8}")
+        width = max([6] + [len(r["id"]) for r in results])
+        click.echo(f"{'rank':>4}  {'id':>{width}}  {'label':<12} {score:>12}  {'p(x|z)':>8}")
         for r in results:
-            click.echo(f"{r['rank']:>4}  {r['id']:>6}  {r['label']:<12} "
-                       f"{r['log_likelihood']:>12.3f}  {r['probability']:>8.4f}")
+            details = "  ".join(f"{key}={value}" for key, value in r["metadata"].items())
+            click.echo(f"{r['rank']:>4}  {r['id']:>{width}}  {r['label']:<12} "
+                       f"{r['log_likelihood']:>12.3f}  {r['probability']:>8.4f}"
+                       f"{'  ' + details[:120] if details else ''}")
     if sheet is not None:
         click.echo(f"wrote {sheet}", err=as_json)
 
@@ -246,10 +253,10 @@ def nearest(runtime: Runtime, z: np.ndarray | None, image, k: int, label: str | 
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per image.")
 def encode(runtime: Runtime, images: tuple[Path, ...], as_json: bool):
-    """Encode image files (28x28 grayscale PNG) to their posterior mu and log-sigma."""
-    size = runtime.image_shape[1:]
+    """Encode photos (PNG, JPEG or WebP, any size and colour, fitted into the model's square)
+    to their posterior mu and log-sigma."""
     with library_errors():
-        pixels = np.stack([read_image(path, size) for path in images])
+        pixels = np.stack([runtime.read_photo(path) for path in images])
         mu, log_sigma = runtime.encode(pixels)
     for path, m, s in zip(images, mu, log_sigma):
         if as_json:
@@ -313,3 +320,48 @@ def bench(runtime: Runtime, seconds: float, batch: int, as_json: bool):
     with library_errors():
         report = run_bench(runtime, seconds=seconds, batch=batch)
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
+
+
+def _edit_progress(total: int | None = None):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="photos", unit="photo", disable=None, leave=False)
+
+
+@main.command()
+@click.option("--bundle", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Bundle directory to change (made by vae-export).")
+@click.argument("csv_file", metavar="CATALOG.csv", type=click.Path(path_type=Path))
+@click.option("--skip-bad", is_flag=True,
+              help="Leave out rows that cannot be used (reported) instead of refusing the CSV.")
+def add(bundle: Path, csv_file: Path, skip_bad: bool):
+    """Add the items of a catalog CSV (id, image[, label, ...]; docs/catalog.md) to a bundle.
+
+    Photos are fitted as training fitted the catalog and encoded with the bundle's
+    encoder.onnx; each item's metadata and thumbnail are stored with it. The bundle is
+    replaced in one step once the new one is complete: a kill leaves the old bundle or the
+    new one, and a kiosk already running keeps serving what it loaded until restarted.
+    """
+    from .edit import add_items
+
+    with library_errors(), _edit_progress() as bar:
+        report = add_items(bundle, csv_file, skip_bad=skip_bad, progress=bar.update,
+                           log=lambda message: click.echo(message, err=True))
+    if report.skipped:
+        click.echo(f"skipped {len(report.skipped)} bad rows: " + "; ".join(report.skipped[:5]),
+                   err=True)
+    click.echo(f"added {len(report.added)} items; {bundle} holds {report.size}")
+
+
+@main.command()
+@click.option("--bundle", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Bundle directory to change (made by vae-export).")
+@click.argument("ids", nargs=-1, required=True)
+def remove(bundle: Path, ids: tuple[str, ...]):
+    """Take the items with these IDS out of a bundle (all or nothing: an unknown id changes
+    nothing). Replaced in one step, as for `add`."""
+    from .edit import remove_items
+
+    with library_errors():
+        report = remove_items(bundle, ids, log=lambda message: click.echo(message, err=True))
+    click.echo(f"removed {len(report.removed)} items; {bundle} holds {report.size}")

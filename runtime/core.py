@@ -21,6 +21,7 @@ from .bundle import (
     read_manifest,
     verify_files,
 )
+from .images import read_image
 from .search import LikelihoodSearch, Matches
 
 # Latent values beyond this are not slider positions but mistakes; they would also
@@ -121,8 +122,10 @@ def check_k(k) -> int:
 
 def check_images(images, image_shape: tuple[int, int, int],
                  value_range=(0.0, 1.0)) -> tuple[np.ndarray, bool]:
-    """Images as (H, W), (B, H, W) or (B, C, H, W); uint8 0..255 or float in value_range
-    (the bundle's: [0, 1]).
+    """One image as (C, H, W) (or (H, W) for grayscale), a batch as (B, C, H, W) (or
+    (B, H, W) for grayscale); uint8 0..255 or float in value_range (the bundle's: [0, 1]).
+    A 3-D array whose first axis is C is one image: (1, H, W) is one grayscale image, as
+    Runtime.read_photo returns it.
 
     Returns float32 (B, C, H, W) and whether a single image was given.
     """
@@ -135,16 +138,19 @@ def check_images(images, image_shape: tuple[int, int, int],
     if array.dtype != np.uint8 and array.dtype.kind != "f":
         raise ValueError(f"images must be uint8 or float, got dtype {array.dtype}")
     original_shape = array.shape
-    single = array.ndim == 2
+    single = array.ndim == 2 or (array.ndim == 3 and array.shape[0] == channels)
+    if array.ndim == 2 and channels == 1:
+        array = array[None]
     if single:
         array = array[None]
     if array.ndim == 3 and channels == 1:
         array = array[:, None]
     expected = (channels, height, width)
     if array.ndim != 4 or tuple(array.shape[1:]) != expected:
+        one = f"({height}, {width}) or " if channels == 1 else ""
         raise ValueError(
-            f"images must be ({height}, {width}) or (batch, {channels}, {height}, {width}), "
-            f"got {original_shape}"
+            f"images must be {one}({channels}, {height}, {width}) or "
+            f"(batch, {channels}, {height}, {width}), got {original_shape}"
         )
     if not 1 <= array.shape[0] <= MAX_BATCH:
         raise ValueError(f"image batch size must be in [1, {MAX_BATCH}], got {array.shape[0]}")
@@ -337,7 +343,13 @@ class Runtime:
         else:
             matches = self._search.search_gaussian(mu.astype(np.float64),
                                                    log_sigma.astype(np.float64), k, label_id)
-        return replace(matches, distances=distances)
+        return replace(matches, distances=distances, metadata=self._metadata(matches.rows))
+
+    def _metadata(self, rows: np.ndarray) -> tuple:
+        """The items' metadata dicts, shaped like rows: (k,) or (B, k) as nested tuples."""
+        if rows.ndim == 2:
+            return tuple(self._metadata(row) for row in rows)
+        return tuple(self.index.item_metadata(int(row)) for row in rows)
 
     def roundtrip_distance(self, z) -> np.ndarray:
         """|z - mu(decode(z))|: how far the encoder puts the decoded garment from z.
@@ -372,8 +384,15 @@ class Runtime:
         k = check_k(k)
         label_id = self._label_filter(label)
         mu, log_sigma = self.encode(images)
-        return self._search.search_gaussian(mu.astype(np.float64),
-                                            log_sigma.astype(np.float64), k, label_id)
+        matches = self._search.search_gaussian(mu.astype(np.float64),
+                                               log_sigma.astype(np.float64), k, label_id)
+        return replace(matches, metadata=self._metadata(matches.rows))
+
+    def read_photo(self, path: str | Path) -> np.ndarray:
+        """A photo file of any size and colour fitted as training fits catalog photos:
+        uint8 (C, H, W) of this bundle's image shape, ready for encode and nearest_image."""
+        channels, size, _ = self.image_shape
+        return read_image(path, size, channels)
 
     def _label_filter(self, label) -> int | None:
         label_id = self.label_id(label)
@@ -415,6 +434,8 @@ class Runtime:
             "catalog": m["index"].get("catalog", "unknown"),
             "catalog_size": len(self.index),
             "label_names": list(self.label_names),
+            "metadata_columns": list(self.index.columns),
+            "thumbnails": m["thumbnails"] is not None,
             "index_bytes": int(self.index.mu.nbytes + self.index.log_sigma.nbytes),
             "test_metrics": m.get("metrics", {}),
             "parity_max_abs_diff": m.get("parity", {}).get("max_abs_diff"),

@@ -67,7 +67,7 @@ class Matches:
     """
 
     rows: np.ndarray  # int64
-    ids: np.ndarray  # int64
+    ids: np.ndarray  # the catalog's item ids (a bundle's: str, its SKUs)
     labels: np.ndarray  # int64
     log_likelihoods: np.ndarray  # float64, log q(z|x)
     # p(x|z) = q(z|x) / sum over the whole catalog of q(z|x'): a uniform prior over items.
@@ -75,6 +75,9 @@ class Matches:
     # Runtime.nearest: |z - mu(decode(z))| per query, () or (B,), float64; how far z lies
     # from where the catalog is (Runtime.roundtrip_distance). None for photo queries.
     distances: np.ndarray | None = None
+    # Runtime.nearest and nearest_image: each item's catalog metadata (the CSV's other
+    # columns) as a dict of text, in tuples shaped like ids.
+    metadata: tuple | None = None
 
     def __len__(self) -> int:
         return int(self.ids.shape[-1])
@@ -202,7 +205,7 @@ class LikelihoodSearch:
             (np.concatenate(column) for column in zip(*parts))
         if single:
             rows, scores, log_total = rows[0], scores[0], log_total[0]
-        return Matches(rows=rows, ids=self.ids[rows].astype(np.int64),
+        return Matches(rows=rows, ids=self.ids[rows],
                        labels=self.labels[rows].astype(np.int64), log_likelihoods=scores,
                        probabilities=np.exp(scores - log_total[..., None]))
 

@@ -7,7 +7,7 @@ head and body together, and JSON bodies for the requests h11 refuses. `KioskAsgi
 request (framing, Host, cross-site origin) before reading its body, then runs the `KioskApp`
 call in a small thread pool. docs/kiosk.md documents the API, the trust model and the choice.
 
-Routes (all answers are JSON except the page, its assets and the *.png routes):
+Routes (all answers are JSON except the page, its assets and the pictures):
 
     GET  /                         the kiosk page (runtime/static/index.html)
     GET  /static/<file>            its script and style sheet
@@ -19,8 +19,10 @@ Routes (all answers are JSON except the page, its assets and the *.png routes):
                                    the k catalog items most like the garment z, best first
                                    (Runtime.nearest, by="latent" unless given), with z's
                                    distance from the catalog; POST: {"z": [...], "k": N, "by": ...}
-    GET  /api/item/<id>            one catalog item: label, mu, log_sigma
-    GET  /api/item/<id>.png        its picture: the decoder's reconstruction of mu
+    GET  /api/item/<id>            one catalog item: label, metadata, mu, log_sigma (the id
+                                   percent-encoded: item ids are a shop's SKUs, any text)
+    GET  /api/item/<id>/image      its picture: the catalog photo's thumbnail (WebP) where the
+                                   bundle has thumbnails, else the decoder's view of mu (PNG)
 
 Errors are {"error": "..."} with a 4xx status; an unexpected failure is a 500 whose body says
 only "internal error" (the traceback goes to the server's stderr, never to the client).
@@ -45,7 +47,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 import h11
 import numpy as np
@@ -90,14 +92,14 @@ STATIC_NAME = re.compile(r"^[A-Za-z0-9_-]+\.[a-z]+$")
 # should ever load into it.
 PAGE_POLICY = ("default-src 'self'; img-src 'self' data:; script-src 'self'; style-src 'self'; "
                "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
-ITEM_PATH = re.compile(r"^/api/item/([^/]*?)(\.png)?$")
+ITEM_PATH = re.compile(r"^/api/item/([^/]*)(/image)?$")
 INTEGER = re.compile(r"^[+-]?[0-9]{1,18}$")
 HOST_NAME = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$")
 POST_ROUTES = ("/api/decode", "/api/nearest")
 # Routes that run a model or the search: a worker thread answers them. The rest (the page,
 # info, samples, item JSON, errors) take microseconds and are answered on the event loop,
 # so they never queue behind a decode.
-COMPUTING_ROUTE = re.compile(r"^/api/(decode|decode\.png|nearest|item/[^/]*\.png)$")
+COMPUTING_ROUTE = re.compile(r"^/api/(decode|decode\.png|nearest|item/[^/]*/image)$")
 JSON_TYPE = "application/json; charset=utf-8"
 QUOTED_BYTES = re.compile(r": (b['\"]|bytearray\().*$", re.DOTALL)
 
@@ -188,10 +190,9 @@ class KioskApp:
         # of typical garments (z ~ N(0, I), a fixed sample) show: docs/matching.md.
         typical = runtime.roundtrip_distance(runtime.sample_prior(FAR_SAMPLES, seed=0))
         self.far_distance = float(np.quantile(typical, FAR_QUANTILE))
-        # Item ids in order, and the row of each: a lookup in two arrays (under 1 MB for
-        # 60,000 items, where a dict of Python ints takes about 6 MB of an idle kiosk).
-        # A stable sort keeps the first row first should an id repeat.
-        ids = np.asarray(runtime.index.ids, dtype=np.int64)
+        # Item ids in order, and the row of each: a binary search over the bundle's own id
+        # strings (a dict would hold a second copy of every id for an idle kiosk).
+        ids = runtime.index.ids
         self._id_rows = np.argsort(ids, kind="stable")
         self._sorted_ids = ids[self._id_rows]
         self.item_png = functools.lru_cache(maxsize=ITEM_IMAGE_CACHE)(self._item_png)
@@ -209,6 +210,8 @@ class KioskApp:
             "max_k": MAX_K,
             "match_modes": list(MATCH_MODES),
             "far_distance": self.far_distance,
+            "metadata_columns": list(rt.index.columns),
+            "thumbnails": rt.index.thumbnail_offsets is not None,
         }
 
     def sample(self, seed: int | None) -> dict:
@@ -227,36 +230,50 @@ class KioskApp:
         matches = self.runtime.nearest(z, k=check_server_k(k), by=by)
         names = self.runtime.label_names
         results = [
-            {"rank": rank, "id": int(item_id), "row": int(row), "label": names[label],
+            {"rank": rank, "id": str(item_id), "row": int(row), "label": names[label],
              "label_id": int(label), "log_likelihood": float(score),
-             "probability": float(probability), "image": f"/api/item/{int(item_id)}.png"}
-            for rank, (row, item_id, label, score, probability) in enumerate(
+             "probability": float(probability), "metadata": metadata,
+             "image": item_image_url(item_id)}
+            for rank, (row, item_id, label, score, probability, metadata) in enumerate(
                 zip(matches.rows, matches.ids, matches.labels, matches.log_likelihoods,
-                    matches.probabilities),
+                    matches.probabilities, matches.metadata),
                 start=1)
         ]
         distance = float(matches.distances)
         return {"z": z.tolist(), "by": by, "k": len(results), "distance": distance,
                 "far": distance > self.far_distance, "results": results}
 
-    def row_of(self, item_id: int) -> int:
+    def row_of(self, item_id: str) -> int:
         position = int(np.searchsorted(self._sorted_ids, item_id))
         if position < len(self._sorted_ids) and self._sorted_ids[position] == item_id:
             return int(self._id_rows[position])
-        raise ApiError(HTTPStatus.NOT_FOUND, f"no catalog item with id {item_id}")
+        raise ApiError(HTTPStatus.NOT_FOUND, f"no catalog item with id {item_id[:80]!r}")
 
-    def item(self, item_id: int) -> dict:
+    def item(self, item_id: str) -> dict:
         row = self.row_of(item_id)
         index = self.runtime.index
         label = int(index.labels[row])
         return {"id": item_id, "row": row, "label": self.runtime.label_names[label],
-                "label_id": label, "mu": index.mu[row].astype(np.float64).tolist(),
+                "label_id": label, "metadata": index.item_metadata(row),
+                "mu": index.mu[row].astype(np.float64).tolist(),
                 "log_sigma": index.log_sigma[row].astype(np.float64).tolist(),
-                "image": f"/api/item/{item_id}.png"}
+                "image": item_image_url(item_id)}
+
+    def item_image(self, item_id: str) -> tuple[bytes, str]:
+        """The item's picture and its content type: the catalog photo's thumbnail, or where
+        the bundle has none, the decoder's view of mu."""
+        row = self.row_of(item_id)
+        photo = self.runtime.index.thumbnail(row)
+        if photo is not None:
+            return photo, "image/webp"
+        return self.item_png(row), "image/png"
 
     def _item_png(self, row: int) -> bytes:
-        # No thumbnails are stored in the bundle: the picture is the decoder's view of mu.
         return png_bytes(self.runtime.decode(self.runtime.index.mu[row].astype(np.float64)))
+
+
+def item_image_url(item_id: str) -> str:
+    return f"/api/item/{quote(str(item_id), safe='')}/image"
 
 
 @dataclass(frozen=True)
@@ -600,11 +617,16 @@ class KioskAsgi:
         match = ITEM_PATH.match(path)
         if match:
             self._fields(query, (), ())
-            item_id = parse_int(match.group(1), "item id")
+            try:
+                item_id = unquote(match.group(1), errors="strict")
+            except UnicodeDecodeError:
+                raise ValueError("item id must be percent-encoded UTF-8") from None
+            if not item_id:
+                raise ValueError("item id is empty")
             if match.group(2):
                 # The bundle cannot change under a running server, so the picture may be cached.
-                return Answer(200, app.item_png(app.row_of(item_id)), "image/png",
-                              cache="private, max-age=3600")
+                body, content_type = app.item_image(item_id)
+                return Answer(200, body, content_type, cache="private, max-age=3600")
             return json_answer(app.item(item_id))
         raise ApiError(HTTPStatus.NOT_FOUND, f"no such API route: {path[:80]}")
 

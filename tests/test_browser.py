@@ -124,9 +124,9 @@ class Kiosk:
         with Image.open(io.BytesIO(base64.b64decode(src[len(prefix):]))) as image:
             return np.asarray(image)
 
-    def shown_ids(self) -> list[int]:
-        return [int(i) for i in self.page.eval_on_selector_all(
-            "#matches .item", "items => items.map(i => i.dataset.id)")]
+    def shown_ids(self) -> list[str]:
+        return self.page.eval_on_selector_all("#matches .item",
+                                              "items => items.map(i => i.dataset.id)")
 
     def list_text(self) -> str:
         return self.page.locator("#matches").inner_text()
@@ -168,7 +168,7 @@ class Kiosk:
         cdp.send("Input.dispatchTouchEvent", {"type": "touchEnd", "touchPoints": []})
         cdp.detach()
 
-    def mu(self, item_id: int) -> np.ndarray:
+    def mu(self, item_id: str) -> np.ndarray:
         row = int(np.flatnonzero(self.runtime.index.ids == item_id)[0])
         return self.runtime.index.mu[row].astype(np.float64)
 

@@ -27,10 +27,10 @@ from click.testing import CliRunner
 from PIL import Image
 
 from vae_edge.runtime import BundleError, Runtime
-from vae_edge.runtime.bundle import INDEX_FILES, MODEL_FILES, graph_sections, write_manifest
+from vae_edge.runtime.bundle import bundle_files, graph_sections, write_manifest
 from vae_edge.runtime.cli import main as run_main
 
-ALL_FILES = list(MODEL_FILES.values()) + list(INDEX_FILES.values())
+ALL_FILES = bundle_files(thumbnails=False)
 
 
 def manifest_of(bundle: Path) -> dict:
@@ -99,11 +99,11 @@ def npy_with_header(header: str, payload: bytes) -> bytes:
 
 
 def object_npy(bundle: Path, outside: Path):
-    """index_ids.npy as an object array whose pickle would create a file if ever loaded."""
+    """index_labels.npy as an object array whose pickle would create a file if ever loaded."""
     sentinel = outside / "pwned"
     evil = f"cos\nsystem\n(S'touch {sentinel}'\ntR.".encode()
     header = "{'descr': '|O', 'fortran_order': False, 'shape': (5000,), }"
-    (bundle / "index_ids.npy").write_bytes(npy_with_header(header, evil))
+    (bundle / "index_labels.npy").write_bytes(npy_with_header(header, evil))
 
 
 def raw_pickle(bundle: Path, outside: Path):
@@ -113,9 +113,9 @@ def raw_pickle(bundle: Path, outside: Path):
 
 def huge_header(bundle: Path, outside: Path):
     """A header and a manifest that agree on 10^12 rows; the file holds 5,000."""
-    data = (bundle / "index_ids.npy").read_bytes()
+    data = (bundle / "index_labels.npy").read_bytes()
     header = "{'descr': '<i4', 'fortran_order': False, 'shape': (1000000000000,), }"
-    (bundle / "index_ids.npy").write_bytes(npy_with_header(header, data[128:]))
+    (bundle / "index_labels.npy").write_bytes(npy_with_header(header, data[128:]))
 
 
 def duplicate_key(where: str, line: str) -> Callable:
@@ -135,10 +135,32 @@ def listed_extra_file(bundle: Path, outside: Path):
 
 
 def huge_header_length(bundle: Path, outside: Path):
-    """index_ids.npy in .npy format 2.0 whose 4-byte header length claims about 4 GiB."""
-    data = (bundle / "index_ids.npy").read_bytes()
-    (bundle / "index_ids.npy").write_bytes(b"\x93NUMPY\x02\x00" + (2**32 - 16).to_bytes(4, "little")
-                                           + data[10:])
+    """index_labels.npy in .npy format 2.0 whose 4-byte header length claims about 4 GiB."""
+    data = (bundle / "index_labels.npy").read_bytes()
+    (bundle / "index_labels.npy").write_bytes(
+        b"\x93NUMPY\x02\x00" + (2**32 - 16).to_bytes(4, "little") + data[10:])
+
+
+def edit_items(change: Callable) -> Callable:
+    """items.csv with its lines (header first) changed."""
+    def mutate(bundle: Path, outside: Path):
+        lines = (bundle / "items.csv").read_text().splitlines()
+        (bundle / "items.csv").write_text("\n".join(change(lines)) + "\n")
+    return mutate
+
+
+def with_thumbnails(change_offsets: Callable) -> Callable:
+    """The bundle given 3-byte thumbnails per item, then its offsets changed."""
+    def mutate(bundle: Path, outside: Path):
+        size = len((bundle / "items.csv").read_text().splitlines()) - 1
+        (bundle / "thumbnails.bin").write_bytes(b"abc" * size)
+        offsets = np.arange(size + 1, dtype=np.int64) * 3
+        np.save(bundle / "thumbnail_offsets.npy", change_offsets(offsets).astype(np.int64))
+        edit_manifest(lambda m: (m.update(thumbnails={
+            "files": {"images": "thumbnails.bin", "offsets": "thumbnail_offsets.npy"},
+            "format": "webp", "size": [8, 8]}), m["files"].update(
+                {"thumbnails.bin": {}, "thumbnail_offsets.npy": {}})))(bundle, outside)
+    return mutate
 
 
 def symlink_out(name: str) -> Callable:
@@ -252,8 +274,8 @@ CASES = [
     Case("version-as-bool", edit_manifest(lambda m: m.update(format_version=True)),
          "manifest.json: key 'format_version' should be int, got bool"),
     *[Case(f"format-version-{v}", edit_manifest(lambda m, v=v: m.update(format_version=v)),
-           rf"manifest.json: format_version {v} is not supported \(this runtime reads version 1\)")
-      for v in (0, 2, 99)],
+           rf"manifest.json: format_version {v} is not supported \(this runtime reads version 2\)")
+      for v in (0, 1, 99)],
     Case("format-name", edit_manifest(lambda m: m.update(format="onnx-zoo")),
          "manifest.json: format is 'onnx-zoo', expected 'vae-edge-bundle'"),
     Case("sha256-not-hex", edit_manifest(lambda m: m["files"]["index_mu.npy"].update(sha256="zz")),
@@ -301,12 +323,12 @@ CASES = [
       for n in ("encoder.onnx", "index_mu.npy", "manifest.json")],
     # An attacker who also rewrites the manifest's checksums.
     Case("resigned-object-array", resigned(object_npy),
-         r"index_ids.npy: holds Python objects \(dtype object\), which only pickle can load; "
+         r"index_labels.npy: holds Python objects \(dtype object\), which only pickle can load; "
          "refused"),
     Case("resigned-raw-pickle", resigned(raw_pickle),
          r"index_labels.npy: not a readable .npy file \(the magic string is not correct"),
-    Case("resigned-float64-ids", resigned(save_array("index_ids.npy", lambda a: a * 1.0)),
-         "index_ids.npy: dtype is float64, expected int32"),
+    Case("resigned-float64-labels", resigned(save_array("index_labels.npy", lambda a: a * 1.0)),
+         "index_labels.npy: dtype is float64, expected int32"),
     Case("resigned-float32-mu", resigned(save_array("index_mu.npy",
                                                     lambda a: a.astype(np.float32))),
          "index_mu.npy: dtype is float32, expected float16"),
@@ -317,10 +339,43 @@ CASES = [
     Case("resigned-huge-header", resigned(lambda b, o: (
         huge_header(b, o), edit_manifest(lambda m: m["index"].update(size=10**12))(b, o))),
          r"index_mu.npy: shape is \(5000, 8\), expected \(1000000000000, 8\)"),
-    Case("resigned-huge-ids-header", resigned(huge_header),
-         r"index_ids.npy: shape is \(1000000000000,\), expected \(5000,\)"),
+    Case("resigned-huge-labels-header", resigned(huge_header),
+         r"index_labels.npy: shape is \(1000000000000,\), expected \(5000,\)"),
     Case("resigned-npy-header-length-4gib", resigned(huge_header_length),
-         "index_ids.npy: .npy header claims 4294967280 bytes, at most 10000 accepted"),
+         "index_labels.npy: .npy header claims 4294967280 bytes, at most 10000 accepted"),
+    # items.csv: the table of ids and metadata.
+    Case("resigned-items-short", resigned(edit_items(lambda lines: lines[:-1])),
+         "items.csv: 4999 items, the index has 5000"),
+    Case("resigned-items-header", resigned(edit_items(lambda lines: ["sku"] + lines[1:])),
+         r"items.csv: header must be \['id'\], got \['sku'\]"),
+    Case("resigned-items-repeated-id", resigned(edit_items(lambda lines: lines[:2] + lines[1:-1])),
+         "items.csv: ids must be unique and non-empty"),
+    Case("resigned-items-extra-field", resigned(edit_items(
+        lambda lines: lines[:3] + [lines[3] + ",x"] + lines[4:])),
+         "items.csv: line 4 has 2 fields, expected 1"),
+    Case("resigned-items-latin1", resigned(replace_file("items.csv", b"id\n\xe9\n")),
+         r"items.csv: not UTF-8 \(invalid continuation byte at byte 3\)"),
+    Case("items-columns-without-id", edit_manifest(lambda m: m["items"].update(columns=["sku"])),
+         r"manifest.json: items columns must be distinct non-empty names starting with 'id'"),
+    Case("thumbnails-missing-key", edit_manifest(lambda m: m.pop("thumbnails")),
+         r"manifest.json: missing key 'thumbnails' \(null when there are none\)"),
+    Case("thumbnails-listed-without-files", edit_manifest(lambda m: m.update(thumbnails={
+        "files": {"images": "thumbnails.bin", "offsets": "thumbnail_offsets.npy"},
+        "format": "webp", "size": [96, 96]})),
+         "manifest.json: files has no entry for thumbnails.bin"),
+    Case("thumbnails-format-png", edit_manifest(lambda m: m.update(thumbnails={
+        "files": {"images": "thumbnails.bin", "offsets": "thumbnail_offsets.npy"},
+        "format": "png", "size": [96, 96]})),
+         "manifest.json: thumbnails must be files"),
+    Case("resigned-thumbnail-offsets-past-end", resigned(with_thumbnails(
+        lambda offsets: offsets + 1)),
+         "thumbnail_offsets.npy: offsets must rise from 0 to the size of thumbnails.bin"),
+    Case("resigned-thumbnail-offsets-falling", resigned(with_thumbnails(
+        lambda offsets: np.concatenate([[0, 5, 3], offsets[3:]]))),
+         "thumbnail_offsets.npy: offsets must rise from 0 to the size of thumbnails.bin"),
+    Case("resigned-thumbnail-offsets-short", resigned(with_thumbnails(
+        lambda offsets: offsets[:-1])),
+         r"thumbnail_offsets.npy: expected int64 \(5001,\), got int64 \(5000,\)"),
     Case("resigned-nan-mu", resigned(save_array("index_mu.npy", lambda a: np.where(
         np.arange(a.size).reshape(a.shape) == 17, np.float16("nan"), a))),
          "index_mu.npy: holds NaN or infinite values"),
@@ -390,7 +445,7 @@ def test_npy_header_length_is_checked_before_reading(bundle_copy, tmp_path):
     resigned(huge_header_length)(bundle_copy, tmp_path)
     tracemalloc.start()
     try:
-        with pytest.raises(BundleError, match="index_ids.npy: .npy header claims 4294967280"):
+        with pytest.raises(BundleError, match="index_labels.npy: .npy header claims 4294967280"):
             Runtime.load(bundle_copy)
         peak = tracemalloc.get_traced_memory()[1]
     finally:

@@ -71,7 +71,7 @@ def test_slider_scenario_by_hand(report, runtime, splits):
     """Each figure recomputed from the top rows, the catalog images and np.corrcoef."""
     from vae_edge.evaluation.report import slider_queries, slider_scenario
 
-    catalog_images = splits[0].images[runtime.index.ids]
+    catalog_images = splits[0].images[runtime.index.ids.astype(np.int64)]
     section, tops = slider_scenario(runtime, catalog_images, SLIDER_QUERIES, 4.0, seed=0)
     assert section == report["slider_scenario"]  # what the report holds, seeded
     assert (section["queries_per_source"], section["range"]) == (SLIDER_QUERIES, 4.0)
@@ -146,7 +146,8 @@ def test_retrieval_matches_brute_force(report, runtime, splits):
 
     # Raw pixels in [0, 1]: |x - c|^2 = |x|^2 + |c|^2 - 2 x.c, one (queries, N) matrix.
     x = images.reshape(len(images), -1).astype(np.float64) / 255.0
-    c = train.images[runtime.index.ids].reshape(len(runtime.index), -1).astype(np.float64) / 255.0
+    rows = runtime.index.ids.astype(np.int64)  # a Fashion-MNIST bundle's ids are row numbers
+    c = train.images[rows].reshape(len(runtime.index), -1).astype(np.float64) / 255.0
     distance = (x * x).sum(axis=1)[:, None] + (c * c).sum(axis=1)[None] - 2.0 * x @ c.T
 
     for key, rows in (("likelihood_mu", _top10(log_q, len(mu))),

@@ -18,10 +18,13 @@ from vae_edge.training.train import model_from_checkpoint, to_tensor
 
 def test_bundle_files_and_manifest(tiny_bundle, tiny_run):
     names = sorted(p.name for p in tiny_bundle.iterdir())
-    assert names == ["decoder.onnx", "encoder.onnx", "index_ids.npy", "index_labels.npy",
-                     "index_log_sigma.npy", "index_mu.npy", "manifest.json"]
+    assert names == ["decoder.onnx", "encoder.onnx", "index_labels.npy", "index_log_sigma.npy",
+                     "index_mu.npy", "items.csv", "manifest.json"]
     manifest = json.loads((tiny_bundle / "manifest.json").read_text())
-    assert manifest["format_version"] == 1 and manifest["latent_dim"] == 8
+    assert manifest["format_version"] == 2 and manifest["latent_dim"] == 8
+    assert manifest["thumbnails"] is None and manifest["items"]["columns"] == ["id"]
+    ids = (tiny_bundle / "items.csv").read_text().splitlines()
+    assert ids == ["id"] + [str(row) for row in range(manifest["index"]["size"])]
     for name, entry in manifest["files"].items():
         assert entry["sha256"] == sha256_file(tiny_bundle / name)
     assert manifest["parity"]["max_abs_diff"] <= 1e-4

@@ -25,9 +25,8 @@ import numpy as np
 import pytest
 import torch
 
-from vae_edge.export.build import recover_interrupted_export
 from vae_edge.runtime import Runtime
-from vae_edge.runtime.atomic import stale_temporaries
+from vae_edge.runtime.atomic import recover_directory, stale_temporaries
 from vae_edge.training.data import FILES, IMAGE_MAGIC, IdxFile, download, load_split
 from vae_edge.training.train import load_checkpoint
 
@@ -164,10 +163,10 @@ def test_export_killed_between_its_renames_restores_the_previous_bundle(tmp_path
     bundle_copy.rename(parked)
     (tmp_path / f".bundle.{pid}.efgh5678.partial").mkdir()
     messages = []
-    recover_interrupted_export(bundle_copy, messages.append)
+    recover_directory(bundle_copy, messages.append)
     assert bundle_bytes(bundle_copy) == previous
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
-    assert any(m.startswith(f"restored the previous bundle {bundle_copy} from {parked.name}")
+    assert any(m.startswith(f"restored the previous {bundle_copy} from {parked.name}")
                for m in messages), messages
 
 

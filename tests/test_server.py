@@ -132,7 +132,8 @@ def test_info(server, runtime):
                     "label_names": list(runtime.label_names), "catalog": "fashion-mnist/train",
                     "catalog_size": 5000, "range": 3.0, "k": 6, "max_k": 100,
                     "match_modes": ["latent", "decoded"],
-                    "far_distance": pytest.approx(info["far_distance"])}
+                    "far_distance": pytest.approx(info["far_distance"]),
+                    "metadata_columns": [], "thumbnails": False}
     typical = runtime.roundtrip_distance(runtime.sample_prior(256, seed=0))
     assert info["far_distance"] == float(np.quantile(typical, 0.99))
 
@@ -172,7 +173,8 @@ def test_nearest_matches_the_runtime(server, runtime, k, by):
         assert [r["label"] for r in results] == [runtime.label_names[i] for i in expected.labels]
         assert [r["log_likelihood"] for r in results] == expected.log_likelihoods.tolist()
         assert [r["probability"] for r in results] == expected.probabilities.tolist()
-        assert results[0]["image"] == f"/api/item/{results[0]['id']}.png"
+        assert results[0]["image"] == f"/api/item/{results[0]['id']}/image"
+        assert [r["metadata"] for r in results] == [{}] * k  # Fashion-MNIST has no metadata
 
 
 def test_nearest_default_k_is_the_servers(server, runtime):
@@ -191,11 +193,12 @@ def test_sample_is_the_prior_and_reproducible(server, runtime):
 
 def test_item_json_and_picture(server, runtime):
     row = 17
-    item_id = int(runtime.index.ids[row])
+    item_id = runtime.index.ids[row]
     status, item = call_json(server, "GET", f"/api/item/{item_id}")
     assert status == 200
     assert item["id"] == item_id and item["row"] == row
     assert item["label"] == runtime.label_names[runtime.index.labels[row]]
+    assert item["metadata"] == {}
     assert item["mu"] == runtime.index.mu[row].astype(np.float64).tolist()
     assert item["log_sigma"] == runtime.index.log_sigma[row].astype(np.float64).tolist()
     status, headers, raw = call(server, "GET", item["image"])
@@ -248,7 +251,7 @@ NESTED = b"[" * 60000
         ("GET", "/api/sample?seed=-1", None, "seed must be in [0, 2**63), got -1"),
         ("GET", "/api/sample?seed=x", None, "seed must be an integer, got 'x'"),
         ("GET", "/api/sample?n=3", None, "unknown field(s): n (allowed: seed)"),
-        ("GET", "/api/item/abc", None, "item id must be an integer, got 'abc'"),
+        ("GET", "/api/item/%ff", None, "item id must be percent-encoded UTF-8"),
     ],
 )
 def test_bad_input_is_a_400_with_a_json_error(server, method, path, body, message):
@@ -258,7 +261,9 @@ def test_bad_input_is_a_400_with_a_json_error(server, method, path, body, messag
 
 def test_unknown_item_is_404(server):
     status, payload = call_json(server, "GET", "/api/item/123456789")
-    assert (status, payload) == (404, {"error": "no catalog item with id 123456789"})
+    assert (status, payload) == (404, {"error": "no catalog item with id '123456789'"})
+    status, payload = call_json(server, "GET", "/api/item/SKU%2F1%20a/image")
+    assert (status, payload) == (404, {"error": "no catalog item with id 'SKU/1 a'"})
 
 
 @pytest.mark.parametrize(

@@ -204,7 +204,7 @@
   async function loadItem(id) {
     stopMorph();
     try {
-      const item = await api(`/api/item/${id}`);
+      const item = await api(`/api/item/${encodeURIComponent(id)}`);
       setZ(item.mu);
       showStatus(`Loaded ${item.label} #${item.id}`, false);
     } catch (err) {
@@ -228,7 +228,7 @@
 
   async function chooseSlot(slot, id) {
     try {
-      const item = await api(`/api/item/${id}`);
+      const item = await api(`/api/item/${encodeURIComponent(id)}`);
       state.slots[slot] = item;
       const figure = $(`slot-${slot}`);
       figure.querySelector("img").src = item.image;

@@ -1,0 +1,147 @@
+"""Add catalog items to a bundle, or take them out, on the device (no PyTorch).
+
+New photos are fitted as training fitted the catalog and encoded with the bundle's own
+encoder.onnx. Each edit writes a complete new bundle beside the old one and swaps it in with
+a rename (runtime/atomic.py): a kill at any moment leaves the old bundle or the new one, and a
+kiosk that loaded the old one keeps serving it (its graphs are in memory and its thumbnails
+memory-mapped, which survives the swap).
+"""
+
+from __future__ import annotations
+
+import datetime
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .atomic import atomic_directory, recover_directory
+from .bundle import (
+    MODEL_FILES,
+    CatalogIndex,
+    read_manifest,
+    to_float16,
+    write_index,
+    write_manifest,
+)
+from .catalog import fit_catalog, read_catalog
+from .core import Runtime
+
+ENCODE_BATCH = 256
+
+
+@dataclass(frozen=True)
+class EditReport:
+    added: tuple[str, ...] = ()
+    removed: tuple[str, ...] = ()
+    skipped: tuple[str, ...] = ()  # "line N: why" for each bad row left out (skip_bad)
+    size: int = 0  # items in the bundle afterwards
+
+
+def add_items(bundle: str | Path, csv_path: str | Path, *, skip_bad: bool = False,
+              progress: Callable[[int], None] | None = None, log=print) -> EditReport:
+    """Encode the photos of a catalog CSV and add them to the bundle.
+
+    The CSV is checked as for training (docs/catalog.md); an id already in the bundle is a
+    bad row. Its columns must be among the bundle's metadata columns (a column the CSV lacks
+    is left empty); a new label becomes a new label name. Bad rows refuse the whole CSV with
+    ValueError naming their lines, nothing written, unless skip_bad.
+    """
+    bundle = Path(bundle)
+    recover_directory(bundle, log)
+    rt = Runtime.load(bundle)
+    index = rt.index
+    rows = read_catalog(csv_path, skip_bad=skip_bad, known_ids=frozenset(index.ids.tolist()))
+    unknown = [name for name in rows.columns if name not in index.columns]
+    if unknown:
+        known = ", ".join(index.columns) or "none"
+        raise ValueError(f"{rows.source}: column(s) {', '.join(unknown)} are not in the "
+                         f"bundle's metadata columns ({known})")
+    if rows.labels is None and len(index.label_names) > 1:
+        raise ValueError(f"{rows.source}: has no label column; the bundle's items have labels "
+                         f"({', '.join(index.label_names[:5])}...)")
+    channels, size, _ = rt.image_shape
+    thumbnails = rt.manifest["thumbnails"]
+    rows, pixels, photos = fit_catalog(
+        rows, size, channels, skip_bad=skip_bad, progress=progress,
+        thumbnail_size=None if thumbnails is None else thumbnails["size"][0])
+    mu, log_sigma = zip(*(rt.encode(pixels[lo:lo + ENCODE_BATCH])
+                          for lo in range(0, len(pixels), ENCODE_BATCH)))
+    label_texts = rows.labels or ("",) * len(rows)
+    label_names = list(index.label_names)
+    label_names += sorted(set(label_texts) - set(label_names))
+    code = {name: i for i, name in enumerate(label_names)}
+    given = {name: i for i, name in enumerate(rows.columns)}
+    metadata = tuple(
+        np.concatenate([values, np.array([item[given[name]] if name in given else ""
+                                          for item in rows.metadata], dtype=object)])
+        for name, values in zip(index.columns, index.metadata))
+    offsets = data = None
+    if photos is not None:
+        lengths = np.array([len(photo) for photo in photos], dtype=np.int64)
+        offsets = np.concatenate([index.thumbnail_offsets,
+                                  index.thumbnail_offsets[-1] + np.cumsum(lengths)])
+        data = b"".join([bytes(index.thumbnails), *photos])
+    new = CatalogIndex(
+        mu=np.concatenate([index.mu, to_float16("mu", np.concatenate(mu))]),
+        log_sigma=np.concatenate([index.log_sigma,
+                                  to_float16("log_sigma", np.concatenate(log_sigma))]),
+        labels=np.concatenate([index.labels, np.array([code[t] for t in label_texts],
+                                                      dtype=np.int32)]),
+        label_names=tuple(label_names),
+        ids=np.concatenate([index.ids, np.array(rows.ids, dtype=object)]),
+        columns=index.columns, metadata=metadata, thumbnails=data, thumbnail_offsets=offsets)
+    _rewrite(rt, new, log)
+    return EditReport(added=rows.ids, skipped=rows.skipped, size=len(new))
+
+
+def remove_items(bundle: str | Path, ids, log=print) -> EditReport:
+    """Take the items with these ids out of the bundle. An id the bundle does not have is a
+    ValueError (nothing written); so is removing every item (a bundle has at least one)."""
+    bundle = Path(bundle)
+    recover_directory(bundle, log)
+    ids = [str(item_id) for item_id in ids]
+    if not ids:
+        raise ValueError("no ids given: expected one or more item ids to remove")
+    rt = Runtime.load(bundle)
+    index = rt.index
+    present = np.isin(index.ids, np.array(ids, dtype=object))
+    missing = sorted(set(ids) - set(index.ids[present].tolist()))
+    if missing:
+        shown = ", ".join(repr(item_id) for item_id in missing[:5])
+        raise ValueError(f"{bundle}: no item with id {shown}"
+                         f"{f' (and {len(missing) - 5} more)' if len(missing) > 5 else ''}")
+    keep = np.flatnonzero(~present)
+    if keep.size == 0:
+        raise ValueError(f"{bundle}: removing every item would leave an empty catalog")
+    offsets = data = None
+    if index.thumbnail_offsets is not None:
+        starts, ends = index.thumbnail_offsets[keep], index.thumbnail_offsets[keep + 1]
+        offsets = np.concatenate([[0], np.cumsum(ends - starts)]).astype(np.int64)
+        data = b"".join(bytes(index.thumbnails[a:b]) for a, b in zip(starts, ends))
+    new = CatalogIndex(
+        mu=index.mu[keep], log_sigma=index.log_sigma[keep], labels=index.labels[keep],
+        label_names=index.label_names, ids=index.ids[keep], columns=index.columns,
+        metadata=tuple(values[keep] for values in index.metadata), thumbnails=data,
+        thumbnail_offsets=offsets)
+    _rewrite(rt, new, log)
+    return EditReport(removed=tuple(sorted(set(ids))), size=len(new))
+
+
+def _rewrite(rt: Runtime, index: CatalogIndex, log) -> None:
+    """Write the bundle with this index (the graphs and the rest of the manifest as they
+    are) and swap it in once the runtime accepts it."""
+    manifest = read_manifest(rt.root)  # a fresh copy: rt.manifest stays as loaded
+    manifest["index"]["size"] = len(index)
+    manifest["index"]["label_names"] = list(index.label_names)
+    manifest["edited"] = datetime.datetime.now(datetime.timezone.utc).isoformat(
+        timespec="seconds")
+    with atomic_directory(rt.root) as tmp:
+        for name in MODEL_FILES.values():
+            shutil.copyfile(rt.root / name, tmp / name)
+        write_index(tmp, index)
+        write_manifest(tmp, manifest)
+        Runtime.load(tmp)  # the runtime must accept what we wrote
+    log(f"wrote {rt.root} ({len(index)} items)")
