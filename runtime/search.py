@@ -134,7 +134,9 @@ class LikelihoodSearch:
                  labels: np.ndarray) -> None:
         n, d = mu.shape
         self._mu, self._log_sigma = mu, log_sigma
-        self.ids, self.labels = np.asarray(ids), np.asarray(labels)
+        ids = np.asarray(ids)  # Matches hold them as they are, integer ids widened to int64
+        self.ids = ids.astype(np.int64) if ids.dtype.kind in "iu" else ids
+        self.labels = np.asarray(labels).astype(np.int64)
         self._vectors = np.empty((2 * d + 1, n), dtype=np.float32)  # one column per item
         self._max_norm = 0.0  # the largest |w| of the float32 item vectors
         step = 4096  # float64 temporaries of a few MB: the build adds little to peak memory
@@ -202,8 +204,8 @@ class LikelihoodSearch:
             (np.concatenate(column) for column in zip(*parts))
         if single:
             rows, scores, log_total = rows[0], scores[0], log_total[0]
-        return Matches(rows=rows, ids=self.ids[rows].astype(np.int64),
-                       labels=self.labels[rows].astype(np.int64), log_likelihoods=scores,
+        return Matches(rows=rows, ids=self.ids[rows], labels=self.labels[rows],
+                       log_likelihoods=scores,
                        probabilities=np.exp(scores - log_total[..., None]))
 
     def _select(self, scores, z, var, margin, k: int, label: int | None):
@@ -263,4 +265,4 @@ class LikelihoodSearch:
             terms /= np.exp(2.0 * log_sigma)
         terms += log_sigma
         terms += log_sigma  # -1/2 sum [((z - mu)/sigma)^2 + 2 log sigma] - (d/2) log 2pi
-        return np.einsum("ij->i", terms) * -0.5 - self._log_norm
+        return terms.sum(axis=1) * -0.5 - self._log_norm
