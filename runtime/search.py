@@ -34,7 +34,8 @@ with one threshold per query (one query is a batch of one):
    are rescored; with a label filter, t_k comes from the label's scores and one more
    comparison over them lists its candidates. The candidates, rescored in float64, are
    sorted by (exact score desc, row asc): ties go to the lower row (bundle ids ascend with
-   rows).
+   rows). Unfiltered, all the items found are sorted: those left with float32 scores have
+   t < t_k - 2E and s < t_k - E, below every score of the top k.
 
 Range. The float32 stage needs max|w| |q| < 1e37 (no overflow to inf, 34x below the float32
 limit); a query beyond that is refused with ValueError, never answered wrongly. No trained
@@ -137,7 +138,9 @@ class LikelihoodSearch:
                  labels: np.ndarray) -> None:
         n, d = mu.shape
         self._mu, self._log_sigma = mu, log_sigma
-        self.ids, self.labels = np.asarray(ids), np.asarray(labels)
+        ids = np.asarray(ids)  # Matches hold them as they are, integer ids widened to int64
+        self.ids = ids.astype(np.int64) if ids.dtype.kind in "iu" else ids
+        self.labels = np.asarray(labels).astype(np.int64)
         self._vectors = np.empty((2 * d + 1, n), dtype=np.float32)  # one column per item
         self._max_norm = 0.0  # the largest |w| of the float32 item vectors
         step = 4096  # float64 temporaries of a few MB: the build adds little to peak memory
@@ -205,8 +208,8 @@ class LikelihoodSearch:
             (np.concatenate(column) for column in zip(*parts))
         if single:
             rows, scores, log_total = rows[0], scores[0], log_total[0]
-        return Matches(rows=rows, ids=self.ids[rows],
-                       labels=self.labels[rows].astype(np.int64), log_likelihoods=scores,
+        return Matches(rows=rows, ids=self.ids[rows], labels=self.labels[rows],
+                       log_likelihoods=scores,
                        probabilities=np.exp(scores - log_total[..., None]))
 
     def _select(self, scores, z, var, margin, k: int, label: int | None):
@@ -228,28 +231,30 @@ class LikelihoodSearch:
         near = scores.take(flat).astype(np.float64)
         # Step 2: H = log(n E) + 3E + log(1 / P_TOLERANCE) nats below top32 and further,
         # items count with their float32 scores (e^E - 1 <= E e^E).
-        heavy = top32 - (np.log(np.bincount(query, minlength=count) * margin) + 1.5 * margin
-                         + self._log_half_inverse_tolerance)
+        counts = np.bincount(query, minlength=count)
+        starts = counts.cumsum() - counts  # every query finds its best
+        heavy = top32 - (np.log(counts * margin) + 1.5 * margin + self._log_half_inverse_tolerance)
         if label is None:  # the candidates for the top k are among the items found
             rescore = np.flatnonzero(near >= np.minimum(heavy, k_floor)[query])
-            ranked = query[rescore], rows[rescore]
-            exact = self._exact_scores(z, var, *ranked)
-            near[rescore] = exact
+            near[rescore] = self._exact_scores(z, var, query[rescore], rows[rescore])
+            # the others score below every item of the top k, in float32 and exactly
+            ranked, ranked_starts = (query, rows, near), starts
         else:  # the label's items at or above its floor
             rescore = np.flatnonzero(near >= heavy[query])
             found = np.flatnonzero(pool >= _float32_at_most(k_floor)[:, None])
             label_query, position = np.divmod(found, pool.shape[1])
-            ranked = label_query, self._label_rows[label][position]
-            exact = self._exact_scores(z, var, np.concatenate((query[rescore], ranked[0])),
-                                       np.concatenate((rows[rescore], ranked[1])))
-            near[rescore], exact = exact[:rescore.size], exact[rescore.size:]
-        starts = np.searchsorted(query, np.arange(count))  # every query finds its best
+            label_rows = self._label_rows[label][position]
+            exact = self._exact_scores(z, var, np.concatenate((query[rescore], label_query)),
+                                       np.concatenate((rows[rescore], label_rows)))
+            near[rescore] = exact[:rescore.size]
+            ranked = label_query, label_rows, exact[rescore.size:]
+            ranked_starts = np.searchsorted(label_query, np.arange(count))
         top = np.maximum.reduceat(near, starts)
         log_total = top + np.log(np.add.reduceat(np.exp(near - top[query]), starts))
         # Every query has k ranked items or more, in row order: best first, lower row first.
-        order = np.lexsort((-exact, ranked[0]))
-        best = order[np.searchsorted(ranked[0], np.arange(count))[:, None] + np.arange(k)]
-        return ranked[1][best], exact[best], log_total
+        query, rows, ranked_scores = ranked
+        best = np.lexsort((-ranked_scores, query))[ranked_starts[:, None] + np.arange(k)]
+        return rows[best], ranked_scores[best], log_total
 
     def _exact_scores(self, z, var, query, rows) -> np.ndarray:
         """The direct formula in float64 for the pairs (query, row): (len(rows),)."""
@@ -266,4 +271,4 @@ class LikelihoodSearch:
             terms /= np.exp(2.0 * log_sigma)
         terms += log_sigma
         terms += log_sigma  # -1/2 sum [((z - mu)/sigma)^2 + 2 log sigma] - (d/2) log 2pi
-        return np.einsum("ij->i", terms) * -0.5 - self._log_norm
+        return terms.sum(axis=1) * -0.5 - self._log_norm
