@@ -1,0 +1,196 @@
+"""A shop's catalog CSV read and checked, and items added to and removed from a bundle."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from tests.test_interrupts import ENV, bundle_bytes, console, kill, wait_for
+from vae_edge.runtime import Runtime
+from vae_edge.runtime.catalog import fit_catalog, read_catalog
+from vae_edge.runtime.cli import main as run_main
+from vae_edge.runtime.edit import add_items, remove_items
+from vae_edge.training.data import CLASS_NAMES, load_split
+
+
+def write_csv(path, text: str):
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_bad_rows_are_named_by_csv_line(tmp_path):
+    Image.new("RGB", (30, 20)).save(tmp_path / "a.png")
+    csv = write_csv(tmp_path / "shop.csv", (
+        "id,image,label,name\n"
+        "A1,a.png,shirt,\"Blue, long\nsleeved\"\n"  # a quoted field over two lines
+        "A2,a.png,shirt\n"                            # line 4: a field short
+        "A1,a.png,dress,x\n"                          # line 5: A1 again
+        ",a.png,dress,x\n"                            # line 6: no id
+        "A3,,dress,x\n"                               # line 7: no image
+        "\n"
+        " A4,a.png,dress,x\n"                         # line 9: spaces around the id
+        "A5,a.png,dress,x\n"))
+    with pytest.raises(ValueError) as info:
+        read_catalog(csv)
+    assert str(info.value) == (
+        f"{csv}: 5 bad rows: line 4: 3 fields, expected 4; line 5: id 'A1' repeated; "
+        "line 6: empty id; line 7: empty image path; line 9: id ' A4' has surrounding spaces or "
+        "control characters; fix them or pass --skip-bad to leave them out")
+    catalog = read_catalog(csv, skip_bad=True)
+    assert catalog.ids == ("A1", "A5") and catalog.lines == (2, 10)
+    assert catalog.labels == ("shirt", "dress") and catalog.columns == ("name",)
+    assert catalog.metadata == (("Blue, long\nsleeved",), ("x",))
+    assert catalog.images == ((tmp_path / "a.png").absolute(),) * 2
+    assert len(catalog.skipped) == 5
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "empty file; expected a header row with id and image"),
+    (b"sku,image\nA,a.png\n", "header has no id column; expected columns id, image"),
+    (b"id,image,name,name\nA,a.png,x,y\n", "header has repeated column names: name"),
+    (b"id,image\n", "no items; expected at least one row after the header"),
+    (b"id,image\nA,\"a.png\n", "malformed CSV at line 2: unexpected end of data"),
+    (b"id,image\n\xe9,a.png\n", r"not UTF-8 text (byte 9: invalid continuation byte)"),
+])
+def test_malformed_csv_is_refused_even_with_skip_bad(tmp_path, content, message):
+    csv = tmp_path / "shop.csv"
+    csv.write_bytes(content)
+    for skip_bad in (False, True):
+        with pytest.raises(ValueError) as info:
+            read_catalog(csv, skip_bad=skip_bad)
+        assert str(info.value).startswith(f"{csv}: {message}"), str(info.value)
+    with pytest.raises(FileNotFoundError, match="catalog CSV not found: "):
+        read_catalog(tmp_path / "missing.csv")
+
+
+def test_a_spreadsheet_bom_and_absolute_paths_are_accepted(tmp_path):
+    Image.new("L", (8, 8), 7).save(tmp_path / "a.webp", lossless=True)
+    csv = tmp_path / "shop.csv"
+    csv.write_bytes(f"\ufeffid,image\nA,{tmp_path / 'a.webp'}\n".encode())
+    catalog, pixels, thumbnails = fit_catalog(read_catalog(csv), 16, 3, thumbnail_size=32)
+    assert catalog.ids == ("A",) and pixels.shape == (1, 3, 16, 16) and (pixels == 7).all()
+    with Image.open(io.BytesIO(thumbnails[0])) as thumbnail:
+        assert thumbnail.format == "WEBP" and thumbnail.size == (32, 32)
+
+
+def test_unreadable_photos_are_bad_rows(tmp_path):
+    Image.new("RGB", (10, 10)).save(tmp_path / "good.jpg")
+    (tmp_path / "text.png").write_text("not a picture")
+    csv = write_csv(tmp_path / "shop.csv",
+                    "id,image\nA,good.jpg\nB,missing.png\nC,text.png\nD,good.jpg\n")
+    catalog = read_catalog(csv)
+    with pytest.raises(ValueError) as info:
+        fit_catalog(catalog, 16, 3)
+    assert str(info.value) == (
+        f"{csv}: 2 bad photos: line 3: image not found: {tmp_path / 'missing.png'}; line 4: "
+        "text.png: not an image file Pillow can read; fix them or pass --skip-bad to leave "
+        "them out")
+    kept, pixels, _ = fit_catalog(catalog, 16, 3, skip_bad=True)
+    assert kept.ids == ("A", "D") and pixels.shape == (2, 3, 16, 16)
+    assert [s.split(":")[0] for s in kept.skipped] == ["line 3", "line 4"]
+
+
+def test_items_added_on_the_device_are_their_own_best_match(bundle_copy, tmp_path, data_dir):
+    test = load_split("test", data_dir)
+    old = Runtime.load(bundle_copy)
+    z = old.sample_prior(seed=3)
+    answer_before = old.nearest(z, k=3)
+    lines = ["id,image,label"]
+    for i in range(6):
+        # Photos as a shop might have them: JPEG, scaled up, grayscale or RGB.
+        photo = Image.fromarray(test.images[i]).resize((56 + 8 * i, 56 + 8 * i))
+        photo = photo.convert("RGB") if i % 2 else photo
+        photo.save(tmp_path / f"new{i}.jpg", quality=95)
+        lines.append(f"NEW-{i},new{i}.jpg,{CLASS_NAMES[test.labels[i]]}")
+    lines.append("NEW-9,new0.jpg,Hat")  # a label the bundle does not have yet
+    csv = write_csv(tmp_path / "new.csv", "\n".join(lines) + "\n")
+
+    result = CliRunner().invoke(run_main, ["add", "--bundle", str(bundle_copy), str(csv)])
+    assert result.exit_code == 0, result.output
+    assert result.output.endswith(f"added 7 items; {bundle_copy} holds 5007\n")
+    new = Runtime.load(bundle_copy)
+    assert len(new.index) == 5007
+    assert new.index.ids[-7:].tolist() == [f"NEW-{i}" for i in range(6)] + ["NEW-9"]
+    assert new.label_names == (*old.label_names, "Hat")
+    np.testing.assert_array_equal(new.index.mu[:5000], old.index.mu)
+    for i in range(6):
+        found = CliRunner().invoke(run_main, ["nearest", "--bundle", str(bundle_copy),
+                                              "--image", str(tmp_path / f"new{i}.jpg"),
+                                              "-k", "3", "--json"])
+        assert found.exit_code == 0, found.output
+        assert json.loads(found.output)["results"][0]["id"] == f"NEW-{i}"
+    # A runtime loaded before (a running kiosk) keeps answering from the bundle it loaded.
+    answer_after = old.nearest(z, k=3)
+    assert len(old.index) == 5000 and answer_after.ids.tolist() == answer_before.ids.tolist()
+    np.testing.assert_array_equal(answer_after.probabilities, answer_before.probabilities)
+
+    # Adding the same ids again: bad rows, named by line, and nothing written.
+    before = bundle_bytes(bundle_copy)
+    again = CliRunner().invoke(run_main, ["add", "--bundle", str(bundle_copy), str(csv)])
+    assert again.exit_code == 2
+    assert again.output.startswith(f"Error: {csv}: 7 bad rows: line 2: id 'NEW-0' repeated;")
+    assert bundle_bytes(bundle_copy) == before
+
+    removed = CliRunner().invoke(run_main, ["remove", "--bundle", str(bundle_copy),
+                                            "NEW-0", "NEW-9", "17"])
+    assert removed.exit_code == 0, removed.output
+    assert removed.output.endswith(f"removed 3 items; {bundle_copy} holds 5004\n")
+    after = Runtime.load(bundle_copy)
+    assert {"NEW-0", "NEW-9", "17"}.isdisjoint(after.index.ids.tolist())
+    assert after.index.ids[-5:].tolist() == [f"NEW-{i}" for i in range(1, 6)]
+
+
+def test_remove_refuses_unknown_ids_and_an_empty_catalog(bundle_copy):
+    before = bundle_bytes(bundle_copy)
+    result = CliRunner().invoke(run_main, ["remove", "--bundle", str(bundle_copy), "3",
+                                           "no-such", "nor-this"])
+    assert result.exit_code == 2
+    assert result.output == f"Error: {bundle_copy}: no item with id 'no-such', 'nor-this'\n"
+    with pytest.raises(ValueError, match="removing every item would leave an empty catalog"):
+        remove_items(bundle_copy, [str(i) for i in range(5000)], log=lambda m: None)
+    assert bundle_bytes(bundle_copy) == before
+
+
+def test_add_refuses_columns_the_bundle_does_not_have(bundle_copy, tmp_path):
+    Image.new("L", (28, 28)).save(tmp_path / "a.png")
+    csv = write_csv(tmp_path / "new.csv", "id,image,label,price\nX,a.png,Bag,3\n")
+    with pytest.raises(ValueError, match=r"column\(s\) price are not in the bundle's metadata "
+                                         r"columns \(none\)"):
+        add_items(bundle_copy, csv, log=lambda m: None)
+
+
+@pytest.mark.slow  # starts vae-run twice
+def test_add_killed_mid_write_keeps_the_previous_bundle(tmp_path, bundle_copy, data_dir):
+    previous = bundle_bytes(bundle_copy)
+    test = load_split("test", data_dir)
+    lines = ["id,image,label"]
+    for i in range(200):
+        Image.fromarray(test.images[i]).save(tmp_path / f"p{i}.png")
+        lines.append(f"P{i},p{i}.png,{CLASS_NAMES[test.labels[i]]}")
+    csv = write_csv(tmp_path / "new.csv", "\n".join(lines) + "\n")
+    command = [*console("vae-run", "run"), "add", "--bundle", str(bundle_copy), str(csv)]
+    process = subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+
+    def partial_with_a_file():
+        return [p for p in tmp_path.glob(".bundle.*.partial") if any(p.iterdir())]
+
+    try:
+        partial = wait_for(partial_with_a_file, process, "the add wrote its first file")
+        kill(process)
+    finally:
+        process.kill()
+        process.stdout.close()
+    assert bundle_bytes(bundle_copy) == previous
+    assert len(Runtime.load(bundle_copy).index) == 5000
+
+    result = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"removed {partial[0].name}, left behind by an interrupted run" in result.stderr
+    assert len(Runtime.load(bundle_copy).index) == 5200
