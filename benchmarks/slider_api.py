@@ -33,7 +33,8 @@ def main() -> None:
     args = parser.parse_args()
 
     rt = Runtime.load(args.bundle)
-    catalog = load_split("train").images[rt.index.ids]
+    # A Fashion-MNIST bundle's ids are row numbers of its split: the item's real photo.
+    catalog = load_split("train").images[rt.index.ids.astype(np.int64)]
     server = make_server(rt, "127.0.0.1", 0)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -45,7 +46,7 @@ def main() -> None:
             z = queries[source]
             decoded = rt.decode(z)
             for by in ("latent", "decoded"):
-                ids = []
+                ids, rows = [], []
                 for vector in z:
                     connection.request("POST", "/api/nearest",
                                        json.dumps({"z": vector.tolist(), "k": 1, "by": by}),
@@ -55,8 +56,8 @@ def main() -> None:
                     if response.status != 200:
                         raise SystemExit(f"HTTP {response.status}: {payload}")
                     ids.append(payload["results"][0]["id"])
+                    rows.append(payload["results"][0]["row"])
                 same = ids == rt.nearest(z, k=1, by=by).ids[:, 0].tolist()
-                rows = np.searchsorted(rt.index.ids, ids)
                 correlation = pixel_correlation(decoded, catalog[rows])
                 q25, median, q75 = np.quantile(correlation, [0.25, 0.5, 0.75])
                 print(f"{source:<8} by {by:<8} median {median:.3f} [{q25:.3f}, {q75:.3f}] "
