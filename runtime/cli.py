@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import io
 import json
 import re
 from pathlib import Path
@@ -175,8 +176,8 @@ def query_options(command):
               help="Print one JSON object: the query, the match mode, z's distance from the "
                    "catalog and a results list.")
 @click.option("--sheet", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help=f"Also write a PNG: the query beside the first {SHEET_MAX_ITEMS} items' "
-              "decoded mu.")
+              help=f"Also write a PNG: the query beside the first {SHEET_MAX_ITEMS} items (their "
+              "catalog photos, or the decoded mu in a bundle without thumbnails).")
 def nearest(runtime: Runtime, z: np.ndarray | None, image, k: int, label: str | None,
             by: str | None, as_json: bool, sheet: Path | None):
     """Catalog items most like the garment z, best first.
@@ -208,18 +209,7 @@ def nearest(runtime: Runtime, z: np.ndarray | None, image, k: int, label: str | 
     ]
     if sheet is not None:
         with library_errors():
-            # A large k must not decode the catalog into one endless picture.
-            shown = matches.rows[:SHEET_MAX_ITEMS]
-            items = runtime.decode(runtime.index.mu[shown])
-            if image is None:
-                query, title = runtime.decode(z), "decoded z"
-            else:
-                query, title = image[1].astype(np.float32) / 255.0, "query image"
-            captions = [f"query: {title}"] + [
-                f"#{r['id']} {r['label']}\n{r['log_likelihood']:.2f}"
-                for r in results[:SHEET_MAX_ITEMS]]
-            save_sheet(sheet, query, items, captions,
-                       f"{title} | nearest catalog items (decoded mu), log q(z|x)")
+            save_sheet(sheet, *_sheet_pictures(runtime, matches, results, z, image))
     if image is None:
         query = {"z": [float(v) for v in z], "by": by,
                  "distance": float(matches.distances)}
@@ -246,6 +236,27 @@ def nearest(runtime: Runtime, z: np.ndarray | None, image, k: int, label: str | 
                        f"{'  ' + details[:120] if details else ''}")
     if sheet is not None:
         click.echo(f"wrote {sheet}", err=as_json)
+
+
+def _sheet_pictures(runtime: Runtime, matches, results: list[dict], z, image):
+    """The query and (up to SHEET_MAX_ITEMS) items for a contact sheet: the items' catalog
+    photos where the bundle has thumbnails, else the decoder's view of their mu."""
+    from PIL import Image
+
+    # A large k must not decode the catalog into one endless picture.
+    shown = matches.rows[:SHEET_MAX_ITEMS]
+    photos = [runtime.index.thumbnail(int(row)) for row in shown]
+    if all(photo is not None for photo in photos):
+        items, drawn = [Image.open(io.BytesIO(photo)) for photo in photos], "catalog photos"
+    else:
+        items, drawn = list(runtime.decode(runtime.index.mu[shown])), "decoded mu"
+    if image is None:
+        query, title = runtime.decode(z), "decoded z"
+    else:
+        query, title = image[1], "query image"
+    captions = [f"query: {title}"] + [f"#{r['id']} {r['label']}\n{r['log_likelihood']:.2f}"
+                                      for r in results[:SHEET_MAX_ITEMS]]
+    return query, items, captions, f"{title} | nearest catalog items ({drawn}), log q(z|x)"
 
 
 @main.command()

@@ -151,12 +151,31 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(array * 255.0), 0, 255).astype(np.uint8)
 
 
-def save_png(path: str | Path, image: np.ndarray) -> Path:
-    """Write a grayscale image (uint8, or float in [0, 1]) as PNG, atomically."""
+def to_picture(image: np.ndarray):
+    """One image, (H, W) or (C, H, W) with C 1 or 3, uint8 or float in [0, 1] -> a Pillow
+    image in mode L or RGB."""
     from PIL import Image
 
     pixels = image if image.dtype == np.uint8 else to_uint8(image)
-    return _atomic_save(Image.fromarray(pixels, mode="L"), Path(path))
+    if pixels.ndim == 3 and pixels.shape[0] == 1:
+        pixels = pixels[0]
+    if pixels.ndim == 3:
+        return Image.fromarray(np.ascontiguousarray(pixels.transpose(1, 2, 0)), mode="RGB")
+    return Image.fromarray(pixels, mode="L")
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """One image (as to_picture takes it) as PNG bytes."""
+    from io import BytesIO
+
+    buffer = BytesIO()
+    to_picture(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def save_png(path: str | Path, image: np.ndarray) -> Path:
+    """Write one image (as to_picture takes it) as PNG, atomically."""
+    return _atomic_save(to_picture(image), Path(path))
 
 
 def _atomic_save(picture, path: Path) -> Path:
@@ -164,23 +183,27 @@ def _atomic_save(picture, path: Path) -> Path:
         picture.save(handle, format="PNG")
     return path
 
-def save_sheet(path: str | Path, query: np.ndarray, items: np.ndarray, captions: list[str],
+def save_sheet(path: str | Path, query: np.ndarray, items: list, captions: list[str],
                title: str) -> Path:
-    """Query image, then its nearest items, one row, each with a caption underneath."""
+    """Query image, then its nearest items, one row, each with a caption underneath. The
+    pictures are images as to_picture takes them, or Pillow images (thumbnails)."""
     from PIL import Image, ImageDraw
 
-    scale, cell, caption_h, title_h = 4, 28 * 4 + 8, 30, 18
+    side, caption_h, title_h = 112, 30, 18
+    cell = side + 8
     pictures = [query] + list(items)
     width = cell * len(pictures) + 8
-    sheet = Image.new("L", (width, title_h + cell + caption_h), 255)
+    sheet = Image.new("RGB", (width, title_h + cell + caption_h), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
-    draw.text((6, 3), title, fill=0)
+    draw.text((6, 3), title, fill=(0, 0, 0))
     for i, (picture, caption) in enumerate(zip(pictures, captions)):
-        tile = Image.fromarray(to_uint8(picture), mode="L").resize(
-            (28 * scale, 28 * scale), Image.NEAREST
-        )
+        if isinstance(picture, np.ndarray):
+            picture = to_picture(picture)
+        # Small model images keep their pixels sharp; photos are scaled smoothly.
+        resample = Image.NEAREST if max(picture.size) <= side // 2 else Image.LANCZOS
+        tile = picture.convert("RGB").resize((side, side), resample)
         x = 8 + i * cell
         sheet.paste(tile, (x, title_h))
         for line_no, line in enumerate(caption.split("\n")[:2]):
-            draw.text((x, title_h + 28 * scale + 2 + 12 * line_no), line, fill=0)
+            draw.text((x, title_h + side + 2 + 12 * line_no), line, fill=(0, 0, 0))
     return _atomic_save(sheet, Path(path))

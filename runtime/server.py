@@ -33,7 +33,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import functools
-import io
 import ipaddress
 import json
 import re
@@ -55,7 +54,7 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .core import MATCH_MODES, Runtime, check_k, check_latent, parse_z
-from .images import to_uint8
+from .images import png_bytes
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
@@ -156,14 +155,6 @@ def _json_kind(value) -> str:
     names = {dict: "an object", list: "a list", str: "a string", bool: "true/false",
              type(None): "null", int: "a number", float: "a number"}
     return names.get(type(value), type(value).__name__)
-
-
-def png_bytes(image: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(to_uint8(image), mode="L").save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def png_data_url(image: np.ndarray) -> str:
