@@ -33,7 +33,7 @@ from vae_edge.training.train import load_checkpoint
 
 # One thread: the same arithmetic in every process (and a fair share of a busy CI box).
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-TRAIN_ARGS = ["--latent-dim", "4", "--channels", "4,8", "--hidden-dim", "16", "--epochs", "3",
+TRAIN_ARGS = ["--latent-dim", "4", "--widths", "4,8", "--hidden-dim", "16", "--epochs", "3",
               "--batch-size", "32", "--subset", "3000", "--test-subset", "200", "--seed", "3",
               "--kl-warmup-epochs", "2", "--no-progress"]
 POLL = 0.02
