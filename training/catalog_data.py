@@ -78,7 +78,8 @@ def cached_photos(catalog: Catalog, size: int, channels: int, *, skip_bad: bool 
                           pixels[: len(kept)], reused=True)
 
     directory.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(path, ".tmp", log)
+    for target in (path, record_path):  # what a killed run left half-written
+        remove_stale_temporaries(target, ".tmp", log)
     log(f"photos: decoding {len(catalog)} photos into {path}")
     with atomic_file(path) as handle:
         out = open_memmap(handle.name, mode="w+", dtype=np.uint8, shape=shape)
