@@ -35,6 +35,9 @@ from ..runtime.catalog import (
 from .data import ImageRows, TrainingData, user_cache_dir
 
 DEFAULT_HOLDOUT = 0.1
+# Part of every cache's key: raise it when fitting a photo (runtime.images.fit_photo) or the
+# cache's layout changes, so that no cache of the old pixels is reused.
+CACHE_FORMAT = 1
 SHOWN_LINES = 5
 
 
@@ -63,7 +66,8 @@ def cached_photos(catalog: Catalog, size: int, channels: int, *, skip_bad: bool 
     from tqdm import tqdm
 
     fingerprint = catalog_fingerprint(catalog)
-    key = hashlib.sha256(f"{fingerprint}\0{size}\0{channels}".encode()).hexdigest()[:32]
+    key = hashlib.sha256(f"{CACHE_FORMAT}\0{fingerprint}\0{size}\0{channels}".encode()
+                         ).hexdigest()[:32]
     directory = Path(cache_dir) if cache_dir is not None else photo_cache_dir()
     path, record_path = directory / f"{key}.npy", directory / f"{key}.json"
     shape = (len(catalog), channels, size, size)
