@@ -123,9 +123,9 @@ def test_bad_input_exits_2_with_one_line(tiny_bundle, args, message):
 
 
 def test_train_and_export_cli_errors(tmp_path):
-    result = CliRunner().invoke(train_main, ["--out", str(tmp_path / "r"), "--channels", "8,x"])
+    result = CliRunner().invoke(train_main, ["--out", str(tmp_path / "r"), "--widths", "8,x"])
     assert result.exit_code == 2
-    assert result.output.strip() == "Error: --channels must be comma-separated integers, got '8,x'"
+    assert result.output.strip() == "Error: --widths must be comma-separated integers, got '8,x'"
     result = CliRunner().invoke(train_main, ["--out", str(tmp_path / "r"), "--data-dir",
                                              str(tmp_path / "nodata"), "--epochs", "1"])
     assert result.exit_code == 2

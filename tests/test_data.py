@@ -165,3 +165,21 @@ def test_download_missing_file_is_an_error(tmp_path, file_server):
     with pytest.raises(OSError, match="404"):
         download(tmp_path / "cache", mirror=url, files=entries, log=lambda m: None)
     assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_image_rows_read_only_their_rows_from_a_memory_map(tmp_path):
+    from numpy.lib.format import open_memmap
+
+    from vae_edge.training.data import ImageRows
+
+    images = open_memmap(tmp_path / "images.npy", mode="w+", dtype=np.uint8, shape=(10, 3, 4, 4))
+    images[:] = np.arange(10, dtype=np.uint8)[:, None, None, None]
+    images.flush()
+    mapped = np.load(tmp_path / "images.npy", mmap_mode="r")
+    rows = ImageRows(mapped, np.array([7, 2, 5]), labels=np.arange(10) % 3)
+    assert len(rows) == 3
+    assert rows[np.array([2, 0])][:, 0, 0, 0].tolist() == [5, 7]
+    assert rows[1:][:, 0, 0, 0].tolist() == [2, 5]
+    assert rows.labels_at(np.array([0, 1])).tolist() == [1, 2]
+    subset = rows.take(np.array([1]))
+    assert len(subset) == 1 and subset[0:1][0, 0, 0, 0] == 2

@@ -40,7 +40,7 @@ def report(report_dir):
 
 def test_report_contents(report, runtime, tiny_run, splits):
     """Every figure of the report besides retrieval and the slider scenario, recomputed."""
-    from vae_edge.training.train import mean_loss_parts_at_mu, model_from_checkpoint, to_tensor
+    from vae_edge.training.train import mean_loss_parts_at_mu, model_from_checkpoint
 
     assert report["test_images"] == TEST_LIMIT
     assert report["catalog"] == {"split": "train", "size": CATALOG_LIMIT}
@@ -49,7 +49,7 @@ def test_report_contents(report, runtime, tiny_run, splits):
     images = splits[1].images[:TEST_LIMIT]
     # What vae-train logs as test_recon / test_kl / mse, on the same images: the report gets
     # the same from encoder.onnx's mu and the checkpoint's decoder (onnx for the MSE).
-    logged = mean_loss_parts_at_mu(model_from_checkpoint(tiny_run[1]), to_tensor(images))
+    logged = mean_loss_parts_at_mu(model_from_checkpoint(tiny_run[1]), images)
     lik = report["likelihood"]
     assert lik["backend"] == "pytorch-checkpoint"
     assert lik["recon_at_mu"] == pytest.approx(logged["recon"], rel=1e-5)

@@ -6,6 +6,8 @@
   and the next export removes what the killed one left behind.
 - the data download killed mid-file: the previous file is untouched, no file that looks
   complete appears, and the next download removes the partial file.
+- vae-train --catalog killed while decoding photos into the cache: no cache that looks
+  complete appears, and the next run removes the partial one and decodes the photos again.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from vae_edge.training.train import load_checkpoint
 
 # One thread: the same arithmetic in every process (and a fair share of a busy CI box).
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-TRAIN_ARGS = ["--latent-dim", "4", "--channels", "4,8", "--hidden-dim", "16", "--epochs", "3",
+TRAIN_ARGS = ["--latent-dim", "4", "--widths", "4,8", "--hidden-dim", "16", "--epochs", "3",
               "--batch-size", "32", "--subset", "3000", "--test-subset", "200", "--seed", "3",
               "--kl-warmup-epochs", "2", "--no-progress"]
 POLL = 0.02
@@ -284,3 +286,30 @@ def test_download_killed_mid_file_keeps_the_previous_file(tmp_path):
     assert f"removed {partial[0].name}, left behind by an interrupted run" in messages
     assert sorted(p.name for p in target.iterdir()) == sorted(payloads)
     assert len(load_split("test", target, files=entries)) == 300
+
+
+@pytest.mark.slow
+def test_killed_photo_cache_is_never_taken_for_complete(tmp_path):
+    from tests.test_catalog_training import make_catalog
+
+    csv_path, cache = make_catalog(tmp_path / "shop", items=600), tmp_path / "cache"
+    args = [*console("vae-train", "training"), "--catalog", str(csv_path), "--cache-dir",
+            str(cache), "--image-size", "64", *TRAIN_ARGS[:6], "--epochs", "1", "--no-progress"]
+    process = subprocess.Popen([*args, "--out", str(tmp_path / "killed")], env=ENV,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: list(cache.glob(".*.npy.*.tmp")), process, "the cache was started")
+        kill(process)
+    finally:
+        process.kill()
+        process.stdout.close()
+    assert list(cache.glob(".*.npy.*.tmp"))  # killed while writing it
+    assert not list(cache.glob("*.npy"))  # and no file that looks like a cache
+    assert not (tmp_path / "killed" / "checkpoint.pt").exists()
+
+    result = subprocess.run([*args, "--out", str(tmp_path / "run")], env=ENV, text=True,
+                            capture_output=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "left behind by an interrupted run" in result.stdout
+    assert "photos: decoding 600 photos" in result.stdout
+    assert [p.suffix for p in sorted(cache.iterdir())] == [".json", ".npy"]

@@ -8,7 +8,7 @@ import torch
 
 from vae_edge.training.data import Split
 from vae_edge.training.model import VAEConfig
-from vae_edge.training.train import TrainConfig, beta_at, load_checkpoint, train
+from vae_edge.training.train import TrainConfig, beta_at, load_checkpoint, to_tensor, train
 
 MODEL = VAEConfig(latent_dim=4, channels=(4, 8), hidden_dim=16)
 
@@ -133,3 +133,23 @@ def test_label_weight_trains_a_classifier_on_z(tmp_path, splits):
     assert checkpoint["config"]["num_classes"] == 10
     with pytest.raises(ValueError, match="label_weight > 0 needs a model with num_classes > 0"):
         train(MODEL, config, tmp_path / "b", splits=splits, progress=False, log=quiet)
+
+
+def test_to_tensor_adds_the_channel_axis_of_grayscale_images():
+    gray = np.array([[[0, 255], [51, 102]]], dtype=np.uint8)  # (1, 2, 2)
+    assert torch.equal(to_tensor(gray), torch.tensor([[[[0.0, 1.0], [0.2, 0.4]]]]))
+    colour = np.arange(2 * 3 * 4 * 4, dtype=np.uint8).reshape(2, 3, 4, 4)
+    tensor = to_tensor(colour)
+    assert tensor.shape == (2, 3, 4, 4) and tensor.dtype == torch.float32
+    assert torch.equal(tensor * 255, torch.from_numpy(colour.astype(np.float32)))
+    with pytest.raises(ValueError, match=r"images must be uint8 \(N, H, W\) or \(N, C, H, W\), "
+                       r"got float32 \(2, 2\)"):
+        to_tensor(np.zeros((2, 2), dtype=np.float32))
+
+
+def test_model_and_data_shapes_must_agree(tmp_path, splits):
+    colour = VAEConfig(latent_dim=4, channels=(4, 8), hidden_dim=16, image_channels=3)
+    with pytest.raises(ValueError, match=r"the model takes images of shape \(3, 28, 28\) "
+                       r"\(channels, height, width\), the data holds \(1, 28, 28\)"):
+        train(colour, TrainConfig(epochs=1), tmp_path / "run", splits=splits, log=quiet)
+    assert not (tmp_path / "run").exists()

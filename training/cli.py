@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import click
 
 from ..runtime.cli import CliError, library_errors
-from .data import download
+from .catalog_data import DEFAULT_HOLDOUT, catalog_data
+from .data import CLASS_NAMES, download
 from .model import VAEConfig
 from .train import TrainConfig, train
+
+CATALOG_IMAGE_SIZE = 64
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -20,8 +24,10 @@ from .train import TrainConfig, train
               "and metrics.jsonl.")
 @click.option("--latent-dim", type=click.IntRange(1, 512), default=VAEConfig.latent_dim,
               show_default=True, help="Size of z.")
-@click.option("--channels", default="32,64", show_default=True,
-              help="Conv widths; the first two layers halve the resolution.")
+@click.option("--widths", default="32,64", show_default=True,
+              help="Conv widths, one per layer. The first layers halve the resolution (2 for "
+              "28x28 images, 4 for 64x64: halved while the side is even and the half >= 4); "
+              "widths missing for them are added by doubling the last (up to 256).")
 @click.option("--hidden-dim", type=click.IntRange(min=1), default=VAEConfig.hidden_dim,
               show_default=True, help="Fully connected layer between conv stack and latent.")
 @click.option("--epochs", type=click.IntRange(min=1), default=TrainConfig.epochs, show_default=True)
@@ -43,6 +49,23 @@ from .train import TrainConfig, train
               help="Train on a fixed random subset of this many training images.")
 @click.option("--test-subset", type=click.IntRange(min=1), default=None,
               help="Evaluate on the first this many test images.")
+@click.option("--catalog", "catalog_csv", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="Train on a shop's catalog CSV (id, image[, label, ...]; "
+              "docs/catalog.md) instead of Fashion-MNIST.")
+@click.option("--image-size", type=click.IntRange(min=1), default=None,
+              help=f"Catalog: side of the square the photos are fitted into, a multiple of 4 "
+              f"from 16 to 256 [default: {CATALOG_IMAGE_SIZE}]. Fashion-MNIST is 28.")
+@click.option("--channels", "image_channels", type=click.Choice(["1", "3"]), default=None,
+              help="Catalog: 3 keeps colour, 1 makes grayscale [default: 3]. Fashion-MNIST is 1.")
+@click.option("--holdout", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              default=None, help=f"Catalog: the seeded random fraction of items held out for "
+              f"the test figures [default: {DEFAULT_HOLDOUT}].")
+@click.option("--skip-bad", is_flag=True,
+              help="Catalog: leave out bad rows and unreadable photos (and say how many) "
+              "instead of refusing the catalog.")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Catalog: where decoded photos are cached [default: "
+              "$XDG_CACHE_HOME/vae-edge/photos].")
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None,
               help="Directory with the Fashion-MNIST IDX files (.gz or raw).")
 @click.option("--download", "do_download", is_flag=True,
@@ -50,30 +73,56 @@ from .train import TrainConfig, train
 @click.option("--resume", is_flag=True, help="Continue the checkpoint in --out.")
 @click.option("--progress/--no-progress", default=None,
               help="Progress bar per epoch (default: when stderr is a terminal).")
-def main(out_dir, latent_dim, channels, hidden_dim, epochs, batch_size, lr, lr_schedule, beta,
-         kl_warmup_epochs, label_weight, seed, subset, test_subset, data_dir, do_download, resume,
-         progress):
-    """Train the convolutional VAE on Fashion-MNIST.
+def main(out_dir, latent_dim, widths, hidden_dim, epochs, batch_size, lr, lr_schedule, beta,
+         kl_warmup_epochs, label_weight, seed, subset, test_subset, catalog_csv, image_size,
+         image_channels, holdout, skip_bad, cache_dir, data_dir, do_download, resume, progress):
+    """Train the convolutional VAE on Fashion-MNIST, or on a shop's catalog (--catalog).
 
-    Loss per image: Bernoulli reconstruction (BCE with logits, summed over pixels)
-    + beta * KL(q(z|x) || N(0, I)). Per-epoch train/test loss parts are printed and
+    Loss per image: Bernoulli reconstruction (BCE with logits, summed over pixels and
+    channels) + beta * KL(q(z|x) || N(0, I)). Per-epoch train/test loss parts are printed and
     written to OUT/metrics.jsonl; export OUT/checkpoint.pt with `vae-export`.
     """
     try:
-        widths = tuple(int(c) for c in channels.split(","))
+        conv_widths = tuple(int(c) for c in widths.split(","))
     except ValueError:
-        raise CliError(f"--channels must be comma-separated integers, got {channels!r}") from None
+        raise CliError(f"--widths must be comma-separated integers, got {widths!r}") from None
+    if catalog_csv is None:
+        given = [name for name, value in (("--image-size", image_size not in (None, 28)),
+                                          ("--channels", image_channels not in (None, "1")),
+                                          ("--holdout", holdout is not None),
+                                          ("--skip-bad", skip_bad),
+                                          ("--cache-dir", cache_dir is not None)) if value]
+        if given:
+            raise CliError(f"{', '.join(given)} need{'s' if len(given) == 1 else ''} --catalog "
+                           "(Fashion-MNIST is 28x28 grayscale with a fixed test split)")
+    elif data_dir is not None or do_download:
+        raise CliError("--data-dir and --download are for Fashion-MNIST; a --catalog run reads "
+                       "the photos its CSV names")
+    show = sys.stderr.isatty() if progress is None else progress
     with library_errors():
-        model_config = VAEConfig(latent_dim=latent_dim, channels=widths, hidden_dim=hidden_dim,
-                                 num_classes=10 if label_weight > 0 else 0)
+        model_config = VAEConfig(
+            latent_dim=latent_dim, channels=conv_widths, hidden_dim=hidden_dim,
+            image_size=28 if catalog_csv is None else image_size or CATALOG_IMAGE_SIZE,
+            image_channels=int(image_channels or (1 if catalog_csv is None else 3)))
         config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, beta=beta,
                              kl_warmup_epochs=kl_warmup_epochs, seed=seed, subset=subset,
                              test_subset=test_subset, lr_schedule=lr_schedule,
                              label_weight=label_weight)
-        if do_download:
+        data = None
+        if catalog_csv is not None:
+            data = catalog_data(catalog_csv, model_config.image_size,
+                                model_config.image_channels, seed=seed,
+                                holdout=DEFAULT_HOLDOUT if holdout is None else holdout,
+                                skip_bad=skip_bad, require_labels=label_weight > 0,
+                                cache_dir=cache_dir, progress=show, log=click.echo)
+            click.echo(f"catalog: {len(data.train)} items train, {len(data.test)} held out, "
+                       f"{len(data.class_names)} labels")
+        elif do_download:
             data_dir = download(data_dir)
-        show = sys.stderr.isatty() if progress is None else progress
+        class_names = CLASS_NAMES if data is None else data.class_names
+        model_config = replace(model_config,
+                               num_classes=len(class_names) if label_weight > 0 else 0)
         checkpoint = train(model_config, config, out_dir, data_dir=data_dir, resume=resume,
-                           progress=show, log=click.echo)
+                           progress=show, log=click.echo, data=data)
     last = checkpoint["history"][-1]
     click.echo(f"done: {out_dir / 'checkpoint.pt'} (test loss {last['test_loss']:.2f} nats/image)")

@@ -1,4 +1,5 @@
-"""Fashion-MNIST: find, verify, read (IDX, .gz or raw) and download with checksums.
+"""What training reads (ImageRows, TrainingData), and Fashion-MNIST: find, verify, read (IDX,
+.gz or raw) and download with checksums. A shop's catalog is read by training/catalog_data.py.
 
 Where the files are looked for, in order:
   1. --data-dir / the data_dir argument
@@ -74,9 +75,61 @@ class Split:
         return int(self.labels.shape[0])
 
 
-def cache_dir() -> Path:
+@dataclass(frozen=True)
+class ImageRows:
+    """Some rows of a uint8 image array, (N, H, W) or (N, C, H, W), in memory or memory-mapped:
+    indexing reads only the rows asked for, so a memory-mapped catalog is never loaded whole."""
+
+    array: np.ndarray
+    rows: np.ndarray  # int64 row numbers into array
+    labels: np.ndarray | None = None  # int64 class per row of array, or None (unlabelled)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, positions) -> np.ndarray:
+        """uint8 images at these positions (a slice or an integer array) of the rows."""
+        return self.array[self.rows[positions]]
+
+    def labels_at(self, positions) -> np.ndarray:
+        return self.labels[self.rows[positions]]
+
+    def take(self, positions) -> ImageRows:
+        return ImageRows(self.array, self.rows[positions], self.labels)
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """The images a run trains and tests on, and what its checkpoint records about them."""
+
+    train: ImageRows
+    test: ImageRows
+    image_shape: tuple[int, int, int]  # (channels, height, width)
+    class_names: tuple[str, ...]  # () when the data has no labels
+    record: dict  # checkpoint["dataset"]: kind, source, checksums, ...
+
+
+def fashion_mnist_data(data_dir: str | Path | None = None,
+                       splits: tuple[Split, Split] | None = None) -> TrainingData:
+    """Fashion-MNIST's train and test splits (or the given ones), in memory."""
+    train, test = splits or (load_split("train", data_dir), load_split("test", data_dir))
+
+    def rows(split):
+        return ImageRows(split.images, np.arange(len(split)), split.labels.astype(np.int64))
+
+    return TrainingData(rows(train), rows(test), (1, 28, 28), CLASS_NAMES,
+                        {"kind": "fashion-mnist", "train": train.sha256, "test": test.sha256,
+                         "class_names": list(CLASS_NAMES)})
+
+
+def user_cache_dir() -> Path:
+    """$XDG_CACHE_HOME/vae-edge (default ~/.cache/vae-edge)."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "vae-edge" / "fashion-mnist"
+    return Path(base) / "vae-edge"
+
+
+def cache_dir() -> Path:
+    return user_cache_dir() / "fashion-mnist"
 
 
 def candidate_dirs(data_dir: str | Path | None = None) -> list[Path]:

@@ -1,7 +1,11 @@
 """The convolutional VAE: config, encoder, reparameterisation, decoder, loss.
 
 q(z|x) = N(mu(x), diag(exp(log_var(x)))), z = mu + exp(0.5 * log_var) * eps,
-p(x|z) = Bernoulli(sigmoid(decoder(z))) per pixel, prior p(z) = N(0, I).
+p(x|z) = Bernoulli(sigmoid(decoder(z))) per pixel and colour channel, prior p(z) = N(0, I).
+
+The architecture follows the image: its channels (1 or 3) feed the first conv layer and come out
+of the last, and an image of side S gets downsampling_stages(S) stride-2 stages down to a
+feature map of side feature_size (7 for 28, 4 for 64), mirrored by the decoder.
 """
 
 from __future__ import annotations
@@ -12,31 +16,63 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 16, 256
+MAX_ADDED_WIDTH = 256  # widths added by doubling stop growing here
+
+
+def downsampling_stages(image_size: int) -> int:
+    """Stride-2 stages: the side is halved while it is even and the half is at least 4
+    (28 -> 14 -> 7: 2 stages; 64 -> 32 -> 16 -> 8 -> 4: 4)."""
+    stages, side = 0, image_size
+    while side % 2 == 0 and side // 2 >= 4:
+        side //= 2
+        stages += 1
+    return stages
+
 
 @dataclass(frozen=True)
 class VAEConfig:
     latent_dim: int = 16
-    # Conv widths: the first two layers halve the resolution (28 -> 14 -> 7),
-    # further layers keep 7x7 and only add depth.
+    # Conv widths, one per layer: the first `stages` layers halve the resolution (stride 2),
+    # further layers keep it and only add depth. Fewer widths than stages are extended by
+    # doubling the last width (up to MAX_ADDED_WIDTH), so the stored list is the full one.
     channels: tuple[int, ...] = (32, 64)
     hidden_dim: int = 256  # fully connected layer between the conv stack and the latent
-    image_size: int = 28
+    image_size: int = 28  # side of the square images, a multiple of 4 from 16 to 256
     # > 0 adds a linear classifier on z (training only, never exported), for the optional
     # label-aware objective (TrainConfig.label_weight).
     num_classes: int = 0
+    image_channels: int = 1  # 1 grayscale, 3 colour (RGB)
 
     def __post_init__(self):
-        object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
         if not 1 <= self.latent_dim <= 512:
             raise ValueError(f"latent_dim must be in [1, 512], got {self.latent_dim}")
-        if len(self.channels) < 2 or min(self.channels) < 1:
-            raise ValueError(f"channels needs at least two positive widths, got {self.channels}")
+        widths = tuple(int(c) for c in self.channels)
+        if not widths or min(widths) < 1:
+            raise ValueError(f"channels needs at least one positive width, got {widths}")
         if self.hidden_dim < 1:
             raise ValueError(f"hidden_dim must be >= 1, got {self.hidden_dim}")
         if self.num_classes < 0:
             raise ValueError(f"num_classes must be >= 0, got {self.num_classes}")
-        if self.image_size != 28:
-            raise ValueError(f"image_size must be 28 (Fashion-MNIST), got {self.image_size}")
+        if (not MIN_IMAGE_SIZE <= self.image_size <= MAX_IMAGE_SIZE
+                or self.image_size % 4):
+            raise ValueError(f"image_size must be a multiple of 4 from {MIN_IMAGE_SIZE} to "
+                             f"{MAX_IMAGE_SIZE}, got {self.image_size}")
+        if self.image_channels not in (1, 3):
+            raise ValueError(f"image_channels must be 1 (grayscale) or 3 (colour), "
+                             f"got {self.image_channels}")
+        while len(widths) < self.stages:
+            widths += (max(widths[-1], min(2 * widths[-1], MAX_ADDED_WIDTH)),)
+        object.__setattr__(self, "channels", widths)
+
+    @property
+    def stages(self) -> int:
+        return downsampling_stages(self.image_size)
+
+    @property
+    def feature_size(self) -> int:
+        """Side of the conv stack's output (7 for 28, 4 for 64)."""
+        return self.image_size >> self.stages
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -68,13 +104,14 @@ class VAE(nn.Module):
     def __init__(self, config: VAEConfig):
         super().__init__()
         self.config = config
-        widths = (1,) + config.channels
-        self.feature_shape = (config.channels[-1], 7, 7)
-        flat = config.channels[-1] * 7 * 7
+        widths = (config.image_channels,) + config.channels
+        side, stages = config.feature_size, config.stages
+        self.feature_shape = (config.channels[-1], side, side)
+        flat = config.channels[-1] * side * side
 
         enc = []
         for i, (c_in, c_out) in enumerate(zip(widths[:-1], widths[1:])):
-            enc += [_conv_block(c_in, c_out, downsample=i < 2), nn.ReLU()]
+            enc += [_conv_block(c_in, c_out, downsample=i < stages), nn.ReLU()]
         self.encoder_conv = nn.Sequential(*enc, nn.Flatten())
         self.encoder_fc = nn.Sequential(nn.Linear(flat, config.hidden_dim), nn.ReLU())
         self.to_mu = nn.Linear(config.hidden_dim, config.latent_dim)
@@ -84,11 +121,11 @@ class VAE(nn.Module):
             nn.Linear(config.latent_dim, config.hidden_dim), nn.ReLU(),
             nn.Linear(config.hidden_dim, flat), nn.ReLU(),
         )
-        rev = widths[::-1]  # (C_last, ..., C_1, 1)
+        rev = widths[::-1]  # (C_last, ..., C_1, image_channels)
         n = len(rev) - 1
         dec = []
         for j, (c_in, c_out) in enumerate(zip(rev[:-1], rev[1:])):
-            dec.append(_deconv_block(c_in, c_out, upsample=j >= n - 2))
+            dec.append(_deconv_block(c_in, c_out, upsample=j >= n - stages))
             if j < n - 1:
                 dec.append(nn.ReLU())
         self.decoder_conv = nn.Sequential(*dec)
@@ -97,7 +134,7 @@ class VAE(nn.Module):
         )
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # x: (B, 1, 28, 28) in [0, 1]
+        # x: (B, C, S, S) in [0, 1]
         h = self.encoder_fc(self.encoder_conv(x))  # (B, hidden)
         return self.to_mu(h), self.to_log_var(h)  # (B, d), (B, d)
 
@@ -109,11 +146,11 @@ class VAE(nn.Module):
         return mu + torch.exp(0.5 * log_var) * eps
 
     def decode_logits(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.decoder_fc(z).view(-1, *self.feature_shape)  # (B, C, 7, 7)
-        return self.decoder_conv(h)  # (B, 1, 28, 28) logits
+        h = self.decoder_fc(z).view(-1, *self.feature_shape)  # (B, C_last, s, s)
+        return self.decoder_conv(h)  # (B, C, S, S) logits
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.decode_logits(z))  # (B, 1, 28, 28) in [0, 1]
+        return torch.sigmoid(self.decode_logits(z))  # (B, C, S, S) in [0, 1]
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None):
         """Training pass: Bernoulli logits, mu, log_var, and the z that was sampled."""

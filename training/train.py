@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..runtime.atomic import atomic_file, remove_stale_temporaries
-from .data import CLASS_NAMES, Split, load_split
+from .data import ImageRows, Split, TrainingData, fashion_mnist_data
 from .model import VAE, VAEConfig, loss_parts
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -65,8 +65,13 @@ class TrainConfig:
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 (N, 28, 28) -> float32 (N, 1, 28, 28) in [0, 1]."""
-    return torch.from_numpy(np.asarray(images, dtype=np.float32) / 255.0).unsqueeze(1)
+    """uint8 images (N, H, W) or (N, C, H, W) -> float32 (N, C, H, W) in [0, 1]."""
+    array = np.asarray(images)
+    if array.dtype != np.uint8 or array.ndim not in (3, 4):
+        raise ValueError(f"images must be uint8 (N, H, W) or (N, C, H, W), got {array.dtype} "
+                         f"{array.shape}")
+    tensor = torch.from_numpy(array.astype(np.float32) / 255.0)
+    return tensor.unsqueeze(1) if array.ndim == 3 else tensor
 
 
 def subset_rows(n: int, size: int | None, seed: int) -> np.ndarray:
@@ -91,12 +96,15 @@ def lr_at(config: TrainConfig, epoch: int) -> float:
 
 
 @torch.no_grad()
-def mean_loss_parts_at_mu(model: VAE, images: torch.Tensor, batch_size: int = 1000) -> dict:
-    """Mean per-image loss parts in nats, encoding with mu (no sampling)."""
+def mean_loss_parts_at_mu(model: VAE, images, batch_size: int = 1000) -> dict:
+    """Mean per-image loss parts in nats, encoding with mu (no sampling).
+
+    images: uint8 (N, H, W) or (N, C, H, W), an array or ImageRows, read a batch at a time.
+    """
     model.eval()
     recon_sum = kl_sum = sq_err = 0.0
     for start in range(0, len(images), batch_size):
-        x = images[start : start + batch_size]
+        x = to_tensor(images[start : start + batch_size])
         mu, log_var = model.encode(x)
         logits = model.decode_logits(mu)
         recon, kl = loss_parts(logits, x, mu, log_var)
@@ -171,23 +179,39 @@ def train(
     progress: bool = True,
     log=print,
     splits: tuple[Split, Split] | None = None,
+    data: TrainingData | None = None,
 ) -> dict:
-    """Train, checkpointing into out_dir after every epoch. Returns the final checkpoint."""
+    """Train, checkpointing into out_dir after every epoch. Returns the final checkpoint.
+
+    data: what to train on (training.catalog_data.catalog_data for a shop's catalog); by
+    default Fashion-MNIST from data_dir, or the given splits. Batches are read from its uint8
+    rows and converted one batch at a time.
+    """
     from tqdm import tqdm
+
+    if data is None:
+        data = fashion_mnist_data(data_dir, splits)
+    expected = (model_config.image_channels, model_config.image_size, model_config.image_size)
+    if tuple(data.image_shape) != expected:
+        raise ValueError(f"the model takes images of shape {expected} (channels, height, width), "
+                         f"the data holds {tuple(data.image_shape)}")
+    if config.label_weight > 0 and data.train.labels is None:
+        raise ValueError("label_weight > 0 needs class labels, and the data has none (a catalog "
+                         "CSV gives them in a label column)")
+    if config.label_weight > 0 and not model_config.num_classes:
+        raise ValueError("label_weight > 0 needs a model with num_classes > 0 (a classifier on z)")
+    train_rows: ImageRows = data.train.take(subset_rows(len(data.train), config.subset,
+                                                        config.seed))
+    test_rows: ImageRows = data.test.take(slice(config.test_subset))
+    dataset = data.record | {"train_rows": len(train_rows), "test_rows": len(test_rows)}
+    # About a thousand 28x28 images' worth of pixels per evaluation batch, whatever the size.
+    eval_batch = max(1, 784_000 // math.prod(expected))
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint_path = out_dir / CHECKPOINT_NAME
     for name in (CHECKPOINT_NAME, METRICS_NAME):  # a killed run's half-written files
         remove_stale_temporaries(out_dir / name, ".tmp", log)
-    train_split, test_split = splits or (load_split("train", data_dir),
-                                         load_split("test", data_dir))
-    rows = subset_rows(len(train_split), config.subset, config.seed)
-    x_train = to_tensor(train_split.images[rows])
-    y_train = torch.from_numpy(train_split.labels[rows].astype(np.int64))
-    if config.label_weight > 0 and not model_config.num_classes:
-        raise ValueError("label_weight > 0 needs a model with num_classes > 0 (a classifier on z)")
-    x_test = to_tensor(test_split.images[: config.test_subset])
 
     torch.manual_seed(config.seed)
     model = VAE(model_config)
@@ -202,6 +226,9 @@ def train(
                 f"{checkpoint_path} was made with another configuration; resume with the same "
                 f"options (model {checkpoint['config']}, training {checkpoint['train_config']})"
             )
+        if checkpoint.get("dataset") != dataset:
+            raise ValueError(f"{checkpoint_path} was made from other data; resume with the same "
+                             f"data and options (it recorded {checkpoint.get('dataset')})")
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         history = list(checkpoint["history"])
@@ -225,20 +252,21 @@ def train(
         for group in optimizer.param_groups:
             group["lr"] = lr_at(config, epoch)
         model.train()
-        order = torch.randperm(len(x_train), generator=generator)
+        order = torch.randperm(len(train_rows), generator=generator).numpy()
         sums = {"loss": 0.0, "recon": 0.0, "kl": 0.0}
         batches = range(0, len(order), config.batch_size)
         bar = tqdm(batches, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch",
                    disable=not progress, leave=False)
         for start in bar:
             batch = order[start : start + config.batch_size]
-            x = x_train[batch]
+            x = to_tensor(train_rows[batch])
             logits, mu, log_var, z = model(x, generator)
             recon, kl = loss_parts(logits, x, mu, log_var)
             loss = (recon + beta * kl).mean()
             if config.label_weight > 0:
+                labels = torch.from_numpy(train_rows.labels_at(batch))
                 loss = loss + config.label_weight * F.cross_entropy(model.classifier(z),
-                                                                    y_train[batch])
+                                                                    labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -247,14 +275,14 @@ def train(
             sums["kl"] += kl.sum().item()
             bar.set_postfix(loss=f"{loss.item():.1f}")
         bar.close()
-        test = mean_loss_parts_at_mu(model, x_test)
+        test = mean_loss_parts_at_mu(model, test_rows, eval_batch)
         row = {
             "epoch": epoch + 1,
             "beta": beta,
             "lr": lr_at(config, epoch),
-            "train_loss": sums["loss"] / len(x_train),
-            "train_recon": sums["recon"] / len(x_train),
-            "train_kl": sums["kl"] / len(x_train),
+            "train_loss": sums["loss"] / len(train_rows),
+            "train_recon": sums["recon"] / len(train_rows),
+            "train_kl": sums["kl"] / len(train_rows),
             "test_loss": test["loss"],
             "test_recon": test["recon"],
             "test_kl": test["kl"],
@@ -270,9 +298,7 @@ def train(
             "optimizer": optimizer.state_dict(),
             "epoch": epoch + 1,
             "history": history,
-            "dataset": {"train": train_split.sha256, "test": test_split.sha256,
-                        "train_rows": len(x_train), "test_rows": len(x_test),
-                        "class_names": list(CLASS_NAMES)},
+            "dataset": dataset,
             "versions": {"torch": str(torch.__version__), "python": platform.python_version()},
         }
         save_atomic(checkpoint, checkpoint_path)

@@ -1,0 +1,246 @@
+"""vae-train --catalog on a small colour catalog made here with Pillow: photos of mixed sizes,
+modes and formats, and a CSV with extra columns."""
+
+from __future__ import annotations
+
+import csv
+import os
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from vae_edge.runtime.catalog import catalog_fingerprint, read_catalog
+from vae_edge.runtime.images import read_image
+from vae_edge.training.catalog_data import catalog_data
+from vae_edge.training.cli import main as train_main
+from vae_edge.training.train import load_checkpoint, model_from_checkpoint, to_tensor
+
+ITEMS = 36
+LABELS = ("bag", "dress", "shoe")
+TINY = ["--image-size", "16", "--latent-dim", "4", "--widths", "4,8", "--hidden-dim", "16",
+        "--batch-size", "8", "--no-progress"]
+
+
+def make_catalog(directory, items=ITEMS, labels=True):
+    """A colour catalog: a shape per label on white or grey, PNG (some grayscale, one with
+    transparency), JPEG and WebP, sizes from 12x20 to 90x60. Returns the CSV's path."""
+    from PIL import Image, ImageDraw
+
+    photos = directory / "photos"
+    photos.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    rows = []
+    for i in range(items):
+        label = LABELS[i % len(LABELS)]
+        width, height = int(rng.integers(12, 91)), int(rng.integers(20, 61))
+        background = (255, 255, 255) if i % 4 else (200, 200, 200)
+        picture = Image.new("RGB", (width, height), background)
+        colour = tuple(int(c) for c in rng.integers(0, 200, 3))
+        box = (width // 5, height // 5, width - width // 5, height - height // 5)
+        draw = ImageDraw.Draw(picture)
+        (draw.ellipse if label == "bag" else draw.rectangle)(box, fill=colour)
+        if label == "shoe":
+            draw.line((0, height - 2, width, height - 2), fill=colour, width=2)
+        extension, options = [("png", {}), ("jpg", {"quality": 90}),
+                              ("webp", {"quality": 85})][i % 3]
+        if i % 7 == 6:
+            picture = picture.convert("L")
+        if i == 3:  # a PNG
+            picture = picture.convert("RGBA")
+            picture.putalpha(Image.new("L", picture.size, 200))
+        name = f"photos/item-{i:03d}.{extension}"
+        picture.save(directory / name, **options)
+        row = {"id": f"SKU-{1000 + i}", "image": name, "name": f"{label.title()} number {i}",
+               "price": f"{10 + i}.99", "url": f"https://shop.example/p/{1000 + i}"}
+        if labels:
+            row["label"] = label
+        rows.append(row)
+    return write_csv(directory / "catalog.csv", rows)
+
+
+def write_csv(path, rows):
+    with open(path, "w", encoding="utf-8", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def read_rows(path):
+    with open(path, encoding="utf-8", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def run_train(*args):
+    return CliRunner().invoke(train_main, [str(a) for a in args])
+
+
+@pytest.fixture
+def catalog_csv(tmp_path):
+    return make_catalog(tmp_path / "shop")
+
+
+def test_catalog_trains_end_to_end_and_decodes_photos_once(tmp_path, catalog_csv):
+    cache = tmp_path / "cache"
+    args = ["--catalog", catalog_csv, "--epochs", "2", "--label-weight", "1",
+            "--cache-dir", cache, *TINY]
+    first = run_train(*args, "--out", tmp_path / "run1")
+    assert first.exit_code == 0, first.output
+    assert f"photos: decoding {ITEMS} photos into {cache}" in first.output
+    assert "catalog: 32 items train, 4 held out, 3 labels" in first.output
+
+    checkpoint = load_checkpoint(tmp_path / "run1" / "checkpoint.pt")
+    assert checkpoint["config"] == {"latent_dim": 4, "channels": [4, 8], "hidden_dim": 16,
+                                    "image_size": 16, "num_classes": 3, "image_channels": 3}
+    dataset = checkpoint["dataset"]
+    ids = [row["id"] for row in read_rows(catalog_csv)]
+    assert dataset["kind"] == "catalog"
+    assert dataset["csv"] == str(catalog_csv.resolve())
+    assert dataset["fingerprint"] == catalog_fingerprint(read_catalog(catalog_csv))
+    assert dataset["class_names"] == list(LABELS)
+    assert (dataset["items"], dataset["train_rows"], dataset["test_rows"]) == (ITEMS, 32, 4)
+    assert dataset["skipped"] == 0
+    assert len(set(dataset["holdout_ids"])) == 4 and set(dataset["holdout_ids"]) <= set(ids)
+    for row in checkpoint["history"]:
+        assert np.isfinite([row["train_loss"], row["test_loss"]]).all()
+
+    model = model_from_checkpoint(checkpoint)
+    photo = read_image(catalog_csv.parent / "photos" / "item-001.jpg", 16, 3)
+    with torch.no_grad():
+        assert model.decode(model.encode(to_tensor(photo[None]))[0]).shape == (1, 3, 16, 16)
+
+    # Another run on the unchanged catalog reads the cache, and trains on the same pixels.
+    second = run_train(*args, "--out", tmp_path / "run2")
+    assert second.exit_code == 0, second.output
+    assert f"photos: reusing the cache {cache}" in second.output
+    assert "decoding" not in second.output
+    again = load_checkpoint(tmp_path / "run2" / "checkpoint.pt")
+    for name, tensor in checkpoint["model"].items():
+        assert torch.equal(tensor, again["model"][name]), name
+
+    # A replaced photo changes the fingerprint: decoded again, into a new cache.
+    photo_path = catalog_csv.parent / "photos" / "item-002.webp"
+    stat = photo_path.stat()
+    os.utime(photo_path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    third = run_train(*args, "--epochs", "1", "--out", tmp_path / "run3")
+    assert third.exit_code == 0, third.output
+    assert f"photos: decoding {ITEMS} photos" in third.output
+    assert len(list(cache.glob("*.npy"))) == 2
+
+
+def test_bad_rows_are_refused_with_their_lines_and_nothing_is_written(tmp_path, catalog_csv):
+    rows = read_rows(catalog_csv)
+    rows[3]["id"] = rows[1]["id"]  # CSV line 5
+    rows[6]["id"] = ""  # line 8
+    write_csv(catalog_csv, rows)
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    result = run_train("--catalog", catalog_csv, "--out", out, "--cache-dir", cache, *TINY)
+    assert result.exit_code == 2
+    assert result.output == (f"Error: {catalog_csv}: 2 bad rows: line 5: id 'SKU-1001' "
+                             "repeated; line 8: empty id; fix them or pass --skip-bad to "
+                             "leave them out\n")
+    assert not out.exists() and not cache.exists()
+
+    # Photos: a missing one and one that is not an image, found before any training.
+    rows = read_rows(catalog_csv.with_name("catalog.csv"))
+    rows[3]["id"], rows[6]["id"] = "SKU-2003", "SKU-2006"
+    rows[9]["image"] = "photos/missing.png"  # line 11
+    (catalog_csv.parent / "photos" / "item-021.png").write_bytes(b"not a png")  # line 23
+    write_csv(catalog_csv, rows)
+    result = run_train("--catalog", catalog_csv, "--out", out, "--cache-dir", cache, *TINY)
+    assert result.exit_code == 2
+    decoding, message = result.output.strip().split("\n")
+    assert decoding.startswith(f"photos: decoding {ITEMS} photos into {cache}")
+    assert message.startswith(f"Error: {catalog_csv}: 2 bad photos: line 11: image not found: ")
+    assert "; line 23: item-021.png: not an image file Pillow can read;" in message
+    assert not out.exists()
+    assert not list(cache.iterdir())  # no cache, and no temporary left behind
+
+    # With --skip-bad the cache records which photos could not be read, so a later run
+    # without it refuses them again, from the cache, without decoding anything.
+    skipped = run_train("--catalog", catalog_csv, "--skip-bad", "--epochs", "1", "--out", out,
+                        "--cache-dir", cache, *TINY)
+    assert skipped.exit_code == 0, skipped.output
+    assert "--skip-bad: left out 2 bad rows (line 11: image not found: " in skipped.output
+    again = run_train("--catalog", catalog_csv, "--out", tmp_path / "run2", "--cache-dir",
+                      cache, *TINY)
+    assert again.exit_code == 2
+    assert again.output == message + "\n"
+    assert not (tmp_path / "run2").exists()
+
+
+def test_skip_bad_leaves_bad_rows_out_and_says_how_many(tmp_path, catalog_csv):
+    rows = read_rows(catalog_csv)
+    rows[3]["id"] = rows[1]["id"]
+    rows[9]["image"] = "photos/missing.png"
+    (catalog_csv.parent / "photos" / "item-021.png").write_bytes(b"not a png")
+    write_csv(catalog_csv, rows)
+    args = ["--catalog", catalog_csv, "--skip-bad", "--epochs", "1",
+            "--cache-dir", tmp_path / "cache", *TINY]
+    result = run_train(*args, "--out", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    assert "--skip-bad: left out 3 bad rows (line 5: id 'SKU-1001' repeated; line 11: " in (
+        result.output)
+    dataset = load_checkpoint(tmp_path / "run" / "checkpoint.pt")["dataset"]
+    assert (dataset["items"], dataset["skipped"]) == (ITEMS - 3, 3)
+    assert dataset["train_rows"] + dataset["test_rows"] == ITEMS - 3
+
+
+def test_holdout_is_seeded_and_labels_are_required_for_label_weight(tmp_path, catalog_csv):
+    def holdout(seed, fraction=0.25):
+        data = catalog_data(catalog_csv, 16, 1, holdout=fraction, seed=seed,
+                            cache_dir=tmp_path / "cache", log=lambda message: None)
+        assert len(data.train) + len(data.test) == ITEMS
+        assert data.train[np.arange(2)].shape == (2, 1, 16, 16)
+        return data.record["holdout_ids"]
+
+    assert len(holdout(0)) == 9
+    assert holdout(0) == holdout(0) != holdout(1)
+    for fraction in (0, 1, -0.5):
+        with pytest.raises(ValueError, match=f"holdout must be a fraction between 0 and 1 "
+                           rf"\(exclusive\), got {fraction}"):
+            holdout(0, fraction)
+
+    unlabelled = make_catalog(tmp_path / "unlabelled", items=6, labels=False)
+    result = run_train("--catalog", unlabelled, "--label-weight", "1", "--out",
+                       tmp_path / "run", *TINY)
+    assert result.exit_code == 2
+    assert result.output == (f"Error: {unlabelled}: the label-aware objective needs class "
+                             "labels, and the CSV has no label column (columns: id, image, "
+                             "name, price, url)\n")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--image-size", "64"], "--image-size needs --catalog"),
+    (["--channels", "3", "--skip-bad"], "--channels, --skip-bad need --catalog"),
+    (["--catalog", "shop.csv", "--data-dir", "."], "--data-dir and --download are for "
+                                                   "Fashion-MNIST"),
+    (["--catalog", "shop.csv", "--image-size", "30"], "image_size must be a multiple of 4 "
+                                                      "from 16 to 256, got 30"),
+    (["--catalog", "missing.csv"], "catalog CSV not found: missing.csv"),
+])
+def test_catalog_options_are_checked_first(tmp_path, args, message):
+    result = run_train(*args, "--out", tmp_path / "run")
+    assert result.exit_code == 2
+    assert message in result.output and len(result.output.splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_example_catalog_is_a_mixed_colour_catalog(tmp_path, data_dir):
+    from PIL import Image
+
+    from vae_edge.runtime.catalog import fit_catalog
+    from vae_edge.training.example_catalog import make_example_catalog
+
+    csv_path = make_example_catalog(tmp_path / "example", size=20, seed=3, data_dir=data_dir)
+    catalog = read_catalog(csv_path)
+    assert len(catalog) == 20 and catalog.columns == ("name", "price", "url")
+    assert {path.suffix for path in catalog.images} == {".png", ".jpg", ".webp"}
+    assert len({Image.open(path).size for path in catalog.images}) > 10
+    _, pixels, _ = fit_catalog(catalog, 32, 3)
+    assert (pixels[:, 0] != pixels[:, 2]).any()  # colour, not gray
+    with pytest.raises(FileExistsError, match="exists"):
+        make_example_catalog(tmp_path / "example", size=5, data_dir=data_dir)
