@@ -87,7 +87,7 @@ def build_bundle(
     checkpoint = load_checkpoint(checkpoint_path)
     vae = model_from_checkpoint(checkpoint)
     dataset = checkpoint.get("dataset", {})
-    channels = getattr(vae.config, "image_channels", 1)
+    channels = vae.config.image_channels
     if catalog is None:
         catalog = dataset["csv"] if dataset.get("kind") == "catalog" else "train"
     from_csv = str(catalog) not in ("train", "test")
@@ -175,7 +175,7 @@ def catalog_index(vae: VAE, rows: Catalog, limit, skip_bad: bool, thumbnail_size
     from tqdm import tqdm
 
     rows = rows.select(list(range(min(len(rows), limit or len(rows)))), [])
-    size, channels = vae.config.image_size, getattr(vae.config, "image_channels", 1)
+    size, channels = vae.config.image_size, vae.config.image_channels
     with tqdm(total=len(rows), desc="photos", unit="photo", disable=None, leave=False) as bar:
         rows, pixels, thumbnails = fit_catalog(rows, size, channels, skip_bad=skip_bad,
                                                thumbnail_size=thumbnail_size,

@@ -23,7 +23,7 @@ OPSET = 18
 
 
 class EncoderGraph(nn.Module):
-    """images (B, 1, 28, 28) in [0, 1] -> mu, log_var (B, d); no sampling node."""
+    """images (B, C, H, W) in [0, 1] -> mu, log_var (B, d); no sampling node."""
 
     def __init__(self, vae: VAE):
         super().__init__()
@@ -34,7 +34,7 @@ class EncoderGraph(nn.Module):
 
 
 class DecoderGraph(nn.Module):
-    """z (B, d) -> images (B, 1, 28, 28) in [0, 1]."""
+    """z (B, d) -> images (B, C, H, W) in [0, 1]."""
 
     def __init__(self, vae: VAE):
         super().__init__()
@@ -71,7 +71,8 @@ def _export(module: nn.Module, example: torch.Tensor, path: Path, input_name: st
 
 
 def export_encoder(vae: VAE, path: str | Path) -> Path:
-    example = torch.rand(2, 1, vae.config.image_size, vae.config.image_size)
+    c, size = vae.config.image_channels, vae.config.image_size
+    example = torch.rand(2, c, size, size)
     return _export(EncoderGraph(vae), example, Path(path), "images", ["mu", "log_var"])
 
 
@@ -90,7 +91,8 @@ def parity(vae: VAE, encoder_path: Path, decoder_path: Path, seed: int = 0,
     encoder, decoder = open_session(encoder_path, threads=1), open_session(decoder_path, threads=1)
     report = {}
     for b in batches:
-        images = torch.rand(b, 1, 28, 28, generator=generator)
+        images = torch.rand(b, vae.config.image_channels, vae.config.image_size,
+                            vae.config.image_size, generator=generator)
         z = torch.randn(b, vae.config.latent_dim, generator=generator) * 2
         mu, log_var = vae.encode(images)
         onnx_mu, onnx_log_var = encoder.run(["mu", "log_var"], {"images": images.numpy()})

@@ -30,7 +30,7 @@ BLOCK_TORCH = textwrap.dedent(
 
     class Block(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in ("torch", "onnx", "onnxscript", "tqdm"):
+            if name.split(".")[0] in ("torch", "onnx", "onnxscript", "matplotlib"):
                 raise ImportError(f"{name} is blocked in this test")
 
     sys.meta_path.insert(0, Block())
@@ -41,7 +41,8 @@ BLOCK_TORCH = textwrap.dedent(
 @pytest.fixture(scope="session")
 def without_torch():
     """code -> the same Python source for `python -c`, run where torch, onnx, onnxscript and
-    tqdm cannot be imported (as on a kiosk that installed the runtime alone)."""
+    matplotlib (the training extra) cannot be imported, as on a kiosk that installed the
+    runtime alone."""
     return lambda code: BLOCK_TORCH + textwrap.dedent(code)
 
 

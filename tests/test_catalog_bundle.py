@@ -1,0 +1,139 @@
+"""A shop's colour catalog end to end: vae-train --catalog, vae-export, then the runtime alone
+(no torch) finds each photo's SKU with its metadata, shows its thumbnail, and takes items in
+and out with vae-run add / remove."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from tests.test_catalog_training import TINY, make_catalog, read_rows, run_train, write_csv
+from vae_edge.export.cli import main as export_main
+from vae_edge.runtime import Runtime
+from vae_edge.runtime.server import KioskApp
+
+
+@pytest.fixture(scope="module")
+def shop(tmp_path_factory):
+    """(catalog CSV, bundle) of a tiny model trained on a 36-item colour catalog."""
+    work = tmp_path_factory.mktemp("shop")
+    csv = make_catalog(work / "catalog")
+    trained = run_train("--catalog", csv, "--out", work / "run", "--epochs", "12",
+                        "--cache-dir", work / "cache", *TINY)
+    assert trained.exit_code == 0, trained.output
+    bundle = work / "bundle"
+    exported = CliRunner().invoke(export_main, [str(work / "run" / "checkpoint.pt"), "-o",
+                                                str(bundle), "--thumbnail-size", "32"])
+    assert exported.exit_code == 0, exported.output
+    return csv, bundle
+
+
+def run_without_torch(without_torch, *args):
+    code = without_torch(f"""
+        from vae_edge.runtime.cli import main
+        main({[str(a) for a in args]!r}, standalone_mode=False)
+        """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_the_bundle_describes_the_catalog(shop):
+    csv, bundle = shop
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["image"]["shape"] == [3, 16, 16]
+    assert manifest["items"]["columns"] == ["id", "name", "price", "url"]
+    assert manifest["thumbnails"]["size"] == [32, 32]
+    assert manifest["index"]["label_names"] == ["bag", "dress", "shoe"]
+    assert manifest["dataset"]["kind"] == "catalog"
+    rows = read_rows(csv)
+    runtime = Runtime.load(bundle)
+    assert runtime.index.ids.tolist() == [row["id"] for row in rows]
+    for row_number, row in enumerate(rows):
+        assert runtime.index.item_metadata(row_number) == {
+            "name": row["name"], "price": row["price"], "url": row["url"]}
+        with Image.open(io.BytesIO(runtime.index.thumbnail(row_number))) as photo:
+            assert photo.format == "WEBP" and photo.size == (32, 32) and photo.mode == "RGB"
+
+
+def test_each_photo_finds_its_sku_on_the_runtime_alone(shop, without_torch):
+    csv, bundle = shop
+    rows = read_rows(csv)
+    for row in rows[:12]:
+        answer = json.loads(run_without_torch(
+            without_torch, "nearest", "--bundle", bundle,
+            "--image", csv.parent / row["image"], "-k", "3", "--json"))
+        best = answer["results"][0]
+        assert best["id"] == row["id"], (row["image"], answer["results"])
+        assert best["label"] == row["label"]
+        assert best["metadata"] == {"name": row["name"], "price": row["price"],
+                                    "url": row["url"]}
+
+
+def test_the_kiosk_api_serves_photos_and_metadata(shop):
+    csv, bundle = shop
+    runtime = Runtime.load(bundle)
+    app = KioskApp(runtime)
+    assert app.info()["thumbnails"] is True
+    assert app.info()["metadata_columns"] == ["name", "price", "url"]
+    answer = app.nearest(runtime.sample_prior(seed=2), k=3, by="decoded")
+    for result in answer["results"]:
+        assert set(result["metadata"]) == {"name", "price", "url"}
+        body, content_type = app.item_image(result["id"])
+        assert content_type == "image/webp"
+        assert body == runtime.index.thumbnail(result["row"])
+
+
+def test_add_and_remove_items_with_their_photos(shop, tmp_path, without_torch):
+    csv, original = shop
+    bundle = tmp_path / "bundle"
+    shutil.copytree(original, bundle)
+    photos = tmp_path / "new"
+    photos.mkdir()
+    rows = []
+    for i, colour in enumerate([(30, 160, 40), (220, 30, 200)]):
+        picture = Image.new("RGB", (70 + 20 * i, 50), (255, 255, 255))
+        picture.paste(colour, (10, 8, 60, 44))
+        picture.save(photos / f"new{i}.jpg", quality=92)
+        rows.append({"id": f"NEW {i}/x", "image": f"new{i}.jpg", "label": "scarf",
+                     "name": f"Scarf {i}"})
+    new_csv = write_csv(photos / "new.csv", rows)
+    out = run_without_torch(without_torch, "add", "--bundle", bundle, new_csv)
+    assert out.endswith(f"added 2 items; {bundle} holds 38\n")
+    runtime = Runtime.load(bundle)
+    assert runtime.index.ids[-2:].tolist() == ["NEW 0/x", "NEW 1/x"]
+    assert runtime.label_names == ("bag", "dress", "shoe", "scarf")
+    assert runtime.index.item_metadata(36) == {"name": "Scarf 0", "price": "", "url": ""}
+    old = Runtime.load(original)
+    np.testing.assert_array_equal(runtime.index.mu[:36], old.index.mu)
+    assert [runtime.index.thumbnail(r) for r in range(36)] == \
+        [old.index.thumbnail(r) for r in range(36)]
+    for i in range(2):
+        answer = json.loads(run_without_torch(
+            without_torch, "nearest", "--bundle", bundle, "--image", photos / f"new{i}.jpg",
+            "-k", "1", "--json"))
+        assert answer["results"][0]["id"] == f"NEW {i}/x"
+        assert answer["results"][0]["metadata"]["name"] == f"Scarf {i}"
+
+    before = Runtime.load(bundle)
+    removed = run_without_torch(without_torch, "remove", "--bundle", bundle, "NEW 0/x",
+                                read_rows(csv)[5]["id"])
+    assert removed.endswith(f"removed 2 items; {bundle} holds 36\n")
+    after = Runtime.load(bundle)
+    kept = [r for r in range(38) if r not in (5, 36)]
+    assert after.index.ids.tolist() == before.index.ids[kept].tolist()
+    assert after.label_names == before.label_names
+    np.testing.assert_array_equal(after.index.mu, before.index.mu[kept])
+    assert [after.index.thumbnail(r) for r in range(36)] == \
+        [before.index.thumbnail(r) for r in kept]
+    assert [after.index.item_metadata(r) for r in range(36)] == \
+        [before.index.item_metadata(r) for r in kept]
