@@ -135,8 +135,9 @@ class Kiosk:
 
     def wait_for_z(self, z):
         """Until the sliders stand for z, then until picture and list show it."""
+        wanted = json.dumps(list(z))
         self.page.wait_for_function(
-            f"document.querySelector('#sliders').dataset.z === JSON.stringify({json.dumps(list(z))})")
+            f"document.querySelector('#sliders').dataset.z === JSON.stringify({wanted})")
         self.settle()
 
     def list_text(self) -> str:
@@ -335,3 +336,207 @@ def test_shipped_model_in_the_browser(browser):
         server.shutdown()
         server.server_close()
         thread.join(timeout=10)
+
+
+@pytest.mark.parametrize("viewport", [
+    {"width": 1080, "height": 1920},  # a portrait kiosk
+    {"width": 390, "height": 844},  # a phone
+    VIEWPORT,
+], ids=lambda v: f"{v['width']}x{v['height']}")
+def test_garment_sliders_and_first_results_fit_the_first_screen(browser, kiosk, runtime, viewport):
+    view = Kiosk(browser, kiosk, runtime, viewport=viewport, mobile=viewport["width"] < 600)
+    try:
+        page = view.page
+        page.locator("#sliders .end[src]").first.wait_for()
+        width, height = viewport["width"], viewport["height"]
+
+        def inside(selector):
+            box = page.locator(selector).bounding_box()
+            return (box is not None and box["x"] >= 0 and box["y"] >= 0 and
+                    box["x"] + box["width"] <= width and box["y"] + box["height"] <= height)
+
+        assert inside("#garment") and inside("#surprise") and inside("#reset")
+        for dim in range(runtime.latent_dim):
+            assert inside(f"#sliders input[data-dim='{dim}']")
+        per_row = page.evaluate("getComputedStyle(document.getElementById('matches'))"
+                                ".gridTemplateColumns.split(' ').length")
+        for position in range(per_row):
+            assert inside(f"#matches .match:nth-child({position + 1})")
+        assert page.evaluate("window.scrollY") == 0
+        assert view.problems == []
+    finally:
+        view.close()
+
+
+def test_a_pinch_does_not_zoom_the_page(browser, page):
+    def pinch(tab, x, y):
+        cdp = tab.context.new_cdp_session(tab)
+        fingers = lambda spread: [{"x": x - spread, "y": y, "id": 0},  # noqa: E731
+                                  {"x": x + spread, "y": y, "id": 1}]
+        cdp.send("Input.dispatchTouchEvent", {"type": "touchStart", "touchPoints": fingers(20)})
+        for step in range(1, 21):
+            cdp.send("Input.dispatchTouchEvent",
+                     {"type": "touchMove", "touchPoints": fingers(20 + 10 * step)})
+        cdp.send("Input.dispatchTouchEvent", {"type": "touchEnd", "touchPoints": []})
+        cdp.detach()
+        tab.wait_for_timeout(300)
+        return tab.evaluate("visualViewport.scale")
+
+    # The same gesture zooms an ordinary page: it is a real pinch.
+    plain = page.context.new_page()
+    plain.set_content("<p style='height: 3000px'>an ordinary page</p>")
+    assert pinch(plain, 500, 500) > 2
+    plain.close()
+    for selector in ("#garment", "#matches .item", "#controls h2"):
+        box = page.page.locator(selector).first.bounding_box()
+        assert pinch(page.page, box["x"] + box["width"] / 2, box["y"] + box["height"] / 2) == 1
+    # No context menu, no dragging a picture, no selecting text.
+    assert page.page.evaluate("""() => {
+        const refused = (type, target) => !target.dispatchEvent(
+            new Event(type, {bubbles: true, cancelable: true}));
+        return refused("contextmenu", document.getElementById("garment")) &&
+            refused("dragstart", document.getElementById("garment")) &&
+            refused("selectstart", document.querySelector("h1")) &&
+            getComputedStyle(document.body).userSelect === "none";
+    }""")
+
+
+def test_the_page_resets_itself_when_idle(browser, runtime):
+    server, thread = serve(runtime, idle_reset=2)
+    view = Kiosk(browser, server, runtime)
+    try:
+        page = view.page
+        first, second = view.shown_ids()[:2]
+        page.locator(f"#matches .match[data-id='{first}'] [data-slot='a']").tap()
+        page.locator(f"#matches .match[data-id='{second}'] [data-slot='b']").tap()
+        page.wait_for_function("document.querySelector('#slot-b').dataset.id")
+        view.drag("#sliders input[data-dim='0']", 0.95)
+        view.settle()
+        assert not np.array_equal(view.z, view.opening_z)
+        page.wait_for_function("document.body.dataset.idleResets === '1'", timeout=10_000)
+        view.wait_for_z(view.opening_z.tolist())
+        np.testing.assert_array_equal(view.check_consistent(), view.opening_z)
+        assert page.locator("#slot-a").get_attribute("data-id") is None
+        assert page.locator("#slot-b").get_attribute("data-id") is None
+        assert page.locator("#morph-play").is_disabled()
+        assert view.problems == []
+    finally:
+        view.close()
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+def test_the_page_waits_for_its_server_and_recovers_from_a_restart(browser, runtime):
+    server, thread = serve(runtime)
+    port = server.server_address[1]
+    context = browser.new_context(viewport=VIEWPORT, has_touch=True, bypass_csp=True)
+    page = context.new_page()
+    errors = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    try:
+        # The page's first calls for the server's settings fail (a server still starting).
+        page.route("**/api/info", lambda route: route.abort("connectionrefused"))
+        page.goto(server.url)
+        page.wait_for_selector("#status.error", timeout=10_000)
+        assert page.evaluate("document.body.dataset.ready") == "false"
+        page.unroute("**/api/info")
+        view = Kiosk.__new__(Kiosk)
+        view.page, view.runtime = page, runtime
+        view.far_distance = context.request.get(server.url + "api/info").json()["far_distance"]
+        view.opening_z = view.mu(int(runtime.index.ids[0]))
+        view.settle(timeout=20_000)
+        view.check_consistent()
+
+        # An outage, a slider moved during it, then the server back: nobody touches the page.
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+        view.drag("#sliders input[data-dim='0']", 0.95)
+        page.wait_for_function("document.body.dataset.offline === 'true'")
+        # The old picture is marked stale while it disagrees with the sliders.
+        assert page.locator(".reconnecting").is_visible()
+        server = None
+        server, thread = serve(runtime, port=port)
+        view.settle(timeout=20_000)
+        z = view.check_consistent()
+        assert z[0] > 2.0
+        assert page.evaluate("document.body.dataset.offline") == "false"
+        assert not page.locator(".reconnecting").is_visible()
+        assert page.locator("#status.error").count() == 0
+        assert errors == []
+    finally:
+        context.close()
+        if server is not None:  # a failure to restart leaves none
+            server.shutdown()
+            server.server_close()
+            thread.join(timeout=10)
+
+
+# Answers from the kiosk's own server held back in the browser: a slow network, in a test.
+DELAY_ANSWERS = """
+(() => {
+  const send = window.fetch.bind(window);
+  window.delayed = {};  // path -> milliseconds, set by the test
+  window.fetch = async (path, options) => {
+    const answer = await send(path, options);
+    const wait = window.delayed[String(path)] || 0;
+    if (wait) await new Promise((resolve) => setTimeout(resolve, wait));
+    return answer;
+  };
+})();
+"""
+
+
+def test_the_newest_action_wins_over_late_answers(browser, kiosk, runtime):
+    view = Kiosk(browser, kiosk, runtime, init_script=DELAY_ANSWERS)
+    try:
+        page = view.page
+        first, second = view.shown_ids()[:2]
+        page.evaluate(f"window.delayed['/api/item/{first}'] = 1500")
+        page.locator(f"#matches .item[data-id='{first}']").tap()
+        page.locator(f"#matches .item[data-id='{second}']").tap()
+        view.wait_for_z(view.mu(second).tolist())
+        page.wait_for_timeout(2000)  # the first tap's answer has arrived by now
+        view.settle()
+        np.testing.assert_array_equal(view.check_consistent(), view.mu(second))
+
+        # Surprise me answered late, after the shopper has moved a slider: the drag stays.
+        page.evaluate("window.delayed['/api/sample'] = 1500")
+        page.locator("#surprise").tap()
+        view.drag("#sliders input[data-dim='1']", 0.05)
+        page.wait_for_timeout(2000)
+        view.settle()
+        z = view.check_consistent()
+        assert z[1] < -2.5
+        np.testing.assert_array_equal(np.delete(z, 1), np.delete(view.mu(second), 1))
+        assert view.problems == []
+    finally:
+        view.close()
+
+
+def test_a_tap_during_a_morph_loads_the_item(page):
+    first, second = page.shown_ids()[:2]
+    page.page.locator(f"#matches .match[data-id='{first}'] [data-slot='a']").tap()
+    page.page.locator(f"#matches .match[data-id='{second}'] [data-slot='b']").tap()
+    page.page.wait_for_function("!document.querySelector('#morph-play').disabled")
+    page.page.locator("#morph-play").tap()
+    page.page.wait_for_function("Number(document.querySelector('#morph-t').value) > 0.2")
+    assert page.page.evaluate("document.body.dataset.morphing") == "true"
+    target = page.page.locator("#matches .item").nth(3)
+    tapped = int(target.get_attribute("data-id"))
+    target.tap()
+    page.page.wait_for_function(f"document.body.dataset.loaded === '{tapped}'")
+    assert page.page.evaluate("document.body.dataset.morphing") == "false"
+    page.wait_for_z(page.mu(tapped).tolist())
+    np.testing.assert_array_equal(page.check_consistent(), page.mu(tapped))
+
+
+def test_enter_on_a_result_keeps_the_focus_in_the_results(page):
+    chosen = page.shown_ids()[2]
+    page.page.locator(f"#matches .item[data-id='{chosen}']").focus()
+    page.page.keyboard.press("Enter")
+    page.wait_for_z(page.mu(chosen).tolist())
+    focused = page.page.evaluate("document.activeElement.dataset.id")
+    # The loaded item is still among the results for its own mu; the focus stays on it.
+    assert chosen in page.shown_ids() and focused == str(chosen)
