@@ -14,6 +14,7 @@ import json
 import os
 import threading
 from pathlib import Path
+from urllib.parse import unquote
 
 import numpy as np
 import pytest
@@ -540,3 +541,93 @@ def test_enter_on_a_result_keeps_the_focus_in_the_results(page):
     focused = page.page.evaluate("document.activeElement.dataset.id")
     # The loaded item is still among the results for its own mu; the focus stays on it.
     assert chosen in page.shown_ids() and focused == str(chosen)
+
+
+def test_results_show_catalog_metadata_and_a_qr_code(browser, kiosk, runtime):
+    """A catalog with shop metadata: text ids (SKUs), names, prices and product links.
+
+    The server's answers are rewritten in the browser into the shape such a catalog gives:
+    the first result with a name, a price and a url, the second with empty metadata and
+    label, the third with none at all; taps must reach the item by its text id.
+    """
+    import zxingcpp
+
+    view = Kiosk(browser, kiosk, runtime)
+    page = view.page
+    sku = {}  # text id -> catalog id
+
+    def shop_nearest(route):
+        answer = route.fetch().json()
+        for rank, item in enumerate(answer["results"]):
+            text_id = f"SKU {item['id']}/{rank}"  # a space and a slash: URL-encoded in paths
+            sku[text_id] = item["id"]
+            item["id"] = text_id
+            if rank == 0:
+                item["metadata"] = {"name": "Blue shirt", "price": "19.99",
+                                    "url": f"https://shop.example/p/{sku[text_id]}"}
+            elif rank == 1:
+                item["metadata"], item["label"] = {}, ""
+        route.fulfill(json=answer)
+
+    def shop_item(route):
+        text_id = unquote(route.request.url.split("/api/item/", 1)[1])
+        answer = route.fetch(url=f"{view.origin}/api/item/{sku[text_id]}").json()
+        route.fulfill(json={**answer, "id": text_id})
+
+    try:
+        page.route("**/api/nearest", shop_nearest)
+        page.route("**/api/item/SKU*", shop_item)
+        view.drag("#sliders input[data-dim='0']", 0.8)
+        view.settle()
+        page.locator("#matches .match[data-id^='SKU']").nth(K - 1).wait_for()
+        first, second, third = (page.locator("#matches .match").nth(i) for i in range(3))
+        catalog_id = sku[first.get_attribute("data-id")]
+        assert first.locator(".name").inner_text() == "Blue shirt"
+        assert first.locator(".price").inner_text() == "19.99"
+        second_id = second.get_attribute("data-id")
+        assert second.locator(".name").inner_text() == f"Item {second_id}"
+        assert not second.locator(".price").is_visible() and not second.locator(".qr").is_visible()
+        label = runtime.label_names[runtime.index.labels[
+            int(np.flatnonzero(runtime.index.ids == sku[third.get_attribute("data-id")])[0])]]
+        assert third.locator(".name").inner_text() == label
+        # The QR code, drawn on the page, reads back as the product's link.
+        shot = first.locator(".qr svg").screenshot()
+        with Image.open(io.BytesIO(shot)) as image:
+            codes = zxingcpp.read_barcodes(image.convert("L"))
+        assert [code.text for code in codes] == [f"https://shop.example/p/{catalog_id}"]
+
+        first.locator(".item").tap()
+        page.wait_for_function("document.body.dataset.loaded && "
+                               "document.body.dataset.loaded.startsWith('SKU')")
+        view.wait_for_z(view.mu(catalog_id).tolist())
+        assert view.problems == []
+    finally:
+        view.close()
+
+
+def test_a_vertical_swipe_on_a_slider_moves_only_the_slider(browser, kiosk, runtime):
+    """On a phone the page is taller than the screen: a swipe from a slider must not scroll it,
+    while the same swipe from the garment does."""
+    view = Kiosk(browser, kiosk, runtime, viewport={"width": 390, "height": 844}, mobile=True)
+    try:
+        page = view.page
+
+        def swipe_up(x, y):
+            cdp = view.context.new_cdp_session(page)
+            cdp.send("Input.dispatchTouchEvent",
+                     {"type": "touchStart", "touchPoints": [{"x": x, "y": y}]})
+            for step in range(1, 11):
+                cdp.send("Input.dispatchTouchEvent",
+                         {"type": "touchMove", "touchPoints": [{"x": x, "y": y - 30 * step}]})
+            cdp.send("Input.dispatchTouchEvent", {"type": "touchEnd", "touchPoints": []})
+            cdp.detach()
+            page.wait_for_timeout(300)
+            return page.evaluate("window.scrollY")
+
+        box = page.locator("#sliders input[data-dim='6']").bounding_box()
+        assert swipe_up(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2) == 0
+        box = page.locator("#garment").bounding_box()
+        assert swipe_up(box["x"] + box["width"] / 2, box["y"] + box["height"] - 5) > 0
+        assert view.problems == []
+    finally:
+        view.close()
