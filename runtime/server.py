@@ -12,7 +12,7 @@ Routes (all answers are JSON except the page, its assets and the *.png routes):
     GET  /                         the kiosk page (runtime/static/index.html)
     GET  /static/<file>            its script and style sheet
     GET  /api/info                 latent dim, label names, catalog size, slider range, k,
-                                   idle reset, the opening z and words for each slider's ends
+                                   idle reset, attract, the opening z, words for each slider's ends
     GET  /api/sample[?seed=N]      z drawn from the prior N(0, I)
     GET  /api/decode?z=...         {"z", "image": PNG data URL}; POST the same as {"z": [...]}
     GET  /api/decode.png?z=...     the decoded garment as a PNG
@@ -65,6 +65,7 @@ MAX_RANGE = 100.0
 DEFAULT_K = 6
 DEFAULT_IDLE_RESET_S = 90  # a shopper who walks away leaves the next one a fresh page
 MAX_IDLE_RESET_S = 24 * 3600
+MAX_ATTRACT_S = 3600
 MAX_K = 100  # a results list longer than this is a scraper, not a kiosk
 FAR_SAMPLES = 256  # p99 3.82 on the shipped model, as from 512 (4,096: 3.90); start-up stays short
 FAR_QUANTILE = 0.99
@@ -190,7 +191,7 @@ class KioskApp:
     """
 
     def __init__(self, runtime: Runtime, *, z_range: float = DEFAULT_RANGE, k: int = DEFAULT_K,
-                 idle_reset: float = DEFAULT_IDLE_RESET_S):
+                 idle_reset: float = DEFAULT_IDLE_RESET_S, attract: float = 0):
         if isinstance(z_range, bool) or not isinstance(z_range, (int, float)) or not (
             0 < z_range <= MAX_RANGE
         ):
@@ -200,10 +201,16 @@ class KioskApp:
         ):
             raise ValueError(f"idle reset must be a number of seconds in [0, {MAX_IDLE_RESET_S}] "
                              f"(0: never), got {idle_reset!r}")
+        if isinstance(attract, bool) or not isinstance(attract, (int, float)) or not (
+            0 <= attract <= MAX_ATTRACT_S
+        ):
+            raise ValueError(f"attract must be a number of seconds in [0, {MAX_ATTRACT_S}] "
+                             f"(0: off), got {attract!r}")
         self.runtime = runtime
         self.z_range = float(z_range)
         self.k = check_server_k(k)
         self.idle_reset = float(idle_reset)
+        self.attract = float(attract)
         # The page opens on a real garment, the catalog's first item, not on z = 0 (which
         # decodes to a blur of every class).
         self.opening_z = runtime.index.mu[0].astype(np.float64).tolist()
@@ -234,6 +241,7 @@ class KioskApp:
             "match_modes": list(MATCH_MODES),
             "far_distance": self.far_distance,
             "idle_reset": self.idle_reset,
+            "attract": self.attract,
             "opening_z": self.opening_z,
             "slider_ends": self.slider_ends,
         }
@@ -887,7 +895,8 @@ class KioskServer:
 
 def make_server(runtime: Runtime, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, *,
                 z_range: float = DEFAULT_RANGE, k: int = DEFAULT_K,
-                idle_reset: float = DEFAULT_IDLE_RESET_S, log_requests: bool = False,
+                idle_reset: float = DEFAULT_IDLE_RESET_S, attract: float = 0,
+                log_requests: bool = False,
                 allow_hosts: Iterable[str] = (),
                 read_timeout: float = READ_TIMEOUT_S) -> KioskServer:
     """A bound, not yet serving, kiosk server; port 0 picks a free port (see .url).
@@ -895,11 +904,12 @@ def make_server(runtime: Runtime, host: str = DEFAULT_HOST, port: int = DEFAULT_
     allow_hosts: names besides the listening address that clients may send as Host (the
     names a reverse proxy or the local network uses for this machine).
     idle_reset: seconds without input after which the page goes back to its opening state
-    (0: never).
+    (0: never); attract: once reset, the page shows another catalog item every this many
+    seconds until someone touches it (0: it stays on the opening garment).
     Raises ValueError for a bad range, k, idle reset, host name or timeout and for an address
     that cannot be bound.
     """
-    app = KioskApp(runtime, z_range=z_range, k=k, idle_reset=idle_reset)
+    app = KioskApp(runtime, z_range=z_range, k=k, idle_reset=idle_reset, attract=attract)
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
         raise ValueError(f"port must be an integer in [0, 65535], got {port!r}")
     if isinstance(read_timeout, bool) or not isinstance(read_timeout, (int, float)) or not (

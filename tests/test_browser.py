@@ -402,8 +402,8 @@ def test_a_pinch_does_not_zoom_the_page(browser, page):
     }""")
 
 
-def test_the_page_resets_itself_when_idle(browser, runtime):
-    server, thread = serve(runtime, idle_reset=2)
+def test_the_page_resets_itself_when_idle_then_attracts(browser, runtime):
+    server, thread = serve(runtime, idle_reset=3, attract=2)
     view = Kiosk(browser, server, runtime)
     try:
         page = view.page
@@ -420,6 +420,20 @@ def test_the_page_resets_itself_when_idle(browser, runtime):
         assert page.locator("#slot-a").get_attribute("data-id") is None
         assert page.locator("#slot-b").get_attribute("data-id") is None
         assert page.locator("#morph-play").is_disabled()
+
+        # Attract mode: 2 s later the page shows a catalog item from the results by itself.
+        assert page.evaluate("document.body.dataset.attract") == "true"
+        shown = view.shown_ids()
+        page.wait_for_function("document.body.dataset.loaded", timeout=10_000)
+        loaded = int(page.evaluate("document.body.dataset.loaded"))
+        assert loaded in shown
+        view.wait_for_z(view.mu(loaded).tolist())
+        view.check_consistent()
+        # A touch ends it, and the garment stays.
+        page.locator("h1").tap()
+        assert page.evaluate("document.body.dataset.attract") == "false"
+        page.wait_for_timeout(2500)  # past attract's step, short of the next idle reset
+        np.testing.assert_array_equal(view.z, view.mu(loaded))
         assert view.problems == []
     finally:
         view.close()

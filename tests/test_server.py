@@ -133,6 +133,7 @@ def test_info(server, runtime):
                     "catalog_size": 5000, "range": 3.0, "k": 6, "max_k": 100,
                     "match_modes": ["latent", "decoded"],
                     "far_distance": pytest.approx(info["far_distance"]), "idle_reset": 90.0,
+                    "attract": 0.0,
                     "opening_z": runtime.index.mu[0].astype(np.float64).tolist(),
                     "slider_ends": info["slider_ends"]}
     typical = runtime.roundtrip_distance(runtime.sample_prior(256, seed=0))
@@ -648,6 +649,9 @@ def test_app_rejects_bad_settings(runtime):
     with pytest.raises(ValueError, match=r"^idle reset must be a number of seconds in "
                                          r"\[0, 86400\] \(0: never\), got -1$"):
         KioskApp(runtime, idle_reset=-1)
+    with pytest.raises(ValueError, match=r"^attract must be a number of seconds in "
+                                         r"\[0, 3600\] \(0: off\), got 'x'$"):
+        KioskApp(runtime, attract="x")
     with pytest.raises(ValueError, match=r"^port must be an integer in \[0, 65535\], got 70000$"):
         make_server(runtime, "127.0.0.1", 70000)
 
@@ -693,7 +697,8 @@ def start_serve(args, cwd, code=SERVE):
 def test_vae_run_serve_without_torch(tiny_bundle, tmp_path, without_torch):
     """The real command in its own process, torch unimportable; Ctrl+C stops it cleanly."""
     process, line, port = start_serve(["--bundle", str(tiny_bundle), "--range", "5", "-k", "3",
-                                       "--idle-reset", "0"], tmp_path, code=without_torch(SERVE))
+                                       "--idle-reset", "0", "--attract", "5"], tmp_path,
+                                      code=without_torch(SERVE))
     try:
         assert "(latent dim 8, 5000 catalog items)" in line
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
@@ -701,6 +706,7 @@ def test_vae_run_serve_without_torch(tiny_bundle, tmp_path, without_torch):
         info = json.loads(conn.getresponse().read())
         conn.close()
         assert info["range"] == 5.0 and info["k"] == 3 and info["idle_reset"] == 0
+        assert info["attract"] == 5
         process.send_signal(signal.SIGINT)
         out, err = process.communicate(timeout=30)
     finally:

@@ -39,6 +39,8 @@
     heldNear: null,
     releaseTimer: null,
     idleTimer: null,
+    attractTimer: null,
+    shown: new Set(),    // items attract mode has shown since it started
   };
 
   class ApiFailure extends Error {
@@ -414,16 +416,18 @@
   }
 
   // ---- actions -------------------------------------------------------------------------
-  async function loadItem(item) {
+  async function loadItem(item, quiet = false) {
     const ticket = act();
     try {
       const full = await api(itemPath(item.id));
       if (ticket !== state.intent) return;
       setZ(full.mu);
       document.body.dataset.loaded = String(item.id);
-      showStatus(`Loaded ${nameOf(item)}`, false);
+      if (!quiet) showStatus(`Loaded ${nameOf(item)}`, false);
     } catch (err) {
-      if (ticket === state.intent) showStatus(`Could not load ${nameOf(item)}: ${err.message}`, true);
+      if (ticket === state.intent && !quiet) {
+        showStatus(`Could not load ${nameOf(item)}: ${err.message}`, true);
+      }
     }
   }
 
@@ -537,10 +541,32 @@
     });
   }
 
+  // Attract mode walks from garment to garment through the catalog: each step loads the
+  // best result of the garment on screen that it has not shown yet.
+  function attractStep() {
+    const next = [...$("matches").children].map((li) => li.item)
+      .find((item) => item && !state.shown.has(String(item.id)));
+    if (next) {
+      state.shown.add(String(next.id));
+      loadItem(next, true);
+    } else {
+      state.shown.clear();
+    }
+  }
+
+  function stopAttract() {
+    clearInterval(state.attractTimer);
+    state.attractTimer = null;
+    state.shown.clear();
+    document.body.dataset.attract = "false";
+  }
+
   function watchIdle() {
     const seconds = Number(state.info.idle_reset) || 0;
+    const attract = Number(state.info.attract) || 0;
     if (seconds <= 0) return;
     const restart = () => {
+      stopAttract();
       clearTimeout(state.idleTimer);
       state.idleTimer = setTimeout(() => {
         if (document.activeElement) document.activeElement.blur();
@@ -548,6 +574,10 @@
         showStatus("", false);
         startOver();
         document.body.dataset.idleResets = String(Number(document.body.dataset.idleResets || 0) + 1);
+        if (attract > 0) {
+          document.body.dataset.attract = "true";
+          state.attractTimer = setInterval(attractStep, attract * 1000);
+        }
       }, seconds * 1000);
     };
     for (const type of ["pointerdown", "keydown", "input", "wheel"]) {
