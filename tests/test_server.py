@@ -7,12 +7,14 @@ import http.client
 import io
 import json
 import os
+import runpy
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -212,6 +214,12 @@ def test_sample_is_the_prior_and_reproducible(server, runtime):
     largest = 2**63 - 1
     status, last = call_json(server, "GET", f"/api/sample?seed={largest}")
     assert status == 200 and last["z"] == runtime.sample_prior(seed=largest).tolist()
+
+
+def test_the_api_example_in_the_docs_is_the_shipped_models_answer():
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    example = runpy.run_path(str(docs / "kiosk_api_example.py"))["example"]()
+    assert example in (docs / "kiosk.md").read_text()
 
 
 def test_item_json_and_picture(server, runtime):
