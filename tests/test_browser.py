@@ -645,3 +645,50 @@ def test_a_vertical_swipe_on_a_slider_moves_only_the_slider(browser, kiosk, runt
         assert view.problems == []
     finally:
         view.close()
+
+
+def contrast(rgb_a, rgb_b) -> float:
+    """WCAG contrast ratio of two sRGB colours (0-255)."""
+    def luminance(rgb):
+        linear = [(c / 255 / 12.92) if c / 255 <= 0.04045 else ((c / 255 + 0.055) / 1.055) ** 2.4
+                  for c in rgb]
+        return 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2]
+    light, dark = sorted((luminance(rgb_a), luminance(rgb_b)), reverse=True)
+    return (light + 0.05) / (dark + 0.05)
+
+
+def test_tracks_contrast_and_focus_rings_fit(page):
+    # The track as drawn: the darkest colour along a row of the slider, away from its thumb,
+    # against the panel around it.
+    slider = page.page.locator("#sliders input[data-dim='0']")
+    page.page.evaluate("document.querySelector('#sliders input[data-dim=\"0\"]').value = '-3'")
+    with Image.open(io.BytesIO(slider.screenshot())) as shot:
+        pixels = np.asarray(shot.convert("RGB"))
+    row = pixels[pixels.shape[0] // 2, pixels.shape[1] // 2:]
+    track = row[row.sum(axis=1).argmin()]
+    panel = pixels[1, -1]
+    assert contrast(track, panel) >= 3.0
+    # Every focusable control, with its 3 px ring and offset, lies inside whatever clips it.
+    clipped = page.page.evaluate("""() => {
+        const ring = 5;
+        const bad = [];
+        for (const el of document.querySelectorAll("button, input")) {
+            const box = el.getBoundingClientRect();
+            for (let up = el.parentElement; up; up = up.parentElement) {
+                const style = getComputedStyle(up);
+                if (style.overflowX === "visible" && style.overflowY === "visible") continue;
+                const clip = up.getBoundingClientRect();
+                const left = clip.left + up.clientLeft, top = clip.top + up.clientTop;
+                if (box.left - ring < left || box.top - ring < top ||
+                    box.right + ring > left + up.clientWidth ||
+                    box.bottom + ring > top + up.scrollHeight) bad.push(el.outerHTML.slice(0, 80));
+            }
+        }
+        return bad;
+    }""")
+    assert clipped == []
+    # Moving a slider says nothing to a screen reader: the live region stays quiet.
+    page.drag("#sliders input[data-dim='1']", 0.8)
+    page.settle()
+    assert page.page.locator("#status").inner_text() == ""
+    assert page.page.locator("[aria-live]").count() == 1
