@@ -157,6 +157,15 @@ def json_int(value, name: str) -> int:
     return parse_int(value, name)
 
 
+def check_seconds(value, name: str, maximum: float, zero_means: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+        0 <= value <= maximum
+    ):
+        raise ValueError(f"{name} must be a number of seconds in [0, {maximum}] "
+                         f"(0: {zero_means}), got {value!r}")
+    return float(value)
+
+
 def check_server_k(k) -> int:
     k = check_k(k)
     if k > MAX_K:
@@ -196,21 +205,11 @@ class KioskApp:
             0 < z_range <= MAX_RANGE
         ):
             raise ValueError(f"range must be a number in (0, {MAX_RANGE:g}], got {z_range!r}")
-        if isinstance(idle_reset, bool) or not isinstance(idle_reset, (int, float)) or not (
-            0 <= idle_reset <= MAX_IDLE_RESET_S
-        ):
-            raise ValueError(f"idle reset must be a number of seconds in [0, {MAX_IDLE_RESET_S}] "
-                             f"(0: never), got {idle_reset!r}")
-        if isinstance(attract, bool) or not isinstance(attract, (int, float)) or not (
-            0 <= attract <= MAX_ATTRACT_S
-        ):
-            raise ValueError(f"attract must be a number of seconds in [0, {MAX_ATTRACT_S}] "
-                             f"(0: off), got {attract!r}")
         self.runtime = runtime
         self.z_range = float(z_range)
         self.k = check_server_k(k)
-        self.idle_reset = float(idle_reset)
-        self.attract = float(attract)
+        self.idle_reset = check_seconds(idle_reset, "idle reset", MAX_IDLE_RESET_S, "never")
+        self.attract = check_seconds(attract, "attract", MAX_ATTRACT_S, "off")
         # The page opens on a real garment, the catalog's first item, not on z = 0 (which
         # decodes to a blur of every class).
         self.opening_z = runtime.index.mu[0].astype(np.float64).tolist()
@@ -896,8 +895,7 @@ class KioskServer:
 def make_server(runtime: Runtime, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, *,
                 z_range: float = DEFAULT_RANGE, k: int = DEFAULT_K,
                 idle_reset: float = DEFAULT_IDLE_RESET_S, attract: float = 0,
-                log_requests: bool = False,
-                allow_hosts: Iterable[str] = (),
+                log_requests: bool = False, allow_hosts: Iterable[str] = (),
                 read_timeout: float = READ_TIMEOUT_S) -> KioskServer:
     """A bound, not yet serving, kiosk server; port 0 picks a free port (see .url).
 
@@ -906,8 +904,8 @@ def make_server(runtime: Runtime, host: str = DEFAULT_HOST, port: int = DEFAULT_
     idle_reset: seconds without input after which the page goes back to its opening state
     (0: never); attract: once reset, the page shows another catalog item every this many
     seconds until someone touches it (0: it stays on the opening garment).
-    Raises ValueError for a bad range, k, idle reset, host name or timeout and for an address
-    that cannot be bound.
+    Raises ValueError for a bad range, k, idle reset, attract, host name or timeout and for an
+    address that cannot be bound.
     """
     app = KioskApp(runtime, z_range=z_range, k=k, idle_reset=idle_reset, attract=attract)
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:

@@ -206,6 +206,7 @@
         retryMs = RETRY_FIRST_MS;
         renderGarment(decoded);
         renderMatches(near);
+        if ($("status").classList.contains("error")) showStatus("", false);
       } catch (err) {
         if (err.retry) {
           setOnline(false);
