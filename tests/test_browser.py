@@ -72,6 +72,20 @@ def kiosk(runtime):
     thread.join(timeout=10)
 
 
+@pytest.fixture(scope="module")
+def shipped():
+    """(server, Runtime) of `vae-run serve` on the shipped model (models/default): the checkout
+    ships it, so a missing or damaged one is a failure."""
+    from vae_edge.runtime import Runtime
+
+    runtime = Runtime.load()
+    server, thread = serve(runtime)
+    yield server, runtime
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=10)
+
+
 class Kiosk:
     """One page on a touch screen, and what it shows, read back as numbers."""
 
@@ -316,17 +330,14 @@ def test_screenshot_at_1080p(page, tmp_path):
         assert len(np.unique(np.asarray(image.convert("L")))) > 50
 
 
-def test_shipped_model_in_the_browser(browser):
+def test_shipped_model_in_the_browser(browser, shipped):
     """`vae-run serve` on the shipped model (models/default)."""
-    from vae_edge.runtime import Runtime
-
-    shipped = Runtime.load()  # the checkout ships it: a missing or damaged one is a failure
-    server, thread = serve(shipped)
-    view = Kiosk(browser, server, shipped)
+    server, runtime = shipped
+    view = Kiosk(browser, server, runtime)
     try:
-        check_slider_and_tap(view, shipped.latent_dim)
+        check_slider_and_tap(view, runtime.latent_dim)
         # Every slider at its end: a corner of the slider box, far from every catalog item.
-        for dim in range(shipped.latent_dim):
+        for dim in range(runtime.latent_dim):
             view.drag(f"#sliders input[data-dim='{dim}']", 1.0)
         view.settle()
         assert (view.check_consistent() >= 2.9).all()
@@ -334,9 +345,6 @@ def test_shipped_model_in_the_browser(browser):
         assert view.problems == []
     finally:
         view.close()
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
 
 
 @pytest.mark.parametrize("viewport", [
@@ -344,8 +352,10 @@ def test_shipped_model_in_the_browser(browser):
     {"width": 390, "height": 844},  # a phone
     VIEWPORT,
 ], ids=lambda v: f"{v['width']}x{v['height']}")
-def test_garment_sliders_and_first_results_fit_the_first_screen(browser, kiosk, runtime, viewport):
-    view = Kiosk(browser, kiosk, runtime, viewport=viewport, mobile=viewport["width"] < 600)
+def test_garment_sliders_and_first_results_fit_the_first_screen(browser, shipped, viewport):
+    """With the shipped model's 16 sliders."""
+    server, runtime = shipped
+    view = Kiosk(browser, server, runtime, viewport=viewport, mobile=viewport["width"] < 600)
     try:
         page = view.page
         page.locator("#sliders .end[src]").first.wait_for()

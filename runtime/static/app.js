@@ -295,6 +295,7 @@
     open.className = "item";
     const img = document.createElement("img");
     img.alt = "";
+    img.addEventListener("load", () => img.classList.toggle("pixels", img.naturalWidth <= 64));
     const name = document.createElement("span");
     name.className = "name";
     const price = document.createElement("span");
