@@ -292,9 +292,17 @@ def encode(runtime: Runtime, images: tuple[Path, ...], as_json: bool):
               help="Also answer requests addressed to this host name (repeatable), e.g. the "
                    "name a reverse proxy or the local network uses for this machine. Only "
                    "the listening address (and localhost) are answered otherwise.")
+@click.option("--idle-reset", type=AsciiIntRange(0, 86400), default=90, show_default=True,
+              metavar="SECONDS",
+              help="After this long without a touch the page returns to its opening garment, "
+                   "picks cleared; 0 never resets.")
+@click.option("--attract", type=AsciiIntRange(0, 3600), default=0, show_default=True,
+              metavar="SECONDS",
+              help="Once reset for idleness, show another catalog item every SECONDS until "
+                   "someone touches the screen; 0 stays on the opening garment.")
 @click.option("--log-requests", is_flag=True, help="Log every request (failures always are).")
 def serve(runtime: Runtime, host: str, port: int, z_range: float, k: int,
-          allow_hosts: tuple[str, ...], log_requests: bool):
+          allow_hosts: tuple[str, ...], idle_reset: int, attract: int, log_requests: bool):
     """Serve the kiosk page and its JSON API (decode, nearest, sample, item).
 
     Open the printed URL in a browser: one slider per latent dim, the decoded garment,
@@ -304,8 +312,8 @@ def serve(runtime: Runtime, host: str, port: int, z_range: float, k: int,
     from .server import is_loopback, make_server
 
     with library_errors():
-        server = make_server(runtime, host, port, z_range=z_range, k=k,
-                             log_requests=log_requests, allow_hosts=allow_hosts)
+        server = make_server(runtime, host, port, z_range=z_range, k=k, idle_reset=idle_reset,
+                             attract=attract, log_requests=log_requests, allow_hosts=allow_hosts)
     if not is_loopback(host):
         click.echo(f"note: listening on {host}, so other machines can reach the kiosk", err=True)
     click.echo(f"kiosk on {server.url} (latent dim {runtime.latent_dim}, "

@@ -11,7 +11,8 @@ Routes (all answers are JSON except the page, its assets and the pictures):
 
     GET  /                         the kiosk page (runtime/static/index.html)
     GET  /static/<file>            its script and style sheet
-    GET  /api/info                 latent dim, label names, catalog size, slider range, k
+    GET  /api/info                 latent dim, label names, catalog size, slider range, k,
+                                   idle reset, attract, the opening z, words for each slider's ends
     GET  /api/sample[?seed=N]      z drawn from the prior N(0, I)
     GET  /api/decode?z=...         {"z", "image": PNG data URL}; POST the same as {"z": [...]}
     GET  /api/decode.png?z=...     the decoded garment as a PNG
@@ -19,6 +20,8 @@ Routes (all answers are JSON except the page, its assets and the pictures):
                                    the k catalog items most like the garment z, best first
                                    (Runtime.nearest, by="latent" unless given), with z's
                                    distance from the catalog; POST: {"z": [...], "k": N, "by": ...}
+    GET  /api/ends?z=...           what each slider does: the garment with that slider at each end
+                                   of its range, the others at z; POST the same as {"z": [...]}
     GET  /api/item/<id>            one catalog item: label, metadata, mu, log_sigma (the id
                                    percent-encoded: item ids are a shop's SKUs, any text)
     GET  /api/item/<id>/image      its picture: the catalog photo's thumbnail (WebP) where the
@@ -61,6 +64,9 @@ DEFAULT_PORT = 8000
 DEFAULT_RANGE = 3.0
 MAX_RANGE = 100.0
 DEFAULT_K = 6
+DEFAULT_IDLE_RESET_S = 90  # a shopper who walks away leaves the next one a fresh page
+MAX_IDLE_RESET_S = 24 * 3600
+MAX_ATTRACT_S = 3600
 MAX_K = 100  # a results list longer than this is a scraper, not a kiosk
 FAR_SAMPLES = 256  # p99 3.82 on the shipped model, as from 512 (4,096: 3.90); start-up stays short
 FAR_QUANTILE = 0.99
@@ -85,6 +91,7 @@ STATIC_TYPES = {
     ".svg": "image/svg+xml",
     ".png": "image/png",
     ".ico": "image/x-icon",
+    ".webmanifest": "application/manifest+json",
 }
 STATIC_NAME = re.compile(r"^[A-Za-z0-9_-]+\.[a-z]+$")
 # The page may only talk to its own server: a kiosk is often offline, and nothing external
@@ -92,13 +99,13 @@ STATIC_NAME = re.compile(r"^[A-Za-z0-9_-]+\.[a-z]+$")
 PAGE_POLICY = ("default-src 'self'; img-src 'self' data:; script-src 'self'; style-src 'self'; "
                "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 ITEM_PATH = re.compile(r"^/api/item/([^/]*)(/image)?$")
-INTEGER = re.compile(r"^[+-]?[0-9]{1,18}$")
+INTEGER = re.compile(r"^[+-]?[0-9]{1,19}$")
 HOST_NAME = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$")
-POST_ROUTES = ("/api/decode", "/api/nearest")
+POST_ROUTES = ("/api/decode", "/api/nearest", "/api/ends")
 # Routes that run a model or the search: a worker thread answers them. The rest (the page,
 # info, samples, item JSON, errors) take microseconds and are answered on the event loop,
 # so they never queue behind a decode.
-COMPUTING_ROUTE = re.compile(r"^/api/(decode|decode\.png|nearest|item/[^/]*/image)$")
+COMPUTING_ROUTE = re.compile(r"^/api/(decode|decode\.png|nearest|ends|item/[^/]*/image)$")
 JSON_TYPE = "application/json; charset=utf-8"
 QUOTED_BYTES = re.compile(r": (b['\"]|bytearray\().*$", re.DOTALL)
 
@@ -144,6 +151,22 @@ def parse_int(text, name: str) -> int:
     raise ValueError(f"{name} must be an integer, got {shown}")
 
 
+def json_int(value, name: str) -> int:
+    """An integer from a JSON body: a JSON number, never a string of digits."""
+    if isinstance(value, str):
+        raise ValueError(f"{name} must be an integer, got a string")
+    return parse_int(value, name)
+
+
+def check_seconds(value, name: str, maximum: float, zero_means: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+        0 <= value <= maximum
+    ):
+        raise ValueError(f"{name} must be a number of seconds in [0, {maximum}] "
+                         f"(0: {zero_means}), got {value!r}")
+    return float(value)
+
+
 def check_server_k(k) -> int:
     k = check_k(k)
     if k > MAX_K:
@@ -169,7 +192,8 @@ class KioskApp:
     which is thread-safe).
     """
 
-    def __init__(self, runtime: Runtime, *, z_range: float = DEFAULT_RANGE, k: int = DEFAULT_K):
+    def __init__(self, runtime: Runtime, *, z_range: float = DEFAULT_RANGE, k: int = DEFAULT_K,
+                 idle_reset: float = DEFAULT_IDLE_RESET_S, attract: float = 0):
         if isinstance(z_range, bool) or not isinstance(z_range, (int, float)) or not (
             0 < z_range <= MAX_RANGE
         ):
@@ -177,6 +201,12 @@ class KioskApp:
         self.runtime = runtime
         self.z_range = float(z_range)
         self.k = check_server_k(k)
+        self.idle_reset = check_seconds(idle_reset, "idle reset", MAX_IDLE_RESET_S, "never")
+        self.attract = check_seconds(attract, "attract", MAX_ATTRACT_S, "off")
+        # The page opens on a real garment, the catalog's first item, not on z = 0 (which
+        # decodes to a blur of every class).
+        self.opening_z = runtime.index.mu[0].astype(np.float64).tolist()
+        self.slider_ends = slider_ends(runtime)
         # A garment is "far from the catalog" when its round-trip distance exceeds what 99%
         # of typical garments (z ~ N(0, I), a fixed sample) show: docs/matching.md.
         typical = runtime.roundtrip_distance(runtime.sample_prior(FAR_SAMPLES, seed=0))
@@ -203,6 +233,10 @@ class KioskApp:
             "far_distance": self.far_distance,
             "metadata_columns": list(rt.index.columns),
             "thumbnails": rt.index.thumbnail_offsets is not None,
+            "idle_reset": self.idle_reset,
+            "attract": self.attract,
+            "opening_z": self.opening_z,
+            "slider_ends": self.slider_ends,
         }
 
     def sample(self, seed: int | None) -> dict:
@@ -216,6 +250,18 @@ class KioskApp:
 
     def decode(self, z: np.ndarray) -> dict:
         return {"z": z.tolist(), "image": png_data_url(self.runtime.decode(z))}
+
+    def ends(self, z: np.ndarray) -> dict:
+        """For each slider, the garment with that slider at -range and at +range, the other
+        values kept from z: one decode of 2d rows, so a page can show what every slider does."""
+        d = self.runtime.latent_dim
+        grid = np.repeat(z[None, :], 2 * d, axis=0)
+        dims = np.arange(d)
+        grid[2 * dims, dims] = -self.z_range
+        grid[2 * dims + 1, dims] = self.z_range
+        urls = [png_data_url(image) for image in self.runtime.decode(grid)]
+        return {"z": z.tolist(), "range": self.z_range,
+                "ends": [urls[2 * i:2 * i + 2] for i in range(d)]}
 
     def nearest(self, z: np.ndarray, k: int, by: str = "latent") -> dict:
         matches = self.runtime.nearest(z, k=check_server_k(k), by=by)
@@ -265,6 +311,21 @@ class KioskApp:
 
 def item_image_url(item_id: str) -> str:
     return f"/api/item/{quote(str(item_id), safe='')}/image"
+
+
+def slider_ends(runtime: Runtime) -> list[list[str]]:
+    """For each latent dim, the catalog classes whose items lie lowest and highest along it on
+    average: words for the two ends of a slider ("Sandal" to "Coat"). A catalog with one
+    class or none names no ends ("")."""
+    index = runtime.index
+    names = runtime.label_names
+    present = np.unique(index.labels)
+    if len(present) < 2:
+        return [["", ""] for _ in range(runtime.latent_dim)]
+    means = np.stack([index.mu[index.labels == label].mean(axis=0, dtype=np.float64)
+                      for label in present])
+    low, high = present[means.argmin(axis=0)], present[means.argmax(axis=0)]
+    return [[names[a], names[b]] for a, b in zip(low, high)]
 
 
 @dataclass(frozen=True)
@@ -487,7 +548,7 @@ class KioskAsgi:
         if path not in POST_ROUTES:
             known = path == "/" or path.startswith(("/static/", "/api/"))
             return error_answer(HTTPStatus.METHOD_NOT_ALLOWED if known else HTTPStatus.NOT_FOUND,
-                                f"POST is for /api/decode and /api/nearest, not {path[:80]}",
+                                f"POST is for {', '.join(POST_ROUTES)}, not {path[:80]}",
                                 close=True)
         if "transfer-encoding" in headers:
             return error_answer(HTTPStatus.LENGTH_REQUIRED,
@@ -600,6 +661,9 @@ class KioskAsgi:
         if path == "/api/decode.png":
             self._fields(query, ("z",), ())
             return Answer(200, app.decode_png(parse_z(query["z"], d)), "image/png")
+        if path == "/api/ends":
+            self._fields(query, ("z",), ())
+            return json_answer(app.ends(parse_z(query["z"], d)))
         if path == "/api/nearest":
             self._fields(query, ("z",), ("k", "by"))
             k = parse_int(query["k"], "k") if "k" in query else app.k
@@ -628,8 +692,11 @@ class KioskAsgi:
         if path == "/api/decode":
             self._fields(body, ("z",), ())
             return json_answer(app.decode(latent_from_json(body["z"], d)))
+        if path == "/api/ends":
+            self._fields(body, ("z",), ())
+            return json_answer(app.ends(latent_from_json(body["z"], d)))
         self._fields(body, ("z",), ("k", "by"))
-        k = parse_int(body["k"], "k") if "k" in body else app.k
+        k = json_int(body["k"], "k") if "k" in body else app.k
         return json_answer(app.nearest(latent_from_json(body["z"], d), k,
                                        body.get("by", "latent")))
 
@@ -840,16 +907,20 @@ class KioskServer:
 
 def make_server(runtime: Runtime, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, *,
                 z_range: float = DEFAULT_RANGE, k: int = DEFAULT_K,
+                idle_reset: float = DEFAULT_IDLE_RESET_S, attract: float = 0,
                 log_requests: bool = False, allow_hosts: Iterable[str] = (),
                 read_timeout: float = READ_TIMEOUT_S) -> KioskServer:
     """A bound, not yet serving, kiosk server; port 0 picks a free port (see .url).
 
     allow_hosts: names besides the listening address that clients may send as Host (the
     names a reverse proxy or the local network uses for this machine).
-    Raises ValueError for a bad range, k, host name or timeout and for an address that cannot
-    be bound.
+    idle_reset: seconds without input after which the page goes back to its opening state
+    (0: never); attract: once reset, the page shows another catalog item every this many
+    seconds until someone touches it (0: it stays on the opening garment).
+    Raises ValueError for a bad range, k, idle reset, attract, host name or timeout and for an
+    address that cannot be bound.
     """
-    app = KioskApp(runtime, z_range=z_range, k=k)
+    app = KioskApp(runtime, z_range=z_range, k=k, idle_reset=idle_reset, attract=attract)
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
         raise ValueError(f"port must be an integer in [0, 65535], got {port!r}")
     if isinstance(read_timeout, bool) or not isinstance(read_timeout, (int, float)) or not (

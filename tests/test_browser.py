@@ -14,6 +14,7 @@ import json
 import os
 import threading
 from pathlib import Path
+from urllib.parse import unquote
 
 import numpy as np
 import pytest
@@ -55,8 +56,8 @@ def browser():
         chromium.close()
 
 
-def serve(runtime):
-    server = make_server(runtime, "127.0.0.1", 0, k=K)
+def serve(runtime, port=0, **options):
+    server = make_server(runtime, "127.0.0.1", port, k=K, **options)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     return server, thread
@@ -71,17 +72,35 @@ def kiosk(runtime):
     thread.join(timeout=10)
 
 
+@pytest.fixture(scope="module")
+def shipped():
+    """(server, Runtime) of `vae-run serve` on the shipped model (models/default): the checkout
+    ships it, so a missing or damaged one is a failure."""
+    from vae_edge.runtime import Runtime
+
+    runtime = Runtime.load()
+    server, thread = serve(runtime)
+    yield server, runtime
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=10)
+
+
 class Kiosk:
     """One page on a touch screen, and what it shows, read back as numbers."""
 
-    def __init__(self, browser, server, runtime):
+    def __init__(self, browser, server, runtime, viewport=VIEWPORT, init_script=None,
+                 mobile=False):
         self.runtime = runtime
         self.origin = server.url.rstrip("/")
         # Playwright's wait_for_function evaluates its predicate in a way the page's own
         # policy (no eval) forbids; test_page_obeys_its_content_security_policy covers the page
         # under that policy.
-        self.context = browser.new_context(viewport=VIEWPORT, has_touch=True, bypass_csp=True)
+        self.context = browser.new_context(viewport=viewport, has_touch=True, bypass_csp=True,
+                                           is_mobile=mobile)
         self.page = self.context.new_page()
+        if init_script:
+            self.page.add_init_script(init_script)
         self.problems = []
         self.page.on("console", lambda m: m.type == "error" and self.problems.append(m.text))
         self.page.on("pageerror", lambda exc: self.problems.append(str(exc)))
@@ -90,6 +109,7 @@ class Kiosk:
         self.settle()
         self.far_distance = self.context.request.get(server.url + "api/info").json()[
             "far_distance"]
+        self.opening_z = self.mu(runtime.index.ids[0])
 
     def _check_request(self, request):
         if not request.url.startswith((self.origin + "/", "data:")):
@@ -127,6 +147,13 @@ class Kiosk:
     def shown_ids(self) -> list[str]:
         return self.page.eval_on_selector_all("#matches .item",
                                               "items => items.map(i => i.dataset.id)")
+
+    def wait_for_z(self, z):
+        """Until the sliders stand for z, then until picture and list show it."""
+        wanted = json.dumps(list(z))
+        self.page.wait_for_function(
+            f"document.querySelector('#sliders').dataset.z === JSON.stringify({wanted})")
+        self.settle()
 
     def list_text(self) -> str:
         return self.page.locator("#matches").inner_text()
@@ -188,17 +215,18 @@ def page(browser, kiosk, runtime):
 def check_slider_and_tap(view: Kiosk, d: int):
     assert view.page.locator("#sliders input").count() == d
     assert view.page.locator("#matches .item").count() == K
-    np.testing.assert_array_equal(view.z, np.zeros(d))
+    # The page opens on a real garment: the catalog's first item.
+    np.testing.assert_array_equal(view.z, view.opening_z)
     view.check_consistent()
-    before_picture, before_list = view.picture(), view.list_text()
+    before_picture, before_ids = view.picture(), view.shown_ids()
 
     view.drag("#sliders input[data-dim='0']", 0.9)
     view.settle()
     z = view.check_consistent()
-    assert z[0] > 1.0 and not z[1:].any()
-    assert view.page.locator("#sliders output").first.inner_text() == f"+{z[0]:.2f}"
+    assert z[0] > 1.0
+    np.testing.assert_array_equal(z[1:], view.opening_z[1:])
     assert not np.array_equal(view.picture(), before_picture)
-    assert view.list_text() != before_list
+    assert view.shown_ids() != before_ids
 
     item_id = view.shown_ids()[2]
     view.page.locator(f"#matches .item[data-id='{item_id}']").tap()
@@ -224,8 +252,8 @@ def test_page_obeys_its_content_security_policy(browser, kiosk):
         assert "default-src 'self'" in response.headers["content-security-policy"]
         page.locator("#matches .item").nth(K - 1).wait_for()
         page.locator("#garment[src^='data:image/png;base64,']").wait_for()
+        page.locator("#sliders .end[src^='data:image/png;base64,']").first.wait_for()
         page.locator("#surprise").tap()
-        page.locator("#sliders output").filter(has_not_text="+0.00").first.wait_for()
         page.locator("#matches .item").first.tap()
         page.locator("#status", has_text="Loaded").wait_for()
     finally:
@@ -243,31 +271,29 @@ def test_slider_follows_a_finger(page, runtime):
     page.page.wait_for_function("JSON.parse(document.querySelector('#sliders').dataset.z)[1] < 0")
     page.settle()
     z = page.check_consistent()
-    assert z[1] < -1.0 and not np.delete(z, 1).any()
+    assert z[1] < -1.0
+    np.testing.assert_array_equal(np.delete(z, 1), np.delete(page.opening_z, 1))
 
 
 def test_surprise_me_then_reset(page, runtime):
     page.page.locator("#surprise").tap()
-    page.page.wait_for_function("JSON.parse(document.querySelector('#sliders').dataset.z)"
-                                ".some(v => v !== 0)")
+    opening = json.dumps(page.opening_z.tolist())
+    page.page.wait_for_function(f"document.querySelector('#sliders').dataset.z !== '{opening}'")
     page.settle()
     z = page.check_consistent()
-    assert z.shape == (runtime.latent_dim,) and np.abs(z).max() > 0
+    assert z.shape == (runtime.latent_dim,) and not np.array_equal(z, page.opening_z)
     page.page.locator("#reset").tap()
-    page.page.wait_for_function("JSON.parse(document.querySelector('#sliders').dataset.z)"
-                                ".every(v => v === 0)")
-    page.settle()
+    page.wait_for_z(page.opening_z.tolist())
     page.check_consistent()
-    np.testing.assert_array_equal(page.slider_values(), np.zeros(runtime.latent_dim))
 
 
 def test_morph_between_two_items(page, runtime):
     assert page.page.locator("#morph-play").is_disabled()
     first, second = page.shown_ids()[:2]
-    page.page.locator(f"#matches .item[data-id='{first}'] + .pick [data-slot='a']").tap()
+    page.page.locator(f"#matches .match[data-id='{first}'] [data-slot='a']").tap()
     page.page.wait_for_function(f"document.querySelector('#slot-a').dataset.id === '{first}'")
     assert page.page.locator("#morph-play").is_disabled()  # B still missing
-    page.page.locator(f"#matches .item[data-id='{second}'] + .pick [data-slot='b']").tap()
+    page.page.locator(f"#matches .match[data-id='{second}'] [data-slot='b']").tap()
     page.page.wait_for_function(f"document.querySelector('#slot-b').dataset.id === '{second}'")
     mu_a, mu_b = page.mu(first), page.mu(second)
 
@@ -289,8 +315,8 @@ def test_morph_between_two_items(page, runtime):
 
 def test_screenshot_at_1080p(page, tmp_path):
     page.page.locator("#surprise").tap()
-    page.page.wait_for_function("JSON.parse(document.querySelector('#sliders').dataset.z)"
-                                ".some(v => v !== 0)")
+    opening = json.dumps(page.opening_z.tolist())
+    page.page.wait_for_function(f"document.querySelector('#sliders').dataset.z !== '{opening}'")
     page.settle()
     # Every thumbnail has arrived and the page fits a 1080p screen without scrolling.
     page.page.wait_for_function(
@@ -304,17 +330,14 @@ def test_screenshot_at_1080p(page, tmp_path):
         assert len(np.unique(np.asarray(image.convert("L")))) > 50
 
 
-def test_shipped_model_in_the_browser(browser):
+def test_shipped_model_in_the_browser(browser, shipped):
     """`vae-run serve` on the shipped model (models/default)."""
-    from vae_edge.runtime import Runtime
-
-    shipped = Runtime.load()  # the checkout ships it: a missing or damaged one is a failure
-    server, thread = serve(shipped)
-    view = Kiosk(browser, server, shipped)
+    server, runtime = shipped
+    view = Kiosk(browser, server, runtime)
     try:
-        check_slider_and_tap(view, shipped.latent_dim)
+        check_slider_and_tap(view, runtime.latent_dim)
         # Every slider at its end: a corner of the slider box, far from every catalog item.
-        for dim in range(shipped.latent_dim):
+        for dim in range(runtime.latent_dim):
             view.drag(f"#sliders input[data-dim='{dim}']", 1.0)
         view.settle()
         assert (view.check_consistent() >= 2.9).all()
@@ -322,6 +345,360 @@ def test_shipped_model_in_the_browser(browser):
         assert view.problems == []
     finally:
         view.close()
+
+
+@pytest.mark.parametrize("viewport", [
+    {"width": 1080, "height": 1920},  # a portrait kiosk
+    {"width": 390, "height": 844},  # a phone
+    VIEWPORT,
+], ids=lambda v: f"{v['width']}x{v['height']}")
+def test_garment_sliders_and_first_results_fit_the_first_screen(browser, shipped, viewport):
+    """With the shipped model's 16 sliders."""
+    server, runtime = shipped
+    view = Kiosk(browser, server, runtime, viewport=viewport, mobile=viewport["width"] < 600)
+    try:
+        page = view.page
+        page.locator("#sliders .end[src]").first.wait_for()
+        width, height = viewport["width"], viewport["height"]
+
+        def inside(selector):
+            box = page.locator(selector).bounding_box()
+            return (box is not None and box["x"] >= 0 and box["y"] >= 0 and
+                    box["x"] + box["width"] <= width and box["y"] + box["height"] <= height)
+
+        assert inside("#garment") and inside("#surprise") and inside("#reset")
+        for dim in range(runtime.latent_dim):
+            assert inside(f"#sliders input[data-dim='{dim}']")
+        per_row = page.evaluate("getComputedStyle(document.getElementById('matches'))"
+                                ".gridTemplateColumns.split(' ').length")
+        for position in range(per_row):
+            assert inside(f"#matches .match:nth-child({position + 1})")
+        assert page.evaluate("window.scrollY") == 0
+        assert view.problems == []
+    finally:
+        view.close()
+
+
+def test_a_pinch_does_not_zoom_the_page(browser, page):
+    def pinch(tab, x, y):
+        cdp = tab.context.new_cdp_session(tab)
+        fingers = lambda spread: [{"x": x - spread, "y": y, "id": 0},  # noqa: E731
+                                  {"x": x + spread, "y": y, "id": 1}]
+        cdp.send("Input.dispatchTouchEvent", {"type": "touchStart", "touchPoints": fingers(20)})
+        for step in range(1, 21):
+            cdp.send("Input.dispatchTouchEvent",
+                     {"type": "touchMove", "touchPoints": fingers(20 + 10 * step)})
+        cdp.send("Input.dispatchTouchEvent", {"type": "touchEnd", "touchPoints": []})
+        cdp.detach()
+        tab.wait_for_timeout(300)
+        return tab.evaluate("visualViewport.scale")
+
+    # The same gesture zooms an ordinary page: it is a real pinch.
+    plain = page.context.new_page()
+    plain.set_content("<p style='height: 3000px'>an ordinary page</p>")
+    assert pinch(plain, 500, 500) > 2
+    plain.close()
+    for selector in ("#garment", "#matches .item", "#controls h2"):
+        box = page.page.locator(selector).first.bounding_box()
+        assert pinch(page.page, box["x"] + box["width"] / 2, box["y"] + box["height"] / 2) == 1
+    # No context menu, no dragging a picture, no selecting text.
+    assert page.page.evaluate("""() => {
+        const refused = (type, target) => !target.dispatchEvent(
+            new Event(type, {bubbles: true, cancelable: true}));
+        return refused("contextmenu", document.getElementById("garment")) &&
+            refused("dragstart", document.getElementById("garment")) &&
+            refused("selectstart", document.querySelector("h1")) &&
+            getComputedStyle(document.body).userSelect === "none";
+    }""")
+
+
+def test_the_page_resets_itself_when_idle_then_attracts(browser, runtime):
+    server, thread = serve(runtime, idle_reset=3, attract=2)
+    view = Kiosk(browser, server, runtime)
+    try:
+        page = view.page
+        first, second = view.shown_ids()[:2]
+        page.locator(f"#matches .match[data-id='{first}'] [data-slot='a']").tap()
+        page.locator(f"#matches .match[data-id='{second}'] [data-slot='b']").tap()
+        page.wait_for_function("document.querySelector('#slot-b').dataset.id")
+        view.drag("#sliders input[data-dim='0']", 0.95)
+        view.settle()
+        assert not np.array_equal(view.z, view.opening_z)
+        page.wait_for_function("document.body.dataset.idleResets === '1'", timeout=10_000)
+        view.wait_for_z(view.opening_z.tolist())
+        np.testing.assert_array_equal(view.check_consistent(), view.opening_z)
+        assert page.locator("#slot-a").get_attribute("data-id") is None
+        assert page.locator("#slot-b").get_attribute("data-id") is None
+        assert page.locator("#morph-play").is_disabled()
+
+        # Attract mode: 2 s later the page shows a catalog item from the results by itself.
+        assert page.evaluate("document.body.dataset.attract") == "true"
+        shown = view.shown_ids()
+        page.wait_for_function("document.body.dataset.loaded", timeout=10_000)
+        loaded = page.evaluate("document.body.dataset.loaded")
+        assert loaded in shown
+        view.wait_for_z(view.mu(loaded).tolist())
+        view.check_consistent()
+        # A touch ends it, and the garment stays.
+        page.locator("h1").tap()
+        assert page.evaluate("document.body.dataset.attract") == "false"
+        page.wait_for_timeout(2500)  # past attract's step, short of the next idle reset
+        np.testing.assert_array_equal(view.z, view.mu(loaded))
+        assert view.problems == []
+    finally:
+        view.close()
         server.shutdown()
         server.server_close()
         thread.join(timeout=10)
+
+
+def test_the_page_waits_for_its_server_and_recovers_from_a_restart(browser, runtime):
+    server, thread = serve(runtime)
+    port = server.server_address[1]
+    context = browser.new_context(viewport=VIEWPORT, has_touch=True, bypass_csp=True)
+    page = context.new_page()
+    errors = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    try:
+        # The page's first calls for the server's settings fail (a server still starting).
+        page.route("**/api/info", lambda route: route.abort("connectionrefused"))
+        page.goto(server.url)
+        page.wait_for_selector("#status.error", timeout=10_000)
+        assert page.evaluate("document.body.dataset.ready") == "false"
+        page.unroute("**/api/info")
+        view = Kiosk.__new__(Kiosk)
+        view.page, view.runtime = page, runtime
+        view.far_distance = context.request.get(server.url + "api/info").json()["far_distance"]
+        view.opening_z = view.mu(runtime.index.ids[0])
+        view.settle(timeout=20_000)
+        view.check_consistent()
+
+        # An outage, a slider moved during it, then the server back: nobody touches the page.
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+        view.drag("#sliders input[data-dim='0']", 0.95)
+        page.wait_for_function("document.body.dataset.offline === 'true'")
+        # The old picture is marked stale while it disagrees with the sliders.
+        assert page.locator(".reconnecting").is_visible()
+        server = None
+        server, thread = serve(runtime, port=port)
+        view.settle(timeout=20_000)
+        z = view.check_consistent()
+        assert z[0] > 2.0
+        assert page.evaluate("document.body.dataset.offline") == "false"
+        assert not page.locator(".reconnecting").is_visible()
+        assert page.locator("#status.error").count() == 0
+        assert errors == []
+    finally:
+        context.close()
+        if server is not None:  # a failure to restart leaves none
+            server.shutdown()
+            server.server_close()
+            thread.join(timeout=10)
+
+
+# Answers from the kiosk's own server held back in the browser: a slow network, in a test.
+DELAY_ANSWERS = """
+(() => {
+  const send = window.fetch.bind(window);
+  window.delayed = {};  // path -> milliseconds, set by the test
+  window.fetch = async (path, options) => {
+    const answer = await send(path, options);
+    const wait = window.delayed[String(path)] || 0;
+    if (wait) await new Promise((resolve) => setTimeout(resolve, wait));
+    return answer;
+  };
+})();
+"""
+
+
+def test_the_newest_action_wins_over_late_answers(browser, kiosk, runtime):
+    view = Kiosk(browser, kiosk, runtime, init_script=DELAY_ANSWERS)
+    try:
+        page = view.page
+        first, second = view.shown_ids()[:2]
+        page.evaluate(f"window.delayed['/api/item/{first}'] = 1500")
+        page.locator(f"#matches .item[data-id='{first}']").tap()
+        page.locator(f"#matches .item[data-id='{second}']").tap()
+        view.wait_for_z(view.mu(second).tolist())
+        page.wait_for_timeout(2000)  # the first tap's answer has arrived by now
+        view.settle()
+        np.testing.assert_array_equal(view.check_consistent(), view.mu(second))
+
+        # Surprise me answered late, after the shopper has moved a slider: the drag stays.
+        page.evaluate("window.delayed['/api/sample'] = 1500")
+        page.locator("#surprise").tap()
+        view.drag("#sliders input[data-dim='1']", 0.05)
+        page.wait_for_timeout(2000)
+        view.settle()
+        z = view.check_consistent()
+        assert z[1] < -2.5
+        np.testing.assert_array_equal(np.delete(z, 1), np.delete(view.mu(second), 1))
+        assert view.problems == []
+    finally:
+        view.close()
+
+
+def test_a_tap_during_a_morph_loads_the_item(page):
+    first, second = page.shown_ids()[:2]
+    page.page.locator(f"#matches .match[data-id='{first}'] [data-slot='a']").tap()
+    page.page.locator(f"#matches .match[data-id='{second}'] [data-slot='b']").tap()
+    page.page.wait_for_function("!document.querySelector('#morph-play').disabled")
+    page.page.locator("#morph-play").tap()
+    page.page.wait_for_function("Number(document.querySelector('#morph-t').value) > 0.2")
+    assert page.page.evaluate("document.body.dataset.morphing") == "true"
+    target = page.page.locator("#matches .item").nth(3)
+    tapped = target.get_attribute("data-id")
+    target.tap()
+    page.page.wait_for_function(f"document.body.dataset.loaded === '{tapped}'")
+    assert page.page.evaluate("document.body.dataset.morphing") == "false"
+    page.wait_for_z(page.mu(tapped).tolist())
+    np.testing.assert_array_equal(page.check_consistent(), page.mu(tapped))
+
+
+def test_enter_on_a_result_keeps_the_focus_in_the_results(page):
+    chosen = page.shown_ids()[2]
+    page.page.locator(f"#matches .item[data-id='{chosen}']").focus()
+    page.page.keyboard.press("Enter")
+    page.wait_for_z(page.mu(chosen).tolist())
+    focused = page.page.evaluate("document.activeElement.dataset.id")
+    # The loaded item is still among the results for its own mu; the focus stays on it.
+    assert chosen in page.shown_ids() and focused == str(chosen)
+
+
+def test_results_show_catalog_metadata_and_a_qr_code(browser, kiosk, runtime):
+    """A catalog with shop metadata: text ids (SKUs), names, prices and product links.
+
+    The server's answers are rewritten in the browser into the shape such a catalog gives:
+    the first result with a name, a price and a url, the second with empty metadata and
+    label, the third with none at all; taps must reach the item by its text id.
+    """
+    import zxingcpp
+
+    view = Kiosk(browser, kiosk, runtime)
+    page = view.page
+    sku = {}  # text id -> catalog id
+
+    def shop_nearest(route):
+        answer = route.fetch().json()
+        for rank, item in enumerate(answer["results"]):
+            text_id = f"SKU {item['id']}/{rank}"  # a space and a slash: URL-encoded in paths
+            sku[text_id] = item["id"]
+            item["id"] = text_id
+            if rank == 0:
+                item["metadata"] = {"name": "Blue shirt", "price": "19.99",
+                                    "url": f"https://shop.example/p/{sku[text_id]}"}
+            elif rank == 1:
+                item["metadata"], item["label"] = {}, ""
+        route.fulfill(json=answer)
+
+    def shop_item(route):
+        text_id = unquote(route.request.url.split("/api/item/", 1)[1])
+        answer = route.fetch(url=f"{view.origin}/api/item/{sku[text_id]}").json()
+        route.fulfill(json={**answer, "id": text_id})
+
+    try:
+        page.route("**/api/nearest", shop_nearest)
+        page.route("**/api/item/SKU*", shop_item)
+        view.drag("#sliders input[data-dim='0']", 0.8)
+        view.settle()
+        page.locator("#matches .match[data-id^='SKU']").nth(K - 1).wait_for()
+        first, second, third = (page.locator("#matches .match").nth(i) for i in range(3))
+        catalog_id = sku[first.get_attribute("data-id")]
+        assert first.locator(".name").inner_text() == "Blue shirt"
+        assert first.locator(".price").inner_text() == "19.99"
+        second_id = second.get_attribute("data-id")
+        assert second.locator(".name").inner_text() == f"Item {second_id}"
+        assert not second.locator(".price").is_visible() and not second.locator(".qr").is_visible()
+        label = runtime.label_names[runtime.index.labels[
+            int(np.flatnonzero(runtime.index.ids == sku[third.get_attribute("data-id")])[0])]]
+        assert third.locator(".name").inner_text() == label
+        # The QR code, drawn on the page, reads back as the product's link.
+        shot = first.locator(".qr svg").screenshot()
+        with Image.open(io.BytesIO(shot)) as image:
+            codes = zxingcpp.read_barcodes(image.convert("L"))
+        assert [code.text for code in codes] == [f"https://shop.example/p/{catalog_id}"]
+
+        first.locator(".item").tap()
+        page.wait_for_function("document.body.dataset.loaded && "
+                               "document.body.dataset.loaded.startsWith('SKU')")
+        view.wait_for_z(view.mu(catalog_id).tolist())
+        assert view.problems == []
+    finally:
+        view.close()
+
+
+def test_a_vertical_swipe_on_a_slider_moves_only_the_slider(browser, kiosk, runtime):
+    """On a phone the page is taller than the screen: a swipe from a slider must not scroll it,
+    while the same swipe from the garment does."""
+    view = Kiosk(browser, kiosk, runtime, viewport={"width": 390, "height": 844}, mobile=True)
+    try:
+        page = view.page
+
+        def swipe_up(x, y):
+            cdp = view.context.new_cdp_session(page)
+            cdp.send("Input.dispatchTouchEvent",
+                     {"type": "touchStart", "touchPoints": [{"x": x, "y": y}]})
+            for step in range(1, 11):
+                cdp.send("Input.dispatchTouchEvent",
+                         {"type": "touchMove", "touchPoints": [{"x": x, "y": y - 30 * step}]})
+            cdp.send("Input.dispatchTouchEvent", {"type": "touchEnd", "touchPoints": []})
+            cdp.detach()
+            page.wait_for_timeout(300)
+            return page.evaluate("window.scrollY")
+
+        box = page.locator("#sliders input[data-dim='6']").bounding_box()
+        assert swipe_up(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2) == 0
+        box = page.locator("#garment").bounding_box()
+        assert swipe_up(box["x"] + box["width"] / 2, box["y"] + box["height"] - 5) > 0
+        assert view.problems == []
+    finally:
+        view.close()
+
+
+def contrast(rgb_a, rgb_b) -> float:
+    """WCAG contrast ratio of two sRGB colours (0-255)."""
+    def luminance(rgb):
+        linear = [(c / 255 / 12.92) if c / 255 <= 0.04045 else ((c / 255 + 0.055) / 1.055) ** 2.4
+                  for c in rgb]
+        return 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2]
+    light, dark = sorted((luminance(rgb_a), luminance(rgb_b)), reverse=True)
+    return (light + 0.05) / (dark + 0.05)
+
+
+def test_tracks_contrast_and_focus_rings_fit(page):
+    # The track as drawn: the darkest colour along a row of the slider, away from its thumb,
+    # against the panel around it.
+    slider = page.page.locator("#sliders input[data-dim='0']")
+    page.page.evaluate("document.querySelector('#sliders input[data-dim=\"0\"]').value = '-3'")
+    with Image.open(io.BytesIO(slider.screenshot())) as shot:
+        pixels = np.asarray(shot.convert("RGB"))
+    row = pixels[pixels.shape[0] // 2, pixels.shape[1] // 2:]
+    track = row[row.sum(axis=1).argmin()]
+    panel = pixels[1, -1]
+    assert contrast(track, panel) >= 3.0
+    # Every focusable control, with its 3 px ring and offset, lies inside whatever clips it.
+    clipped = page.page.evaluate("""() => {
+        const ring = 5;
+        const bad = [];
+        for (const el of document.querySelectorAll("button, input")) {
+            const box = el.getBoundingClientRect();
+            for (let up = el.parentElement; up; up = up.parentElement) {
+                const style = getComputedStyle(up);
+                if (style.overflowX === "visible" && style.overflowY === "visible") continue;
+                const clip = up.getBoundingClientRect();
+                const left = clip.left + up.clientLeft, top = clip.top + up.clientTop;
+                if (box.left - ring < left || box.top - ring < top ||
+                    box.right + ring > left + up.clientWidth ||
+                    box.bottom + ring > top + up.scrollHeight) bad.push(el.outerHTML.slice(0, 80));
+            }
+        }
+        return bad;
+    }""")
+    assert clipped == []
+    # Moving a slider says nothing to a screen reader: the live region stays quiet.
+    page.drag("#sliders input[data-dim='1']", 0.8)
+    page.settle()
+    assert page.page.locator("#status").inner_text() == ""
+    assert page.page.locator("[aria-live]").count() == 1

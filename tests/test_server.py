@@ -7,12 +7,14 @@ import http.client
 import io
 import json
 import os
+import runpy
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -133,9 +135,31 @@ def test_info(server, runtime):
                     "catalog_size": 5000, "range": 3.0, "k": 6, "max_k": 100,
                     "match_modes": ["latent", "decoded"],
                     "far_distance": pytest.approx(info["far_distance"]),
-                    "metadata_columns": [], "thumbnails": False}
+                    "metadata_columns": [], "thumbnails": False, "idle_reset": 90.0,
+                    "attract": 0.0,
+                    "opening_z": runtime.index.mu[0].astype(np.float64).tolist(),
+                    "slider_ends": info["slider_ends"]}
     typical = runtime.roundtrip_distance(runtime.sample_prior(256, seed=0))
     assert info["far_distance"] == float(np.quantile(typical, 0.99))
+    # Each slider's ends are named by the classes lying lowest and highest along it on average.
+    mu, labels = runtime.index.mu.astype(np.float64), runtime.index.labels
+    for dim, (low, high) in enumerate(info["slider_ends"]):
+        means = {name: mu[labels == label, dim].mean()
+                 for label, name in enumerate(runtime.label_names) if (labels == label).any()}
+        assert low == min(means, key=means.get) and high == max(means, key=means.get)
+
+
+def test_ends_show_each_slider_at_both_ends_of_its_range(server, runtime):
+    for status, answer in (call_json(server, "POST", "/api/ends", {"z": Z}),
+                           call_json(server, "GET", f"/api/ends?z={Z_TEXT}")):
+        assert status == 200 and answer["z"] == Z and answer["range"] == 3.0
+        assert len(answer["ends"]) == D
+        for dim, pair in enumerate(answer["ends"]):
+            for value, url in zip((-3.0, 3.0), pair):
+                z = np.array(Z)
+                z[dim] = value
+                np.testing.assert_array_equal(pixels_of_data_url(url),
+                                              to_uint8(runtime.decode(z)))
 
 
 def test_decode_post_get_and_png_match_the_runtime(server, runtime):
@@ -189,6 +213,15 @@ def test_sample_is_the_prior_and_reproducible(server, runtime):
     assert call_json(server, "GET", "/api/sample?seed=4")[1] == first
     status, unseeded = call_json(server, "GET", "/api/sample")
     assert status == 200 and len(unseeded["z"]) == D and unseeded["seed"] is None
+    largest = 2**63 - 1
+    status, last = call_json(server, "GET", f"/api/sample?seed={largest}")
+    assert status == 200 and last["z"] == runtime.sample_prior(seed=largest).tolist()
+
+
+def test_the_api_example_in_the_docs_is_the_shipped_models_answer():
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    example = runpy.run_path(str(docs / "kiosk_api_example.py"))["example"]()
+    assert example in (docs / "kiosk.md").read_text()
 
 
 def test_item_json_and_picture(server, runtime):
@@ -233,6 +266,9 @@ NESTED = b"[" * 60000
         ("POST", "/api/nearest", {"z": Z, "k": 0}, "k must be >= 1, got 0"),
         ("POST", "/api/nearest", {"z": Z, "k": 101}, "k must be <= 100, got 101"),
         ("POST", "/api/nearest", {"z": Z, "k": 2.5}, "k must be an integer, got a number"),
+        ("POST", "/api/nearest", {"z": Z, "k": "3"}, "k must be an integer, got a string"),
+        ("POST", "/api/ends", {"z": [0]}, "z has 1 values, expected 8 (the latent dimension)"),
+        ("POST", "/api/ends", {"z": Z, "k": 3}, "unknown field(s): k (allowed: z)"),
         ("POST", "/api/nearest", {"z": Z, "kk": 2}, "unknown field(s): kk (allowed: z, k, by)"),
         ("POST", "/api/nearest", {"z": Z, "by": "pixels"},
          "by must be one of latent, decoded, got 'pixels'"),
@@ -249,6 +285,8 @@ NESTED = b"[" * 60000
          "query parameter given more than once: z"),
         ("GET", "/api/decode?z=", None, "z is empty: expected 8 comma-separated numbers"),
         ("GET", "/api/sample?seed=-1", None, "seed must be in [0, 2**63), got -1"),
+        ("GET", f"/api/sample?seed={2**63}", None, f"seed must be in [0, 2**63), got {2**63}"),
+        ("GET", f"/api/sample?seed={10**19}", None, f"seed must be an integer, got '{10**19}'"),
         ("GET", "/api/sample?seed=x", None, "seed must be an integer, got 'x'"),
         ("GET", "/api/sample?n=3", None, "unknown field(s): n (allowed: seed)"),
         ("GET", "/api/item/%ff", None, "item id must be percent-encoded UTF-8"),
@@ -273,7 +311,8 @@ def test_unknown_item_is_404(server):
         ("GET", "/elsewhere", 404, "no such page: /elsewhere"),
         ("GET", "/static/../server.py", 404, "no such file: ../server.py"),
         ("GET", "/static/missing.js", 404, "no such file: missing.js"),
-        ("POST", "/api/info", 405, "POST is for /api/decode and /api/nearest, not /api/info"),
+        ("POST", "/api/info", 405,
+         "POST is for /api/decode, /api/nearest, /api/ends, not /api/info"),
         ("PUT", "/api/decode", 501, "Unsupported method ('PUT')"),
     ],
 )
@@ -313,13 +352,22 @@ def test_page_and_assets(server):
     assert "default-src 'self'" in headers["Content-Security-Policy"]
     assert b'<script src="/static/app.js"' in page
     for name, content_type in (("app.js", "text/javascript; charset=utf-8"),
-                               ("style.css", "text/css; charset=utf-8")):
+                               ("style.css", "text/css; charset=utf-8"),
+                               ("qrcode.js", "text/javascript; charset=utf-8"),
+                               ("icon.svg", "image/svg+xml"),
+                               ("manifest.webmanifest", "application/manifest+json")):
         status, headers, raw = call(server, "GET", f"/static/{name}")
         assert status == 200 and headers["Content-Type"] == content_type and raw
     # Nothing on the page points off the kiosk's own server.
     for name in ("/", "/static/app.js", "/static/style.css"):
-        text = call(server, "GET", name)[2].decode()
+        # The SVG namespace names a vocabulary; it is never fetched.
+        text = call(server, "GET", name)[2].decode().replace("http://www.w3.org/2000/svg", "")
         assert "http://" not in text and "https://" not in text and "//cdn" not in text
+    assert b'<link rel="manifest" href="/static/manifest.webmanifest">' in page
+    manifest = json.loads(call(server, "GET", "/static/manifest.webmanifest")[2])
+    assert manifest["display"] == "fullscreen" and manifest["start_url"] == "/"
+    for icon in manifest["icons"]:
+        assert call(server, "GET", icon["src"])[0] == 200
     status, headers, raw = call(server, "HEAD", "/")
     assert status == 200 and raw == b"" and int(headers["Content-Length"]) == len(page)
 
@@ -420,6 +468,8 @@ def test_ambiguous_framing_is_refused_and_the_connection_closed(server, framing,
     "request_line, message",
     [
         (b"GARBAGE", "malformed request: illegal request line"),
+        (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",  # a TLS hello on the HTTP port
+         "malformed request: illegal request line"),
         (b"GET / HTTP/2.0", "HTTP/2.0 is not supported: send HTTP/1.1"),
         (b"GET /", "malformed request: illegal request line"),
         (b"GET / HTTP/1.1 extra", "malformed request: illegal request line"),
@@ -609,6 +659,12 @@ def test_app_rejects_bad_settings(runtime):
         KioskApp(runtime, z_range=0)
     with pytest.raises(ValueError, match=r"^k must be <= 100, got 101$"):
         KioskApp(runtime, k=101)
+    with pytest.raises(ValueError, match=r"^idle reset must be a number of seconds in "
+                                         r"\[0, 86400\] \(0: never\), got -1$"):
+        KioskApp(runtime, idle_reset=-1)
+    with pytest.raises(ValueError, match=r"^attract must be a number of seconds in "
+                                         r"\[0, 3600\] \(0: off\), got 'x'$"):
+        KioskApp(runtime, attract="x")
     with pytest.raises(ValueError, match=r"^port must be an integer in \[0, 65535\], got 70000$"):
         make_server(runtime, "127.0.0.1", 70000)
 
@@ -626,6 +682,9 @@ def test_serve_cli_errors(tiny_bundle):
     assert result.exit_code == 2 and "Invalid value for '--range'" in result.output
     result = CliRunner().invoke(run_main, ["serve", "--bundle", str(tiny_bundle), "-k", "0"])
     assert result.exit_code == 2 and "Invalid value for '-k'" in result.output
+    result = CliRunner().invoke(run_main, ["serve", "--bundle", str(tiny_bundle),
+                                           "--idle-reset", "-5"])
+    assert result.exit_code == 2 and "Invalid value for '--idle-reset'" in result.output
     result = CliRunner().invoke(run_main, ["serve", "--bundle", str(tiny_bundle),
                                            "--allow-host", "kiosk.local:80"])
     assert result.exit_code == 2
@@ -650,15 +709,17 @@ def start_serve(args, cwd, code=SERVE):
 
 def test_vae_run_serve_without_torch(tiny_bundle, tmp_path, without_torch):
     """The real command in its own process, torch unimportable; Ctrl+C stops it cleanly."""
-    process, line, port = start_serve(["--bundle", str(tiny_bundle), "--range", "5", "-k", "3"],
-                                      tmp_path, code=without_torch(SERVE))
+    process, line, port = start_serve(["--bundle", str(tiny_bundle), "--range", "5", "-k", "3",
+                                       "--idle-reset", "0", "--attract", "5"], tmp_path,
+                                      code=without_torch(SERVE))
     try:
         assert "(latent dim 8, 5000 catalog items)" in line
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
         conn.request("GET", "/api/info")
         info = json.loads(conn.getresponse().read())
         conn.close()
-        assert info["range"] == 5.0 and info["k"] == 3
+        assert info["range"] == 5.0 and info["k"] == 3 and info["idle_reset"] == 0
+        assert info["attract"] == 5
         process.send_signal(signal.SIGINT)
         out, err = process.communicate(timeout=30)
     finally:

@@ -1,12 +1,21 @@
 // The kiosk page: sliders -> z -> /api/decode and /api/nearest on the same server.
-// No framework and no external file: kiosks are often offline.
+// No framework and nothing fetched from elsewhere: kiosks are often offline. qrcode.js (a
+// vendored encoder) draws QR codes locally.
 "use strict";
 
 (() => {
-  // While a slider moves, one update is in flight at a time and the newest z wins; this
-  // floor keeps a fast server from being asked more than ~25 times a second.
+  // While z changes, one decode+nearest pair is in flight at a time and the newest z wins;
+  // this floor keeps a fast server from being asked more than ~25 times a second.
   const MIN_INTERVAL_MS = 40;
   const MORPH_MS = 2500;
+  const REQUEST_TIMEOUT_MS = 10000;
+  const RETRY_FIRST_MS = 500;
+  const RETRY_MAX_MS = 5000;
+  // Slider previews wait until z rests this long: 2d decodes per z are not worth it mid-drag.
+  const ENDS_DELAY_MS = 250;
+  // After a finger lifts from the results, the list stays put this long so its tap lands.
+  const HOLD_AFTER_TOUCH_MS = 350;
+  const STATUS_MS = 3000;
 
   const $ = (id) => document.getElementById(id);
   const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
@@ -15,33 +24,63 @@
     info: null,
     z: [],
     inputs: [],
-    readouts: [],
+    ends: [],            // per slider: [low preview img, high preview img]
+    endsKey: null,       // the z (as JSON) the previews show
+    endsTimer: null,
+    // Every action that sets z (slider, tap, surprise, start over, morph, idle reset) takes
+    // the next number; an answer that arrives for an older number is dropped: newest wins.
+    intent: 0,
+    picks: 0,            // the same for morph picks, which start over clears
     slots: { a: null, b: null },
     morphFrame: null,
     inFlight: false,
     dirty: false,
+    listHeld: false,     // a finger is on the results: their list is not rebuilt under it
+    heldNear: null,
+    releaseTimer: null,
+    idleTimer: null,
+    attractTimer: null,
+    shown: new Set(),    // items attract mode has shown since it started
   };
 
+  class ApiFailure extends Error {
+    constructor(message, retry) {
+      super(message);
+      this.retry = retry; // the server was unreachable or failed: the same request may work later
+    }
+  }
+
   async function api(path, body) {
-    const options = body === undefined ? {} : {
-      method: "POST",
-      headers: { "Content-Type": "application/json" },
-      body: JSON.stringify(body),
-    };
-    const response = await fetch(path, options);
+    const controller = new AbortController();
+    const timer = setTimeout(() => controller.abort(), REQUEST_TIMEOUT_MS);
+    const options = { signal: controller.signal, cache: "no-store" };
+    if (body !== undefined) {
+      Object.assign(options, {
+        method: "POST",
+        headers: { "Content-Type": "application/json" },
+        body: JSON.stringify(body),
+      });
+    }
+    let response;
     let payload = null;
     try {
+      response = await fetch(path, options);
       payload = await response.json();
     } catch (err) {
-      throw new Error(`${path}: HTTP ${response.status}`);
+      if (!response) throw new ApiFailure("the kiosk server is not answering", true);
+      throw new ApiFailure(`HTTP ${response.status}`, response.status >= 500);
+    } finally {
+      clearTimeout(timer);
     }
     if (!response.ok) {
-      throw new Error(payload && payload.error ? payload.error : `HTTP ${response.status}`);
+      const message = payload && payload.error ? payload.error : `HTTP ${response.status}`;
+      throw new ApiFailure(message, response.status >= 500 || response.status === 408);
     }
     return payload;
   }
 
-  // Errors stay until an update succeeds; other messages fade after a few seconds.
+  // Errors stay until the next success; other messages fade. Only actions write here, never
+  // a slider's every step, so a screen reader is not flooded.
   let statusTimer = null;
   function showStatus(message, isError) {
     const box = $("status");
@@ -49,29 +88,57 @@
     box.textContent = message;
     box.classList.toggle("error", Boolean(isError));
     box.hidden = !message;
-    if (message && !isError) statusTimer = setTimeout(() => showStatus("", false), 3000);
+    if (message && !isError) statusTimer = setTimeout(() => showStatus("", false), STATUS_MS);
   }
 
-  const signed = (v) => (v < 0 ? "\u2212" : "+") + Math.abs(v).toFixed(2);
   const percent = (p) => (p >= 0.001 ? `${(100 * p).toFixed(1)}%` : "<0.1%");
   // p(x|z) is an item's share of the match among the catalog's items, not a similarity:
-  // 99% means "far likelier than the others", even for a garment nothing resembles. Shoppers
-  // get words for how the items compare with each other, and the page says separately
-  // whether the garment is near the catalog at all.
+  // shoppers get words for how the items compare with each other, and the page says
+  // separately whether the garment is near the catalog at all.
   const standing = (p) => (p >= 0.5 ? "Clear favourite" : p >= 0.1 ? "Close contender"
     : "Also similar");
+  const metadataOf = (item) => (item.metadata && typeof item.metadata === "object"
+    ? item.metadata : {});
+  const nameOf = (item) => metadataOf(item).name || item.label || `Item ${item.id}`;
+  const itemPath = (id) => `/api/item/${encodeURIComponent(String(id))}`;
+  const sameZ = (a, b) => a.length === b.length && a.every((v, i) => v === b[i]);
+
+  function act() {
+    state.intent += 1;
+    stopMorph();
+    return state.intent;
+  }
 
   // ---- sliders -----------------------------------------------------------------------
+  function sliderWords(i) {
+    const ends = (state.info.slider_ends || [])[i] || ["", ""];
+    const [low, high] = ends;
+    return low && high && low !== high ? { low, high } : null;
+  }
+
   function buildSliders() {
     const { latent_dim: d, range } = state.info;
     const box = $("sliders");
     box.textContent = "";
+    box.style.setProperty("--dims", String(d));
     for (let i = 0; i < d; i++) {
-      const row = document.createElement("label");
+      const words = sliderWords(i);
+      const row = document.createElement("div");
       row.className = "slider";
-      const name = document.createElement("span");
-      name.className = "dim";
-      name.textContent = `${i + 1}`;
+      const low = document.createElement("img");
+      const high = document.createElement("img");
+      low.className = "end low";
+      high.className = "end high";
+      low.alt = high.alt = "";
+      const middle = document.createElement("label");
+      middle.className = "track";
+      const caption = document.createElement("span");
+      caption.className = "ends";
+      const lowWord = document.createElement("span");
+      const highWord = document.createElement("span");
+      lowWord.textContent = words ? words.low : `Shape ${i + 1}`;
+      highWord.textContent = words ? words.high : "";
+      caption.append(lowWord, highWord);
       const input = document.createElement("input");
       input.type = "range";
       input.min = String(-range);
@@ -79,20 +146,19 @@
       input.step = "0.01";
       input.value = "0";
       input.dataset.dim = String(i);
-      input.setAttribute("aria-label", `Latent dimension ${i + 1}`);
-      const readout = document.createElement("output");
-      readout.textContent = signed(0);
+      input.setAttribute("aria-label", words
+        ? `Shape ${i + 1}: towards ${words.low} or towards ${words.high}` : `Shape ${i + 1}`);
       input.addEventListener("input", () => {
-        stopMorph();
+        act();
         state.z[i] = Number(input.value);
-        readout.textContent = signed(state.z[i]);
         publishZ();
         scheduleUpdate();
       });
-      row.append(name, input, readout);
+      middle.append(caption, input);
+      row.append(low, middle, high);
       box.append(row);
       state.inputs.push(input);
-      state.readouts.push(readout);
+      state.ends.push([low, high]);
     }
     state.z = new Array(d).fill(0);
   }
@@ -103,7 +169,6 @@
     state.z = z.slice();
     state.z.forEach((value, i) => {
       state.inputs[i].value = String(Math.max(-range, Math.min(range, value)));
-      state.readouts[i].textContent = signed(value);
     });
     publishZ();
     scheduleUpdate();
@@ -117,12 +182,17 @@
   // ---- live updates --------------------------------------------------------------------
   function scheduleUpdate() {
     state.dirty = true;
+    clearTimeout(state.endsTimer);
     if (!state.inFlight) pump();
   }
 
+  // Sends the newest z until the picture and the list show it. A failure the server may get
+  // over (unreachable, 5xx) is retried with the newest z, with growing pauses, until it
+  // answers: nobody has to touch the screen for the page to recover.
   async function pump() {
     state.inFlight = true;
     document.body.dataset.busy = "true";
+    let retryMs = RETRY_FIRST_MS;
     while (state.dirty) {
       state.dirty = false;
       const z = state.z.slice();
@@ -132,10 +202,19 @@
           api("/api/decode", { z }),
           api("/api/nearest", { z, k: state.info.k, by: "decoded" }),
         ]);
+        setOnline(true);
+        retryMs = RETRY_FIRST_MS;
         renderGarment(decoded);
         renderMatches(near);
         if ($("status").classList.contains("error")) showStatus("", false);
       } catch (err) {
+        if (err.retry) {
+          setOnline(false);
+          state.dirty = true;
+          await sleep(retryMs);
+          retryMs = Math.min(RETRY_MAX_MS, retryMs * 2);
+          continue;
+        }
         showStatus(`Could not update: ${err.message}`, true);
       }
       const wait = MIN_INTERVAL_MS - (performance.now() - started);
@@ -143,6 +222,17 @@
     }
     state.inFlight = false;
     document.body.dataset.busy = "false";
+    clearTimeout(state.endsTimer);
+    state.endsTimer = setTimeout(refreshEnds, ENDS_DELAY_MS);
+  }
+
+  // While the server is away the picture is marked stale, so it never passes for the
+  // garment the sliders now describe.
+  function setOnline(online) {
+    const was = document.body.dataset.offline === "true";
+    document.body.dataset.offline = online ? "false" : "true";
+    if (!online && !was) showStatus("Reconnecting to the kiosk server\u2026", true);
+    if (online && was) showStatus("", false);
   }
 
   function renderGarment(decoded) {
@@ -151,99 +241,250 @@
     img.dataset.z = JSON.stringify(decoded.z);
   }
 
-  function renderMatches(near) {
-    const list = $("matches");
-    list.textContent = "";
-    for (const item of near.results) {
-      const li = document.createElement("li");
-      li.className = "match";
+  async function refreshEnds() {
+    const z = state.z.slice();
+    const key = JSON.stringify(z);
+    if (key === state.endsKey || state.inFlight) return;
+    try {
+      const answer = await api("/api/ends", { z });
+      if (!sameZ(z, state.z)) return; // z moved on: the pump schedules the next previews
+      answer.ends.forEach(([low, high], i) => {
+        state.ends[i][0].src = low;
+        state.ends[i][1].src = high;
+      });
+      state.endsKey = key;
+      $("sliders").dataset.endsZ = key;
+    } catch (err) {
+      // Previews are a hint: an outage is reported, and healed, by the pump.
+    }
+  }
 
-      const open = document.createElement("button");
-      open.type = "button";
-      open.className = "item";
-      open.dataset.id = String(item.id);
-      open.setAttribute("aria-label", `Load ${item.label} #${item.id} into the sliders`);
-      open.title = `catalog #${item.id}, log q(z|x) = ${item.log_likelihood.toFixed(2)}`;
-      const img = document.createElement("img");
-      img.src = item.image;
-      img.alt = item.label;
-      const label = document.createElement("span");
-      label.className = "label";
-      label.textContent = item.label;
-      const sure = document.createElement("span");
-      sure.className = "sure";
-      sure.textContent = near.far ? "Nearest we have" : standing(item.probability);
-      sure.title = `${percent(item.probability)} of the match among catalog items`;
-      open.append(img, label, sure);
-      open.addEventListener("click", () => loadItem(item.id));
-
-      const pick = document.createElement("div");
-      pick.className = "pick";
-      for (const slot of ["a", "b"]) {
-        const button = document.createElement("button");
-        button.type = "button";
-        button.dataset.slot = slot;
-        button.textContent = slot.toUpperCase();
-        button.setAttribute("aria-label", `Use ${item.label} #${item.id} as morph ${slot.toUpperCase()}`);
-        button.addEventListener("click", () => chooseSlot(slot, item.id));
-        pick.append(button);
+  // ---- results -------------------------------------------------------------------------
+  function qrCode(text) {
+    const code = qrcode(0, "M");
+    code.addData(text);
+    code.make();
+    const count = code.getModuleCount();
+    const quiet = 4;
+    const ns = "http://www.w3.org/2000/svg";
+    const svg = document.createElementNS(ns, "svg");
+    svg.setAttribute("viewBox", `${-quiet} ${-quiet} ${count + 2 * quiet} ${count + 2 * quiet}`);
+    svg.setAttribute("shape-rendering", "crispEdges");
+    svg.setAttribute("role", "img");
+    const back = document.createElementNS(ns, "rect");
+    for (const [name, value] of [["x", -quiet], ["y", -quiet], ["width", count + 2 * quiet],
+      ["height", count + 2 * quiet], ["fill", "#fff"]]) back.setAttribute(name, String(value));
+    let path = "";
+    for (let row = 0; row < count; row++) {
+      for (let col = 0; col < count; col++) {
+        if (code.isDark(row, col)) path += `M${col} ${row}h1v1h-1z`;
       }
-      li.append(open, pick);
-      list.append(li);
+    }
+    const dark = document.createElementNS(ns, "path");
+    dark.setAttribute("d", path);
+    dark.setAttribute("fill", "#000");
+    svg.append(back, dark);
+    return svg;
+  }
+
+  function buildMatch() {
+    const li = document.createElement("li");
+    li.className = "match";
+    const open = document.createElement("button");
+    open.type = "button";
+    open.className = "item";
+    const img = document.createElement("img");
+    img.alt = "";
+    img.addEventListener("load", () => img.classList.toggle("pixels", img.naturalWidth <= 64));
+    const name = document.createElement("span");
+    name.className = "name";
+    const price = document.createElement("span");
+    price.className = "price";
+    const sure = document.createElement("span");
+    sure.className = "sure";
+    open.append(img, name, price, sure);
+    const qr = document.createElement("div");
+    qr.className = "qr";
+    const pick = document.createElement("div");
+    pick.className = "pick";
+    for (const slot of ["a", "b"]) {
+      const button = document.createElement("button");
+      button.type = "button";
+      button.dataset.slot = slot;
+      button.textContent = slot.toUpperCase();
+      pick.append(button);
+    }
+    li.append(open, qr, pick);
+    return li;
+  }
+
+  function fillMatch(li, item, far) {
+    const metadata = metadataOf(item);
+    const name = nameOf(item);
+    li.item = item;
+    li.dataset.id = String(item.id);
+    const open = li.querySelector(".item");
+    open.dataset.id = String(item.id);
+    open.setAttribute("aria-label", `${name}${metadata.price ? `, ${metadata.price}` : ""}: `
+      + "load it into the sliders");
+    open.title = `log-likelihood ${item.log_likelihood.toFixed(2)}, `
+      + `${percent(item.probability)} of the match among catalog items`;
+    const img = open.querySelector("img");
+    if (img.getAttribute("src") !== item.image) img.src = item.image;
+    open.querySelector(".name").textContent = name;
+    const price = open.querySelector(".price");
+    price.textContent = metadata.price || "";
+    price.hidden = !metadata.price;
+    open.querySelector(".sure").textContent = far ? "Nearest we have" : standing(item.probability);
+    const qr = li.querySelector(".qr");
+    const url = typeof metadata.url === "string" && /^https?:\/\//i.test(metadata.url)
+      ? metadata.url : "";
+    if (qr.dataset.url !== url) {
+      qr.textContent = "";
+      qr.dataset.url = url;
+      if (url) {
+        const svg = qrCode(url);
+        svg.setAttribute("aria-label", `QR code: ${name} in the online shop`);
+        qr.append(svg);
+      }
+    }
+    qr.hidden = !url;
+    for (const button of li.querySelectorAll(".pick button")) {
+      const slot = button.dataset.slot.toUpperCase();
+      button.setAttribute("aria-label", `Use ${name} as blend ${slot}`);
+    }
+  }
+
+  // Items that stay in the list keep their elements, so a focused result keeps its focus
+  // (after Enter, say) and its picture does not reload.
+  function renderMatches(near) {
+    if (state.listHeld) {
+      state.heldNear = near;
+      return;
+    }
+    const list = $("matches");
+    const active = document.activeElement;
+    const focused = active && list.contains(active)
+      ? { id: active.closest("li").dataset.id, slot: active.dataset.slot || null } : null;
+    const previous = new Map([...list.children].map((li) => [li.dataset.id, li]));
+    const items = near.results.map((item) => {
+      const li = previous.get(String(item.id)) || buildMatch();
+      fillMatch(li, item, near.far);
+      return li;
+    });
+    items.forEach((li, position) => {
+      if (list.children[position] !== li) list.insertBefore(li, list.children[position] || null);
+    });
+    while (list.children.length > items.length) list.lastElementChild.remove();
+    if (focused && !list.contains(document.activeElement)) {
+      const li = items.find((each) => each.dataset.id === focused.id) || items[0];
+      if (li) {
+        const target = focused.slot ? li.querySelector(`[data-slot='${focused.slot}']`)
+          : li.querySelector(".item");
+        target.focus({ preventScroll: true });
+      }
     }
     list.dataset.z = JSON.stringify(near.z);
     const fit = $("fit");
     fit.textContent = near.far
       ? "Nothing in our catalog looks much like this design. These are the nearest pieces we have."
-      : "These pieces look most like your design.";
+      : "These pieces look most like your design. Tap one to try it.";
     fit.classList.toggle("far", near.far);
     fit.dataset.distance = String(near.distance);
   }
 
+  function holdList() {
+    clearTimeout(state.releaseTimer);
+    state.listHeld = true;
+  }
+
+  function releaseListSoon() {
+    if (!state.listHeld) return;
+    clearTimeout(state.releaseTimer);
+    state.releaseTimer = setTimeout(() => {
+      state.listHeld = false;
+      const near = state.heldNear;
+      state.heldNear = null;
+      if (near) renderMatches(near);
+    }, HOLD_AFTER_TOUCH_MS);
+  }
+
+  function onResultClick(event) {
+    const button = event.target.closest("button");
+    const li = button && button.closest("li.match");
+    if (!li || !li.item) return;
+    if (button.dataset.slot) chooseSlot(button.dataset.slot, li.item);
+    else loadItem(li.item);
+  }
+
   // ---- actions -------------------------------------------------------------------------
-  async function loadItem(id) {
-    stopMorph();
+  async function loadItem(item, quiet = false) {
+    const ticket = act();
     try {
-      const item = await api(`/api/item/${encodeURIComponent(id)}`);
-      setZ(item.mu);
-      showStatus(`Loaded ${item.label} #${item.id}`, false);
+      const full = await api(itemPath(item.id));
+      if (ticket !== state.intent) return;
+      setZ(full.mu);
+      document.body.dataset.loaded = String(item.id);
+      if (!quiet) showStatus(`Loaded ${nameOf(item)}`, false);
     } catch (err) {
-      showStatus(`Could not load item ${id}: ${err.message}`, true);
+      if (ticket === state.intent && !quiet) {
+        showStatus(`Could not load ${nameOf(item)}: ${err.message}`, true);
+      }
     }
   }
 
   async function surprise() {
-    stopMorph();
+    const ticket = act();
     try {
-      setZ((await api("/api/sample")).z);
+      const sample = await api("/api/sample");
+      if (ticket === state.intent) setZ(sample.z);
     } catch (err) {
-      showStatus(`Could not sample: ${err.message}`, true);
+      if (ticket === state.intent) showStatus(`Could not surprise you: ${err.message}`, true);
     }
   }
 
-  function reset() {
-    stopMorph();
-    setZ(new Array(state.info.latent_dim).fill(0));
+  function clearSlots() {
+    state.picks += 1;
+    state.slots = { a: null, b: null };
+    for (const slot of ["a", "b"]) {
+      const figure = $(`slot-${slot}`);
+      figure.querySelector("img").removeAttribute("src");
+      figure.querySelector("img").alt = "";
+      figure.querySelector("figcaption").textContent = "none";
+      delete figure.dataset.id;
+    }
+    $("morph-t").value = "0";
+    $("morph-t").disabled = true;
+    $("morph-play").disabled = true;
+    $("morph-hint").textContent = "Press A under one piece and B under another.";
   }
 
-  async function chooseSlot(slot, id) {
+  // The state a shopper walking up finds: the opening garment, nothing picked, at the top.
+  function startOver() {
+    act();
+    clearSlots();
+    setZ(state.info.opening_z);
+  }
+
+  async function chooseSlot(slot, item) {
+    const ticket = state.picks;
     try {
-      const item = await api(`/api/item/${encodeURIComponent(id)}`);
-      state.slots[slot] = item;
+      const full = await api(itemPath(item.id));
+      if (ticket !== state.picks) return;
+      state.slots[slot] = full;
       const figure = $(`slot-${slot}`);
       figure.querySelector("img").src = item.image;
-      figure.querySelector("img").alt = item.label;
-      figure.querySelector("figcaption").textContent = item.label;
-      figure.title = `${item.label} #${item.id}`;
+      figure.querySelector("img").alt = nameOf(item);
+      figure.querySelector("figcaption").textContent = nameOf(item);
       figure.dataset.id = String(item.id);
       const ready = Boolean(state.slots.a && state.slots.b);
       $("morph-t").disabled = !ready;
       $("morph-play").disabled = !ready;
       $("morph-hint").textContent = ready
-        ? "Drag the morph slider, or press Morph."
-        : `Now choose ${state.slots.a ? "B" : "A"}.`;
+        ? "Drag the blend slider, or press Blend."
+        : `Now press ${state.slots.a ? "B" : "A"} under another piece.`;
     } catch (err) {
-      showStatus(`Could not choose item ${id}: ${err.message}`, true);
+      showStatus(`Could not choose ${nameOf(item)}: ${err.message}`, true);
     }
   }
 
@@ -262,7 +503,7 @@
   }
 
   function playMorph() {
-    stopMorph();
+    act();
     const slider = $("morph-t");
     const start = performance.now();
     document.body.dataset.morphing = "true";
@@ -281,25 +522,105 @@
     state.morphFrame = requestAnimationFrame(step);
   }
 
+  // ---- the kiosk around the page ---------------------------------------------------------
+  function lockDown() {
+    const refuse = (event) => event.preventDefault();
+    document.addEventListener("contextmenu", refuse);
+    document.addEventListener("dragstart", refuse);
+    document.addEventListener("selectstart", refuse);
+    document.addEventListener("gesturestart", refuse); // Safari's pinch
+    // Two fingers never zoom, even where touch-action is not honoured.
+    document.addEventListener("touchmove", (event) => {
+      if (event.touches.length > 1) event.preventDefault();
+    }, { passive: false });
+    document.addEventListener("wheel", (event) => {
+      if (event.ctrlKey) event.preventDefault();
+    }, { passive: false });
+    document.addEventListener("keydown", (event) => {
+      if ((event.ctrlKey || event.metaKey) && ["+", "-", "=", "0"].includes(event.key)) {
+        event.preventDefault();
+      }
+    });
+  }
+
+  // Attract mode walks from garment to garment through the catalog: each step loads the
+  // best result of the garment on screen that it has not shown yet.
+  function attractStep() {
+    const next = [...$("matches").children].map((li) => li.item)
+      .find((item) => item && !state.shown.has(String(item.id)));
+    if (next) {
+      state.shown.add(String(next.id));
+      loadItem(next, true);
+    } else {
+      state.shown.clear();
+    }
+  }
+
+  function stopAttract() {
+    clearInterval(state.attractTimer);
+    state.attractTimer = null;
+    state.shown.clear();
+    document.body.dataset.attract = "false";
+  }
+
+  function watchIdle() {
+    const seconds = Number(state.info.idle_reset) || 0;
+    const attract = Number(state.info.attract) || 0;
+    if (seconds <= 0) return;
+    const restart = () => {
+      stopAttract();
+      clearTimeout(state.idleTimer);
+      state.idleTimer = setTimeout(() => {
+        if (document.activeElement) document.activeElement.blur();
+        window.scrollTo(0, 0);
+        showStatus("", false);
+        startOver();
+        document.body.dataset.idleResets = String(Number(document.body.dataset.idleResets || 0) + 1);
+        if (attract > 0) {
+          document.body.dataset.attract = "true";
+          state.attractTimer = setInterval(attractStep, attract * 1000);
+        }
+      }, seconds * 1000);
+    };
+    for (const type of ["pointerdown", "keydown", "input", "wheel"]) {
+      document.addEventListener(type, restart, { capture: true, passive: true });
+    }
+    restart();
+  }
+
   async function start() {
+    lockDown();
     showStatus("Loading\u2026", false);
-    try {
-      state.info = await api("/api/info");
-    } catch (err) {
-      showStatus(`The kiosk server did not answer: ${err.message}`, true);
-      return;
+    let retryMs = RETRY_FIRST_MS;
+    // A kiosk's browser often starts before its server: keep asking until it answers.
+    for (;;) {
+      try {
+        state.info = await api("/api/info");
+        break;
+      } catch (err) {
+        showStatus("Waiting for the kiosk server\u2026", true);
+        await sleep(retryMs);
+        retryMs = Math.min(RETRY_MAX_MS, retryMs * 2);
+      }
     }
     showStatus("", false);
     buildSliders();
     $("surprise").addEventListener("click", surprise);
-    $("reset").addEventListener("click", reset);
+    $("reset").addEventListener("click", startOver);
     $("morph-t").addEventListener("input", (event) => {
-      stopMorph();
+      act();
       morphTo(Number(event.target.value));
     });
     $("morph-play").addEventListener("click", playMorph);
+    const list = $("matches");
+    list.addEventListener("click", onResultClick);
+    list.addEventListener("pointerdown", holdList);
+    for (const type of ["pointerup", "pointercancel"]) {
+      window.addEventListener(type, releaseListSoon);
+    }
+    watchIdle();
     document.body.dataset.ready = "true";
-    setZ(state.z);
+    setZ(state.info.opening_z || state.z);
   }
 
   start();
