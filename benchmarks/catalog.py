@@ -2,7 +2,7 @@
 maker's photos (training/example_catalog.py, from Fashion-MNIST).
 
     python benchmarks/catalog.py [--items 2000] [--epochs 2] [--threads 1] [--rounds 3]
-        [--memory-items 2000 20000]
+        [--memory-items 2000 20000] [--add-items 100]
 
 Each measurement is a function of the shared Context that returns table rows (name, median,
 unit, detail); later ones may use what earlier ones left in the context (the catalog, the
@@ -16,6 +16,11 @@ photo cache, the checkpoint). Rows:
   for --epochs epochs on the catalog less a held-out 10%, read from the memory-mapped cache;
   training images per second, median over the epochs (each epoch's time includes its
   evaluation on the held-out items).
+- export: vae-export of the trained model with the catalog's 96x96 WebP thumbnails (graphs,
+  parity check, every photo decoded again, fitted and encoded), seconds, median over --rounds;
+  and the bundle's bytes per item, file by file (graphs excluded: they do not grow with items).
+- add: `vae-run add` of --add-items new photos (the example maker's, another seed, under new
+  ids) to the exported bundle, milliseconds per item, median over --rounds fresh copies.
 - memory (Linux): the training process's peak anonymous memory (RssAnon, sampled every 20 ms)
   while a tiny model trains one epoch on catalogs of --memory-items plain 8x8 photos fitted to
   64x64x3. The cache is memory-mapped: its pages are the kernel's file cache (RssFile), which
@@ -46,9 +51,11 @@ class Context:
     epochs: int
     rounds: int
     memory_items: list[int]
+    add_items: int = 100
     csv: Path | None = None  # the example catalog
     cache_dir: Path | None = None  # a photo cache of the catalog at 64x64x3
     checkpoint: Path | None = None  # the trained model
+    bundle: Path | None = None  # its export
     notes: dict = field(default_factory=dict)
 
 
@@ -186,7 +193,58 @@ def measure_memory(ctx: Context) -> list[tuple]:
     return rows
 
 
-MEASUREMENTS = [make_catalog, measure_preprocessing, measure_training, measure_memory]
+def measure_export(ctx: Context) -> list[tuple]:
+    from vae_edge.export.build import build_bundle
+    from vae_edge.runtime.bundle import MODEL_FILES
+
+    seconds = []
+    for round_number in range(ctx.rounds):
+        out = ctx.work / f"bundle{round_number}"
+        started = time.perf_counter()
+        build_bundle(ctx.checkpoint, out, thumbnail_size=96, log=lambda message: None)
+        seconds.append(time.perf_counter() - started)
+    ctx.bundle = out
+    sizes = {path.name: path.stat().st_size for path in out.iterdir()
+             if path.name not in MODEL_FILES.values() and path.name != "manifest.json"}
+    graphs = sum((out / name).stat().st_size for name in MODEL_FILES.values())
+    return [
+        ("export with 96x96 thumbnails", statistics.median(seconds), "s",
+         f"{ctx.items} items; rounds: {', '.join(f'{s:.1f}' for s in seconds)}"),
+        ("bundle bytes per item", sum(sizes.values()) / ctx.items, "bytes",
+         ", ".join(f"{name} {size / ctx.items:.0f}" for name, size in sorted(sizes.items()))
+         + f"; the two graphs {graphs / 1e6:.1f} MB in all"),
+    ]
+
+
+def measure_add(ctx: Context) -> list[tuple]:
+    import csv
+    import shutil
+
+    from vae_edge.runtime.edit import add_items
+    from vae_edge.training.example_catalog import make_example_catalog
+
+    source = make_example_catalog(ctx.work / "new", size=ctx.add_items, seed=1)
+    with open(source, encoding="utf-8", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    new_csv = source.with_name("new.csv")
+    with open(new_csv, "w", encoding="utf-8", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows({**row, "id": f"NEW-{row['id']}"} for row in rows)
+    per_item = []
+    for round_number in range(ctx.rounds):
+        bundle = ctx.work / f"edited{round_number}"
+        shutil.copytree(ctx.bundle, bundle)
+        started = time.perf_counter()
+        report = add_items(bundle, new_csv, log=lambda message: None)
+        per_item.append((time.perf_counter() - started) / len(report.added))
+    return [("vae-run add, per item", statistics.median(per_item) * 1000, "ms",
+             f"{ctx.add_items} photos added to {ctx.items} items (the bundle rewritten once); "
+             f"rounds: {', '.join(f'{t * 1000:.1f}' for t in per_item)}")]
+
+
+MEASUREMENTS = [make_catalog, measure_preprocessing, measure_training, measure_export,
+                measure_add, measure_memory]
 
 
 def main() -> None:
@@ -196,6 +254,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--memory-items", type=int, nargs="*", default=[2000, 20000])
+    parser.add_argument("--add-items", type=int, default=100)
     args = parser.parse_args()
 
     import platform
@@ -206,7 +265,8 @@ def main() -> None:
     print(f"# {platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}, "
           f"torch {torch.__version__}, {args.items} items")
     with tempfile.TemporaryDirectory(prefix="vae-edge-catalog-bench-") as work:
-        ctx = Context(Path(work), args.items, args.epochs, args.rounds, args.memory_items)
+        ctx = Context(Path(work), args.items, args.epochs, args.rounds, args.memory_items,
+                      args.add_items)
         print(f"{'measurement':40} {'median':>10}  unit      detail")
         for measure in MEASUREMENTS:
             for name, value, unit, detail in measure(ctx):
