@@ -178,3 +178,20 @@ def recover_directory(out_dir: Path, log=print) -> None:
         log(f"restored the previous {out_dir} from {newest.name} (a run was interrupted "
             "while replacing it)")
     remove_stale_temporaries(out_dir, ".old", log)
+
+
+@contextlib.contextmanager
+def exclusive(target: Path) -> Iterator[None]:
+    """Hold an exclusive lock on target (a lock file `.{name}.lock` beside it) for the block:
+    two read-modify-write runs on one target (two `vae-run add`s) take turns instead of one
+    silently dropping the other's change. Advisory (flock): readers are not held up."""
+    import fcntl
+
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "a+b") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)

@@ -4,7 +4,8 @@ New photos are fitted as training fitted the catalog and encoded with the bundle
 encoder.onnx. Each edit writes a complete new bundle beside the old one and swaps it in with
 a rename (runtime/atomic.py): a kill at any moment leaves the old bundle or the new one, and a
 kiosk that loaded the old one keeps serving it (its graphs are in memory and its thumbnails
-memory-mapped, which survives the swap).
+memory-mapped, which survives the swap). Edits of one bundle take turns (a lock file beside
+it), so two at once both land.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_directory, recover_directory
+from .atomic import atomic_directory, exclusive, recover_directory
 from .bundle import (
     MODEL_FILES,
     CatalogIndex,
@@ -49,7 +50,11 @@ def add_items(bundle: str | Path, csv_path: str | Path, *, skip_bad: bool = Fals
     is left empty); a new label becomes a new label name. Bad rows refuse the whole CSV with
     ValueError naming their lines, nothing written, unless skip_bad.
     """
-    bundle = Path(bundle)
+    with exclusive(Path(bundle)):
+        return _add_items(Path(bundle), csv_path, skip_bad, progress, log)
+
+
+def _add_items(bundle: Path, csv_path, skip_bad: bool, progress, log) -> EditReport:
     recover_directory(bundle, log)
     rt = Runtime.load(bundle)
     index = rt.index
@@ -100,9 +105,12 @@ def add_items(bundle: str | Path, csv_path: str | Path, *, skip_bad: bool = Fals
 def remove_items(bundle: str | Path, ids, log=print) -> EditReport:
     """Take the items with these ids out of the bundle. An id the bundle does not have is a
     ValueError (nothing written); so is removing every item (a bundle has at least one)."""
-    bundle = Path(bundle)
+    with exclusive(Path(bundle)):
+        return _remove_items(Path(bundle), [str(item_id) for item_id in ids], log)
+
+
+def _remove_items(bundle: Path, ids: list[str], log) -> EditReport:
     recover_directory(bundle, log)
-    ids = [str(item_id) for item_id in ids]
     if not ids:
         raise ValueError("no ids given: expected one or more item ids to remove")
     rt = Runtime.load(bundle)

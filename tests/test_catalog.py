@@ -194,3 +194,32 @@ def test_add_killed_mid_write_keeps_the_previous_bundle(tmp_path, bundle_copy, d
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"removed {partial[0].name}, left behind by an interrupted run" in result.stderr
     assert len(Runtime.load(bundle_copy).index) == 5200
+
+
+def test_two_edits_at_once_both_land(bundle_copy, tmp_path, data_dir):
+    import threading
+
+    test = load_split("test", data_dir)
+    csvs = []
+    for batch in range(2):
+        lines = ["id,image,label"]
+        for i in range(3):
+            Image.fromarray(test.images[batch * 3 + i]).save(tmp_path / f"b{batch}-{i}.png")
+            lines.append(f"B{batch}-{i},b{batch}-{i}.png,{CLASS_NAMES[test.labels[batch * 3 + i]]}")
+        csvs.append(write_csv(tmp_path / f"batch{batch}.csv", "\n".join(lines) + "\n"))
+    errors = []
+
+    def add(csv):
+        try:
+            add_items(bundle_copy, csv, log=lambda m: None)
+        except Exception as exc:  # reported below, with the other thread's outcome
+            errors.append(exc)
+
+    threads = [threading.Thread(target=add, args=(csv,)) for csv in csvs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    ids = Runtime.load(bundle_copy).index.ids.tolist()
+    assert len(ids) == 5006 and {f"B{b}-{i}" for b in range(2) for i in range(3)} <= set(ids)
