@@ -88,11 +88,19 @@ def build_bundle(
     vae = model_from_checkpoint(checkpoint)
     dataset = checkpoint.get("dataset", {})
     channels = vae.config.image_channels
+    trained_on = dataset.get("csv") if dataset.get("kind") == "catalog" else None
     if catalog is None:
-        catalog = dataset["csv"] if dataset.get("kind") == "catalog" else "train"
+        catalog = trained_on or "train"
+        if trained_on and not Path(trained_on).is_file():
+            raise FileNotFoundError(f"the catalog the model was trained on is gone: {trained_on}; "
+                                    "give its new place with --catalog")
     from_csv = str(catalog) not in ("train", "test")
     if from_csv:  # read and checked before any work
         rows = read_catalog(catalog, skip_bad=skip_bad)
+        if trained_on and Path(catalog).resolve() == Path(trained_on).resolve() and \
+                catalog_fingerprint(rows) != dataset.get("fingerprint"):
+            log(f"note: {catalog} or its photos changed since the model was trained on it; "
+                "the bundle indexes the catalog as it is now")
     elif (channels, vae.config.image_size) != (1, 28):
         raise ValueError(f"catalog {catalog!r} is a Fashion-MNIST split (28x28 grayscale), but "
                          f"the model takes {channels}x{vae.config.image_size}x"
@@ -203,7 +211,7 @@ def catalog_index(vae: VAE, rows: Catalog, limit, skip_bad: bool, thumbnail_size
     def provenance(dataset: dict) -> dict:
         return {"image_layout": f"NCHW, {'colour' if channels == 3 else 'grayscale'} photos "
                                 "fitted into the square, padded with their border colour",
-                "catalog": str(rows.source),
+                "catalog": rows.source.name,  # the device and its kiosk API see no paths
                 "ids": f"the id column of {rows.source.name}",
                 "dataset": dataset | {"catalog_fingerprint": fingerprint,
                                       "catalog_skipped": len(rows.skipped)}}

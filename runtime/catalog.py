@@ -60,8 +60,9 @@ def bad_rows_error(source: Path, problems: list[str], what: str = "row") -> Valu
     what = what if len(problems) == 1 else what + "s"
     shown = "; ".join(problems[:SHOWN_ERRORS])
     more = f" (and {len(problems) - SHOWN_ERRORS} more)" if len(problems) > SHOWN_ERRORS else ""
-    return ValueError(f"{source}: {len(problems)} bad {what}: {shown}{more}; fix them or pass "
-                      "--skip-bad to leave them out")
+    them = "it" if len(problems) == 1 else "them"
+    return ValueError(f"{source}: {len(problems)} bad {what}: {shown}{more}; fix {them} or pass "
+                      f"--skip-bad to leave {them} out")
 
 
 def _id_problem(item_id: str) -> str | None:
@@ -148,11 +149,13 @@ def read_catalog(path: str | Path, *, skip_bad: bool = False,
     )
 
 
-def catalog_photos(catalog: Catalog) -> Iterator[tuple[int, object | None, str | None]]:
-    """(position, Pillow image or None, problem or None) for each item, in order."""
+def catalog_photos(catalog: Catalog, decode: bool = True
+                   ) -> Iterator[tuple[int, object | None, str | None]]:
+    """(position, Pillow image or None, problem or None) for each item, in order; with
+    decode=False only the photos' headers are checked (load_photo) and no image comes back."""
     for position, path in enumerate(catalog.images):
         try:
-            yield position, load_photo(path), None
+            yield position, load_photo(path, decode), None
         except (FileNotFoundError, ValueError) as exc:
             yield position, None, f"line {catalog.lines[position]}: {exc}"
 
@@ -167,13 +170,20 @@ def fit_catalog(catalog: Catalog, size: int, channels: int, *, skip_bad: bool = 
     thumbnail_size, a WebP thumbnail of each. out: a (len(catalog), channels, size, size)
     uint8 array to fill (a memory map for catalogs larger than RAM); the first len(result)
     rows hold the result. A photo that cannot be read is a bad row: ValueError naming the
-    lines, unless skip_bad. progress(n) is called after each photo.
+    lines, unless skip_bad; the photos' headers are all checked before any is decoded, so
+    only damaged pixel data can stop the decoding part way. progress(n) is called after each
+    photo.
     """
     shape = (len(catalog), channels, size, size)
     if out is None:
         out = np.empty(shape, dtype=np.uint8)
     elif out.shape != shape or out.dtype != np.uint8:
         raise ValueError(f"out must be uint8 {shape}, got {out.dtype} {out.shape}")
+    # First the checks a photo's header allows (a missing file, a format, a size), for every
+    # photo: a catalog with such a problem is refused before any photo is decoded.
+    problems = [problem for _, _, problem in catalog_photos(catalog, decode=False) if problem]
+    if problems and not skip_bad:
+        raise bad_rows_error(catalog.source, problems, "photo")
     keep, problems, thumbnails = [], [], [] if thumbnail_size else None
     for position, photo, problem in catalog_photos(catalog):
         if problem is not None:

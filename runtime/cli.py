@@ -87,6 +87,14 @@ def resolve_latent(runtime: Runtime, z_text: str | None, use_random: bool, seed:
         return parse_z(z_text, runtime.latent_dim)
 
 
+def shorten(text: str, width: int) -> str:
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def format_z(z: np.ndarray) -> str:
     return ",".join(f"{v:.4g}" for v in z)
 
@@ -230,10 +238,11 @@ def nearest(runtime: Runtime, z: np.ndarray | None, image, k: int, label: str | 
         width = max([6] + [len(r["id"]) for r in results])
         click.echo(f"{'rank':>4}  {'id':>{width}}  {'label':<12} {score:>12}  {'p(x|z)':>8}")
         for r in results:
-            details = "  ".join(f"{key}={value}" for key, value in r["metadata"].items())
+            details = "  ".join(f"{key}={' '.join(value.split())}"  # one line per item
+                                for key, value in r["metadata"].items())
             click.echo(f"{r['rank']:>4}  {r['id']:>{width}}  {r['label']:<12} "
                        f"{r['log_likelihood']:>12.3f}  {r['probability']:>8.4f}"
-                       f"{'  ' + details[:120] if details else ''}")
+                       f"{'  ' + shorten(details, 120) if details else ''}")
     if sheet is not None:
         click.echo(f"wrote {sheet}", err=as_json)
 
@@ -367,9 +376,9 @@ def add(bundle: Path, csv_file: Path, skip_bad: bool):
         report = add_items(bundle, csv_file, skip_bad=skip_bad, progress=bar.update,
                            log=lambda message: click.echo(message, err=True))
     if report.skipped:
-        click.echo(f"skipped {len(report.skipped)} bad rows: " + "; ".join(report.skipped[:5]),
-                   err=True)
-    click.echo(f"added {len(report.added)} items; {bundle} holds {report.size}")
+        click.echo(f"skipped {plural(len(report.skipped), 'bad row')}: "
+                   + "; ".join(report.skipped[:5]), err=True)
+    click.echo(f"added {plural(len(report.added), 'item')}; {bundle} holds {report.size}")
 
 
 @main.command()
@@ -383,4 +392,4 @@ def remove(bundle: Path, ids: tuple[str, ...]):
 
     with library_errors():
         report = remove_items(bundle, ids, log=lambda message: click.echo(message, err=True))
-    click.echo(f"removed {len(report.removed)} items; {bundle} holds {report.size}")
+    click.echo(f"removed {plural(len(report.removed), 'item')}; {bundle} holds {report.size}")

@@ -410,9 +410,12 @@ class Runtime:
                 return int(label)
         elif isinstance(label, str):
             text = label.strip()
-            folded = {name.casefold(): i for i, name in enumerate(names)}
-            if text.casefold() in folded:
-                return folded[text.casefold()]
+            if text in names:
+                return names.index(text)
+            # Otherwise a name that differs in case only, where exactly one does.
+            folded = [i for i, name in enumerate(names) if name.casefold() == text.casefold()]
+            if len(folded) == 1:
+                return folded[0]
             if text.isascii() and text.isdigit() and int(text) < len(names):
                 return int(text)
         raise ValueError(f"unknown label {label!r}: expected one of {', '.join(names)} "

@@ -35,8 +35,12 @@ def _too_large(size: tuple[int, int]) -> bool:
     return size[0] * size[1] > MAX_PHOTO_PIXELS
 
 
-def load_photo(path: str | Path):
+def load_photo(path: str | Path, decode: bool = True):
     """Open and decode one photo as a Pillow image in mode "L" or "RGB", upright.
+
+    decode=False runs only the checks that need the file's header (present, a regular file,
+    a format and mode accepted, not too large) and returns None: a cheap first pass over a
+    catalog before any photo is decoded.
 
     Formats: PNG, JPEG, WebP, BMP, GIF, PPM/PGM, any size up to MAX_PHOTO_PIXELS (checked
     from the header before decoding); 8-bit modes, grayscale or colour. The EXIF orientation
@@ -64,6 +68,8 @@ def load_photo(path: str | Path):
                 raise ValueError(
                     f"{path.name}: pixel mode {image.mode} is not supported; expected an 8-bit "
                     "grayscale, palette or colour image (16-bit and float images are not)")
+            if not decode:
+                return None
             image.load()
             image = ImageOps.exif_transpose(image)
             has_alpha = image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (
@@ -179,9 +185,13 @@ def save_png(path: str | Path, image: np.ndarray) -> Path:
 
 
 def _atomic_save(picture, path: Path) -> Path:
+    if path.suffix.lower() != ".png":
+        raise ValueError(f"{path}: the picture is written as PNG; expected a file name ending "
+                         f"in .png, got {path.suffix or 'none'}")
     with atomic_file(path) as handle:
         picture.save(handle, format="PNG")
     return path
+
 
 def save_sheet(path: str | Path, query: np.ndarray, items: list, captions: list[str],
                title: str) -> Path:

@@ -8,6 +8,7 @@ the picture must be decode(z) pixel for pixel, the list must be nearest(z).
 from __future__ import annotations
 
 import base64
+import contextlib
 import importlib.util
 import io
 import json
@@ -45,15 +46,25 @@ def _browser_or_skip():
         pytest.skip(message)
 
 
-@pytest.fixture(scope="module")
-def browser():
+@contextlib.contextmanager
+def browser_or_skip():
+    """Headless Chromium as the kiosk tests drive it (skipped where it is not installed,
+    failed in CI)."""
     _browser_or_skip()
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
         chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with browser_or_skip() as chromium:
         yield chromium
-        chromium.close()
 
 
 def serve(runtime, port=0, **options):

@@ -85,8 +85,10 @@ def test_unreadable_photos_are_bad_rows(tmp_path):
     csv = write_csv(tmp_path / "shop.csv",
                     "id,image\nA,good.jpg\nB,missing.png\nC,text.png\nD,good.jpg\n")
     catalog = read_catalog(csv)
+    decoded = []
     with pytest.raises(ValueError) as info:
-        fit_catalog(catalog, 16, 3)
+        fit_catalog(catalog, 16, 3, progress=decoded.append)
+    assert decoded == []  # refused from the photos' headers, before any was decoded
     assert str(info.value) == (
         f"{csv}: 2 bad photos: line 3: image not found: {tmp_path / 'missing.png'}; line 4: "
         "text.png: not an image file Pillow can read; fix them or pass --skip-bad to leave "
@@ -223,3 +225,16 @@ def test_two_edits_at_once_both_land(bundle_copy, tmp_path, data_dir):
     assert errors == []
     ids = Runtime.load(bundle_copy).index.ids.tolist()
     assert len(ids) == 5006 and {f"B{b}-{i}" for b in range(2) for i in range(3)} <= set(ids)
+
+
+def test_labels_that_differ_in_case_only_are_told_apart(bundle_copy, tmp_path):
+    Image.new("L", (28, 28)).save(tmp_path / "a.png")
+    add_items(bundle_copy, write_csv(tmp_path / "new.csv", "id,image,label\nX,a.png,bag\n"),
+              log=lambda m: None)
+    runtime = Runtime.load(bundle_copy)
+    assert runtime.label_names[-2:] == ("Ankle boot", "bag")
+    assert runtime.label_id("bag") == 10 and runtime.label_id("Bag") == 8
+    assert runtime.label_id("Sneaker") == runtime.label_id("sneaker ") == 7  # one name: any case
+    with pytest.raises(ValueError, match="unknown label 'BAG'"):
+        runtime.label_id("BAG")  # two names match but for case: neither is guessed
+    assert runtime.nearest(runtime.sample_prior(seed=0), k=3, label="bag").ids.tolist() == ["X"]

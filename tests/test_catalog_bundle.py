@@ -137,3 +137,37 @@ def test_add_and_remove_items_with_their_photos(shop, tmp_path, without_torch):
         [before.index.thumbnail(r) for r in kept]
     assert [after.index.item_metadata(r) for r in range(36)] == \
         [before.index.item_metadata(r) for r in kept]
+
+
+def test_the_kiosk_page_shows_the_catalog_photos_names_and_prices(shop):
+    """The page under its own content security policy, on a real catalog bundle: each result
+    shows the item's photo (the bundle's WebP thumbnail, loaded), its name and its price."""
+    from tests.test_browser import browser_or_skip, serve
+
+    csv, bundle = shop
+    rows = {row["id"]: row for row in read_rows(csv)}
+    runtime = Runtime.load(bundle)
+    server, thread = serve(runtime)
+    try:
+        with browser_or_skip() as chromium:
+            context = chromium.new_context(viewport={"width": 1080, "height": 1920})
+            page = context.new_page()
+            problems = []
+            page.on("console", lambda m: m.type == "error" and problems.append(m.text))
+            page.on("pageerror", lambda exc: problems.append(str(exc)))
+            page.goto(server.url)
+            page.wait_for_selector("#matches .match .name")
+            cards = page.locator("#matches .match")
+            for i in range(cards.count()):
+                card = cards.nth(i)
+                row = rows[card.get_attribute("data-id")]
+                assert card.locator(".name").inner_text() == row["name"]
+                assert card.locator(".price").inner_text() == row["price"]
+                card.locator("img").evaluate("img => img.decode()")
+                assert card.locator("img").evaluate("img => img.naturalWidth") == 32
+            assert problems == []
+            context.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)

@@ -132,9 +132,9 @@ def catalog_data(csv_path: str | Path, image_size: int, channels: int = 3, *,
     n = len(catalog)
     n_test = max(1, round(n * holdout))
     if n_test >= n:
-        raise ValueError(f"{catalog.source}: {n} usable item{'s' if n > 1 else ''} cannot be "
-                         f"split into a held-out {holdout:g} and a training set; expected at "
-                         "least 2 items")
+        raise ValueError(f"{catalog.source}: --holdout {holdout:g} of {n} usable "
+                         f"item{'s' if n > 1 else ''} holds out {n_test}, leaving none to train "
+                         "on; expected a smaller --holdout or more items")
     order = np.random.default_rng(seed).permutation(n)
     test_rows, train_rows = np.sort(order[:n_test]), np.sort(order[n_test:])
 
