@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from tests.test_interrupts import ENV, bundle_bytes, console, kill, wait_for
+from tests.test_interrupts import ENV, bundle_bytes, console, kill_once_it_writes
 from vae_edge.runtime import Runtime
 from vae_edge.runtime.catalog import fit_catalog, read_catalog
 from vae_edge.runtime.cli import main as run_main
@@ -177,18 +177,7 @@ def test_add_killed_mid_write_keeps_the_previous_bundle(tmp_path, bundle_copy, d
         lines.append(f"P{i},p{i}.png,{CLASS_NAMES[test.labels[i]]}")
     csv = write_csv(tmp_path / "new.csv", "\n".join(lines) + "\n")
     command = [*console("vae-run", "run"), "add", "--bundle", str(bundle_copy), str(csv)]
-    process = subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
-
-    def partial_with_a_file():
-        return [p for p in tmp_path.glob(".bundle.*.partial") if any(p.iterdir())]
-
-    try:
-        partial = wait_for(partial_with_a_file, process, "the add wrote its first file")
-        kill(process)
-    finally:
-        process.kill()
-        process.stdout.close()
+    partial = kill_once_it_writes(command, bundle_copy)
     assert bundle_bytes(bundle_copy) == previous
     assert len(Runtime.load(bundle_copy).index) == 5000
 

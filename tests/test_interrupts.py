@@ -125,24 +125,31 @@ def bundle_bytes(bundle: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(bundle.iterdir())}
 
 
+def kill_once_it_writes(command: list[str], bundle: Path) -> list[Path]:
+    """Run command, SIGKILL it once its new bundle directory beside `bundle` holds a file;
+    returns that `.partial` directory (in a list)."""
+    process = subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+
+    def partial_with_a_file():
+        return [p for p in bundle.parent.glob(f".{bundle.name}.*.partial") if any(p.iterdir())]
+
+    try:
+        partial = wait_for(partial_with_a_file, process, "the new bundle's first file")
+        kill(process)
+    finally:
+        process.kill()
+        process.stdout.close()
+    return partial
+
+
 @pytest.mark.slow  # exports twice
 def test_export_killed_mid_write_keeps_the_previous_bundle(tmp_path, tiny_run, bundle_copy,
                                                            data_dir):
     previous = bundle_bytes(bundle_copy)
     command = [*console("vae-export", "export"), str(tiny_run[0] / "checkpoint.pt"),
                "-o", str(bundle_copy), "--force", "--limit", "10", "--data-dir", str(data_dir)]
-    process = subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
-
-    def partial_with_a_file():
-        return [p for p in tmp_path.glob(".bundle.*.partial") if any(p.iterdir())]
-
-    try:
-        partial = wait_for(partial_with_a_file, process, "the export wrote its first file")
-        kill(process)
-    finally:
-        process.kill()
-        process.stdout.close()
+    partial = kill_once_it_writes(command, bundle_copy)
     assert bundle_bytes(bundle_copy) == previous  # the old bundle, byte for byte
     assert len(Runtime.load(bundle_copy).index) == 5000
     assert partial[0].exists()  # SIGKILL gives no chance to clean up ...
