@@ -34,8 +34,7 @@ with one threshold per query (one query is a batch of one):
    are rescored; with a label filter, t_k comes from the label's scores and one more
    comparison over them lists its candidates. The candidates, rescored in float64, are
    sorted by (exact score desc, row asc): ties go to the lower row (bundle ids ascend with
-   rows). Unfiltered, all the items found are sorted: those left with float32 scores have
-   t < t_k - 2E and s < t_k - E, below every score of the top k.
+   rows).
 
 Range. The float32 stage needs max|w| |q| < 1e37 (no overflow to inf, 34x below the float32
 limit); a query beyond that is refused with ValueError, never answered wrongly. No trained
@@ -231,30 +230,28 @@ class LikelihoodSearch:
         near = scores.take(flat).astype(np.float64)
         # Step 2: H = log(n E) + 3E + log(1 / P_TOLERANCE) nats below top32 and further,
         # items count with their float32 scores (e^E - 1 <= E e^E).
-        counts = np.bincount(query, minlength=count)
-        starts = counts.cumsum() - counts  # every query finds its best
-        heavy = top32 - (np.log(counts * margin) + 1.5 * margin + self._log_half_inverse_tolerance)
+        heavy = top32 - (np.log(np.bincount(query, minlength=count) * margin) + 1.5 * margin
+                         + self._log_half_inverse_tolerance)
         if label is None:  # the candidates for the top k are among the items found
             rescore = np.flatnonzero(near >= np.minimum(heavy, k_floor)[query])
-            near[rescore] = self._exact_scores(z, var, query[rescore], rows[rescore])
-            # the others score below every item of the top k, in float32 and exactly
-            ranked, ranked_starts = (query, rows, near), starts
+            ranked = query[rescore], rows[rescore]
+            exact = self._exact_scores(z, var, *ranked)
+            near[rescore] = exact
         else:  # the label's items at or above its floor
             rescore = np.flatnonzero(near >= heavy[query])
             found = np.flatnonzero(pool >= _float32_at_most(k_floor)[:, None])
             label_query, position = np.divmod(found, pool.shape[1])
-            label_rows = self._label_rows[label][position]
-            exact = self._exact_scores(z, var, np.concatenate((query[rescore], label_query)),
-                                       np.concatenate((rows[rescore], label_rows)))
-            near[rescore] = exact[:rescore.size]
-            ranked = label_query, label_rows, exact[rescore.size:]
-            ranked_starts = np.searchsorted(label_query, np.arange(count))
+            ranked = label_query, self._label_rows[label][position]
+            exact = self._exact_scores(z, var, np.concatenate((query[rescore], ranked[0])),
+                                       np.concatenate((rows[rescore], ranked[1])))
+            near[rescore], exact = exact[:rescore.size], exact[rescore.size:]
+        starts = np.searchsorted(query, np.arange(count))  # every query finds its best
         top = np.maximum.reduceat(near, starts)
         log_total = top + np.log(np.add.reduceat(np.exp(near - top[query]), starts))
         # Every query has k ranked items or more, in row order: best first, lower row first.
-        query, rows, ranked_scores = ranked
-        best = np.lexsort((-ranked_scores, query))[ranked_starts[:, None] + np.arange(k)]
-        return rows[best], ranked_scores[best], log_total
+        order = np.lexsort((-exact, ranked[0]))
+        best = order[np.searchsorted(ranked[0], np.arange(count))[:, None] + np.arange(k)]
+        return ranked[1][best], exact[best], log_total
 
     def _exact_scores(self, z, var, query, rows) -> np.ndarray:
         """The direct formula in float64 for the pairs (query, row): (len(rows),)."""
