@@ -15,6 +15,7 @@ from ..runtime.bundle import (
     MODEL_FILES,
     CatalogIndex,
     new_manifest,
+    pack_thumbnails,
     to_float16,
     write_index,
     write_manifest,
@@ -108,10 +109,11 @@ def build_bundle(
     with atomic_directory(out_dir) as tmp:
         report = export_graphs(vae, tmp, log)
         if from_csv:
-            index, provenance = catalog_index(vae, rows, limit, skip_bad, thumbnail_size, log)
+            index, provenance = catalog_index(vae, rows, limit, skip_bad, thumbnail_size,
+                                              dataset, log)
         else:
             index, provenance = fashion_mnist_index(vae, catalog, data_dir, limit,
-                                                    catalog_split, log)
+                                                    catalog_split, dataset, log)
             thumbnail_size = None
         write_index(tmp, index)
         history = checkpoint["history"]
@@ -132,7 +134,7 @@ def build_bundle(
                 "onnx": _version("onnx"), "onnxruntime": _version("onnxruntime"),
                 "numpy": np.__version__, "python": platform.python_version(),
             },
-            **provenance(dataset),
+            **provenance,
         )
         write_manifest(tmp, manifest)
 
@@ -159,7 +161,10 @@ def export_graphs(vae: VAE, root: Path, log) -> dict:
     return report
 
 
-def fashion_mnist_index(vae: VAE, split_name: str, data_dir, limit, split: Split | None, log):
+def fashion_mnist_index(vae: VAE, split_name: str, data_dir, limit, split: Split | None,
+                        dataset: dict, log):
+    """Encode a Fashion-MNIST split: the index (ids: row numbers) and the manifest's
+    description of it, `dataset` (the checkpoint's record) completed."""
     split = split or load_split(split_name, data_dir)
     images, labels = split.images[:limit], split.labels[:limit]
     log(f"encoding the catalog: {len(images)} {split_name} images")
@@ -169,17 +174,16 @@ def fashion_mnist_index(vae: VAE, split_name: str, data_dir, limit, split: Split
         labels=labels.astype(np.int32), label_names=CLASS_NAMES,
         ids=np.array([str(row) for row in range(len(images))], dtype=object))
 
-    def provenance(dataset: dict) -> dict:
-        return {"image_layout": "NCHW, white garment on black, like Fashion-MNIST",
-                "catalog": f"fashion-mnist/{split_name}",
-                "ids": f"row number in the Fashion-MNIST {split_name} split",
-                "dataset": dataset | {"catalog_sha256": split.sha256}}
-
-    return index, provenance
+    return index, {"image_layout": "NCHW, white garment on black, like Fashion-MNIST",
+                   "catalog": f"fashion-mnist/{split_name}",
+                   "ids": f"row number in the Fashion-MNIST {split_name} split",
+                   "dataset": dataset | {"catalog_sha256": split.sha256}}
 
 
-def catalog_index(vae: VAE, rows: Catalog, limit, skip_bad: bool, thumbnail_size, log):
-    """Fit and encode a catalog CSV's photos: the index with metadata and thumbnails."""
+def catalog_index(vae: VAE, rows: Catalog, limit, skip_bad: bool, thumbnail_size,
+                  dataset: dict, log):
+    """Fit and encode a catalog CSV's photos: the index with metadata and thumbnails, and the
+    manifest's description of it, `dataset` (the checkpoint's record) completed."""
     from tqdm import tqdm
 
     rows = rows.select(list(range(min(len(rows), limit or len(rows)))), [])
@@ -194,26 +198,16 @@ def catalog_index(vae: VAE, rows: Catalog, limit, skip_bad: bool, thumbnail_size
     mu, log_sigma = encode_catalog(vae, pixels)
     label_texts = rows.labels or ("",) * len(rows)
     label_names = tuple(sorted(set(label_texts)))
-    offsets = None
-    if thumbnails is not None:
-        offsets = np.concatenate(([0], np.cumsum([len(t) for t in thumbnails]))).astype(np.int64)
     index = CatalogIndex(
         mu=to_float16("mu", mu), log_sigma=to_float16("log_sigma", log_sigma),
         labels=np.searchsorted(np.array(label_names, dtype=object),
                                np.array(label_texts, dtype=object)).astype(np.int32),
         label_names=label_names, ids=np.array(rows.ids, dtype=object), columns=rows.columns,
-        metadata=tuple(np.array(column, dtype=object) for column in zip(*rows.metadata))
-        if rows.columns else (),
-        thumbnails=b"".join(thumbnails) if thumbnails is not None else None,
-        thumbnail_offsets=offsets)
-    fingerprint = catalog_fingerprint(rows)
-
-    def provenance(dataset: dict) -> dict:
-        return {"image_layout": f"NCHW, {'colour' if channels == 3 else 'grayscale'} photos "
-                                "fitted into the square, padded with their border colour",
-                "catalog": rows.source.name,  # the device and its kiosk API see no paths
-                "ids": f"the id column of {rows.source.name}",
-                "dataset": dataset | {"catalog_fingerprint": fingerprint,
-                                      "catalog_skipped": len(rows.skipped)}}
-
-    return index, provenance
+        metadata=tuple(np.array(column, dtype=object) for column in zip(*rows.metadata)),
+        **pack_thumbnails(thumbnails))
+    return index, {"image_layout": f"NCHW, {'colour' if channels == 3 else 'grayscale'} photos "
+                                   "fitted into the square, padded with their border colour",
+                   "catalog": rows.source.name,  # the device and its kiosk API see no paths
+                   "ids": f"the id column of {rows.source.name}",
+                   "dataset": dataset | {"catalog_fingerprint": catalog_fingerprint(rows),
+                                         "catalog_skipped": len(rows.skipped)}}

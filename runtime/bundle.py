@@ -162,6 +162,16 @@ def bundle_files(thumbnails: bool) -> list[str]:
             + (list(THUMBNAIL_FILES.values()) if thumbnails else []))
 
 
+def pack_thumbnails(photos: list[bytes] | None) -> dict:
+    """The CatalogIndex fields for items' WebP photos, in item order: one byte string of
+    them back to back and the (N + 1,) offsets of each (both None without photos)."""
+    if photos is None:
+        return {"thumbnails": None, "thumbnail_offsets": None}
+    offsets = np.zeros(len(photos) + 1, dtype=np.int64)
+    np.cumsum([len(photo) for photo in photos], out=offsets[1:])
+    return {"thumbnails": b"".join(photos), "thumbnail_offsets": offsets}
+
+
 def to_float16(name: str, array: np.ndarray) -> np.ndarray:
     """An index array as the schema stores it; ValueError where float16 would overflow."""
     largest = float(np.abs(array).max(initial=0.0))

@@ -138,13 +138,13 @@ def check_images(images, image_shape: tuple[int, int, int],
     if array.dtype != np.uint8 and array.dtype.kind != "f":
         raise ValueError(f"images must be uint8 or float, got dtype {array.dtype}")
     original_shape = array.shape
-    single = array.ndim == 2 or (array.ndim == 3 and array.shape[0] == channels)
     if array.ndim == 2 and channels == 1:
-        array = array[None]
+        array = array[None]  # (H, W): one grayscale image
+    single = array.ndim == 3 and array.shape[0] == channels
     if single:
         array = array[None]
-    if array.ndim == 3 and channels == 1:
-        array = array[:, None]
+    elif array.ndim == 3 and channels == 1:
+        array = array[:, None]  # (B, H, W): a grayscale batch
     expected = (channels, height, width)
     if array.ndim != 4 or tuple(array.shape[1:]) != expected:
         one = f"({height}, {width}) or " if channels == 1 else ""

@@ -22,6 +22,7 @@ from .atomic import atomic_directory, exclusive, recover_directory
 from .bundle import (
     MODEL_FILES,
     CatalogIndex,
+    pack_thumbnails,
     read_manifest,
     to_float16,
     write_index,
@@ -83,12 +84,8 @@ def _add_items(bundle: Path, csv_path, skip_bad: bool, progress, log) -> EditRep
         np.concatenate([values, np.array([item[given[name]] if name in given else ""
                                           for item in rows.metadata], dtype=object)])
         for name, values in zip(index.columns, index.metadata))
-    offsets = data = None
     if photos is not None:
-        lengths = np.array([len(photo) for photo in photos], dtype=np.int64)
-        offsets = np.concatenate([index.thumbnail_offsets,
-                                  index.thumbnail_offsets[-1] + np.cumsum(lengths)])
-        data = b"".join([bytes(index.thumbnails), *photos])
+        photos = [index.thumbnail(row) for row in range(len(index))] + photos
     new = CatalogIndex(
         mu=np.concatenate([index.mu, to_float16("mu", np.concatenate(mu))]),
         log_sigma=np.concatenate([index.log_sigma,
@@ -97,7 +94,7 @@ def _add_items(bundle: Path, csv_path, skip_bad: bool, progress, log) -> EditRep
                                                       dtype=np.int32)]),
         label_names=tuple(label_names),
         ids=np.concatenate([index.ids, np.array(rows.ids, dtype=object)]),
-        columns=index.columns, metadata=metadata, thumbnails=data, thumbnail_offsets=offsets)
+        columns=index.columns, metadata=metadata, **pack_thumbnails(photos))
     _rewrite(rt, new, log)
     return EditReport(added=rows.ids, skipped=rows.skipped, size=len(new))
 
@@ -124,16 +121,11 @@ def _remove_items(bundle: Path, ids: list[str], log) -> EditReport:
     keep = np.flatnonzero(~present)
     if keep.size == 0:
         raise ValueError(f"{bundle}: removing every item would leave an empty catalog")
-    offsets = data = None
-    if index.thumbnail_offsets is not None:
-        starts, ends = index.thumbnail_offsets[keep], index.thumbnail_offsets[keep + 1]
-        offsets = np.concatenate([[0], np.cumsum(ends - starts)]).astype(np.int64)
-        data = b"".join(bytes(index.thumbnails[a:b]) for a, b in zip(starts, ends))
+    photos = None if index.thumbnail_offsets is None else [index.thumbnail(row) for row in keep]
     new = CatalogIndex(
         mu=index.mu[keep], log_sigma=index.log_sigma[keep], labels=index.labels[keep],
         label_names=index.label_names, ids=index.ids[keep], columns=index.columns,
-        metadata=tuple(values[keep] for values in index.metadata), thumbnails=data,
-        thumbnail_offsets=offsets)
+        metadata=tuple(values[keep] for values in index.metadata), **pack_thumbnails(photos))
     _rewrite(rt, new, log)
     return EditReport(removed=tuple(sorted(set(ids))), size=len(new))
 

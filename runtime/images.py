@@ -3,6 +3,7 @@ nearest-items contact sheet."""
 
 from __future__ import annotations
 
+import contextlib
 import struct
 from pathlib import Path
 
@@ -31,8 +32,27 @@ def _png_header_size(path: Path) -> tuple[int, int] | None:
     return struct.unpack(">II", head[16:24])
 
 
-def _too_large(size: tuple[int, int]) -> bool:
-    return size[0] * size[1] > MAX_PHOTO_PIXELS
+def _check_size(path: Path, size: tuple[int, int]) -> None:
+    width, height = size
+    if width * height > MAX_PHOTO_PIXELS:
+        raise ValueError(f"{path.name}: image is {width}x{height} pixels, too large to decode "
+                         f"safely (at most {MAX_PHOTO_PIXELS:,} pixels)")
+
+
+@contextlib.contextmanager
+def _pillow_errors(path: Path):
+    """Pillow's failures on untrusted bytes as one-line ValueErrors naming the file. Only
+    calls into Pillow go inside: the errors raised here already name it."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        yield
+    except UnidentifiedImageError:
+        raise ValueError(f"{path.name}: not an image file Pillow can read") from None
+    except Image.DecompressionBombError as exc:  # header of a non-PNG format claims a huge size
+        raise ValueError(f"{path.name}: refused before decoding, far too large ({exc})") from None
+    except (OSError, SyntaxError, ValueError, struct.error) as exc:  # truncated or corrupt
+        raise ValueError(f"{path.name}: cannot decode image ({exc})") from None
 
 
 def load_photo(path: str | Path, decode: bool = True):
@@ -48,56 +68,35 @@ def load_photo(path: str | Path, decode: bool = True):
     a transparent background shows on white, as in a shop). Raises FileNotFoundError or
     ValueError naming the file.
     """
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import Image, ImageOps
 
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"image not found: {path}")
     if not path.is_file():
         raise ValueError(f"{path}: not a regular file")
-    # Pillow's own errors are caught around the calls into it only: a ValueError raised
-    # while parsing (an oversized text chunk) needs the file name, ours already have it.
-    try:
+    with _pillow_errors(path):
         found = _png_header_size(path)
-        if found is not None and _too_large(found):
-            raise _Refused(found)
-        with Image.open(path, formats=IMAGE_FORMATS) as image:
-            if _too_large(image.size):
-                raise _Refused(image.size)
-            if image.mode not in IMAGE_MODES:
-                raise ValueError(
-                    f"{path.name}: pixel mode {image.mode} is not supported; expected an 8-bit "
-                    "grayscale, palette or colour image (16-bit and float images are not)")
-            if not decode:
-                return None
+    if found is not None:  # a PNG's size, read without Pillow
+        _check_size(path, found)
+    with _pillow_errors(path):
+        image = Image.open(path, formats=IMAGE_FORMATS)
+    with image:
+        _check_size(path, image.size)
+        if image.mode not in IMAGE_MODES:
+            raise ValueError(
+                f"{path.name}: pixel mode {image.mode} is not supported; expected an 8-bit "
+                "grayscale, palette or colour image (16-bit and float images are not)")
+        if not decode:
+            return None
+        with _pillow_errors(path):
             image.load()
-            image = ImageOps.exif_transpose(image)
-            has_alpha = image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (
-                "transparency" in image.info)
-            if has_alpha:
-                rgba = image.convert("RGBA")
-                picture = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                picture.alpha_composite(rgba)
+            upright = ImageOps.exif_transpose(image)
+            if upright.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in upright.info:
+                picture = Image.new("RGBA", upright.size, (255, 255, 255, 255))
+                picture.alpha_composite(upright.convert("RGBA"))
                 return picture.convert("RGB")
-            return image.convert("L" if image.mode in ("L", "1") else "RGB")
-    except _Refused as refused:
-        width, height = refused.args[0]
-        raise ValueError(f"{path.name}: image is {width}x{height} pixels, too large to decode "
-                         f"safely (at most {MAX_PHOTO_PIXELS:,} pixels)") from None
-    except UnidentifiedImageError:
-        raise ValueError(f"{path.name}: not an image file Pillow can read") from None
-    except Image.DecompressionBombError as exc:  # header of a non-PNG format claims a huge size
-        raise ValueError(f"{path.name}: refused before decoding, far too large ({exc})") from None
-    except ValueError as exc:
-        if str(exc).startswith(f"{path.name}: "):
-            raise
-        raise ValueError(f"{path.name}: cannot decode image ({exc})") from None
-    except (OSError, SyntaxError, struct.error) as exc:  # truncated or corrupt data
-        raise ValueError(f"{path.name}: cannot decode image ({exc})") from None
-
-
-class _Refused(Exception):
-    """A photo's header gives a size above MAX_PHOTO_PIXELS."""
+            return upright.convert("L" if upright.mode in ("L", "1") else "RGB")
 
 
 def fit_photo(image, size: int, channels: int) -> np.ndarray:
