@@ -166,6 +166,15 @@ class Kiosk:
             f"document.querySelector('#sliders').dataset.z === JSON.stringify({wanted})")
         self.settle()
 
+    def wait_for_z_other_than(self, z):
+        """Until the sliders leave z (compared as numbers, not as JSON text), then until
+        picture and list show where they went."""
+        left = json.dumps(list(z))
+        self.page.wait_for_function(
+            "JSON.stringify(JSON.parse(document.querySelector('#sliders').dataset.z)) !== "
+            f"JSON.stringify({left})")
+        self.settle()
+
     def list_text(self) -> str:
         return self.page.locator("#matches").inner_text()
 
@@ -288,9 +297,7 @@ def test_slider_follows_a_finger(page, runtime):
 
 def test_surprise_me_then_reset(page, runtime):
     page.page.locator("#surprise").tap()
-    opening = json.dumps(page.opening_z.tolist())
-    page.page.wait_for_function(f"document.querySelector('#sliders').dataset.z !== '{opening}'")
-    page.settle()
+    page.wait_for_z_other_than(page.opening_z.tolist())
     z = page.check_consistent()
     assert z.shape == (runtime.latent_dim,) and not np.array_equal(z, page.opening_z)
     page.page.locator("#reset").tap()
@@ -326,9 +333,7 @@ def test_morph_between_two_items(page, runtime):
 
 def test_screenshot_at_1080p(page, tmp_path):
     page.page.locator("#surprise").tap()
-    opening = json.dumps(page.opening_z.tolist())
-    page.page.wait_for_function(f"document.querySelector('#sliders').dataset.z !== '{opening}'")
-    page.settle()
+    page.wait_for_z_other_than(page.opening_z.tolist())
     # Every thumbnail has arrived and the page fits a 1080p screen without scrolling.
     page.page.wait_for_function(
         "[...document.querySelectorAll('#matches img')].every(i => i.complete && i.naturalWidth)")
