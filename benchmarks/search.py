@@ -89,6 +89,7 @@ def floor_search(z, columns, window):
 def load_module(path: Path):
     spec = importlib.util.spec_from_file_location("other_search", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # a dataclass looks its module up there
     spec.loader.exec_module(module)
     return module
 
