@@ -429,7 +429,8 @@ def test_a_pinch_does_not_zoom_the_page(browser, page):
 
 
 def test_the_page_resets_itself_when_idle_then_attracts(browser, runtime):
-    server, thread = serve(runtime, idle_reset=3, attract=2)
+    # Timers far enough apart that a slow machine keeps the steps in order.
+    server, thread = serve(runtime, idle_reset=6, attract=3)
     view = Kiosk(browser, server, runtime)
     try:
         page = view.page
@@ -447,7 +448,7 @@ def test_the_page_resets_itself_when_idle_then_attracts(browser, runtime):
         assert page.locator("#slot-b").get_attribute("data-id") is None
         assert page.locator("#morph-play").is_disabled()
 
-        # Attract mode: 2 s later the page shows a catalog item from the results by itself.
+        # Attract mode: 3 s later the page shows a catalog item from the results by itself.
         assert page.evaluate("document.body.dataset.attract") == "true"
         shown = view.shown_ids()
         page.wait_for_function("document.body.dataset.loaded", timeout=10_000)
@@ -458,7 +459,7 @@ def test_the_page_resets_itself_when_idle_then_attracts(browser, runtime):
         # A touch ends it, and the garment stays.
         page.locator("h1").tap()
         assert page.evaluate("document.body.dataset.attract") == "false"
-        page.wait_for_timeout(2500)  # past attract's step, short of the next idle reset
+        page.wait_for_timeout(4000)  # past attract's step, short of the next idle reset
         np.testing.assert_array_equal(view.z, view.mu(loaded))
         assert view.problems == []
     finally:
