@@ -31,6 +31,7 @@
     // the next number; an answer that arrives for an older number is dropped: newest wins.
     intent: 0,
     picks: 0,            // the same for morph picks, which start over clears
+    slotPicks: { a: 0, b: 0 }, // per slot: a later press of A (or B) wins over an earlier one
     slots: { a: null, b: null },
     morphFrame: null,
     inFlight: false,
@@ -216,6 +217,7 @@
           continue;
         }
         showStatus(`Could not update: ${err.message}`, true);
+        checkServer();
       }
       const wait = MIN_INTERVAL_MS - (performance.now() - started);
       if (wait > 0) await sleep(wait);
@@ -232,7 +234,30 @@
     const was = document.body.dataset.offline === "true";
     document.body.dataset.offline = online ? "false" : "true";
     if (!online && !was) showStatus("Reconnecting to the kiosk server\u2026", true);
-    if (online && was) showStatus("", false);
+    if (online && was) {
+      showStatus("", false);
+      checkServer();
+    }
+  }
+
+  // An action (tap, Surprise me, A/B) that failed because the server was away is not
+  // repeated, but the page must not keep its error once the server is back: the pump
+  // re-sends the z on screen until it is answered, shows "Reconnecting" meanwhile and
+  // clears the error when the server answers.
+  function healLater(err) {
+    if (err && err.retry) scheduleUpdate();
+  }
+
+  // A server restarted with another bundle (a new model or catalog) answers differently from
+  // the one this page was built for: the page starts afresh rather than showing sliders,
+  // ranges and items that no longer exist.
+  async function checkServer() {
+    try {
+      const info = await api("/api/info");
+      if (JSON.stringify(info) !== JSON.stringify(state.info)) window.location.reload();
+    } catch (err) {
+      // unreachable: the pump keeps trying and checks again when it is back
+    }
   }
 
   function renderGarment(decoded) {
@@ -430,6 +455,7 @@
       if (ticket === state.intent && !quiet) {
         showStatus(`Could not load ${nameOf(item)}: ${err.message}`, true);
       }
+      healLater(err);
     }
   }
 
@@ -440,6 +466,7 @@
       if (ticket === state.intent) setZ(sample.z);
     } catch (err) {
       if (ticket === state.intent) showStatus(`Could not surprise you: ${err.message}`, true);
+      healLater(err);
     }
   }
 
@@ -468,9 +495,11 @@
 
   async function chooseSlot(slot, item) {
     const ticket = state.picks;
+    state.slotPicks[slot] += 1;
+    const slotTicket = state.slotPicks[slot];
     try {
       const full = await api(itemPath(item.id));
-      if (ticket !== state.picks) return;
+      if (ticket !== state.picks || slotTicket !== state.slotPicks[slot]) return;
       state.slots[slot] = full;
       const figure = $(`slot-${slot}`);
       figure.querySelector("img").src = item.image;
@@ -485,6 +514,7 @@
         : `Now press ${state.slots.a ? "B" : "A"} under another piece.`;
     } catch (err) {
       showStatus(`Could not choose ${nameOf(item)}: ${err.message}`, true);
+      healLater(err);
     }
   }
 
@@ -573,6 +603,8 @@
       state.idleTimer = setTimeout(() => {
         if (document.activeElement) document.activeElement.blur();
         window.scrollTo(0, 0);
+        $("matches").scrollTop = 0;
+        checkServer();
         showStatus("", false);
         startOver();
         document.body.dataset.idleResets = String(Number(document.body.dataset.idleResets || 0) + 1);
