@@ -515,6 +515,64 @@ def test_the_page_waits_for_its_server_and_recovers_from_a_restart(browser, runt
             thread.join(timeout=10)
 
 
+def test_a_tap_that_failed_in_an_outage_heals_when_the_server_is_back(browser, runtime):
+    server, thread = serve(runtime)
+    port = server.server_address[1]
+    view = Kiosk(browser, server, runtime)
+    try:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+        view.page.locator("#surprise").tap()
+        view.page.wait_for_selector("#status.error")
+        server, thread = serve(runtime, port=port)
+        # Nobody touches the page: the message goes and the page shows its sliders' z.
+        view.page.wait_for_function(
+            "!document.querySelector('#status').classList.contains('error') && "
+            "document.body.dataset.offline === 'false'", timeout=20_000)
+        view.settle(timeout=20_000)
+        np.testing.assert_array_equal(view.check_consistent(), view.opening_z)
+    finally:
+        view.close()
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+def test_a_server_back_with_another_bundle_reloads_the_page(browser, runtime, shipped):
+    """The kiosk restarted on a new model: the page rebuilds itself for it, untouched."""
+    server, thread = serve(runtime)
+    port = server.server_address[1]
+    view = Kiosk(browser, server, runtime)
+    try:
+        assert view.page.locator("#sliders input").count() == runtime.latent_dim
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+        view.drag("#sliders input[data-dim='0']", 0.95)
+        view.page.wait_for_function("document.body.dataset.offline === 'true'")
+        new_runtime = shipped[1]
+        assert new_runtime.latent_dim != runtime.latent_dim
+        server, thread = serve(new_runtime, port=port)
+        view.page.wait_for_function(
+            f"document.querySelectorAll('#sliders input').length === {new_runtime.latent_dim}",
+            timeout=20_000)
+        view.runtime = new_runtime
+        view.opening_z = view.mu(new_runtime.index.ids[0])
+        view.settle(timeout=20_000)
+        np.testing.assert_array_equal(view.check_consistent(), view.opening_z)
+        assert view.page.locator("#status.error").count() == 0
+        # The only console errors are failed requests: refused in the outage, then the old z
+        # refused (400) by the new model, which sends the page to start afresh.
+        assert all(problem.startswith("Failed to load resource")
+                   for problem in view.problems), view.problems
+    finally:
+        view.close()
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
 # Answers from the kiosk's own server held back in the browser: a slow network, in a test.
 DELAY_ANSWERS = """
 (() => {
@@ -552,6 +610,22 @@ def test_the_newest_action_wins_over_late_answers(browser, kiosk, runtime):
         z = view.check_consistent()
         assert z[1] < -2.5
         np.testing.assert_array_equal(np.delete(z, 1), np.delete(view.mu(second), 1))
+        assert view.problems == []
+    finally:
+        view.close()
+
+
+def test_the_latest_press_of_a_slot_wins_over_a_late_answer(browser, kiosk, runtime):
+    view = Kiosk(browser, kiosk, runtime, init_script=DELAY_ANSWERS)
+    try:
+        page = view.page
+        first, second = view.shown_ids()[:2]
+        page.evaluate(f"window.delayed['/api/item/{first}'] = 1500")
+        page.locator(f"#matches .match[data-id='{first}'] [data-slot='a']").tap()
+        page.locator(f"#matches .match[data-id='{second}'] [data-slot='a']").tap()
+        page.wait_for_function(f"document.querySelector('#slot-a').dataset.id === '{second}'")
+        page.wait_for_timeout(2000)  # the first press's answer has arrived by now
+        assert page.locator("#slot-a").get_attribute("data-id") == second
         assert view.problems == []
     finally:
         view.close()
