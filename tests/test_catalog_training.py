@@ -154,7 +154,7 @@ def test_bad_rows_are_refused_with_their_lines_and_nothing_is_written(tmp_path, 
     decoding, message = result.output.strip().split("\n")
     assert decoding.startswith(f"photos: decoding {ITEMS} photos into {cache}")
     assert message.startswith(f"Error: {catalog_csv}: 2 bad photos: line 11: image not found: ")
-    assert "; line 23: item-021.png: not an image file Pillow can read;" in message
+    assert "; line 23: item-021.png: not a PNG, JPEG, WebP, BMP, GIF or PPM image;" in message
     assert not out.exists()
     assert not list(cache.iterdir())  # no cache, and no temporary left behind
 
