@@ -109,10 +109,14 @@ def read_catalog(path: str | Path, *, skip_bad: bool = False,
         if missing:
             raise ValueError(f"{source}: header has no {' or '.join(missing)} column; expected "
                              f"columns id, image[, label, ...], got {', '.join(names)[:200]}")
+        empty = [str(i) for i, name in enumerate(names, start=1) if not name]
+        if empty:  # a spreadsheet's trailing empty columns, say
+            raise ValueError(f"{source}: header has an empty column name (column "
+                             f"{', '.join(empty[:SHOWN_ERRORS])}); name the column or delete it")
         repeated = sorted({name for name in names if names.count(name) > 1})
-        if repeated or "" in names:
-            raise ValueError(f"{source}: header has {'repeated' if repeated else 'empty'} "
-                             f"column names{': ' + ', '.join(repeated) if repeated else ''}")
+        if repeated:
+            raise ValueError(f"{source}: header has repeated column names: "
+                             f"{', '.join(repeated)}")
         id_at, image_at = names.index("id"), names.index("image")
         label_at = names.index("label") if "label" in names else None
         extra = [i for i, name in enumerate(names) if name not in ("id", "image", "label")]

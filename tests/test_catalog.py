@@ -54,6 +54,8 @@ def test_bad_rows_are_named_by_csv_line(tmp_path):
     (b"", "empty file; expected a header row with id and image"),
     (b"sku,image\nA,a.png\n", "header has no id column; expected columns id, image"),
     (b"id,image,name,name\nA,a.png,x,y\n", "header has repeated column names: name"),
+    (b"id,image,label,,\nA,a.png,x,,\n", "header has an empty column name (column 4, 5); "
+                                          "name the column or delete it"),
     (b"id,image\n", "no items; expected at least one row after the header"),
     (b"id,image\nA,\"a.png\n", "malformed CSV at line 2: unexpected end of data"),
     (b"id,image\n\xe9,a.png\n", r"not UTF-8 text (byte 9: invalid continuation byte)"),
