@@ -244,3 +244,25 @@ def test_example_catalog_is_a_mixed_colour_catalog(tmp_path, data_dir):
     assert (pixels[:, 0] != pixels[:, 2]).any()  # colour, not gray
     with pytest.raises(FileExistsError, match="exists"):
         make_example_catalog(tmp_path / "example", size=5, data_dir=data_dir)
+
+
+def test_resuming_on_other_data_or_options_says_what_changed(tmp_path, catalog_csv):
+    import shutil
+
+    cache, out = tmp_path / "cache", tmp_path / "run"
+    args = ["--epochs", "1", "--cache-dir", cache, "--out", out, *TINY]
+    assert run_train("--catalog", catalog_csv, *args).exit_code == 0
+    moved = tmp_path / "moved"
+    shutil.copytree(catalog_csv.parent, moved)
+    result = run_train("--catalog", moved / "catalog.csv", *args, "--resume")
+    assert result.exit_code == 2
+    message = result.output.strip().split("\n")[-1]
+    assert message.startswith(f"Error: {out / 'checkpoint.pt'} was made from other data; resume "
+                              f"with the same data and options (recorded -> now: csv "
+                              f"'{catalog_csv.resolve()}' -> '{(moved / 'catalog.csv').resolve()}'"
+                              ", fingerprint '"), message
+    assert "holdout_ids" not in message and len(message) < 600
+    result = run_train("--catalog", catalog_csv, *args[:1], "2", *args[2:], "--resume")
+    assert result.exit_code == 2
+    assert result.output.strip().endswith("was made with another configuration; resume with the "
+                                          "same options (recorded -> now: epochs 1 -> 2)")
