@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -72,6 +73,8 @@ def _id_problem(item_id: str) -> str | None:
         return f"id longer than {MAX_ID_LENGTH} characters"
     if item_id != item_id.strip() or any(ord(c) < 32 or ord(c) == 127 for c in item_id):
         return f"id {item_id[:40]!r} has surrounding spaces or control characters"
+    if item_id in (".", ".."):  # a browser drops them from /api/item/<id> URLs, even encoded
+        return f"id {item_id!r} cannot be used in a web address"
     return None
 
 
@@ -93,7 +96,10 @@ def read_catalog(path: str | Path, *, skip_bad: bool = False,
     except UnicodeDecodeError as exc:
         raise ValueError(f"{source}: not UTF-8 text (byte {exc.start}: {exc.reason}); save the "
                          "CSV as UTF-8") from None
-    reader = csv.reader(text.splitlines(keepends=True), strict=True)
+    # Lines end at \n, \r or \r\n only, as CSV says: str.splitlines would also end them at
+    # U+2028, NEL, form feed and others that may sit inside a product's name.
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    line = 1  # where the record being read starts
     try:
         header = next(reader, None)
         if header is None:
@@ -103,10 +109,14 @@ def read_catalog(path: str | Path, *, skip_bad: bool = False,
         if missing:
             raise ValueError(f"{source}: header has no {' or '.join(missing)} column; expected "
                              f"columns id, image[, label, ...], got {', '.join(names)[:200]}")
+        empty = [str(i) for i, name in enumerate(names, start=1) if not name]
+        if empty:  # a spreadsheet's trailing empty columns, say
+            raise ValueError(f"{source}: header has an empty column name (column "
+                             f"{', '.join(empty[:SHOWN_ERRORS])}); name the column or delete it")
         repeated = sorted({name for name in names if names.count(name) > 1})
-        if repeated or "" in names:
-            raise ValueError(f"{source}: header has {'repeated' if repeated else 'empty'} "
-                             f"column names{': ' + ', '.join(repeated) if repeated else ''}")
+        if repeated:
+            raise ValueError(f"{source}: header has repeated column names: "
+                             f"{', '.join(repeated)}")
         id_at, image_at = names.index("id"), names.index("image")
         label_at = names.index("label") if "label" in names else None
         extra = [i for i, name in enumerate(names) if name not in ("id", "image", "label")]
@@ -122,7 +132,9 @@ def read_catalog(path: str | Path, *, skip_bad: bool = False,
             else:
                 item_id = fields[id_at]
                 problem = _id_problem(item_id)
-                if problem is None and item_id in seen:
+                if problem is None and item_id in known_ids:
+                    problem = f"id {item_id!r} is already in the bundle"
+                elif problem is None and item_id in seen:
                     problem = f"id {item_id!r} repeated"
                 elif problem is None and not fields[image_at].strip():
                     problem = "empty image path"
@@ -131,8 +143,9 @@ def read_catalog(path: str | Path, *, skip_bad: bool = False,
                 continue
             seen.add(item_id)
             rows.append((start, fields))
-    except csv.Error as exc:
-        raise ValueError(f"{source}: malformed CSV at line {reader.line_num}: {exc}") from None
+    except csv.Error as exc:  # named by the line its record starts on: an unclosed quote
+        # runs on to the end of the file
+        raise ValueError(f"{source}: malformed CSV at line {line}: {exc}") from None
     if problems and not skip_bad:
         raise bad_rows_error(source, problems)
     if not rows:

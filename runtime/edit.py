@@ -42,6 +42,13 @@ class EditReport:
     size: int = 0  # items in the bundle afterwards
 
 
+def _edited(bundle: str | Path) -> Path:
+    """The directory an edit replaces: a symbolic link (bundles/current -> v3) stays a link
+    to the edited bundle, `.` or `../shop` name the directory itself, and every spelling of
+    one bundle takes the same lock."""
+    return Path(bundle).resolve()
+
+
 def add_items(bundle: str | Path, csv_path: str | Path, *, skip_bad: bool = False,
               progress: Callable[[int], None] | None = None, log=print) -> EditReport:
     """Encode the photos of a catalog CSV and add them to the bundle.
@@ -51,8 +58,9 @@ def add_items(bundle: str | Path, csv_path: str | Path, *, skip_bad: bool = Fals
     is left empty); a new label becomes a new label name. Bad rows refuse the whole CSV with
     ValueError naming their lines, nothing written, unless skip_bad.
     """
-    with exclusive(Path(bundle)):
-        return _add_items(Path(bundle), csv_path, skip_bad, progress, log)
+    bundle = _edited(bundle)
+    with exclusive(bundle):
+        return _add_items(bundle, csv_path, skip_bad, progress, log)
 
 
 def _add_items(bundle: Path, csv_path, skip_bad: bool, progress, log) -> EditReport:
@@ -102,8 +110,9 @@ def _add_items(bundle: Path, csv_path, skip_bad: bool, progress, log) -> EditRep
 def remove_items(bundle: str | Path, ids, log=print) -> EditReport:
     """Take the items with these ids out of the bundle. An id the bundle does not have is a
     ValueError (nothing written); so is removing every item (a bundle has at least one)."""
-    with exclusive(Path(bundle)):
-        return _remove_items(Path(bundle), [str(item_id) for item_id in ids], log)
+    bundle = _edited(bundle)
+    with exclusive(bundle):
+        return _remove_items(bundle, [str(item_id) for item_id in ids], log)
 
 
 def _remove_items(bundle: Path, ids: list[str], log) -> EditReport:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import struct
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from .atomic import atomic_file
 # Pillow can parse dozens of formats; a catalog needs a few, and every parser left out is
 # one less that untrusted bytes can reach.
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "PPM")
+FORMATS_TEXT = "PNG, JPEG, WebP, BMP, GIF or PPM"
 # 8-bit modes (alpha included). 16-bit and float modes ("I;16", "I", "F") are refused: their
 # value range is not fixed, so converting them to 8 bits would be a guess.
 IMAGE_MODES = ("L", "1", "P", "RGB", "RGBA", "LA", "PA", "CMYK", "YCbCr", "La", "RGBa")
@@ -48,7 +50,8 @@ def _pillow_errors(path: Path):
     try:
         yield
     except UnidentifiedImageError:
-        raise ValueError(f"{path.name}: not an image file Pillow can read") from None
+        # Pillow may well read it (TIFF, HEIC with a plugin): only IMAGE_FORMATS are opened
+        raise ValueError(f"{path.name}: not a {FORMATS_TEXT} image") from None
     except Image.DecompressionBombError as exc:  # header of a non-PNG format claims a huge size
         raise ValueError(f"{path.name}: refused before decoding, far too large ({exc})") from None
     except (OSError, SyntaxError, ValueError, struct.error) as exc:  # truncated or corrupt
@@ -79,7 +82,9 @@ def load_photo(path: str | Path, decode: bool = True):
         found = _png_header_size(path)
     if found is not None:  # a PNG's size, read without Pillow
         _check_size(path, found)
-    with _pillow_errors(path):
+    with _pillow_errors(path), warnings.catch_warnings():
+        # Pillow warns (on stderr) of sizes its own limit calls large; _check_size refuses them
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         image = Image.open(path, formats=IMAGE_FORMATS)
     with image:
         _check_size(path, image.size)

@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import functools
+import hashlib
 import ipaddress
 import json
 import re
@@ -217,6 +218,12 @@ class KioskApp:
         self._id_rows = np.argsort(ids, kind="stable")
         self._sorted_ids = ids[self._id_rows]
         self.item_png = functools.lru_cache(maxsize=ITEM_IMAGE_CACHE)(self._item_png)
+        # Part of every picture's URL: a browser may keep a picture for an hour, and an item
+        # removed and added again with a new photo (vae-run remove, add, a restart) keeps its id.
+        files = runtime.manifest["files"]
+        self.image_version = hashlib.sha256("".join(
+            f"{name}\0{files[name]['sha256']}\n" for name in sorted(files)).encode()
+        ).hexdigest()[:16]
 
     def info(self) -> dict:
         rt = self.runtime
@@ -270,7 +277,7 @@ class KioskApp:
             {"rank": rank, "id": str(item_id), "row": int(row), "label": names[label],
              "label_id": int(label), "log_likelihood": float(score),
              "probability": float(probability), "metadata": metadata,
-             "image": item_image_url(item_id)}
+             "image": item_image_url(item_id, self.image_version)}
             for rank, (row, item_id, label, score, probability, metadata) in enumerate(
                 zip(matches.rows, matches.ids, matches.labels, matches.log_likelihoods,
                     matches.probabilities, matches.metadata),
@@ -294,7 +301,7 @@ class KioskApp:
                 "label_id": label, "metadata": index.item_metadata(row),
                 "mu": index.mu[row].astype(np.float64).tolist(),
                 "log_sigma": index.log_sigma[row].astype(np.float64).tolist(),
-                "image": item_image_url(item_id)}
+                "image": item_image_url(item_id, self.image_version)}
 
     def item_image(self, item_id: str) -> tuple[bytes, str]:
         """The item's picture and its content type: the catalog photo's thumbnail, or where
@@ -309,8 +316,10 @@ class KioskApp:
         return png_bytes(self.runtime.decode(self.runtime.index.mu[row].astype(np.float64)))
 
 
-def item_image_url(item_id: str) -> str:
-    return f"/api/item/{quote(str(item_id), safe='')}/image"
+def item_image_url(item_id: str, version: str) -> str:
+    """The item's picture: `v` names the bundle's contents, so a cached picture of an
+    earlier bundle is never shown for an item of this one."""
+    return f"/api/item/{quote(str(item_id), safe='')}/image?v={version}"
 
 
 def slider_ends(runtime: Runtime) -> list[list[str]]:
@@ -671,7 +680,7 @@ class KioskAsgi:
                                            query.get("by", "latent")))
         match = ITEM_PATH.match(path)
         if match:
-            self._fields(query, (), ())
+            self._fields(query, (), ("v",) if match.group(2) else ())  # v: only for caches
             try:
                 item_id = unquote(match.group(1), errors="strict")
             except UnicodeDecodeError:

@@ -7,6 +7,7 @@ precise message; on the CLI, exit status 2 and one line, never a traceback.
 from __future__ import annotations
 
 import struct
+import warnings
 import zlib
 
 import numpy as np
@@ -267,10 +268,11 @@ def make_files(tmp_path):
     add("deep.png", "deep.png: pixel mode I;16 is not supported; expected an 8-bit grayscale, "
         "palette or colour image (16-bit and float images are not)",
         lambda p: Image.new("I;16", (28, 28)).save(p))
-    add("empty.png", "empty.png: not an image file Pillow can read", lambda p: p.write_bytes(b""))
-    add("text.png", "text.png: not an image file Pillow can read",
+    add("empty.png", "empty.png: not a PNG, JPEG, WebP, BMP, GIF or PPM image",
+        lambda p: p.write_bytes(b""))
+    add("text.png", "text.png: not a PNG, JPEG, WebP, BMP, GIF or PPM image",
         lambda p: p.write_text("a,b,c\n1,2,3\n"))
-    add("image.tiff", "image.tiff: not an image file Pillow can read",  # format not accepted
+    add("image.tiff", "image.tiff: not a PNG, JPEG, WebP, BMP, GIF or PPM image",  # not accepted
         lambda p: Image.new("L", (28, 28)).save(p, format="TIFF"))
 
     def truncated(p):
@@ -298,6 +300,17 @@ def test_image_files_refused(tmp_path):
         assert str(info.value).startswith(message), name
     with pytest.raises(FileNotFoundError, match="^image not found: "):
         read_image(tmp_path / "missing.png", 28, 1)
+
+
+def test_a_size_pillow_warns_of_is_refused_without_its_warning(tmp_path):
+    """100 megapixels: above MAX_PHOTO_PIXELS and Pillow's warning size, below its error
+    size. The refusal is the one line; Pillow's DecompressionBombWarning is not printed."""
+    path = tmp_path / "big.bmp"
+    path.write_bytes(bomb_bmp(10_000, 10_000))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match="^big.bmp: image is 10000x10000 pixels, too large"):
+            read_image(path, 28, 1)
 
 
 def test_cli_image_files_refused_with_one_line(tiny_bundle, tmp_path):

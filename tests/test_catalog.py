@@ -54,6 +54,8 @@ def test_bad_rows_are_named_by_csv_line(tmp_path):
     (b"", "empty file; expected a header row with id and image"),
     (b"sku,image\nA,a.png\n", "header has no id column; expected columns id, image"),
     (b"id,image,name,name\nA,a.png,x,y\n", "header has repeated column names: name"),
+    (b"id,image,label,,\nA,a.png,x,,\n", "header has an empty column name (column 4, 5); "
+                                          "name the column or delete it"),
     (b"id,image\n", "no items; expected at least one row after the header"),
     (b"id,image\nA,\"a.png\n", "malformed CSV at line 2: unexpected end of data"),
     (b"id,image\n\xe9,a.png\n", r"not UTF-8 text (byte 9: invalid continuation byte)"),
@@ -67,6 +69,37 @@ def test_malformed_csv_is_refused_even_with_skip_bad(tmp_path, content, message)
         assert str(info.value).startswith(f"{csv}: {message}"), str(info.value)
     with pytest.raises(FileNotFoundError, match="catalog CSV not found: "):
         read_catalog(tmp_path / "missing.csv")
+
+
+def test_unicode_line_separators_inside_a_field_are_text(tmp_path):
+    """CSV rows end at \\n, \\r or \\r\\n: a name with U+2028, NEL or a form feed (pasted
+    from a web page or a word processor) is one field, quoted or not."""
+    csv = tmp_path / "shop.csv"
+    csv.write_text("id,image,name\r\n"
+                   "A,a.png,Red\u2028shirt\r\n"
+                   "B,a.png,\"Green\u2029shirt\"\r\n"
+                   "C,a.png,Blue\x85shirt\r\n"
+                   "D,a.png,Black\x0cshirt\x0b\x1c\x1d\x1e\r\n", encoding="utf-8")
+    catalog = read_catalog(csv)
+    assert catalog.ids == ("A", "B", "C", "D") and catalog.lines == (2, 3, 4, 5)
+    assert catalog.metadata == (("Red\u2028shirt",), ("Green\u2029shirt",), ("Blue\x85shirt",),
+                                ("Black\x0cshirt\x0b\x1c\x1d\x1e",))
+
+
+def test_an_unclosed_quote_is_named_by_the_line_it_opens(tmp_path):
+    csv = tmp_path / "shop.csv"
+    csv.write_text("id,image,name\nA,a.png,\"oops\n" + "".join(
+        f"B{i},a.png,ok\n" for i in range(50)), encoding="utf-8")
+    with pytest.raises(ValueError, match="malformed CSV at line 2: unexpected end of data"):
+        read_catalog(csv)
+
+
+def test_ids_a_web_address_cannot_hold_are_bad_rows(tmp_path):
+    csv = write_csv(tmp_path / "shop.csv", "id,image\n.,a.png\n..,a.png\n...,a.png\n")
+    with pytest.raises(ValueError, match=r"line 2: id '\.' cannot be used in a web address; "
+                                         r"line 3: id '\.\.' cannot be used in a web address;"):
+        read_catalog(csv)
+    assert read_catalog(csv, skip_bad=True).ids == ("...",)
 
 
 def test_a_spreadsheet_bom_and_absolute_paths_are_accepted(tmp_path):
@@ -91,8 +124,8 @@ def test_unreadable_photos_are_bad_rows(tmp_path):
     assert decoded == []  # refused from the photos' headers, before any was decoded
     assert str(info.value) == (
         f"{csv}: 2 bad photos: line 3: image not found: {tmp_path / 'missing.png'}; line 4: "
-        "text.png: not an image file Pillow can read; fix them or pass --skip-bad to leave "
-        "them out")
+        "text.png: not a PNG, JPEG, WebP, BMP, GIF or PPM image; fix them or pass --skip-bad to "
+        "leave them out")
     kept, pixels, _ = fit_catalog(catalog, 16, 3, skip_bad=True)
     assert kept.ids == ("A", "D") and pixels.shape == (2, 3, 16, 16)
     assert [s.split(":")[0] for s in kept.skipped] == ["line 3", "line 4"]
@@ -136,7 +169,8 @@ def test_items_added_on_the_device_are_their_own_best_match(bundle_copy, tmp_pat
     before = bundle_bytes(bundle_copy)
     again = CliRunner().invoke(run_main, ["add", "--bundle", str(bundle_copy), str(csv)])
     assert again.exit_code == 2
-    assert again.output.startswith(f"Error: {csv}: 7 bad rows: line 2: id 'NEW-0' repeated;")
+    assert again.output.startswith(
+        f"Error: {csv}: 7 bad rows: line 2: id 'NEW-0' is already in the bundle;")
     assert bundle_bytes(bundle_copy) == before
 
     removed = CliRunner().invoke(run_main, ["remove", "--bundle", str(bundle_copy),
@@ -157,6 +191,22 @@ def test_remove_refuses_unknown_ids_and_an_empty_catalog(bundle_copy):
     with pytest.raises(ValueError, match="removing every item would leave an empty catalog"):
         remove_items(bundle_copy, [str(i) for i in range(5000)], log=lambda m: None)
     assert bundle_bytes(bundle_copy) == before
+
+
+def test_edits_through_a_symbolic_link_or_dot_change_the_bundle_itself(bundle_copy, tmp_path,
+                                                                      monkeypatch):
+    """bundles/current -> v1 stays a link to the edited bundle; `--bundle .` works."""
+    link = tmp_path / "current"
+    link.symlink_to(bundle_copy.name)
+    result = CliRunner().invoke(run_main, ["remove", "--bundle", str(link), "3"])
+    assert result.exit_code == 0, result.output
+    assert link.is_symlink() and len(Runtime.load(bundle_copy).index) == 4999
+    monkeypatch.chdir(bundle_copy)
+    result = CliRunner().invoke(run_main, ["remove", "--bundle", ".", "4"])
+    assert result.exit_code == 0, result.output
+    assert len(Runtime.load(bundle_copy).index) == 4998
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".bundle.lock", "bundle", "current"]
+    assert not [p.name for p in bundle_copy.iterdir() if p.name.startswith(".")]
 
 
 def test_add_refuses_columns_the_bundle_does_not_have(bundle_copy, tmp_path):

@@ -171,3 +171,41 @@ def test_the_kiosk_page_shows_the_catalog_photos_names_and_prices(shop):
         server.shutdown()
         server.server_close()
         thread.join(timeout=10)
+
+
+def test_a_link_too_long_for_a_qr_code_leaves_the_other_results_shown(shop, tmp_path):
+    """Items whose url no QR code can hold (3,000 characters) show without a code; the rest
+    of the list, with its codes, still shows."""
+    from tests.test_browser import K, browser_or_skip, serve
+    from vae_edge.runtime.edit import add_items
+
+    csv, original = shop
+    bundle = tmp_path / "bundle"
+    shutil.copytree(original, bundle)
+    long_url = "https://shop.example/p?ref=" + "a" * 3000
+    new_csv = write_csv(tmp_path / "long.csv", [  # every photo again: some among any matches
+        {"id": f"LONG-{row['id']}", "image": str(csv.parent / row["image"]),
+         "label": row["label"], "name": "Long link", "price": "1", "url": long_url}
+        for row in read_rows(csv)])
+    add_items(bundle, new_csv, log=lambda message: None)
+    server, thread = serve(Runtime.load(bundle))
+    try:
+        with browser_or_skip() as chromium:
+            page = chromium.new_page()
+            problems = []
+            page.on("pageerror", lambda exc: problems.append(str(exc)))
+            page.goto(server.url)
+            page.wait_for_selector("#matches .match .name")
+            ids = page.eval_on_selector_all("#matches .match", "els => els.map(e => e.dataset.id)")
+            long = [i for i in ids if i.startswith("LONG-")]
+            assert len(ids) == K and 0 < len(long) < K, ids
+            for item_id in ids:
+                qr = page.locator(f"#matches .match[data-id='{item_id}'] .qr")
+                assert qr.is_hidden() == (item_id in long)
+                assert qr.locator("svg").count() == (item_id not in long)
+            assert page.locator("#status").inner_text() == ""
+            assert problems == []
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)

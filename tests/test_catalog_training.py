@@ -154,7 +154,7 @@ def test_bad_rows_are_refused_with_their_lines_and_nothing_is_written(tmp_path, 
     decoding, message = result.output.strip().split("\n")
     assert decoding.startswith(f"photos: decoding {ITEMS} photos into {cache}")
     assert message.startswith(f"Error: {catalog_csv}: 2 bad photos: line 11: image not found: ")
-    assert "; line 23: item-021.png: not an image file Pillow can read;" in message
+    assert "; line 23: item-021.png: not a PNG, JPEG, WebP, BMP, GIF or PPM image;" in message
     assert not out.exists()
     assert not list(cache.iterdir())  # no cache, and no temporary left behind
 
@@ -244,3 +244,25 @@ def test_example_catalog_is_a_mixed_colour_catalog(tmp_path, data_dir):
     assert (pixels[:, 0] != pixels[:, 2]).any()  # colour, not gray
     with pytest.raises(FileExistsError, match="exists"):
         make_example_catalog(tmp_path / "example", size=5, data_dir=data_dir)
+
+
+def test_resuming_on_other_data_or_options_says_what_changed(tmp_path, catalog_csv):
+    import shutil
+
+    cache, out = tmp_path / "cache", tmp_path / "run"
+    args = ["--epochs", "1", "--cache-dir", cache, "--out", out, *TINY]
+    assert run_train("--catalog", catalog_csv, *args).exit_code == 0
+    moved = tmp_path / "moved"
+    shutil.copytree(catalog_csv.parent, moved)
+    result = run_train("--catalog", moved / "catalog.csv", *args, "--resume")
+    assert result.exit_code == 2
+    message = result.output.strip().split("\n")[-1]
+    assert message.startswith(f"Error: {out / 'checkpoint.pt'} was made from other data; resume "
+                              f"with the same data and options (recorded -> now: csv "
+                              f"'{catalog_csv.resolve()}' -> '{(moved / 'catalog.csv').resolve()}'"
+                              ", fingerprint '"), message
+    assert "holdout_ids" not in message and len(message) < 600
+    result = run_train("--catalog", catalog_csv, *args[:1], "2", *args[2:], "--resume")
+    assert result.exit_code == 2
+    assert result.output.strip().endswith("was made with another configuration; resume with the "
+                                          "same options (recorded -> now: epochs 1 -> 2)")

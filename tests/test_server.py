@@ -197,7 +197,8 @@ def test_nearest_matches_the_runtime(server, runtime, k, by):
         assert [r["label"] for r in results] == [runtime.label_names[i] for i in expected.labels]
         assert [r["log_likelihood"] for r in results] == expected.log_likelihoods.tolist()
         assert [r["probability"] for r in results] == expected.probabilities.tolist()
-        assert results[0]["image"] == f"/api/item/{results[0]['id']}/image"
+        assert results[0]["image"] == \
+            f"/api/item/{results[0]['id']}/image?v={KioskApp(runtime).image_version}"
         assert [r["metadata"] for r in results] == [{}] * k  # Fashion-MNIST has no metadata
 
 
@@ -295,6 +296,27 @@ NESTED = b"[" * 60000
 def test_bad_input_is_a_400_with_a_json_error(server, method, path, body, message):
     status, payload = call_json(server, method, path, body)
     assert (status, payload) == (400, {"error": message})
+
+
+def test_an_item_picture_url_changes_with_the_bundle(server, runtime, bundle_copy, tmp_path):
+    """Pictures may be cached for an hour: an item removed and added again with another photo
+    (then the kiosk restarted) gets another URL, so a browser never shows the old photo."""
+    from vae_edge.runtime.edit import add_items, remove_items
+
+    url = call_json(server, "GET", "/api/item/3")[1]["image"]
+    status, headers, body = call(server, "GET", url)
+    assert (status, headers["Content-Type"]) == (200, "image/png")
+    assert headers["Cache-Control"] == "private, max-age=3600"
+    assert call_json(server, "GET", "/api/item/3?v=1")[1] == {
+        "error": "unknown field(s): v (allowed: none)"}
+    before = KioskApp(Runtime.load(bundle_copy)).item("3")["image"]
+    assert before == url
+    remove_items(bundle_copy, ["3"], log=lambda message: None)
+    Image.new("L", (28, 28), 200).save(tmp_path / "new.png")
+    (tmp_path / "new.csv").write_text("id,image,label\n3,new.png,Bag\n", encoding="utf-8")
+    add_items(bundle_copy, tmp_path / "new.csv", log=lambda message: None)
+    after = KioskApp(Runtime.load(bundle_copy)).item("3")["image"]
+    assert after != before and after.startswith("/api/item/3/image?v=")
 
 
 def test_unknown_item_is_404(server):

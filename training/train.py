@@ -170,6 +170,19 @@ def model_from_checkpoint(checkpoint: dict) -> VAE:
     return model
 
 
+
+def _changes(recorded: dict, now: dict) -> str:
+    """What differs between two records, one line: "epochs 1 -> 2, csv '/a.csv' -> '/b.csv'"
+    (long lists, such as the held-out ids, cut short)."""
+    def shown(value) -> str:
+        text = repr(value)
+        return text if isinstance(value, str) or len(text) <= 70 else text[:60] + " ...]"
+
+    return ", ".join(f"{key} {shown(recorded.get(key))} -> {shown(now.get(key))}"
+                     for key in sorted(set(recorded) | set(now), key=str)
+                     if recorded.get(key) != now.get(key))
+
+
 def train(
     model_config: VAEConfig,
     config: TrainConfig,
@@ -220,15 +233,15 @@ def train(
     start_epoch = 0
     if resume and checkpoint_path.is_file():
         checkpoint = load_checkpoint(checkpoint_path)
-        if (checkpoint["config"] != model_config.to_dict()
-                or checkpoint["train_config"] != asdict(config)):
-            raise ValueError(
-                f"{checkpoint_path} was made with another configuration; resume with the same "
-                f"options (model {checkpoint['config']}, training {checkpoint['train_config']})"
-            )
-        if checkpoint.get("dataset") != dataset:
+        changed = _changes({**checkpoint["config"], **checkpoint["train_config"]},
+                           {**model_config.to_dict(), **asdict(config)})
+        if changed:
+            raise ValueError(f"{checkpoint_path} was made with another configuration; resume "
+                             f"with the same options (recorded -> now: {changed})")
+        changed = _changes(checkpoint.get("dataset") or {}, dataset or {})
+        if changed:
             raise ValueError(f"{checkpoint_path} was made from other data; resume with the same "
-                             f"data and options (it recorded {checkpoint.get('dataset')})")
+                             f"data and options (recorded -> now: {changed})")
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         history = list(checkpoint["history"])

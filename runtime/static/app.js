@@ -285,10 +285,16 @@
   }
 
   // ---- results -------------------------------------------------------------------------
+  // The link as a QR code, or null where it is longer than a QR code holds (about 2,300
+  // bytes): that item then shows no code rather than stopping the whole list.
   function qrCode(text) {
     const code = qrcode(0, "M");
     code.addData(text);
-    code.make();
+    try {
+      code.make();
+    } catch (err) {
+      return null;
+    }
     const count = code.getModuleCount();
     const quiet = 4;
     const ns = "http://www.w3.org/2000/svg";
@@ -367,13 +373,13 @@
     if (qr.dataset.url !== url) {
       qr.textContent = "";
       qr.dataset.url = url;
-      if (url) {
-        const svg = qrCode(url);
+      const svg = url ? qrCode(url) : null;
+      if (svg) {
         svg.setAttribute("aria-label", `QR code: ${name} in the online shop`);
         qr.append(svg);
       }
     }
-    qr.hidden = !url;
+    qr.hidden = !qr.firstChild;
     for (const button of li.querySelectorAll(".pick button")) {
       const slot = button.dataset.slot.toUpperCase();
       button.setAttribute("aria-label", `Use ${name} as blend ${slot}`);
