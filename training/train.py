@@ -170,7 +170,6 @@ def model_from_checkpoint(checkpoint: dict) -> VAE:
     return model
 
 
-
 def _changes(recorded: dict, now: dict) -> str:
     """What differs between two records, one line: "epochs 1 -> 2, csv '/a.csv' -> '/b.csv'"
     (long lists, such as the held-out ids, cut short)."""
