@@ -57,13 +57,18 @@ class Catalog:
                        lines=pick(self.lines), skipped=self.skipped + tuple(skipped))
 
 
+def first_few(things, separator: str = "; ") -> str:
+    """The first SHOWN_ERRORS of things, joined, and how many more there are."""
+    more = len(things) - SHOWN_ERRORS
+    return (separator.join(str(thing) for thing in things[:SHOWN_ERRORS])
+            + (f" (and {more} more)" if more > 0 else ""))
+
+
 def bad_rows_error(source: Path, problems: list[str], what: str = "row") -> ValueError:
     what = what if len(problems) == 1 else what + "s"
-    shown = "; ".join(problems[:SHOWN_ERRORS])
-    more = f" (and {len(problems) - SHOWN_ERRORS} more)" if len(problems) > SHOWN_ERRORS else ""
     them = "it" if len(problems) == 1 else "them"
-    return ValueError(f"{source}: {len(problems)} bad {what}: {shown}{more}; fix {them} or pass "
-                      f"--skip-bad to leave {them} out")
+    return ValueError(f"{source}: {len(problems)} bad {what}: {first_few(problems)}; fix {them} "
+                      f"or pass --skip-bad to leave {them} out")
 
 
 def _id_problem(item_id: str) -> str | None:
@@ -89,6 +94,8 @@ def read_catalog(path: str | Path, *, skip_bad: bool = False,
     file is refused either way.
     """
     source = Path(path)
+    if source.is_dir():
+        raise ValueError(f"{source} is a directory; expected a catalog CSV file")
     if not source.is_file():
         raise FileNotFoundError(f"catalog CSV not found: {source}")
     try:
@@ -112,7 +119,7 @@ def read_catalog(path: str | Path, *, skip_bad: bool = False,
         empty = [str(i) for i, name in enumerate(names, start=1) if not name]
         if empty:  # a spreadsheet's trailing empty columns, say
             raise ValueError(f"{source}: header has an empty column name (column "
-                             f"{', '.join(empty[:SHOWN_ERRORS])}); name the column or delete it")
+                             f"{first_few(empty, ', ')}); name the column or delete it")
         repeated = sorted({name for name in names if names.count(name) > 1})
         if repeated:
             raise ValueError(f"{source}: header has repeated column names: "

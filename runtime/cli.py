@@ -326,7 +326,7 @@ def serve(runtime: Runtime, host: str, port: int, z_range: float, k: int,
     if not is_loopback(host):
         click.echo(f"note: listening on {host}, so other machines can reach the kiosk", err=True)
     click.echo(f"kiosk on {server.url} (latent dim {runtime.latent_dim}, "
-               f"{len(runtime.index)} catalog items); Ctrl+C stops it")
+               f"{plural(len(runtime.index), 'catalog item')}); Ctrl+C stops it")
     server.run(log=lambda message: click.echo(message, err=True))
 
 
@@ -370,6 +370,7 @@ def add(bundle: Path, csv_file: Path, skip_bad: bool):
     replaced in one step once the new one is complete: a kill leaves the old bundle or the
     new one, and a kiosk already running keeps serving what it loaded until restarted.
     """
+    from .catalog import first_few
     from .edit import add_items
 
     with library_errors(), _edit_progress() as bar:
@@ -377,7 +378,7 @@ def add(bundle: Path, csv_file: Path, skip_bad: bool):
                            log=lambda message: click.echo(message, err=True))
     if report.skipped:
         click.echo(f"skipped {plural(len(report.skipped), 'bad row')}: "
-                   + "; ".join(report.skipped[:5]), err=True)
+                   f"{first_few(report.skipped)}", err=True)
     click.echo(f"added {plural(len(report.added), 'item')}; {bundle} holds {report.size}")
 
 
@@ -387,7 +388,8 @@ def add(bundle: Path, csv_file: Path, skip_bad: bool):
 @click.argument("ids", nargs=-1, required=True)
 def remove(bundle: Path, ids: tuple[str, ...]):
     """Take the items with these IDS out of a bundle (all or nothing: an unknown id changes
-    nothing). Replaced in one step, as for `add`."""
+    nothing). Replaced in one step, as for `add`. An id that starts with a dash goes after
+    `--`: vae-run remove --bundle B -- -5"""
     from .edit import remove_items
 
     with library_errors():

@@ -28,7 +28,7 @@ from .bundle import (
     write_index,
     write_manifest,
 )
-from .catalog import fit_catalog, read_catalog
+from .catalog import first_few, fit_catalog, read_catalog
 from .core import Runtime
 
 ENCODE_BATCH = 256
@@ -75,7 +75,7 @@ def _add_items(bundle: Path, csv_path, skip_bad: bool, progress, log) -> EditRep
                          f"bundle's metadata columns ({known})")
     if rows.labels is None and len(index.label_names) > 1:
         raise ValueError(f"{rows.source}: has no label column; the bundle's items have labels "
-                         f"({', '.join(index.label_names[:5])}...)")
+                         f"({first_few([name for name in index.label_names if name], ', ')})")
     channels, size, _ = rt.image_shape
     thumbnails = rt.manifest["thumbnails"]
     rows, pixels, photos = fit_catalog(
@@ -153,4 +153,4 @@ def _rewrite(rt: Runtime, index: CatalogIndex, log) -> None:
         write_index(tmp, index)
         write_manifest(tmp, manifest)
         Runtime.load(tmp)  # the runtime must accept what we wrote
-    log(f"wrote {rt.root} ({len(index)} items)")
+    log(f"wrote {rt.root} ({len(index)} item{'' if len(index) == 1 else 's'})")

@@ -91,7 +91,8 @@ def load_photo(path: str | Path, decode: bool = True):
         if image.mode not in IMAGE_MODES:
             raise ValueError(
                 f"{path.name}: pixel mode {image.mode} is not supported; expected an 8-bit "
-                "grayscale, palette or colour image (16-bit and float images are not)")
+                "grayscale, palette or colour image (16-bit grayscale and float images are not "
+                "read: save it with 8 bits per channel)")
         if not decode:
             return None
         with _pillow_errors(path):

@@ -266,7 +266,8 @@ def make_files(tmp_path):
         cases[name] = (path, message)
 
     add("deep.png", "deep.png: pixel mode I;16 is not supported; expected an 8-bit grayscale, "
-        "palette or colour image (16-bit and float images are not)",
+        "palette or colour image (16-bit grayscale and float images are not read: save it with 8 "
+        "bits per channel)",
         lambda p: Image.new("I;16", (28, 28)).save(p))
     add("empty.png", "empty.png: not a PNG, JPEG, WebP, BMP, GIF or PPM image",
         lambda p: p.write_bytes(b""))

@@ -69,6 +69,8 @@ def test_malformed_csv_is_refused_even_with_skip_bad(tmp_path, content, message)
         assert str(info.value).startswith(f"{csv}: {message}"), str(info.value)
     with pytest.raises(FileNotFoundError, match="catalog CSV not found: "):
         read_catalog(tmp_path / "missing.csv")
+    with pytest.raises(ValueError, match="is a directory; expected a catalog CSV file"):
+        read_catalog(tmp_path)
 
 
 def test_unicode_line_separators_inside_a_field_are_text(tmp_path):
@@ -207,6 +209,24 @@ def test_edits_through_a_symbolic_link_or_dot_change_the_bundle_itself(bundle_co
     assert len(Runtime.load(bundle_copy).index) == 4998
     assert sorted(p.name for p in tmp_path.iterdir()) == [".bundle.lock", "bundle", "current"]
     assert not [p.name for p in bundle_copy.iterdir() if p.name.startswith(".")]
+
+
+def test_add_says_how_many_it_left_out_and_which_labels_it_needs(bundle_copy, tmp_path):
+    Image.new("L", (28, 28)).save(tmp_path / "a.png")
+    rows = "".join(f"MISSING-{i},missing{i}.png,Bag\n" for i in range(7))
+    csv = write_csv(tmp_path / "new.csv", f"id,image,label\n{rows}OK,a.png,Bag\n")
+    result = CliRunner().invoke(run_main, ["add", "--bundle", str(bundle_copy), "--skip-bad",
+                                           str(csv)])
+    assert result.exit_code == 0, result.output
+    assert "skipped 7 bad rows: line 2: " in result.output
+    assert "line 6: " in result.output and "line 7: " not in result.output
+    assert "(and 2 more)\n" in result.output
+    assert result.output.endswith(f"added 1 item; {bundle_copy} holds 5001\n")
+    unlabelled = write_csv(tmp_path / "plain.csv", "id,image\nP,a.png\n")
+    with pytest.raises(ValueError) as info:
+        add_items(bundle_copy, unlabelled, log=lambda m: None)
+    assert str(info.value) == (f"{unlabelled}: has no label column; the bundle's items have "
+                               "labels (T-shirt/top, Trouser, Pullover, Dress, Coat (and 5 more))")
 
 
 def test_add_refuses_columns_the_bundle_does_not_have(bundle_copy, tmp_path):

@@ -26,10 +26,10 @@ import numpy as np
 
 from ..runtime.atomic import atomic_file, remove_stale_temporaries
 from ..runtime.catalog import (
-    SHOWN_ERRORS,
     Catalog,
     bad_rows_error,
     catalog_fingerprint,
+    first_few,
     fit_catalog,
     read_catalog,
 )
@@ -127,8 +127,7 @@ def catalog_data(csv_path: str | Path, image_size: int, channels: int = 3, *,
     if catalog.skipped:
         log(f"--skip-bad: left out {len(catalog.skipped)} bad "
             f"row{'s' if len(catalog.skipped) > 1 else ''} "
-            f"({'; '.join(catalog.skipped[:SHOWN_ERRORS])}"
-            f"{' ...' if len(catalog.skipped) > SHOWN_ERRORS else ''})")
+            f"({first_few(catalog.skipped)})")
     n = len(catalog)
     n_test = max(1, round(n * holdout))
     if n_test >= n:
@@ -169,7 +168,6 @@ def _check_labels(catalog: Catalog) -> None:
                          f"{''.join(', ' + name for name in catalog.columns)})")
     empty = [line for line, label in zip(catalog.lines, catalog.labels) if not label]
     if empty:
-        shown = ", ".join(str(line) for line in empty[:SHOWN_ERRORS])
-        more = f" (and {len(empty) - SHOWN_ERRORS} more)" if len(empty) > SHOWN_ERRORS else ""
         raise ValueError(f"{catalog.source}: the label-aware objective needs a label for every "
-                         f"item; empty on line{'s' if len(empty) > 1 else ''} {shown}{more}")
+                         f"item; empty on line{'s' if len(empty) > 1 else ''} "
+                         f"{first_few(empty, ', ')}")
