@@ -573,6 +573,46 @@ def test_a_server_back_with_another_bundle_reloads_the_page(browser, runtime, sh
         thread.join(timeout=10)
 
 
+# Every item the page loads (body's data-loaded), in order, in window.loadedIds.
+RECORD_LOADED = """
+window.loadedIds = [];
+document.addEventListener("DOMContentLoaded", () => new MutationObserver(
+    () => window.loadedIds.push(document.body.dataset.loaded)).observe(
+    document.body, {attributeFilter: ["data-loaded"]}));
+"""
+
+
+def test_attract_mode_jumps_to_the_item_nearest_a_random_design(browser, runtime):
+    """Every fourth step of attract mode leaves the walk between neighbours for the item
+    nearest a random design (here the item farthest from the opening one)."""
+    mu = runtime.index.mu.astype(np.float64)
+    z = mu[np.argmax(np.square(mu - mu[0]).sum(axis=1))]
+    expected = runtime.nearest(z, k=1, by="decoded").ids[0]
+    server, thread = serve(runtime, idle_reset=2, attract=1)
+    view = Kiosk(browser, server, runtime, init_script=RECORD_LOADED)
+    try:
+        samples = []
+
+        def design(route):
+            samples.append(len(view.page.evaluate("window.loadedIds")))
+            route.fulfill(json={"z": z.tolist(), "seed": None})
+
+        view.page.route("**/api/sample", design)
+        view.page.wait_for_function("window.loadedIds.length >= 4", timeout=30_000)
+        loaded = view.page.evaluate("window.loadedIds")
+        # Nobody pressed Surprise me: the one design asked for is the fourth step's.
+        assert samples == [3] and loaded[3] == expected, (samples, loaded)
+        view.page.locator("h1").tap()  # ends attract mode where it stands
+        view.settle()
+        view.check_consistent()
+        assert view.problems == []
+    finally:
+        view.close()
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
 # Answers from the kiosk's own server held back in the browser: a slow network, in a test.
 DELAY_ANSWERS = """
 (() => {

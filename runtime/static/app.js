@@ -16,6 +16,9 @@
   // After a finger lifts from the results, the list stays put this long so its tap lands.
   const HOLD_AFTER_TOUCH_MS = 350;
   const STATUS_MS = 3000;
+  // Attract mode walks from item to unseen neighbour, which stays in one class for hours;
+  // every ATTRACT_JUMP-th step it jumps to the item nearest a random design instead.
+  const ATTRACT_JUMP = 4;
 
   const $ = (id) => document.getElementById(id);
   const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
@@ -42,6 +45,7 @@
     idleTimer: null,
     attractTimer: null,
     shown: new Set(),    // items attract mode has shown since it started
+    attractSteps: 0,
   };
 
   class ApiFailure extends Error {
@@ -580,10 +584,24 @@
   }
 
   // Attract mode walks from garment to garment through the catalog: each step loads the
-  // best result of the garment on screen that it has not shown yet.
-  function attractStep() {
-    const next = [...$("matches").children].map((li) => li.item)
-      .find((item) => item && !state.shown.has(String(item.id)));
+  // best result of the garment on screen that it has not shown yet, or, every
+  // ATTRACT_JUMP-th step, the item nearest a random design (GET /api/sample).
+  async function attractStep() {
+    state.attractSteps += 1;
+    let next;
+    if (state.attractSteps % ATTRACT_JUMP === 0) {
+      try {
+        const sample = await api("/api/sample");
+        const near = await api("/api/nearest", { z: sample.z, k: 1, by: "decoded" });
+        if (state.attractTimer === null) return; // a touch ended attract mode meanwhile
+        next = near.results[0];
+      } catch (err) {
+        return; // an outage: the pump reports it and heals
+      }
+    } else {
+      next = [...$("matches").children].map((li) => li.item)
+        .find((item) => item && !state.shown.has(String(item.id)));
+    }
     if (next) {
       state.shown.add(String(next.id));
       loadItem(next, true);
@@ -595,6 +613,7 @@
   function stopAttract() {
     clearInterval(state.attractTimer);
     state.attractTimer = null;
+    state.attractSteps = 0;
     state.shown.clear();
     document.body.dataset.attract = "false";
   }
