@@ -367,6 +367,8 @@ def test_shipped_model_in_the_browser(browser, shipped):
     {"width": 1080, "height": 1920},  # a portrait kiosk
     {"width": 390, "height": 844},  # a phone
     VIEWPORT,
+    {"width": 1366, "height": 768},  # smaller landscape screens
+    {"width": 1024, "height": 768},
 ], ids=lambda v: f"{v['width']}x{v['height']}")
 def test_garment_sliders_and_first_results_fit_the_first_screen(browser, shipped, viewport):
     """With the shipped model's 16 sliders."""
@@ -390,6 +392,16 @@ def test_garment_sliders_and_first_results_fit_the_first_screen(browser, shipped
         for position in range(per_row):
             assert inside(f"#matches .match:nth-child({position + 1})")
         assert page.evaluate("window.scrollY") == 0
+        assert page.evaluate("document.documentElement.scrollWidth") <= width
+        # No slider's words and track run into another's.
+        tracks = page.eval_on_selector_all("#sliders .track", """tracks => tracks.map(t => {
+            const r = t.getBoundingClientRect();
+            return [r.left, r.top, r.right, r.bottom];
+        })""")
+        for i, a in enumerate(tracks):
+            for b in tracks[i + 1:]:
+                assert min(a[2], b[2]) - max(a[0], b[0]) <= 1 or \
+                    min(a[3], b[3]) - max(a[1], b[1]) <= 1, (a, b)
         assert view.problems == []
     finally:
         view.close()
