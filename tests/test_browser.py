@@ -74,13 +74,17 @@ def serve(runtime, port=0, **options):
     return server, thread
 
 
+def stop(server, thread):
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=10)
+
+
 @pytest.fixture(scope="module")
 def kiosk(runtime):
     server, thread = serve(runtime)
     yield server
-    server.shutdown()
-    server.server_close()
-    thread.join(timeout=10)
+    stop(server, thread)
 
 
 @pytest.fixture(scope="module")
@@ -92,9 +96,7 @@ def shipped():
     runtime = Runtime.load()
     server, thread = serve(runtime)
     yield server, runtime
-    server.shutdown()
-    server.server_close()
-    thread.join(timeout=10)
+    stop(server, thread)
 
 
 class Kiosk:
@@ -476,9 +478,7 @@ def test_the_page_resets_itself_when_idle_then_attracts(browser, runtime):
         assert view.problems == []
     finally:
         view.close()
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
+        stop(server, thread)
 
 
 def test_the_page_waits_for_its_server_and_recovers_from_a_restart(browser, runtime):
@@ -503,9 +503,7 @@ def test_the_page_waits_for_its_server_and_recovers_from_a_restart(browser, runt
         view.check_consistent()
 
         # An outage, a slider moved during it, then the server back: nobody touches the page.
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
+        stop(server, thread)
         view.drag("#sliders input[data-dim='0']", 0.95)
         page.wait_for_function("document.body.dataset.offline === 'true'")
         # The old picture is marked stale while it disagrees with the sliders.
@@ -522,9 +520,7 @@ def test_the_page_waits_for_its_server_and_recovers_from_a_restart(browser, runt
     finally:
         context.close()
         if server is not None:  # a failure to restart leaves none
-            server.shutdown()
-            server.server_close()
-            thread.join(timeout=10)
+            stop(server, thread)
 
 
 def test_a_tap_that_failed_in_an_outage_heals_when_the_server_is_back(browser, runtime):
@@ -532,9 +528,8 @@ def test_a_tap_that_failed_in_an_outage_heals_when_the_server_is_back(browser, r
     port = server.server_address[1]
     view = Kiosk(browser, server, runtime)
     try:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
+        stop(server, thread)
+        server = None
         view.page.locator("#surprise").tap()
         view.page.wait_for_selector("#status.error")
         server, thread = serve(runtime, port=port)
@@ -546,9 +541,8 @@ def test_a_tap_that_failed_in_an_outage_heals_when_the_server_is_back(browser, r
         np.testing.assert_array_equal(view.check_consistent(), view.opening_z)
     finally:
         view.close()
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
+        if server is not None:  # a failure to restart leaves none
+            stop(server, thread)
 
 
 def test_a_server_back_with_another_bundle_reloads_the_page(browser, runtime, shipped):
@@ -558,9 +552,8 @@ def test_a_server_back_with_another_bundle_reloads_the_page(browser, runtime, sh
     view = Kiosk(browser, server, runtime)
     try:
         assert view.page.locator("#sliders input").count() == runtime.latent_dim
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
+        stop(server, thread)
+        server = None
         view.drag("#sliders input[data-dim='0']", 0.95)
         view.page.wait_for_function("document.body.dataset.offline === 'true'")
         new_runtime = shipped[1]
@@ -580,9 +573,8 @@ def test_a_server_back_with_another_bundle_reloads_the_page(browser, runtime, sh
                    for problem in view.problems), view.problems
     finally:
         view.close()
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
+        if server is not None:  # a failure to restart leaves none
+            stop(server, thread)
 
 
 # Every item the page loads (body's data-loaded), in order, in window.loadedIds.
@@ -620,9 +612,7 @@ def test_attract_mode_jumps_to_the_item_nearest_a_random_design(browser, runtime
         assert view.problems == []
     finally:
         view.close()
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
+        stop(server, thread)
 
 
 # Answers from the kiosk's own server held back in the browser: a slow network, in a test.
