@@ -33,8 +33,9 @@
     // Every action that sets z (slider, tap, surprise, start over, morph, idle reset) takes
     // the next number; an answer that arrives for an older number is dropped: newest wins.
     intent: 0,
-    picks: 0,            // the same for morph picks, which start over clears
-    slotPicks: { a: 0, b: 0 }, // per slot: a later press of A (or B) wins over an earlier one
+    // The same per blend slot: a later press of A (or B), or start over, wins over an
+    // earlier press whose answer is still on its way.
+    picks: { a: 0, b: 0 },
     slots: { a: null, b: null },
     morphFrame: null,
     inFlight: false,
@@ -481,7 +482,8 @@
   }
 
   function clearSlots() {
-    state.picks += 1;
+    state.picks.a += 1;
+    state.picks.b += 1;
     state.slots = { a: null, b: null };
     for (const slot of ["a", "b"]) {
       const figure = $(`slot-${slot}`);
@@ -504,12 +506,10 @@
   }
 
   async function chooseSlot(slot, item) {
-    const ticket = state.picks;
-    state.slotPicks[slot] += 1;
-    const slotTicket = state.slotPicks[slot];
+    const ticket = ++state.picks[slot];
     try {
       const full = await api(itemPath(item.id));
-      if (ticket !== state.picks || slotTicket !== state.slotPicks[slot]) return;
+      if (ticket !== state.picks[slot]) return;
       state.slots[slot] = full;
       const figure = $(`slot-${slot}`);
       figure.querySelector("img").src = item.image;
