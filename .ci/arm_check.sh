@@ -23,7 +23,7 @@ case "$ARCH" in
            PACKAGES="python3,python3-venv,ca-certificates"; VENV_FLAGS=""; PIP_FLAGS="" ;;
     armhf) SUITE=trixie; QEMU=arm; CPUS="${ARM_CHECK_CPUS:-cortex-a7}"
            PACKAGES="python3,python3-venv,ca-certificates,python3-onnxruntime,python3-numpy"
-           PACKAGES+=",python3-pil,python3-click,python3-threadpoolctl"
+           PACKAGES+=",python3-pil,python3-click,python3-threadpoolctl,python3-tqdm"
            VENV_FLAGS="--system-site-packages"; PIP_FLAGS="--no-deps" ;;
     *) echo "usage: $0 [arm64|armhf]" >&2; exit 2 ;;
 esac
@@ -101,13 +101,13 @@ else
     REGISTERED=1
 fi
 
-# The emulated root: built once; its venv keeps the dependencies between runs.
-if [ ! -e "$ROOT/.root-built" ]; then
+# The emulated root: built once per package list; its venv keeps the dependencies between runs.
+if [ "$(cat "$ROOT/.root-built" 2>/dev/null)" != "$PACKAGES" ]; then
     rm -rf "$ROOT"
     say "building the $SUITE $ARCH root with mmdebstrap (first run only)"
     mmdebstrap --quiet --mode=root --variant=minbase --arch="$ARCH" --include="$PACKAGES" \
         "$SUITE" "$ROOT" "$MIRROR"
-    touch "$ROOT/.root-built"
+    echo "$PACKAGES" > "$ROOT/.root-built"
 fi
 
 # Runs a shell command inside the root, in a private mount namespace (no mount outlives it).
