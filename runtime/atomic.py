@@ -149,9 +149,10 @@ def atomic_directory(out_dir: Path) -> Iterator[Path]:
     """A temporary sibling directory to fill with out_dir's new content.
 
     When the block ends normally everything in it is flushed to disk and it replaces out_dir
-    (replace_directory); when it raises, it is removed and out_dir is left as it was.
+    (replace_directory); when it raises, it is removed and out_dir is left as it was. A
+    symbolic link (bundles/current -> v3) stays a link, to the new content.
     """
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).resolve()  # the directory itself: through a link, or "."
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(out_dir), suffix=".partial",
                                 dir=out_dir.parent))
@@ -169,7 +170,7 @@ def recover_directory(out_dir: Path, log=print) -> None:
     """Undo what a killed atomic_directory left beside out_dir: its half-written `.partial`
     directory, and, if it died between replace_directory's two renames, the previous
     directory parked as `.old` (moved back, since out_dir is then missing)."""
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).resolve()  # where atomic_directory works
     remove_stale_temporaries(out_dir, ".partial", log)
     parked = stale_temporaries(out_dir, ".old")
     if parked and not out_dir.exists():

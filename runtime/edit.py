@@ -43,9 +43,8 @@ class EditReport:
 
 
 def _edited(bundle: str | Path) -> Path:
-    """The directory an edit replaces: a symbolic link (bundles/current -> v3) stays a link
-    to the edited bundle, `.` or `../shop` name the directory itself, and every spelling of
-    one bundle takes the same lock."""
+    """The bundle directory itself, so that every spelling of it (a symbolic link, `.`,
+    `../shop`) takes the same lock."""
     return Path(bundle).resolve()
 
 

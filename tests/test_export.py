@@ -98,6 +98,12 @@ def test_export_refuses_existing_bundle_and_replaces_with_force(tiny_run, tiny_b
     assert not (out / "keep.txt").exists()
     assert Runtime.load(out).index.mu.shape == (10, 8)
     assert [p.name for p in tmp_path.iterdir()] == ["bundle"]  # no temporary left over
+    # Through a symbolic link (bundles/current -> v3) the link stays, to the new bundle.
+    link = tmp_path / "current"
+    link.symlink_to("bundle")
+    build_bundle(tiny_run[0] / "checkpoint.pt", link, limit=7, force=True, log=lambda m: None)
+    assert link.is_symlink() and Runtime.load(out).index.mu.shape == (7, 8)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "current"]
 
 
 @pytest.mark.slow  # exports two bundles
