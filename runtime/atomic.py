@@ -188,7 +188,7 @@ def exclusive(target: Path) -> Iterator[None]:
     silently dropping the other's change. Advisory (flock): readers are not held up."""
     import fcntl
 
-    target = Path(target)
+    target = Path(target).resolve()  # every spelling of it (a link, ".") takes one lock
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target.parent / f".{target.name}.lock", "a+b") as handle:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX)

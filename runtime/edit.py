@@ -42,12 +42,6 @@ class EditReport:
     size: int = 0  # items in the bundle afterwards
 
 
-def _edited(bundle: str | Path) -> Path:
-    """The bundle directory itself, so that every spelling of it (a symbolic link, `.`,
-    `../shop`) takes the same lock."""
-    return Path(bundle).resolve()
-
-
 def add_items(bundle: str | Path, csv_path: str | Path, *, skip_bad: bool = False,
               progress: Callable[[int], None] | None = None, log=print) -> EditReport:
     """Encode the photos of a catalog CSV and add them to the bundle.
@@ -57,9 +51,8 @@ def add_items(bundle: str | Path, csv_path: str | Path, *, skip_bad: bool = Fals
     is left empty); a new label becomes a new label name. Bad rows refuse the whole CSV with
     ValueError naming their lines, nothing written, unless skip_bad.
     """
-    bundle = _edited(bundle)
-    with exclusive(bundle):
-        return _add_items(bundle, csv_path, skip_bad, progress, log)
+    with exclusive(Path(bundle)):
+        return _add_items(Path(bundle), csv_path, skip_bad, progress, log)
 
 
 def _add_items(bundle: Path, csv_path, skip_bad: bool, progress, log) -> EditReport:
@@ -109,8 +102,7 @@ def _add_items(bundle: Path, csv_path, skip_bad: bool, progress, log) -> EditRep
 def remove_items(bundle: str | Path, ids, log=print) -> EditReport:
     """Take the items with these ids out of the bundle. An id the bundle does not have is a
     ValueError (nothing written); so is removing every item (a bundle has at least one)."""
-    bundle = _edited(bundle)
-    with exclusive(bundle):
+    with exclusive(Path(bundle)):
         return _remove_items(bundle, [str(item_id) for item_id in ids], log)
 
 
