@@ -1,0 +1,108 @@
+"""Build a heterogeneous catalog CSV of real pictures from image collections installed here.
+
+Two collections that nobody on this project made, each with its own categories as the label:
+
+- Twitter's emoji (npm `emoji-datasource-twitter`): about 1,900 colour pictures, 64x64 PNG on
+  transparent backgrounds (faces, people, animals, food, vehicles, objects, symbols, flags),
+  labelled by the emoji category ("Food & Drink", ...); skin-tone variants left out.
+- GNOME's Adwaita icon theme (Debian `adwaita-icon-theme`): about 1,000 icons, mostly thin grey
+  line art on transparent backgrounds, each icon once at one of its sizes (8 to 512 pixels,
+  chosen by a hash of its name), labelled "icon <folder>" ("icon devices", ...).
+
+The photos stay where the packages installed them: the CSV names them by absolute path. This
+script installs nothing; it says what to install when a collection is missing:
+
+    apt-get install adwaita-icon-theme
+    npm install --prefix ~/.cache/vae-edge-real emoji-datasource-twitter@16.0.0
+
+    python benchmarks/real_catalog.py runs/real            # -> runs/real/catalog.csv
+    python benchmarks/real_catalog.py runs/real-small --per-label 12   # a small subset
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+ADWAITA = Path("/usr/share/icons/Adwaita")
+EMOJI_PACKAGE = "emoji-datasource-twitter"
+DEFAULT_NPM_PREFIX = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) \
+    / "vae-edge-real"
+ICON_FOLDERS = ("actions", "apps", "categories", "devices", "emblems", "emotes", "legacy",
+                "mimetypes", "places", "status")  # not ui/ (arrows, window buttons) nor cursors
+
+
+def _stable_choice(name: str, options: list) -> object:
+    return options[int(hashlib.sha256(name.encode()).hexdigest(), 16) % len(options)]
+
+
+def emoji_rows(package: Path) -> list[dict]:
+    data = json.loads((package / "emoji.json").read_text(encoding="utf-8"))
+    rows = []
+    for emoji in sorted(data, key=lambda e: e["sort_order"]):
+        path = package / "img" / "twitter" / "64" / emoji["image"]
+        if not emoji.get("has_img_twitter") or emoji["category"] == "Component" \
+                or not path.is_file():
+            continue
+        rows.append({"id": f"emoji-{emoji['unified'].lower()}", "image": str(path),
+                     "label": emoji["category"],
+                     "name": (emoji["name"] or emoji["short_name"]).title(),
+                     "source": "emoji-datasource-twitter"})
+    return rows
+
+
+def icon_rows(theme: Path) -> list[dict]:
+    sizes: dict[tuple[str, str], list[Path]] = {}
+    for path in sorted(theme.glob("*x*/*/*.png")):
+        folder = path.parent.name
+        if folder in ICON_FOLDERS:
+            sizes.setdefault((folder, path.stem), []).append(path)
+    rows = []
+    for (folder, stem), paths in sorted(sizes.items()):
+        rows.append({"id": f"icon-{folder}-{stem}", "image": str(_stable_choice(stem, paths)),
+                     "label": f"icon {folder}", "name": stem.replace("-", " "),
+                     "source": "adwaita-icon-theme"})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out", type=Path, help="folder for catalog.csv")
+    parser.add_argument("--npm-prefix", type=Path, default=DEFAULT_NPM_PREFIX,
+                        help="where `npm install --prefix` put emoji-datasource-twitter")
+    parser.add_argument("--per-label", type=int, default=0,
+                        help="keep at most this many items of each label (0: all)")
+    args = parser.parse_args(argv)
+    package = args.npm_prefix / "node_modules" / EMOJI_PACKAGE
+    missing = []
+    if not (package / "emoji.json").is_file():
+        missing.append(f"npm install --prefix {args.npm_prefix} {EMOJI_PACKAGE}@16.0.0")
+    if not any(ADWAITA.glob("*x*/devices/*.png")):
+        missing.append("apt-get install adwaita-icon-theme")
+    if missing:
+        print("missing image collections; install them with:\n  " + "\n  ".join(missing),
+              file=sys.stderr)
+        return 2
+    rows = emoji_rows(package) + icon_rows(ADWAITA)
+    if args.per_label > 0:
+        by_label: dict[str, list[dict]] = {}
+        for row in rows:
+            by_label.setdefault(row["label"], []).append(row)
+        rows = [row for group in by_label.values() for row in group[:args.per_label]]
+    args.out.mkdir(parents=True, exist_ok=True)
+    with open(args.out / "catalog.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=["id", "image", "label", "name", "source"])
+        writer.writeheader()
+        writer.writerows(rows)
+    labels = sorted({row["label"] for row in rows})
+    print(f"{args.out / 'catalog.csv'}: {len(rows)} items, {len(labels)} labels")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
