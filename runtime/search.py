@@ -140,16 +140,16 @@ class LikelihoodSearch:
         ids = np.asarray(ids)  # Matches hold them as they are, integer ids widened to int64
         self.ids = ids.astype(np.int64) if ids.dtype.kind in "iu" else ids
         self.labels = np.asarray(labels).astype(np.int64)
-        self._vectors = np.empty((2 * d + 1, n), dtype=np.float32)  # one column per item
+        self._vectors = np.empty((self._width(d), n), dtype=np.float32)  # one column per item
         self._max_norm = 0.0  # the largest |w| of the float32 item vectors
         step = 4096  # float64 temporaries of a few MB: the build adds little to peak memory
         for lo in range(0, n, step):
-            w = item_vectors(mu[lo:lo + step], log_sigma[lo:lo + step])
+            w = self._item_vectors(mu[lo:lo + step], log_sigma[lo:lo + step])
             self._vectors[:, lo:lo + step] = w.T
             norm = math.sqrt(float(np.square(w, dtype=np.float64).sum(axis=1).max()))
             self._max_norm = max(self._max_norm, norm)
         self._skip_nats = math.log(n) + SKIP_NATS
-        gamma = 2.0 * (2 * d + 3) * UNIT_ROUNDOFF  # doubled gamma_{m+2}, m = 2d + 1 (step 1)
+        gamma = 2.0 * (self._width(d) + 2) * UNIT_ROUNDOFF  # doubled gamma_{m+2}, m terms (step 1)
         self._margin_per_norm = 2.0 * gamma / (1.0 - gamma) * self._max_norm \
             * (1.0 + 4 * UNIT_ROUNDOFF)
         self._log_half_inverse_tolerance = -math.log(2.0 * P_TOLERANCE)  # log(n E) = log(n 2E / 2)
@@ -158,6 +158,21 @@ class LikelihoodSearch:
         order = np.argsort(inverse, kind="stable")
         self._label_rows = dict(zip(values.tolist(), np.split(order, np.cumsum(
             np.bincount(inverse))[:-1])))
+
+    @staticmethod
+    def _width(d: int) -> int:
+        """The length m of the item vectors for latent size d."""
+        return 2 * d + 1
+
+    @staticmethod
+    def _item_vectors(mu: np.ndarray, log_sigma: np.ndarray) -> np.ndarray:
+        return item_vectors(mu, log_sigma)
+
+    @staticmethod
+    def _features(z: np.ndarray, var: np.ndarray | None) -> np.ndarray:
+        """The float64 query vectors [z^2 (+ var), z, 1], (B, m)."""
+        return np.concatenate((z * z if var is None else z * z + var, z,
+                               np.ones((z.shape[0], 1))), axis=1)
 
     def label_count(self, label: int | None) -> int:
         if label is None:
@@ -186,13 +201,12 @@ class LikelihoodSearch:
         z = z.reshape(-1, self._mu.shape[1])
         var = None if var is None else var.reshape(z.shape)
         k = min(int(k), self.label_count(label))
-        features = np.concatenate((z * z if var is None else z * z + var, z,
-                                   np.ones((z.shape[0], 1))), axis=1)
+        features = self._features(z, var)
         norms = np.sqrt(np.einsum("bm,bm->b", features, features))
         largest = float(norms.max())
         if largest * self._max_norm >= SAFE_MAGNITUDE:
             raise ValueError(
-                f"query too large for this catalog's float32 scores: |[z^2, z, 1]| up to "
+                f"query too large for this catalog's float32 scores: query vector norm up to "
                 f"{largest:.3g} times item vector norm {self._max_norm:.3g}, "
                 f"expected the product below {SAFE_MAGNITUDE:g}")
         margins = norms * self._margin_per_norm  # 2E per query (step 1)
@@ -269,3 +283,62 @@ class LikelihoodSearch:
         terms += log_sigma
         terms += log_sigma  # -1/2 sum [((z - mu)/sigma)^2 + 2 log sigma] - (d/2) log 2pi
         return terms.sum(axis=1) * -0.5 - self._log_norm
+
+
+class WassersteinSearch(LikelihoodSearch):
+    """Exact search by the 2-Wasserstein distance between a query's posterior N(m, s^2) and
+    each item's N(mu, sigma^2) (docs/matching.md):
+
+        score = -W2^2 / 2 = -(|m - mu|^2 + |s - sigma|^2) / 2
+
+    Unlike log q and the expected log-likelihood, it does not reward an item for a broad
+    posterior: a broad item is as far from a sharp query as a sharp item an equal distance
+    away. As an inner product: w(x) = [mu, sigma, -(|mu|^2 + |sigma|^2) / 2, 1] and
+    q = [m, s, 1, -(|m|^2 + |s|^2) / 2], m = 2d + 2 terms; the error bound, the rescoring in
+    float64, the label filter and the probabilities (the softmax of the scores over the
+    catalog) are the likelihood engine's, steps 1 to 3 of the module docstring.
+    """
+
+    @staticmethod
+    def _width(d: int) -> int:
+        return 2 * d + 2
+
+    @staticmethod
+    def _item_vectors(mu: np.ndarray, log_sigma: np.ndarray) -> np.ndarray:
+        mu = np.asarray(mu, dtype=np.float64)
+        sigma = np.exp(np.asarray(log_sigma, dtype=np.float64))
+        c = -0.5 * ((mu * mu).sum(axis=1, keepdims=True) + (sigma * sigma).sum(axis=1,
+                                                                             keepdims=True))
+        w = np.concatenate((mu, sigma, c, np.ones_like(c)), axis=1)
+        if not np.isfinite(w.astype(np.float32)).all():
+            row = int(np.flatnonzero(~np.isfinite(w.astype(np.float32)).all(axis=1))[0])
+            raise ValueError(f"catalog item at row {row} does not fit float32 item vectors "
+                             f"(|mu| max {float(np.abs(mu[row]).max()):.4g}, log_sigma max "
+                             f"{float(np.log(sigma[row]).max()):.4g}): expected |mu|^2 + "
+                             "sigma^2 below 1e38")
+        return w.astype(np.float32)
+
+    @staticmethod
+    def _features(m: np.ndarray, s: np.ndarray | None) -> np.ndarray:
+        ones = np.ones((m.shape[0], 1))
+        return np.concatenate((m, s, ones, -0.5 * ((m * m).sum(axis=1, keepdims=True)
+                                                   + (s * s).sum(axis=1, keepdims=True))),
+                              axis=1)
+
+    def search(self, z, k: int, label: int | None = None) -> Matches:
+        """A point z: its distance to each item's posterior, N(z, 0) against N(mu, sigma^2)."""
+        z = np.asarray(z, dtype=np.float64)
+        return self._run(z, np.zeros_like(z), k, label)
+
+    def search_gaussian(self, mu, log_sigma, k: int, label: int | None = None) -> Matches:
+        """Rank by -W2^2 / 2 between N(mu, sigma^2), (d,) or (B, d), and each item."""
+        mu = np.asarray(mu, dtype=np.float64)
+        return self._run(mu, np.exp(np.asarray(log_sigma, dtype=np.float64)), k, label)
+
+    def _exact_scores(self, m, s, query, rows) -> np.ndarray:
+        """-(|m - mu|^2 + |s - sigma|^2) / 2 in float64 for the pairs (query, row)."""
+        mean = self._mu.take(rows, axis=0).astype(np.float64)
+        mean -= m[query]
+        spread = np.exp(self._log_sigma.take(rows, axis=0).astype(np.float64))
+        spread -= s[query]
+        return ((mean * mean).sum(axis=1) + (spread * spread).sum(axis=1)) * -0.5
