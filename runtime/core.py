@@ -22,7 +22,7 @@ from .bundle import (
     verify_files,
 )
 from .images import read_image
-from .search import LikelihoodSearch, Matches
+from .search import LikelihoodSearch, Matches, WassersteinSearch
 
 # Latent values beyond this are not slider positions but mistakes; they would also
 # overflow float32 arithmetic in the decoder.
@@ -243,6 +243,9 @@ class Runtime:
         self._threads = threads
         self._decoder = decoder
         self._search = LikelihoodSearch(index.mu, index.log_sigma, index.ids, index.labels)
+        # Designs and photos: ranked by a distance between posteriors that does not reward
+        # an item for a broad one (docs/matching.md).
+        self._look = WassersteinSearch(index.mu, index.log_sigma, index.ids, index.labels)
 
     @classmethod
     def load(cls, path: str | Path | None = None, *, threads: int = 1, verify: bool = True,
@@ -322,14 +325,16 @@ class Runtime:
         """The k catalog items most like the garment z, best first, ranked one of two ways:
 
         by="latent": log q(z|x), how likely each item's posterior makes z itself.
-        by="decoded": the garment decode(z) is encoded again and items are ranked by the
-        expected log-likelihood under that posterior, as for a photo (nearest_image). Far
+        by="decoded": the garment decode(z) is encoded again to its posterior N(m, s^2), and
+        items are ranked by -W2^2 / 2 = -(|m - mu|^2 + |s - sigma|^2) / 2, the squared
+        2-Wasserstein distance to each item's posterior, as photos are (nearest_image). Far
         from the catalog, where log q(z|x) favours the broadest posteriors whatever they
         look like, this ranks by what the shopper sees (docs/matching.md).
 
         k larger than the catalog (or than the label's items) returns them all.
         label: a class name ("Sneaker") or id (7): only items of that class are returned;
-        probabilities stay p(x|z) over the whole catalog.
+        probabilities stay the softmax of the scores over the whole catalog.
+        Matches.log_likelihoods holds each mode's score.
         Matches.distances holds |z - mu(decode(z))| per query (see roundtrip_distance).
         """
         array = check_latent(z, self.latent_dim)
@@ -341,8 +346,8 @@ class Runtime:
         if by == "latent":
             matches = self._search.search(array, k, label_id)
         else:
-            matches = self._search.search_gaussian(mu.astype(np.float64),
-                                                   log_sigma.astype(np.float64), k, label_id)
+            matches = self._look.search_gaussian(mu.astype(np.float64),
+                                                 log_sigma.astype(np.float64), k, label_id)
         return replace(matches, distances=distances, metadata=self._metadata(matches.rows))
 
     def _metadata(self, rows: np.ndarray) -> tuple:
@@ -376,16 +381,17 @@ class Runtime:
         return mu, log_sigma, np.linalg.norm(z - mu, axis=-1)
 
     def nearest_image(self, images, k: int = 5, label: int | str | None = None) -> Matches:
-        """Catalog items ranked by E_{z ~ q(z|x_q)} log q(z|x) for query image(s) x_q.
+        """Catalog items ranked by -W2^2 / 2 between the posterior of query image(s) x_q and
+        each item's, as nearest(by="decoded") ranks a garment.
 
-        images as for encode(). `log_likelihoods` holds these expected log-likelihoods and
-        `probabilities` their softmax over the catalog.
+        images as for encode(). `log_likelihoods` holds these scores and `probabilities`
+        their softmax over the catalog.
         """
         k = check_k(k)
         label_id = self._label_filter(label)
         mu, log_sigma = self.encode(images)
-        matches = self._search.search_gaussian(mu.astype(np.float64),
-                                               log_sigma.astype(np.float64), k, label_id)
+        matches = self._look.search_gaussian(mu.astype(np.float64),
+                                             log_sigma.astype(np.float64), k, label_id)
         return replace(matches, metadata=self._metadata(matches.rows))
 
     def read_photo(self, path: str | Path) -> np.ndarray:
