@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from ..runtime.cli import CliError, library_errors
+from .catalog import evaluate_catalog_bundle, summary
 from .report import EvalConfig, evaluate_bundle
 
 
@@ -41,10 +42,17 @@ from .report import EvalConfig, evaluate_bundle
               help="Draw the pictures (needs matplotlib, in the train extra).")
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None,
               help="Directory with the Fashion-MNIST IDX files.")
+@click.option("--catalog", "catalog_csv", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="The shop catalog CSV the bundle was exported from: evaluate "
+              "any bundle on it (slider scenario, photo queries, picture sheets) instead of on "
+              "Fashion-MNIST.")
+@click.option("--photo-queries", type=click.IntRange(min=1), default=None,
+              help="With --catalog: this many items' own photos as queries (default: all).")
 @click.option("--force", is_flag=True, help="Replace an existing report directory.")
 def main(bundle, out_dir, checkpoint, test_limit, is_images, is_samples, seed, threads, baseline,
-         slider_queries, slider_range, pictures, data_dir, force):
-    """Evaluate BUNDLE (default: the shipped model) on the Fashion-MNIST test set.
+         slider_queries, slider_range, pictures, data_dir, catalog_csv, photo_queries, force):
+    """Evaluate BUNDLE (default: the shipped model) on the Fashion-MNIST test set, or with
+    --catalog CSV on the shop catalog it was exported from (docs/matching.md).
 
     Retrieval goes through the exported runtime: each test image is encoded by
     encoder.onnx and its mu searched with Runtime.nearest over the bundle's catalog
@@ -56,6 +64,17 @@ def main(bundle, out_dir, checkpoint, test_limit, is_images, is_samples, seed, t
     positions, far from the catalog too. Writes OUT/report.json
     and OUT/pictures/*.png; the full test set takes a few minutes on 2 cores.
     """
+    if catalog_csv is not None:
+        if bundle is None or slider_queries == 0:
+            raise CliError("--catalog needs the BUNDLE exported from that catalog and "
+                           "--slider-queries of at least 1")
+        with library_errors():
+            report = evaluate_catalog_bundle(
+                bundle, catalog_csv, out_dir, queries=slider_queries,
+                slider_range=slider_range, photos=photo_queries, seed=seed, threads=threads,
+                pictures=pictures, force=force, log=click.echo)
+        click.echo(summary(report))
+        return
     try:
         with library_errors():
             config = EvalConfig(test_limit=test_limit, is_images=is_images or None,

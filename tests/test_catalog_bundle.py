@@ -209,3 +209,44 @@ def test_a_link_too_long_for_a_qr_code_leaves_the_other_results_shown(shop, tmp_
         server.shutdown()
         server.server_close()
         thread.join(timeout=10)
+
+
+def test_vae_eval_reports_any_catalog_bundle(shop, tmp_path):
+    """vae-eval --catalog: slider scenario, photo queries and a sheet per mode, for a bundle of
+    64x64 colour photos rather than Fashion-MNIST."""
+    from vae_edge.evaluation.cli import main as eval_main
+
+    csv, bundle = shop
+    out = tmp_path / "eval"
+    result = CliRunner().invoke(eval_main, [str(bundle), "--catalog", str(csv), "-o", str(out),
+                                            "--slider-queries", "12", "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["items"] == 36
+    for source in ("normal", "uniform", "corners"):
+        entry = report["slider_scenario"][source]
+        for by in ("latent", "decoded"):
+            # r of the top match never beats the best r of any item.
+            assert entry[by]["median"] <= entry["bound"]["median"] + 1e-12
+            assert 0 < entry[by]["distinct_top_items"] <= 1
+    photo = report["photo_queries"]
+    assert photo["queries"] == 36 and 0 <= photo["label_agreement"] <= 1
+    # Every photo finds its own item first: the tiny model tells its 36 photos apart.
+    assert photo["self_retrieval"] == 1.0
+    with Image.open(out / "pictures" / "slider_decoded.png") as sheet:
+        assert sheet.mode == "RGB" and sheet.size[0] > 6 * 16
+    assert "photos: label agreement" in result.output
+
+
+def test_vae_eval_refuses_a_catalog_without_the_bundles_items(shop, tmp_path):
+    from vae_edge.evaluation.cli import main as eval_main
+
+    csv, bundle = shop
+    rows = read_rows(csv)
+    other = write_csv(csv.parent / "fewer.csv", rows[:1] + rows[2:])
+    result = CliRunner().invoke(eval_main, [str(bundle), "--catalog", str(other), "-o",
+                                            str(tmp_path / "eval"), "--slider-queries", "4"])
+    assert result.exit_code == 2
+    assert result.output.startswith("Error: ") and result.output.count("\n") == 1
+    assert "1 of the bundle's 36 items have no readable photo there" in result.output
+    assert not (tmp_path / "eval").exists()
