@@ -57,7 +57,7 @@ def main(bundle, out_dir, checkpoint, test_limit, is_images, is_samples, seed, t
     Retrieval goes through the exported runtime: each test image is encoded by
     encoder.onnx and its mu searched with Runtime.nearest over the bundle's catalog
     (1-NN label agreement, kNN-5 vote, precision@10), beside the raw-pixel L2 baseline
-    over the same catalog and the expected log-likelihood of the whole q(z|x). Also:
+    over the same catalog and the photo search by the whole q(z|x). Also:
     loss parts in nats/image (reconstruction, KL, negative ELBO, importance-sampled
     log-likelihood), reconstruction MSE and active latent units, and the slider scenario:
     how much the top match of each match mode looks like the garment decoded from slider

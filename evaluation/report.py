@@ -6,8 +6,8 @@ What is measured, and through what:
   encoder.onnx (rt.encode) and its mu is the query of rt.nearest over the bundle's float16
   catalog index; reported as 1-NN label agreement, kNN-5 majority-vote accuracy and label
   precision@10. Beside it, in the same run: the raw-pixel L2 baseline over the very same
-  catalog items, and retrieval by the expected log-likelihood of the whole query posterior,
-  E_{z ~ q(z|x_query)} log q(z|x_item) (rt.nearest_image, what a photo query ranks by).
+  catalog items, and retrieval by the whole query posterior, -W2^2 / 2 between q(z|x_query)
+  and q(z|x_item) (rt.nearest_image, what a photo query ranks by).
 - reconstruction MSE (decoder.onnx on mu) and active units (variance over the test set of mu
   above 0.01, Burda et al. 2016), through the runtime.
 - loss parts in nats per image: reconstruction at z = mu (what training logs), KL, the negative

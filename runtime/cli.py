@@ -143,7 +143,8 @@ def query_options(command):
     @click.option("--image", "image_path", type=click.Path(path_type=Path), default=None,
                   help="Query by a photo (PNG, JPEG or WebP, any size; fitted into the model's "
                        "square as training fitted the catalog) instead of z: ranks items by the "
-                       "expected log-likelihood under the photo's encoding q(z|photo).")
+                       "2-Wasserstein distance between the photo's encoding q(z|photo) and "
+                       "each item's (docs/matching.md).")
     @functools.wraps(command)
     def wrapper(runtime, image_path, z_text, use_random, seed, **kwargs):
         if image_path is None:
