@@ -8,7 +8,7 @@ equal to within what each path can promise across CPUs:
 - a z query: log q(z|x) in float64 from the same float16 index, so equal to ~1 ulp (libm's
   exp may differ in the last bit); p(x|z) within twice the engine's 1.1e-7 relative bound.
 - an image query: the encoder runs in float32 with each CPU's own kernels, so its mu and
-  log-sigma differ in the last float32 bits, and the scores (-W2^2 / 2) by ~1e-6.
+  log-sigma differ in the last float32 bits, and the scores (-W2^2 / (2 tau^2)) by ~1e-6.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
     OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 python benchmarks/match_modes.py [--bundle DIR]
 
 Runtime.nearest(z, by="latent") searches by log q(z|x); by="decoded" decodes z, encodes the
-garment and searches by -W2^2 / 2 between its posterior and each item's. Both also report
+garment and searches by -W2^2 / (2 tau^2) between its posterior and each item's. Both also report
 |z - mu(decode(z))|, so both run the decoder and the encoder once. Beside them, the search by
 the expected log-likelihood under the garment's posterior (the likelihood engine's
 search_gaussian, the other ranking by a posterior) and that search after the decoder and the

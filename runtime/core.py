@@ -326,8 +326,9 @@ class Runtime:
 
         by="latent": log q(z|x), how likely each item's posterior makes z itself.
         by="decoded": the garment decode(z) is encoded again to its posterior N(m, s^2), and
-        items are ranked by -W2^2 / 2 = -(|m - mu|^2 + |s - sigma|^2) / 2, the squared
-        2-Wasserstein distance to each item's posterior, as photos are (nearest_image). Far
+        items are ranked by -W2^2 / (2 tau^2) = -(|m - mu|^2 + |s - sigma|^2) / (2 tau^2),
+        the squared 2-Wasserstein distance to each item's posterior (tau^2: the catalog's median
+        sigma^2, the scale of the probabilities), as photos are (nearest_image). Far
         from the catalog, where log q(z|x) favours the broadest posteriors whatever they
         look like, this ranks by what the shopper sees (docs/matching.md).
 
@@ -381,8 +382,8 @@ class Runtime:
         return mu, log_sigma, np.linalg.norm(z - mu, axis=-1)
 
     def nearest_image(self, images, k: int = 5, label: int | str | None = None) -> Matches:
-        """Catalog items ranked by -W2^2 / 2 between the posterior of query image(s) x_q and
-        each item's, as nearest(by="decoded") ranks a garment.
+        """Catalog items ranked by -W2^2 / (2 tau^2) between the posterior of query image(s)
+        x_q and each item's, as nearest(by="decoded") ranks a garment.
 
         images as for encode(). `log_likelihoods` holds these scores and `probabilities`
         their softmax over the catalog.

@@ -289,27 +289,38 @@ class WassersteinSearch(LikelihoodSearch):
     """Exact search by the 2-Wasserstein distance between a query's posterior N(m, s^2) and
     each item's N(mu, sigma^2) (docs/matching.md):
 
-        score = -W2^2 / 2 = -(|m - mu|^2 + |s - sigma|^2) / 2
+        score = -W2^2 / (2 tau^2) = -(|m - mu|^2 + |s - sigma|^2) / (2 tau^2)
 
     Unlike log q and the expected log-likelihood, it does not reward an item for a broad
     posterior: a broad item is as far from a sharp query as a sharp item an equal distance
-    away. As an inner product: w(x) = [mu, sigma, -(|mu|^2 + |sigma|^2) / 2, 1] and
+    away. tau^2 = exp(2 median(log sigma)) over items and dimensions (`temperature`), the
+    catalog's median posterior variance, sets the scale of the probabilities, the softmax of
+    the scores over the catalog: p(x) is each item's share if the query's posterior were an
+    item's moved by noise as wide as a typical item's posterior. Without it p would spread
+    over most of a large catalog, and every query would rescore most items in float64.
+    As an inner product: w(x) = [mu, sigma, -(|mu|^2 + |sigma|^2) / 2, 1] / tau^2 and
     q = [m, s, 1, -(|m|^2 + |s|^2) / 2], m = 2d + 2 terms; the error bound, the rescoring in
-    float64, the label filter and the probabilities (the softmax of the scores over the
-    catalog) are the likelihood engine's, steps 1 to 3 of the module docstring.
+    float64, the label filter and the probabilities are the likelihood engine's, steps 1 to 3
+    of the module docstring.
     """
+
+    def __init__(self, mu: np.ndarray, log_sigma: np.ndarray, ids: np.ndarray,
+                 labels: np.ndarray) -> None:
+        # float32 holds every float16 and the mean of two of them exactly.
+        middle = float(np.median(np.asarray(log_sigma, dtype=np.float32))) if mu.size else 0.0
+        self.temperature = math.exp(2.0 * middle)
+        super().__init__(mu, log_sigma, ids, labels)
 
     @staticmethod
     def _width(d: int) -> int:
         return 2 * d + 2
 
-    @staticmethod
-    def _item_vectors(mu: np.ndarray, log_sigma: np.ndarray) -> np.ndarray:
+    def _item_vectors(self, mu: np.ndarray, log_sigma: np.ndarray) -> np.ndarray:
         mu = np.asarray(mu, dtype=np.float64)
         sigma = np.exp(np.asarray(log_sigma, dtype=np.float64))
         c = -0.5 * ((mu * mu).sum(axis=1, keepdims=True) + (sigma * sigma).sum(axis=1,
                                                                              keepdims=True))
-        w = np.concatenate((mu, sigma, c, np.ones_like(c)), axis=1)
+        w = np.concatenate((mu, sigma, c, np.ones_like(c)), axis=1) / self.temperature
         if not np.isfinite(w.astype(np.float32)).all():
             row = int(np.flatnonzero(~np.isfinite(w.astype(np.float32)).all(axis=1))[0])
             raise ValueError(f"catalog item at row {row} does not fit float32 item vectors "
@@ -331,14 +342,15 @@ class WassersteinSearch(LikelihoodSearch):
         return self._run(z, np.zeros_like(z), k, label)
 
     def search_gaussian(self, mu, log_sigma, k: int, label: int | None = None) -> Matches:
-        """Rank by -W2^2 / 2 between N(mu, sigma^2), (d,) or (B, d), and each item."""
+        """Rank by -W2^2 / (2 tau^2) between N(mu, sigma^2), (d,) or (B, d), and each item."""
         mu = np.asarray(mu, dtype=np.float64)
         return self._run(mu, np.exp(np.asarray(log_sigma, dtype=np.float64)), k, label)
 
     def _exact_scores(self, m, s, query, rows) -> np.ndarray:
-        """-(|m - mu|^2 + |s - sigma|^2) / 2 in float64 for the pairs (query, row)."""
+        """-(|m - mu|^2 + |s - sigma|^2) / (2 tau^2) in float64 for the pairs (query, row)."""
         mean = self._mu.take(rows, axis=0).astype(np.float64)
         mean -= m[query]
         spread = np.exp(self._log_sigma.take(rows, axis=0).astype(np.float64))
         spread -= s[query]
-        return ((mean * mean).sum(axis=1) + (spread * spread).sum(axis=1)) * -0.5
+        return ((mean * mean).sum(axis=1) + (spread * spread).sum(axis=1)) \
+            * (-0.5 / self.temperature)

@@ -1,6 +1,6 @@
 """The two match modes of Runtime.nearest and the distance from the catalog.
 
-by="decoded" ranks items by -W2^2 / 2, the squared 2-Wasserstein distance between the
+by="decoded" ranks items by -W2^2 / (2 tau^2), the squared 2-Wasserstein distance between the
 posterior of the decoded garment, rt.encode(rt.decode(z)), and each item's: checked here against
 that score evaluated in float64 on the float16 index files, through the library, the CLI and the
 kiosk API.
@@ -20,12 +20,14 @@ from vae_edge.runtime.server import KioskApp
 
 
 def wasserstein_scores(query_mu, query_log_sigma, mu16, log_sigma16) -> np.ndarray:
-    """-(|m - mu|^2 + |s - sigma|^2) / 2 for queries (B, d) against items (N, d): (B, N)."""
+    """-(|m - mu|^2 + |s - sigma|^2) / (2 tau^2) for queries (B, d) against items (N, d),
+    tau^2 = exp(2 median(log sigma)) over the catalog: (B, N)."""
     m = np.asarray(query_mu, np.float64)[:, None, :]
     s = np.exp(np.asarray(query_log_sigma, np.float64))[:, None, :]
     mu = mu16.astype(np.float64)[None]
     sigma = np.exp(log_sigma16.astype(np.float64))[None]
-    return -0.5 * ((m - mu) ** 2 + (s - sigma) ** 2).sum(axis=2)
+    tau2 = np.exp(2.0 * np.median(log_sigma16.astype(np.float64)))
+    return -0.5 * ((m - mu) ** 2 + (s - sigma) ** 2).sum(axis=2) / tau2
 
 
 def reference(runtime: Runtime, z: np.ndarray, k: int, label: int | None = None):

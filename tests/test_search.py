@@ -297,10 +297,13 @@ def test_item_that_does_not_fit_float32_is_refused():
 
 def brute_force_w2(m: np.ndarray, log_s: np.ndarray, mu16: np.ndarray,
                    log_sigma16: np.ndarray) -> np.ndarray:
-    """-(|m - mu|^2 + |s - sigma|^2) / 2 by its definition in float64: (B, N)."""
+    """-(|m - mu|^2 + |s - sigma|^2) / (2 tau^2) by its definition in float64, tau^2 the
+    catalog's typical sigma^2, exp(2 median(log sigma)): (B, N)."""
     mean = m[:, None, :] - mu16.astype(np.float64)[None]
-    spread = np.exp(log_s)[:, None, :] - np.exp(log_sigma16.astype(np.float64))[None]
-    return -0.5 * (mean**2 + spread**2).sum(axis=2)
+    sigma = np.exp(log_sigma16.astype(np.float64))
+    spread = np.exp(log_s)[:, None, :] - sigma[None]
+    tau2 = np.exp(2.0 * np.median(log_sigma16.astype(np.float64)))
+    return -0.5 * (mean**2 + spread**2).sum(axis=2) / tau2
 
 
 @SETTINGS
