@@ -6,7 +6,7 @@ What is measured, and through what:
   encoder.onnx (rt.encode) and its mu is the query of rt.nearest over the bundle's float16
   catalog index; reported as 1-NN label agreement, kNN-5 majority-vote accuracy and label
   precision@10. Beside it, in the same run: the raw-pixel L2 baseline over the very same
-  catalog items, and retrieval by the whole query posterior, -W2^2 / 2 between q(z|x_query)
+  catalog items, and retrieval by the whole query posterior, -W2^2 between q(z|x_query)
   and q(z|x_item) (rt.nearest_image, what a photo query ranks by).
 - reconstruction MSE (decoder.onnx on mu) and active units (variance over the test set of mu
   above 0.01, Burda et al. 2016), through the runtime.
@@ -445,7 +445,7 @@ def evaluate_bundle(
         | {"engine": "runtime Runtime.nearest (log q(mu_test | x_item), float16 index)",
            "seconds": round(seconds_lik, 1)},
         "photo": label_metrics(cat_labels[rows_exp], labels, n_classes)
-        | {"engine": "runtime Runtime.nearest_image (-W2^2 / 2 between q(z|x_test) and "
+        | {"engine": "runtime Runtime.nearest_image (-W2^2 between q(z|x_test) and "
                      "q(z|x_item), float16 index)", "seconds": round(seconds_exp, 1)},
     }
     if rows_pix is not None:
