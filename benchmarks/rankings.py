@@ -27,7 +27,9 @@ import json
 
 import numpy as np
 
-from vae_edge.evaluation.report import pixel_correlation, unit_pixels
+from vae_edge.evaluation.catalog import catalog_images as bundle_photos
+from vae_edge.evaluation.catalog import pixel_nearest
+from vae_edge.evaluation.report import pixel_correlation
 from vae_edge.runtime.core import Runtime
 
 RANKINGS = ("elogl", "w2", "mean", "bhatt", "kl_rev")
@@ -63,40 +65,15 @@ def ranked(name, m, s, mu, sigma, exclude=None) -> np.ndarray:
     return top
 
 
-def pixel_top(queries, catalog, exclude=None, chunk=256) -> tuple[np.ndarray, np.ndarray]:
-    """Nearest catalog row by raw-pixel L2 and the best pixel correlation any row reaches."""
-    c = unit_pixels(catalog).astype(np.float64)
-    c_sq = (c * c).sum(1)
-    centred = c - c.mean(1, keepdims=True)
-    centred /= np.maximum(np.linalg.norm(centred, axis=1, keepdims=True), 1e-300)
-    top, bound = np.empty(len(queries), dtype=np.int64), np.empty(len(queries))
-    for lo in range(0, len(queries), chunk):
-        q = unit_pixels(queries[lo:lo + chunk]).astype(np.float64)
-        l2 = 2.0 * q @ c.T - c_sq
-        qc = q - q.mean(1, keepdims=True)
-        qc /= np.maximum(np.linalg.norm(qc, axis=1, keepdims=True), 1e-300)
-        if exclude is not None:
-            l2[np.arange(len(q)), exclude[lo:lo + chunk]] = -np.inf
-        top[lo:lo + chunk] = l2.argmax(1)
-        bound[lo:lo + chunk] = (qc @ centred.T).max(1)
-    return top, bound
-
-
 def catalog_images(rt: Runtime, csv_path: str | None) -> tuple[np.ndarray, np.ndarray]:
     """The bundle's items' fitted photos (N, C, H, W) uint8 in index order, and their labels."""
     if csv_path is None:
         from vae_edge.training.data import load_split
 
         split = load_split("train")
-        return split.images[:, None], split.labels.astype(np.int64)
-    from vae_edge.runtime.catalog import fit_catalog, read_catalog
-
-    channels, size, _ = rt.image_shape
-    catalog, images, _ = fit_catalog(read_catalog(csv_path, skip_bad=True), size, channels,
-                                     skip_bad=True)
-    position = {item: i for i, item in enumerate(catalog.ids)}
-    order = np.array([position[str(item)] for item in rt.index.ids])
-    return images[order], rt.index.labels.astype(np.int64)
+        return split.images[rt.index.ids.astype(np.int64)][:, None], \
+            rt.index.labels.astype(np.int64)
+    return bundle_photos(rt, csv_path), rt.index.labels.astype(np.int64)
 
 
 def main() -> None:
@@ -120,7 +97,7 @@ def main() -> None:
         decoded = rt.decode(z)
         m, log_s = rt.encode(decoded)
         m, s = m.astype(np.float64), np.exp(log_s.astype(np.float64))
-        _, bound = pixel_top(decoded, images)
+        _, bound = pixel_nearest(decoded, images)
         row = {"bound": float(np.median(bound))}
         tops = {name: ranked(name, m, s, mu, sigma) for name in RANKINGS}
         tops["latent"] = rt.nearest(z, k=1, by="latent").rows[:, 0]
@@ -136,7 +113,7 @@ def main() -> None:
         # The photo's posterior as the runtime computes it (float32 encoder) from its pixels.
         m, log_s = rt.encode(images[rows])
         m, s = m.astype(np.float64), np.exp(log_s.astype(np.float64))
-        row = {"pixel_l2": float((labels[pixel_top(images[rows], images, rows)[0]]
+        row = {"pixel_l2": float((labels[pixel_nearest(images[rows], images, rows)[0]]
                                   == labels[rows]).mean())}
         for name in RANKINGS:
             top = ranked(name, m, s, mu, sigma, exclude=rows)
