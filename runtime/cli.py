@@ -202,7 +202,7 @@ def nearest(runtime: Runtime, z: np.ndarray | None, image, k: int, label: str | 
     by = by or "latent"
     with library_errors():
         if image is None:
-            matches = runtime.nearest(z, k=k, label=label, by=by)
+            matches = runtime.nearest(z, k=k, label=label, by=by, with_distance=True)
         else:
             matches = runtime.nearest_image(image[1], k=k, label=label)
     names = runtime.label_names

@@ -318,7 +318,7 @@ class Runtime:
         return mu, 0.5 * log_var
 
     def nearest(self, z, k: int = 5, label: int | str | None = None,
-                by: str = "latent") -> Matches:
+                by: str = "latent", with_distance: bool = False) -> Matches:
         """The k catalog items most like the garment z, best first, ranked one of two ways:
 
         by="latent": log q(z|x), how likely each item's posterior makes z itself.
@@ -330,17 +330,24 @@ class Runtime:
         k larger than the catalog (or than the label's items) returns them all.
         label: a class name ("Sneaker") or id (7): only items of that class are returned;
         probabilities stay p(x|z) over the whole catalog.
-        Matches.distances holds |z - mu(decode(z))| per query (see roundtrip_distance).
+        Matches.distances holds |z - mu(decode(z))| per query (see roundtrip_distance) for
+        by="decoded", which computes that round trip anyway, and for by="latent" only with
+        with_distance=True: there it costs a decode and an encode, more than the search.
         """
         array = check_latent(z, self.latent_dim)
         k = check_k(k)
         if by not in MATCH_MODES:
             raise ValueError(f"by must be one of {', '.join(MATCH_MODES)}, got {by!r}")
+        if not isinstance(with_distance, bool):
+            raise ValueError(f"with_distance must be True or False, got {with_distance!r}")
         label_id = self._label_filter(label)
-        mu, log_sigma, distances = self._roundtrip(array)
+        distances = None
         if by == "latent":
             matches = self._search.search(array, k, label_id)
+            if with_distance:
+                distances = self._roundtrip(array)[2]
         else:
+            mu, log_sigma, distances = self._roundtrip(array)
             matches = self._search.search_gaussian(mu.astype(np.float64),
                                                    log_sigma.astype(np.float64), k, label_id)
         return replace(matches, distances=distances, metadata=self._metadata(matches.rows))

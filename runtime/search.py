@@ -73,7 +73,8 @@ class Matches:
     # p(x|z) = q(z|x) / sum over the whole catalog of q(z|x'): a uniform prior over items.
     probabilities: np.ndarray  # float64
     # Runtime.nearest: |z - mu(decode(z))| per query, () or (B,), float64; how far z lies
-    # from where the catalog is (Runtime.roundtrip_distance). None for photo queries.
+    # from where the catalog is (Runtime.roundtrip_distance). None for photo queries, and for
+    # latent queries unless asked for (Runtime.nearest(with_distance=True)).
     distances: np.ndarray | None = None
     # Runtime.nearest and nearest_image: each item's catalog metadata (the CSV's other
     # columns) as a dict of text, in tuples shaped like ids.

@@ -271,7 +271,7 @@ class KioskApp:
                 "ends": [urls[2 * i:2 * i + 2] for i in range(d)]}
 
     def nearest(self, z: np.ndarray, k: int, by: str = "latent") -> dict:
-        matches = self.runtime.nearest(z, k=check_server_k(k), by=by)
+        matches = self.runtime.nearest(z, k=check_server_k(k), by=by, with_distance=True)
         names = self.runtime.label_names
         results = [
             {"rank": rank, "id": str(item_id), "row": int(row), "label": names[label],

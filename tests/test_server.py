@@ -180,7 +180,7 @@ def test_decode_post_get_and_png_match_the_runtime(server, runtime):
 
 @pytest.mark.parametrize(("k", "by"), [(1, None), (7, "latent"), (64, "decoded")])
 def test_nearest_matches_the_runtime(server, runtime, k, by):
-    expected = runtime.nearest(np.array(Z), k=k, by=by or "latent")
+    expected = runtime.nearest(np.array(Z), k=k, by=by or "latent", with_distance=True)
     mode = {} if by is None else {"by": by}
     for status, payload in (
         call_json(server, "POST", "/api/nearest", {"z": Z, "k": k, **mode}),
