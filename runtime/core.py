@@ -101,10 +101,10 @@ def check_latent(z, latent_dim: int) -> np.ndarray:
         raise ValueError(f"z batch size must be in [1, {MAX_BATCH}], got {array.shape[0]}")
     with np.errstate(over="ignore"):  # float128 beyond float64 becomes inf, refused below
         array = array.astype(np.float64)
-    if not np.isfinite(array).all():
-        raise ValueError("z holds NaN or infinite values")
     largest = float(np.abs(array).max())
-    if largest > MAX_ABS_Z:
+    if not largest <= MAX_ABS_Z:  # NaN fails it too: one pass checks both on the good path
+        if not np.isfinite(array).all():
+            raise ValueError("z holds NaN or infinite values")
         raise ValueError(
             f"z values must lie in [-{MAX_ABS_Z:g}, {MAX_ABS_Z:g}], got |z| up to {largest:.3g}"
         )
@@ -356,6 +356,8 @@ class Runtime:
         """The items' metadata dicts, shaped like rows: (k,) or (B, k) as nested tuples."""
         if rows.ndim == 2:
             return tuple(self._metadata(row) for row in rows)
+        if not self.index.columns:  # the shipped bundle: ids only
+            return tuple({} for _ in range(rows.size))
         return tuple(self.index.item_metadata(int(row)) for row in rows)
 
     def roundtrip_distance(self, z) -> np.ndarray:
