@@ -200,6 +200,12 @@ class LikelihoodSearch:
         features = features.astype(np.float32)
         # Queries in groups whose score matrix is no larger than the item vectors (or 16 MB).
         group = max(1, max(self._vectors.size, 1 << 22) // self._vectors.shape[1])
+        if single and label is None:
+            rows, scores, log_total = self._select_one(features[0] @ self._vectors, z[0],
+                                                       None if var is None else var[0],
+                                                       float(margins[0]), k)
+            return Matches(rows=rows, ids=self.ids[rows], labels=self.labels[rows],
+                           log_likelihoods=scores, probabilities=np.exp(scores - log_total))
         parts = [self._select(features[lo:lo + group] @ self._vectors, z[lo:lo + group],
                               None if var is None else var[lo:lo + group],
                               margins[lo:lo + group], k, label)
@@ -236,14 +242,16 @@ class LikelihoodSearch:
         if label is None:  # the candidates for the top k are among the items found
             rescore = np.flatnonzero(near >= np.minimum(heavy, k_floor)[query])
             ranked = query[rescore], rows[rescore]
-            exact = self._exact_scores(z, var, *ranked)
+            exact = self._exact_scores(z[ranked[0]], None if var is None else var[ranked[0]],
+                                       ranked[1])
             near[rescore] = exact
         else:  # the label's items at or above its floor
             rescore = np.flatnonzero(near >= heavy[query])
             found = np.flatnonzero(pool >= _float32_at_most(k_floor)[:, None])
             label_query, position = np.divmod(found, pool.shape[1])
             ranked = label_query, self._label_rows[label][position]
-            exact = self._exact_scores(z, var, np.concatenate((query[rescore], ranked[0])),
+            pairs = np.concatenate((query[rescore], ranked[0]))
+            exact = self._exact_scores(z[pairs], None if var is None else var[pairs],
                                        np.concatenate((rows[rescore], ranked[1])))
             near[rescore], exact = exact[:rescore.size], exact[rescore.size:]
         starts = np.searchsorted(query, np.arange(count))  # every query finds its best
@@ -254,18 +262,42 @@ class LikelihoodSearch:
         best = order[np.searchsorted(ranked[0], np.arange(count))[:, None] + np.arange(k)]
         return ranked[1][best], exact[best], log_total
 
-    def _exact_scores(self, z, var, query, rows) -> np.ndarray:
-        """The direct formula in float64 for the pairs (query, row): (len(rows),)."""
+    def _select_one(self, scores, z, var, margin: float, k: int):
+        """_select for one query without a label filter, the same steps on scalars: the
+        batch's bookkeeping (per-query thresholds, counts and segment sums) would cost a
+        single query a fifth of its time (benchmarks/search.py, engine/other)."""
+        maxima = _group_maxima(scores[None])[0]
+        if maxima.size < k:
+            maxima = scores
+        top32 = float(maxima.max())
+        k_floor = float(np.partition(maxima, -k)[-k]) - margin  # step 3
+        floor = min(top32 - (margin + self._skip_nats), k_floor)  # and step 2
+        rows = np.flatnonzero(scores >= _float32_at_most(np.float64(floor)))
+        near = scores[rows].astype(np.float64)
+        heavy = top32 - (math.log(rows.size * margin) + 1.5 * margin
+                         + self._log_half_inverse_tolerance)
+        rescore = np.flatnonzero(near >= min(heavy, k_floor))
+        ranked = rows[rescore]  # ascending, as flatnonzero finds them
+        exact = self._exact_scores(z, var, ranked)
+        near[rescore] = exact
+        top = float(near.max())
+        log_total = top + math.log(float(np.exp(near - top).sum()))
+        best = np.argsort(-exact, kind="stable")[:k]  # score desc, lower row first
+        return ranked[best], exact[best], log_total
+
+    def _exact_scores(self, z, var, rows) -> np.ndarray:
+        """The direct formula in float64 for the items `rows` and their queries z (and var):
+        (len(rows), d) or one (d,) for all: (len(rows),)."""
         # take: a quarter of the time of fancy indexing for a few rows of a 2-D array
         log_sigma = self._log_sigma.take(rows, axis=0).astype(np.float64)
         terms = self._mu.take(rows, axis=0).astype(np.float64)  # float16 widens exactly
-        terms -= z[query]
+        terms -= z
         if var is None:
             terms /= np.exp(log_sigma)
             terms *= terms
         else:
             terms *= terms
-            terms += var[query]
+            terms += var
             terms /= np.exp(2.0 * log_sigma)
         terms += log_sigma
         terms += log_sigma  # -1/2 sum [((z - mu)/sigma)^2 + 2 log sigma] - (d/2) log 2pi
