@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ..runtime.cli import library_errors
+from ..runtime.cli_errors import library_errors
 from .build import DEFAULT_THUMBNAIL_SIZE, build_bundle
 
 

@@ -3,7 +3,6 @@ bench, add, remove)."""
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import io
 import json
@@ -13,16 +12,11 @@ from pathlib import Path
 import click
 import numpy as np
 
+from .cli_errors import CliError, library_errors
 from .core import MATCH_MODES, MAX_THREADS, Runtime, parse_z
 from .images import save_png, save_sheet
 
 SHEET_MAX_ITEMS = 20
-
-
-class CliError(click.ClickException):
-    """A one-line error with exit status 2 (bad input, bad bundle), never a traceback."""
-
-    exit_code = 2
 
 
 class AsciiInt(click.types.IntParamType):
@@ -38,16 +32,6 @@ class AsciiInt(click.types.IntParamType):
 
 class AsciiIntRange(AsciiInt, click.IntRange):
     """AsciiInt within click.IntRange's bounds."""
-
-
-@contextlib.contextmanager
-def library_errors():
-    try:
-        yield
-    # OSError too: a full disk or a read-only output directory is a one-line error,
-    # not a traceback, on a kiosk nobody watches.
-    except (ValueError, OSError) as exc:
-        raise CliError(str(exc)) from None
 
 
 def bundle_options(command):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from ..runtime.cli import CliError, library_errors
+from ..runtime.cli_errors import CliError, library_errors
 from .catalog_data import DEFAULT_HOLDOUT, catalog_data
 from .data import CLASS_NAMES, download
 from .model import VAEConfig
