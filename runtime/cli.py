@@ -14,7 +14,7 @@ import numpy as np
 
 from .cli_errors import CliError, library_errors
 from .core import MATCH_MODES, MAX_THREADS, Runtime, parse_z
-from .images import save_png, save_sheet
+from .images import FORMATS_TEXT, save_png, save_sheet
 
 SHEET_MAX_ITEMS = 20
 
@@ -49,17 +49,25 @@ def bundle_options(command):
     return wrapper
 
 
+def with_latent_options(wrapper):
+    """--z / --random / --seed on a wrapper that receives z_text, use_random and seed."""
+    for option in reversed([
+        click.option("--z", "z_text", metavar="NUMBERS",
+                     help='Latent vector, one number per latent dim: "0.5,-1.2,...".'),
+        click.option("--random", "use_random", is_flag=True,
+                     help="Draw z from the prior N(0, I) instead of --z."),
+        click.option("--seed", type=AsciiInt(), default=None, help="Seed for --random."),
+    ]):
+        wrapper = option(wrapper)
+    return wrapper
+
+
 def latent_options(command):
-    @click.option("--z", "z_text", metavar="NUMBERS",
-                  help='Latent vector, one number per latent dim: "0.5,-1.2,...".')
-    @click.option("--random", "use_random", is_flag=True,
-                  help="Draw z from the prior N(0, I) instead of --z.")
-    @click.option("--seed", type=AsciiInt(), default=None, help="Seed for --random.")
     @functools.wraps(command)
     def wrapper(runtime, z_text, use_random, seed, **kwargs):
         return command(runtime, resolve_latent(runtime, z_text, use_random, seed), **kwargs)
 
-    return wrapper
+    return with_latent_options(wrapper)
 
 
 def resolve_latent(runtime: Runtime, z_text: str | None, use_random: bool, seed: int | None):
@@ -125,7 +133,7 @@ def query_options(command):
     """--z / --random (see latent_options) or --image PATH: exactly one."""
 
     @click.option("--image", "image_path", type=click.Path(path_type=Path), default=None,
-                  help="Query by a photo (PNG, JPEG or WebP, any size; fitted into the model's "
+                  help=f"Query by a photo ({FORMATS_TEXT}, any size; fitted into the model's "
                        "square as training fitted the catalog) instead of z: ranks items by the "
                        "expected log-likelihood under the photo's encoding q(z|photo).")
     @functools.wraps(command)
@@ -140,16 +148,7 @@ def query_options(command):
             pixels = runtime.read_photo(image_path)
         return command(runtime, None, image=(image_path, pixels), **kwargs)
 
-    # latent_options' click options, declared here so that the wrapper receives them
-    for option in reversed([
-        click.option("--z", "z_text", metavar="NUMBERS",
-                     help='Latent vector, one number per latent dim: "0.5,-1.2,...".'),
-        click.option("--random", "use_random", is_flag=True,
-                     help="Draw z from the prior N(0, I) instead of --z."),
-        click.option("--seed", type=AsciiInt(), default=None, help="Seed for --random."),
-    ]):
-        wrapper = option(wrapper)
-    return wrapper
+    return with_latent_options(wrapper)
 
 
 @main.command()
@@ -257,8 +256,8 @@ def _sheet_pictures(runtime: Runtime, matches, results: list[dict], z, image):
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per image.")
 def encode(runtime: Runtime, images: tuple[Path, ...], as_json: bool):
-    """Encode photos (PNG, JPEG or WebP, any size and colour, fitted into the model's square)
-    to their posterior mu and log-sigma."""
+    """Encode photos (PNG, JPEG, WebP, BMP, GIF or PPM, any size and colour, fitted into the
+    model's square) to their posterior mu and log-sigma."""
     with library_errors():
         pixels = np.stack([runtime.read_photo(path) for path in images])
         mu, log_sigma = runtime.encode(pixels)
