@@ -38,7 +38,7 @@ from .data import ImageRows, TrainingData, user_cache_dir
 DEFAULT_HOLDOUT = 0.1
 # Part of every cache's key: raise it when fitting a photo (runtime.images.fit_photo) or the
 # cache's layout changes, so that no cache of the old pixels is reused.
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 
 
 def photo_cache_dir() -> Path:
