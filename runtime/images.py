@@ -39,6 +39,7 @@ MAX_ASPECT_RATIO = 50
 # than any fitted size or thumbnail needs, so a reduced photo fits to within a level or two of
 # the same photo fitted at full size.
 WORKING_PIXELS = 16_000_000
+STRIPE_PIXELS = 2_000_000
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -154,19 +155,36 @@ def _read(handle, path: Path, max_pixels: int, decode: bool):
         image.load()
         transparent = (image.mode in ("RGBA", "LA", "PA", "La", "RGBa")
                        or "transparency" in image.info)
-        if transparent and image.mode not in ("RGBA", "LA", "La", "RGBa"):
-            image = image.convert("RGBA")  # palette and tRNS transparency: reduce needs the alpha
-        elif image.mode in ("P", "1"):  # reduce averages pixel values, not palette indices
-            image = image.convert("L" if image.mode == "1" else "RGB")
+        mode = ("RGBA" if transparent and image.mode not in ("LA", "La", "RGBa")
+                else "L" if image.mode == "1" else "RGB" if image.mode == "P" else image.mode)
         factor = math.ceil(math.sqrt(image.width * image.height / WORKING_PIXELS))
-        if factor >= 2:
-            image = image.reduce(factor)
+        # reduce averages pixel values (not palette indices) and needs the alpha for
+        # palette and tRNS transparency: the photo is in `mode` before it is reduced
+        image = _reduced(image, factor, mode) if factor >= 2 else image.convert(mode)
         upright = ImageOps.exif_transpose(image)
         if transparent:
             picture = Image.new("RGBA", upright.size, (255, 255, 255, 255))
             picture.alpha_composite(upright.convert("RGBA"))
             return picture.convert("RGB")
         return upright.convert("L" if upright.mode in ("L", "1") else "RGB")
+
+
+def _reduced(image, factor: int, mode: str):
+    """The decoded image in `mode`, reduced by `factor` (as Image.reduce), a stripe of rows at
+    a time: converting or reducing the whole (a transparent one premultiplied) would copy
+    its full-size pixels; a stripe is a copy of about STRIPE_PIXELS. The stripes start at
+    multiples of factor, so every block is the one the whole image's reduce would average."""
+    from PIL import Image
+
+    width, height = image.size
+    reduced = Image.new(mode, (-(-width // factor), -(-height // factor)))
+    # the EXIF block (its orientation) goes with the pixels, as convert would take it
+    reduced.info = {key: value for key, value in image.info.items() if key != "transparency"}
+    rows = factor * max(1, STRIPE_PIXELS // (width * factor))
+    for top in range(0, height, rows):
+        stripe = image.crop((0, top, width, min(height, top + rows))).convert(mode)
+        reduced.paste(stripe.reduce(factor), (0, top // factor))
+    return reduced
 
 
 def fit_photo(image, size: int, channels: int) -> np.ndarray:

@@ -384,27 +384,46 @@ def test_a_catalog_photo_has_a_bound_of_its_own_above_pillows(tmp_path):
         load_photo(huge, decode=False, max_pixels=MAX_CATALOG_PHOTO_PIXELS)
 
 
-def test_a_large_photo_is_reduced_as_it_is_decoded_and_fits_within_a_level(tmp_path):
+@pytest.mark.parametrize("name, mode", [("big.jpg", "L"), ("big.png", "L"), ("rgba.png", "RGBA"),
+                                        ("palette.png", "P")])
+def test_a_large_photo_is_reduced_as_it_is_decoded_and_fits_within_two_levels(tmp_path, name,
+                                                                              mode):
     """Above WORKING_PIXELS a photo is decoded at a reduced scale (JPEG) or reduced once
-    decoded (PNG); fitted, it is within 2 levels of the same photo fitted at full size. The
-    EXIF orientation of the reduced JPEG is still applied."""
+    decoded (other formats; a transparent one premultiplied, a palette one in colour); fitted,
+    a product on a plain background is within 2 levels of the same photo fitted at full size,
+    its EXIF orientation applied."""
     width, height = 5000, 3400
     assert width * height > WORKING_PIXELS
-    y, x = np.mgrid[0:height, 0:width]
-    pixels = ((x * 7 + y * 3) % 256).astype(np.uint8)  # stripes, not one flat colour
-    photo = Image.fromarray(pixels)
+    y, x = np.ogrid[0:height, 0:width]
+    stripes = ((x * 7 + y * 3) % 256).astype(np.uint8)  # not one flat colour
+    # ... on a plain background: the padding is the median of the outermost pixels, which a
+    # reduced photo averages; where those are of many colours, the median may move further
+    stripes[:100], stripes[-100:], stripes[:, :100], stripes[:, -100:] = 240, 240, 240, 240
+    photo = Image.fromarray(stripes)
+    if mode == "RGBA":  # transparent at the left, opaque at the right, over red stripes
+        alpha = Image.fromarray(np.broadcast_to((x * 255 // width).astype(np.uint8),
+                                                (height, width)))
+        photo = Image.merge("RGBA", (photo, Image.new("L", photo.size, 30),
+                                     Image.new("L", photo.size, 60), alpha))
+    elif mode == "P":
+        photo = photo.convert("RGB").quantize(16)
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise to show it upright
-    photo.save(tmp_path / "big.jpg", quality=95, exif=exif)
-    photo.save(tmp_path / "big.png", compress_level=1)
-    for name in ("big.jpg", "big.png"):
-        reduced = load_photo(tmp_path / name)
-        assert reduced.width * reduced.height <= WORKING_PIXELS, name
-        with Image.open(tmp_path / name) as full:
-            upright = full.rotate(-90, expand=True) if name.endswith(".jpg") else full.copy()
-        assert (reduced.width > reduced.height) == (upright.width > upright.height), name
-        expected = fit_photo(upright, 28, 1).astype(int)
-        assert np.abs(read_image(tmp_path / name, 28, 1) - expected).max() <= 2, name
+    photo.save(tmp_path / name, exif=exif, **({"quality": 95} if name.endswith(".jpg") else
+                                              {"compress_level": 1}))
+    reduced = load_photo(tmp_path / name)
+    assert reduced.width * reduced.height <= WORKING_PIXELS
+    assert reduced.height > reduced.width  # upright
+    full = photo.rotate(-90, expand=True) if mode != "L" else Image.open(tmp_path / name)
+    if mode == "RGBA":
+        white = Image.new("RGBA", full.size, (255, 255, 255, 255))
+        white.alpha_composite(full)
+        full = white
+    elif mode == "L":
+        full = full.rotate(-90, expand=True)
+    for channels in (1, 3):
+        expected = fit_photo(full, 28, channels).astype(int)
+        assert np.abs(read_image(tmp_path / name, 28, channels) - expected).max() <= 2
 
 
 def test_a_corrupt_exif_block_prints_no_warning(tmp_path):
