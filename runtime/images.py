@@ -24,9 +24,9 @@ IMAGE_MODES = ("L", "1", "P", "RGB", "RGBA", "LA", "PA", "CMYK", "YCbCr", "La", 
 # (a decompression bomb). A stranger's photo (a query: `nearest --image`, `encode`) is refused
 # above MAX_PHOTO_PIXELS, beyond any product photo a customer sends. A shop's own catalog
 # photos (training, export, `vae-run add`) are trusted input, refused only above
-# MAX_CATALOG_PHOTO_PIXELS: well above today's cameras (61 and 100 megapixels) and large scans.
-# A JPEG is decoded at a reduced scale near the size it is fitted to; other formats are decoded
-# at full size, one photo at a time (docs/catalog.md states the peak memory this takes).
+# MAX_CATALOG_PHOTO_PIXELS: well above the largest cameras' (61 and 100 megapixels) and scans.
+# A photo above WORKING_PIXELS is brought down to about that many as it is decoded
+# (docs/catalog.md states the peak memory this takes).
 MAX_PHOTO_PIXELS = 50_000_000
 MAX_CATALOG_PHOTO_PIXELS = 250_000_000
 # A picture more than this many times longer one way than the other is refused from its
