@@ -148,7 +148,8 @@ def _read(handle, path: Path, max_pixels: int, decode: bool):
     if not decode:
         return None
     with _pillow_errors(path):
-        if image.format == "JPEG" and image.width * image.height > WORKING_PIXELS:
+        # MPO: a camera's JPEG with a second picture (a preview, a depth map) after it
+        if image.format in ("JPEG", "MPO") and image.width * image.height > WORKING_PIXELS:
             scale = next((scale for scale in (2, 4) if image.width * image.height
                           <= WORKING_PIXELS * scale * scale), 8)
             image.draft(image.mode, (image.width // scale, image.height // scale))
