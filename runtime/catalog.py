@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .images import fit_photo, load_photo, thumbnail_bytes
+from .images import MAX_CATALOG_PHOTO_PIXELS, fit_photo, load_photo, thumbnail_bytes
 
 REQUIRED_COLUMNS = ("id", "image")
 MAX_ID_LENGTH = 200
@@ -172,10 +172,13 @@ def read_catalog(path: str | Path, *, skip_bad: bool = False,
 def catalog_photos(catalog: Catalog, decode: bool = True
                    ) -> Iterator[tuple[int, object | None, str | None]]:
     """(position, Pillow image or None, problem or None) for each item, in order; with
-    decode=False only the photos' headers are checked (load_photo) and no image comes back."""
+    decode=False only the photos' headers are checked (load_photo) and no image comes back.
+
+    A catalog's photos are the shop's own: accepted up to MAX_CATALOG_PHOTO_PIXELS and
+    decoded one at a time, each reduced as it is decoded (runtime.images.load_photo)."""
     for position, path in enumerate(catalog.images):
         try:
-            yield position, load_photo(path, decode), None
+            yield position, load_photo(path, decode, max_pixels=MAX_CATALOG_PHOTO_PIXELS), None
         except (FileNotFoundError, ValueError) as exc:
             yield position, None, f"line {catalog.lines[position]}: {exc}"
 

@@ -11,6 +11,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from tests.test_bad_input import bomb_png
 from tests.test_interrupts import ENV, bundle_bytes, console, kill_once_it_writes
 from vae_edge.runtime import Runtime
 from vae_edge.runtime.catalog import fit_catalog, read_catalog
@@ -297,3 +298,27 @@ def test_labels_that_differ_in_case_only_are_told_apart(bundle_copy, tmp_path):
     with pytest.raises(ValueError, match="unknown label 'BAG'"):
         runtime.label_id("BAG")  # two names match but for case: neither is guessed
     assert runtime.nearest(runtime.sample_prior(seed=0), k=3, label="bag").ids.tolist() == ["X"]
+
+
+def test_add_reads_a_shop_photo_above_a_strangers_bound_and_refuses_a_thin_one(bundle_copy,
+                                                                              tmp_path):
+    """A catalog photo is the shop's own: 53 megapixels is added, where a query photo of the
+    same size is refused. A line of 1 x 200,000 pixels is refused before it is decoded."""
+    Image.new("L", (7600, 7000), 90).save(tmp_path / "camera.jpg", quality=90)
+    csv = write_csv(tmp_path / "big.csv", "id,image,label\nBIG,camera.jpg,Bag\n")
+    result = CliRunner().invoke(run_main, ["add", "--bundle", str(bundle_copy), str(csv)])
+    assert result.exit_code == 0, result.output
+    assert result.output.endswith(f"added 1 item; {bundle_copy} holds 5001\n")
+    query = CliRunner().invoke(run_main, ["encode", "--bundle", str(bundle_copy),
+                                          str(tmp_path / "camera.jpg")])
+    assert query.exit_code == 2
+    assert query.output == ("Error: camera.jpg: image is 7600x7000 pixels, too large to decode "
+                            "safely (at most 50,000,000 pixels)\n")
+    (tmp_path / "thin.png").write_bytes(bomb_png(1, 200_000))
+    thin = write_csv(tmp_path / "thin.csv", "id,image,label\nTHIN,thin.png,Bag\n")
+    result = CliRunner().invoke(run_main, ["add", "--bundle", str(bundle_copy), str(thin)])
+    assert result.exit_code == 2
+    assert result.output == (
+        f"Error: {thin}: 1 bad photo: line 2: thin.png: image is 1x200000 pixels, too long and "
+        "thin to fit (at most 50 times longer one way than the other); fix it or pass "
+        "--skip-bad to leave it out\n")
