@@ -246,6 +246,33 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
     return unique
 
 
+def _no_constant(name: str):
+    """NaN and Infinity: Python's json reads them, but they are not JSON and compare unequal
+    to themselves."""
+    raise BundleError(f"{MANIFEST_NAME}: {name} is not a JSON number")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_provenance(manifest: dict) -> None:
+    """The provenance the runtime shows (vae-run info, the kiosk's /api/info): absent, or of
+    the type it is shown as. The rest of the provenance is recorded, never read."""
+    for key in ("created", "edited"):
+        if key in manifest and not isinstance(manifest[key], str):
+            raise BundleError(f"{MANIFEST_NAME}: {key} should be a date text, got "
+                              f"{type(manifest[key]).__name__}")
+    parity = manifest.get("parity", {})
+    if not isinstance(parity, dict) or not _is_number(parity.get("max_abs_diff", 0)):
+        raise BundleError(f"{MANIFEST_NAME}: parity should be an object with a number "
+                          f"max_abs_diff, got {json.dumps(parity)[:80]}")
+    metrics = manifest.get("metrics", {})
+    if not isinstance(metrics, dict) or not all(_is_number(v) for v in metrics.values()):
+        raise BundleError(f"{MANIFEST_NAME}: metrics should be an object of numbers, got "
+                          f"{json.dumps(metrics)[:80]}")
+
+
 def read_manifest(root: Path) -> dict:
     root = Path(root)
     if not root.is_dir():
@@ -261,7 +288,8 @@ def read_manifest(root: Path) -> dict:
             f"(at most {MAX_MANIFEST_BYTES})"
         )
     try:
-        manifest = json.loads(path.read_bytes().decode("utf-8"), object_pairs_hook=_unique_keys)
+        manifest = json.loads(path.read_bytes().decode("utf-8"), object_pairs_hook=_unique_keys,
+                              parse_constant=_no_constant)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BundleError(f"{MANIFEST_NAME}: not valid JSON ({exc})") from None
     except RecursionError:
@@ -348,6 +376,10 @@ def read_manifest(root: Path) -> dict:
     names = _require(index, "label_names", list, "manifest.json index")
     if not all(isinstance(n, str) for n in names):
         raise BundleError(f"{MANIFEST_NAME}: index label_names must be strings")
+    if not isinstance(index.get("catalog", ""), str):
+        raise BundleError(f"{MANIFEST_NAME}: index catalog should be a name, got "
+                          f"{type(index['catalog']).__name__}")
+    _check_provenance(manifest)
     return manifest
 
 
