@@ -211,6 +211,23 @@ def test_edits_through_a_symbolic_link_or_dot_change_the_bundle_itself(bundle_co
     assert not [p.name for p in bundle_copy.iterdir() if p.name.startswith(".")]
 
 
+def test_a_symbolic_link_loop_as_the_bundle_is_a_one_line_error(tmp_path, tiny_run):
+    from vae_edge.export.cli import main as export_main
+
+    loop = tmp_path / "loop"
+    loop.symlink_to("loop")
+    Image.new("L", (28, 28)).save(tmp_path / "a.png")
+    write_csv(tmp_path / "new.csv", "id,image,label\nA,a.png,Bag\n")
+    expected = f"Error: {loop}: symbolic link loop; expected a directory or a link to one\n"
+    for cli, args in ((run_main, ["add", "--bundle", str(loop), str(tmp_path / "new.csv")]),
+                      (run_main, ["remove", "--bundle", str(loop), "3"]),
+                      (export_main, [str(tiny_run[0] / "checkpoint.pt"), "-o", str(loop),
+                                     "--force"])):
+        result = CliRunner().invoke(cli, args)
+        assert (result.exit_code, result.output) == (2, expected), args
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "loop", "new.csv"]
+
+
 def test_add_says_how_many_it_left_out_and_which_labels_it_needs(bundle_copy, tmp_path):
     Image.new("L", (28, 28)).save(tmp_path / "a.png")
     rows = "".join(f"MISSING-{i},missing{i}.png,Bag\n" for i in range(7))
