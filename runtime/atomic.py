@@ -192,16 +192,23 @@ def recover_directory(out_dir: Path, log=print) -> None:
 
 
 @contextlib.contextmanager
-def exclusive(target: Path) -> Iterator[None]:
+def exclusive(target: Path, log=None) -> Iterator[None]:
     """Hold an exclusive lock on target (a lock file `.{name}.lock` beside it) for the block:
-    two read-modify-write runs on one target (two `vae-run add`s) take turns instead of one
-    silently dropping the other's change. Advisory (flock): readers are not held up."""
+    two runs that replace one target (`vae-run add`, `remove`, `vae-export --force`) take
+    turns instead of one silently dropping the other's change, or mixing its files with the
+    other's. Advisory (flock): readers are not held up. log, when given, hears that the
+    run waits for another."""
     import fcntl
 
     target = resolve_directory(target)  # every spelling of it (a link, ".") takes one lock
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target.parent / f".{target.name}.lock", "a+b") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if log is not None:
+                log(f"waiting for another run that changes {target} to finish")
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
         try:
             yield
         finally:
