@@ -25,6 +25,7 @@ import hashlib
 import io
 import json
 import os
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,8 +83,8 @@ class CatalogIndex:
     """A bundle's catalog: float16 posteriors (N, d), label ids (N,), and the items' table.
 
     ids: (N,) object array of str. metadata: one (N,) object array of str per column of
-    `columns`. thumbnails: the WebP bytes of every item back to back (a read-only memory map
-    or bytes) and (N + 1,) offsets, or both None.
+    `columns`. thumbnails: the WebP bytes of every item back to back (the bundle's open
+    ThumbnailFile, or bytes) and (N + 1,) offsets, or both None.
     """
 
     mu: np.ndarray
@@ -93,7 +94,7 @@ class CatalogIndex:
     ids: np.ndarray
     columns: tuple[str, ...] = ()
     metadata: tuple[np.ndarray, ...] = ()
-    thumbnails: np.ndarray | bytes | None = None
+    thumbnails: ThumbnailFile | bytes | None = None
     thumbnail_offsets: np.ndarray | None = None
 
     def __len__(self) -> int:
@@ -103,11 +104,39 @@ class CatalogIndex:
         return {name: str(values[row]) for name, values in zip(self.columns, self.metadata)}
 
     def thumbnail(self, row: int) -> bytes | None:
-        """The item's photo (WebP bytes), or None in a bundle without thumbnails."""
+        """The item's photo (WebP bytes, as stored: Runtime.thumbnail checks them), or None
+        in a bundle without thumbnails."""
         if self.thumbnail_offsets is None:
             return None
-        start, end = self.thumbnail_offsets[row], self.thumbnail_offsets[row + 1]
-        return bytes(self.thumbnails[start:end])
+        start, end = int(self.thumbnail_offsets[row]), int(self.thumbnail_offsets[row + 1])
+        if isinstance(self.thumbnails, bytes):
+            return self.thumbnails[start:end]
+        return self.thumbnails.read(start, end)
+
+
+class ThumbnailFile:
+    """thumbnails.bin, kept open from load for positional reads: the photos stay on disk
+    until asked for, and a bundle replaced by a rename (vae-run add) leaves this one readable
+    for as long as it is loaded. Not a memory map: a file truncated in place under a map
+    kills the process (SIGBUS) at the next read, while here it is a BundleError for that
+    photo. A file changed in place (size or modification time) is refused the same way."""
+
+    def __init__(self, path: Path):
+        self.name = path.name
+        fd = os.open(path, os.O_RDONLY)
+        weakref.finalize(self, os.close, fd)
+        self._fd = fd
+        stat = os.fstat(fd)
+        self.size = stat.st_size
+        self._identity = (stat.st_size, stat.st_mtime_ns)
+
+    def read(self, start: int, end: int) -> bytes:
+        stat = os.fstat(self._fd)
+        data = os.pread(self._fd, end - start, start)
+        if (stat.st_size, stat.st_mtime_ns) != self._identity or len(data) != end - start:
+            raise BundleError(f"{self.name}: changed on disk since the bundle was loaded "
+                              "(truncated or overwritten in place); load the bundle again")
+        return data
 
 
 def graph_sections(latent_dim: int, image_shape) -> dict:
@@ -533,7 +562,7 @@ def _load_items(root: Path, columns: list[str], size: int):
 
 def _load_thumbnails(root: Path, size: int):
     """thumbnail_offsets.npy ((size + 1,) int64, from 0, never decreasing, ending at the
-    size of thumbnails.bin) and thumbnails.bin, memory-mapped read-only."""
+    size of thumbnails.bin) and thumbnails.bin, open for reading (ThumbnailFile)."""
     name = THUMBNAIL_FILES["offsets"]
     path = _bundle_file(root, name)
     dtype, shape, _ = _npy_header(path, name)
@@ -543,16 +572,13 @@ def _load_thumbnails(root: Path, size: int):
         offsets = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
         raise BundleError(f"{name}: not a readable .npy file ({exc})") from None
-    images = _bundle_file(root, THUMBNAIL_FILES["images"])
-    total = images.stat().st_size
+    images = ThumbnailFile(_bundle_file(root, THUMBNAIL_FILES["images"]))
+    total = images.size
     if offsets[0] != 0 or offsets[-1] != total or (np.diff(offsets) < 0).any():
         raise BundleError(f"{name}: offsets must rise from 0 to the size of "
                           f"{THUMBNAIL_FILES['images']} ({total} bytes)")
     offsets.flags.writeable = False
-    # A memory map: the photos stay on disk until asked for, and a bundle replaced on disk
-    # (vae-run add) leaves this one readable for as long as it is loaded.
-    data = np.memmap(images, dtype=np.uint8, mode="r") if total else b""
-    return data, offsets
+    return images, offsets
 
 
 # ONNX protobuf field numbers (onnx.proto) on every path that can lead to a tensor.
