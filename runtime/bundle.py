@@ -23,6 +23,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import itertools
 import json
 import os
 import weakref
@@ -42,6 +43,12 @@ INDEX_FILES = {
 }
 INDEX_DTYPES = {"mu": "float16", "log_sigma": "float16", "labels": "int32"}
 ITEMS_FILE = "items.csv"
+# items.csv cells a spreadsheet would run as a formula (= + - @, or tab or CR before one) are
+# written with an apostrophe in front, as are cells that start with one, so that reading
+# strips exactly one back off; the manifest's items "escape" says the file was written so
+# (bundles written without it are read verbatim).
+ITEMS_ESCAPE = "apostrophe"
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "'")
 THUMBNAIL_FILES = {"images": "thumbnails.bin", "offsets": "thumbnail_offsets.npy"}
 THUMBNAIL_FORMAT = "webp"
 MODEL_FILES = {"encoder": "encoder.onnx", "decoder": "decoder.onnx"}
@@ -176,7 +183,8 @@ def new_manifest(*, latent_dim: int, image_shape, image_layout: str, catalog: st
             "log_sigma": "0.5 * log_var of q(z|x); sigma = exp(log_sigma)",
             "label_names": list(index.label_names),
         },
-        "items": {"file": ITEMS_FILE, "columns": ["id", *index.columns], "ids": ids},
+        "items": {"file": ITEMS_FILE, "columns": ["id", *index.columns], "ids": ids,
+                  "escape": ITEMS_ESCAPE},
         "thumbnails": None if not has_thumbnails else {
             "files": dict(THUMBNAIL_FILES), "format": THUMBNAIL_FORMAT,
             "size": [int(thumbnail_size), int(thumbnail_size)]},
@@ -209,9 +217,18 @@ def to_float16(name: str, array: np.ndarray) -> np.ndarray:
     return array.astype(np.float16)
 
 
+def _escape(cell: str) -> str:
+    return "'" + cell if cell.startswith(_FORMULA_START) else cell
+
+
+def _unescape(cell: str) -> str:
+    return cell[1:] if cell.startswith("'") else cell
+
+
 def write_index(root: Path, index: CatalogIndex) -> None:
     """Write the index arrays, items.csv and the thumbnails (if any) under their file names.
-    Arrays must have the schema's dtypes (refused otherwise: a cast here would hide a bug)."""
+    Arrays must have the schema's dtypes (refused otherwise: a cast here would hide a bug).
+    items.csv is written with ITEMS_ESCAPE, which the manifest's items must state."""
     root = Path(root)
     arrays = {"mu": index.mu, "log_sigma": index.log_sigma, "labels": index.labels}
     for key, name in INDEX_FILES.items():
@@ -221,9 +238,14 @@ def write_index(root: Path, index: CatalogIndex) -> None:
         np.save(root / name, array, allow_pickle=False)
     with open(root / ITEMS_FILE, "w", encoding="utf-8", newline="") as handle:
         writer = csv.writer(handle, lineterminator="\n")
-        writer.writerow(["id", *index.columns])
-        for row in range(len(index)):
-            writer.writerow([index.ids[row], *(values[row] for values in index.metadata)])
+        # csv quotes a field holding the line terminator, "\n", but not a carriage return,
+        # which a reader then takes for the end of the line: such rows are quoted in full.
+        quoted = csv.writer(handle, lineterminator="\n", quoting=csv.QUOTE_ALL)
+        items = ((index.ids[row], *(values[row] for values in index.metadata))
+                 for row in range(len(index)))
+        for row in itertools.chain([("id", *index.columns)], items):
+            cells = [_escape(cell) for cell in row]
+            (quoted if any("\r" in cell for cell in cells) else writer).writerow(cells)
     if index.thumbnail_offsets is not None:
         np.save(root / THUMBNAIL_FILES["offsets"],
                 np.asarray(index.thumbnail_offsets, dtype=np.int64), allow_pickle=False)
@@ -372,6 +394,9 @@ def read_manifest(root: Path) -> dict:
             or len(set(columns)) != len(columns)):
         raise BundleError(f"{MANIFEST_NAME}: items columns must be distinct non-empty names "
                           f"starting with 'id', got {columns!r}")
+    if items.get("escape", ITEMS_ESCAPE) != ITEMS_ESCAPE:
+        raise BundleError(f"{MANIFEST_NAME}: items escape must be {ITEMS_ESCAPE!r} or absent, "
+                          f"got {json.dumps(items['escape'])[:80]}")
     if "thumbnails" not in manifest:
         raise BundleError(f"{MANIFEST_NAME}: missing key 'thumbnails' (null when there are none)")
     thumbnails = manifest["thumbnails"]
@@ -516,7 +541,8 @@ def load_index(root: Path, manifest: dict) -> CatalogIndex:
             f"{files['labels']}: labels must lie in [0, {len(label_names)}), "
             f"got [{labels.min()}, {labels.max()}]"
         )
-    ids, metadata = _load_items(root, manifest["items"]["columns"], size)
+    ids, metadata = _load_items(root, manifest["items"]["columns"], size,
+                                escaped="escape" in manifest["items"])
     thumbnails = offsets = None
     if manifest["thumbnails"] is not None:
         thumbnails, offsets = _load_thumbnails(root, size)
@@ -525,13 +551,17 @@ def load_index(root: Path, manifest: dict) -> CatalogIndex:
                         thumbnails=thumbnails, thumbnail_offsets=offsets, **arrays)
 
 
-def _load_items(root: Path, columns: list[str], size: int):
+def _load_items(root: Path, columns: list[str], size: int, escaped: bool):
     """items.csv: the header the manifest names, then `size` rows of as many fields, ids
-    unique and non-empty. Returns the ids and one column array per metadata column."""
+    unique and non-empty. Returns the ids and one column array per metadata column.
+    escaped: the file was written with ITEMS_ESCAPE, to be undone."""
     path = _bundle_file(root, ITEMS_FILE)
     try:
-        reader = csv.reader(io.StringIO(path.read_text(encoding="utf-8"), newline=""),
-                            strict=True)
+        # newline="": a carriage return inside a quoted field is text, kept as it is
+        with open(path, encoding="utf-8", newline="") as handle:
+            text = handle.read()
+        rows = csv.reader(io.StringIO(text, newline=""), strict=True)
+        reader = ([_unescape(cell) for cell in row] for row in rows) if escaped else rows
         header = next(reader, None)
         if header != columns:
             raise BundleError(f"{ITEMS_FILE}: header must be {columns}, got "

@@ -21,6 +21,7 @@ import numpy as np
 
 from .atomic import atomic_directory, exclusive, recover_directory
 from .bundle import (
+    ITEMS_ESCAPE,
     MODEL_FILES,
     CatalogIndex,
     pack_thumbnails,
@@ -146,6 +147,7 @@ def _rewrite(rt: Runtime, index: CatalogIndex, log) -> None:
     except FileNotFoundError:
         raise changed from None
     manifest["index"]["size"] = len(index)
+    manifest["items"]["escape"] = ITEMS_ESCAPE  # as write_index writes items.csv
     manifest["index"]["label_names"] = list(index.label_names)
     manifest["edited"] = datetime.datetime.now(datetime.timezone.utc).isoformat(
         timespec="seconds")

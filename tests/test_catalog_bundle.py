@@ -4,6 +4,7 @@ and out with vae-run add / remove."""
 
 from __future__ import annotations
 
+import csv as csv_module
 import http.client
 import io
 import json
@@ -303,3 +304,48 @@ def test_thumbnails_larger_than_the_manifest_says_are_refused_before_use(shop, t
     with pytest.raises(ApiError, match=f"^{re.escape(message)}$") as info:
         KioskApp(runtime).item_image(first)
     assert info.value.status == 500
+
+
+def test_catalog_text_is_stored_harmless_for_spreadsheets_and_read_back_exactly(shop, tmp_path):
+    """Cells a spreadsheet would run (= + - @, tab or CR first) go into items.csv with an
+    apostrophe in front, and come back from the runtime as the catalog had them; a carriage
+    return inside a field stays one, catalog CSV to bundle to runtime."""
+    from vae_edge.runtime.edit import add_items
+
+    csv, original = shop
+    bundle = tmp_path / "bundle"
+    shutil.copytree(original, bundle)
+    photo = str(csv.parent / read_rows(csv)[0]["image"])
+    texts = [("=1+1", "=cmd|' /C calc'!A0", "+1", "@SUM(A1)"),
+             ("-3", "two\rlines", "-5", "'quoted"),
+             ("@x", "\t=tab", "''two", "\r\n=x"),
+             ("'y", "plain", "1", "https://shop.example/p")]
+    rows = [{"id": item_id, "image": photo, "label": "bag", "name": name, "price": price,
+             "url": url} for item_id, name, price, url in texts]
+    add_items(bundle, write_csv(tmp_path / "new.csv", rows), log=lambda message: None)
+
+    with open(bundle / "items.csv", encoding="utf-8", newline="") as handle:
+        stored = list(csv_module.reader(handle))
+    assert len(stored) == 1 + 36 + len(texts)
+    assert not [cell for row in stored for cell in row
+                if cell[:1] in ("=", "+", "-", "@", "\t", "\r")]
+    assert stored[-3] == ["'-3", "two\rlines", "'-5", "''quoted"]
+    runtime = Runtime.load(bundle)
+    assert runtime.manifest["items"]["escape"] == "apostrophe"
+    for row, (item_id, name, price, url) in enumerate(texts, start=36):
+        assert runtime.index.ids[row] == item_id
+        assert runtime.index.item_metadata(row) == {"name": name, "price": price, "url": url}
+
+
+def test_a_bundle_written_without_the_escape_is_read_verbatim(bundle_copy):
+    """items.csv of a format 2 bundle whose manifest does not say "escape": an apostrophe
+    in front is the item's own text."""
+    from vae_edge.runtime.bundle import write_manifest
+
+    lines = (bundle_copy / "items.csv").read_text().splitlines()
+    lines[1:3] = ["'0", "''1"]
+    (bundle_copy / "items.csv").write_text("\n".join(lines) + "\n")
+    manifest = json.loads((bundle_copy / "manifest.json").read_text())
+    del manifest["items"]["escape"]
+    write_manifest(bundle_copy, manifest)
+    assert Runtime.load(bundle_copy).index.ids[:3].tolist() == ["'0", "''1", "2"]

@@ -299,6 +299,8 @@ CASES = [
          r"manifest.json: metrics should be an object of numbers, got \[1\]"),
     Case("created-number", edit_manifest(lambda m: m.update(created=2026)),
          "manifest.json: created should be a date text, got int"),
+    Case("items-escape-other", edit_manifest(lambda m: m["items"].update(escape="backslash")),
+         "manifest.json: items escape must be 'apostrophe' or absent, got \"backslash\""),
     Case("catalog-null", edit_manifest(lambda m: m["index"].update(catalog=None)),
          "manifest.json: index catalog should be a name, got NoneType"),
     # Wrong shapes in the manifest.
