@@ -312,6 +312,7 @@ def photo_csv(tmp_path, data_dir, count: int = 3):
     return write_csv(tmp_path / "new.csv", "\n".join(lines) + "\n")
 
 
+@pytest.mark.slow  # exports a bundle
 def test_an_export_over_a_bundle_waits_for_an_edit_in_progress(bundle_copy, tmp_path,
                                                                 tiny_run, data_dir):
     """vae-export -o B --force while vae-run add --bundle B runs: the export starts while
