@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..runtime.atomic import atomic_directory, recover_directory
+from ..runtime.atomic import atomic_directory, exclusive, recover_directory
 from ..runtime.bundle import (
     MODEL_FILES,
     CatalogIndex,
@@ -75,9 +75,17 @@ def build_bundle(
 
     Everything is written into a temporary sibling directory and renamed into place only
     after every check passed, so an interrupted export leaves no half-written bundle and
-    (with force) the previous bundle stays until the new one is complete.
+    (with force) the previous bundle stays until the new one is complete. An export takes
+    turns with `vae-run add` and `remove` on the same bundle (their lock).
     """
     out_dir = Path(out_dir)
+    with exclusive(out_dir, log):
+        return _build_bundle(checkpoint_path, out_dir, catalog, data_dir, limit, force, log,
+                             catalog_split, skip_bad, thumbnail_size)
+
+
+def _build_bundle(checkpoint_path, out_dir: Path, catalog, data_dir, limit, force, log,
+                  catalog_split, skip_bad, thumbnail_size) -> Path:
     recover_directory(out_dir, log)
     if out_dir.exists() and not force:
         raise FileExistsError(f"{out_dir} exists: pass --force to replace it")

@@ -99,7 +99,10 @@ def read_catalog(path: str | Path, *, skip_bad: bool = False,
     if not source.is_file():
         raise FileNotFoundError(f"catalog CSV not found: {source}")
     try:
-        text = source.read_text(encoding="utf-8-sig")  # -sig: spreadsheets write a BOM
+        # -sig: spreadsheets write a BOM. newline="": a carriage return inside a quoted field
+        # is the field's text, kept as it is.
+        with open(source, encoding="utf-8-sig", newline="") as handle:
+            text = handle.read()
     except UnicodeDecodeError as exc:
         raise ValueError(f"{source}: not UTF-8 text (byte {exc.start}: {exc.reason}); save the "
                          "CSV as UTF-8") from None

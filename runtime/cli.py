@@ -237,7 +237,7 @@ def _sheet_pictures(runtime: Runtime, matches, results: list[dict], z, image):
 
     # A large k must not decode the catalog into one endless picture.
     shown = matches.rows[:SHEET_MAX_ITEMS]
-    photos = [runtime.index.thumbnail(int(row)) for row in shown]
+    photos = [runtime.thumbnail(int(row)) for row in shown]
     if all(photo is not None for photo in photos):
         items, drawn = [Image.open(io.BytesIO(photo)) for photo in photos], "catalog photos"
     else:

@@ -21,7 +21,7 @@ from .bundle import (
     read_manifest,
     verify_files,
 )
-from .images import read_image
+from .images import read_image, webp_size
 from .search import LikelihoodSearch, Matches
 
 # Latent values beyond this are not slider positions but mistakes; they would also
@@ -402,6 +402,25 @@ class Runtime:
         uint8 (C, H, W) of this bundle's image shape, ready for encode and nearest_image."""
         channels, size, _ = self.image_shape
         return read_image(path, size, channels)
+
+    def thumbnail(self, row: int) -> bytes | None:
+        """The item's catalog photo (WebP bytes) once its header shows a picture of the
+        manifest's thumbnail size, or None in a bundle without thumbnails. Checked before any
+        use, since the sha256s only prove that the files match a manifest anyone can rewrite:
+        a 10 KB WebP claiming 16383x16383 pixels would take gigabytes to draw."""
+        data = self.index.thumbnail(row)
+        if data is None:
+            return None
+        expected = tuple(self.manifest["thumbnails"]["size"])
+        where = f"thumbnails.bin: item {self.index.ids[row][:80]!r}"
+        try:
+            size = webp_size(data)
+        except ValueError as exc:
+            raise BundleError(f"{where}: {exc}") from None
+        if size != expected:
+            raise BundleError(f"{where}: picture is {size[0]}x{size[1]}, the manifest's "
+                              f"thumbnails are {expected[0]}x{expected[1]}")
+        return data
 
     def _label_filter(self, label) -> int | None:
         label_id = self.label_id(label)

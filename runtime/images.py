@@ -238,6 +238,26 @@ def thumbnail_bytes(image, size: int, quality: int = 80) -> bytes:
     return out.getvalue()
 
 
+def webp_size(data: bytes) -> tuple[int, int]:
+    """(width, height) of WebP bytes, read from their header: no pixel is decoded (a 10 KB
+    WebP can claim 16383x16383). ValueError for bytes that are not a WebP picture."""
+    from io import BytesIO
+
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(BytesIO(data), formats=("WEBP",)) as picture:
+                return picture.size
+    except UnidentifiedImageError:
+        raise ValueError("not a WebP picture") from None
+    except Image.DecompressionBombError:  # the claimed size, from Pillow's message
+        raise ValueError("claims a size too large to decode") from None
+    except (OSError, SyntaxError, ValueError, struct.error) as exc:
+        raise ValueError(f"not a readable WebP picture ({exc})") from None
+
+
 def to_uint8(image: np.ndarray) -> np.ndarray:
     """Float image(s) in [0, 1] -> uint8, dropping a leading channel axis of size 1."""
     array = np.asarray(image, dtype=np.float32)

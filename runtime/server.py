@@ -57,6 +57,7 @@ import numpy as np
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from .bundle import BundleError
 from .core import MATCH_MODES, Runtime, check_k, check_latent, parse_z
 from .images import png_bytes
 
@@ -307,7 +308,10 @@ class KioskApp:
         """The item's picture and its content type: the catalog photo's thumbnail, or where
         the bundle has none, the decoder's view of mu."""
         row = self.row_of(item_id)
-        photo = self.runtime.index.thumbnail(row)
+        try:
+            photo = self.runtime.thumbnail(row)
+        except BundleError as exc:  # the bundle's fault, not the request's
+            raise ApiError(HTTPStatus.INTERNAL_SERVER_ERROR, str(exc)) from None
         if photo is not None:
             return photo, "image/webp"
         return self.item_png(row), "image/png"

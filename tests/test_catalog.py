@@ -212,6 +212,23 @@ def test_edits_through_a_symbolic_link_or_dot_change_the_bundle_itself(bundle_co
     assert not [p.name for p in bundle_copy.iterdir() if p.name.startswith(".")]
 
 
+def test_a_symbolic_link_loop_as_the_bundle_is_a_one_line_error(tmp_path, tiny_run):
+    from vae_edge.export.cli import main as export_main
+
+    loop = tmp_path / "loop"
+    loop.symlink_to("loop")
+    Image.new("L", (28, 28)).save(tmp_path / "a.png")
+    write_csv(tmp_path / "new.csv", "id,image,label\nA,a.png,Bag\n")
+    expected = f"Error: {loop}: symbolic link loop; expected a directory or a link to one\n"
+    for cli, args in ((run_main, ["add", "--bundle", str(loop), str(tmp_path / "new.csv")]),
+                      (run_main, ["remove", "--bundle", str(loop), "3"]),
+                      (export_main, [str(tiny_run[0] / "checkpoint.pt"), "-o", str(loop),
+                                     "--force"])):
+        result = CliRunner().invoke(cli, args)
+        assert (result.exit_code, result.output) == (2, expected), args
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "loop", "new.csv"]
+
+
 def test_add_says_how_many_it_left_out_and_which_labels_it_needs(bundle_copy, tmp_path):
     Image.new("L", (28, 28)).save(tmp_path / "a.png")
     rows = "".join(f"MISSING-{i},missing{i}.png,Bag\n" for i in range(7))
@@ -285,6 +302,83 @@ def test_two_edits_at_once_both_land(bundle_copy, tmp_path, data_dir):
     assert errors == []
     ids = Runtime.load(bundle_copy).index.ids.tolist()
     assert len(ids) == 5006 and {f"B{b}-{i}" for b in range(2) for i in range(3)} <= set(ids)
+
+
+def photo_csv(tmp_path, data_dir, count: int = 3):
+    test = load_split("test", data_dir)
+    lines = ["id,image,label"]
+    for i in range(count):
+        Image.fromarray(test.images[i]).save(tmp_path / f"n{i}.png")
+        lines.append(f"N{i},n{i}.png,{CLASS_NAMES[test.labels[i]]}")
+    return write_csv(tmp_path / "new.csv", "\n".join(lines) + "\n")
+
+
+@pytest.mark.slow  # exports a bundle
+def test_an_export_over_a_bundle_waits_for_an_edit_in_progress(bundle_copy, tmp_path,
+                                                                tiny_run, data_dir):
+    """vae-export -o B --force while vae-run add --bundle B runs: the export starts while
+    add holds the bundle (here, between add's first and second photo), says it waits, and
+    writes its own complete bundle once add is done; nothing mixes the two."""
+    command = [*console("vae-export", "export"), str(tiny_run[0] / "checkpoint.pt"), "-o",
+               str(bundle_copy), "--force", "--limit", "10", "--data-dir", str(data_dir)]
+    exports = []
+
+    def start_export_once(_):
+        if exports:
+            return
+        exports.append(subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT, text=True))
+        waiting = f"waiting for another run that changes {bundle_copy} to finish\n"
+        for line in exports[0].stdout:  # until it waits, or (failing) to its end
+            if line == waiting:
+                break
+        assert line == waiting, "the export did not wait for the edit"
+
+    try:
+        report = add_items(bundle_copy, photo_csv(tmp_path, data_dir), progress=start_export_once,
+                           log=lambda m: None)
+        assert report.size == 5003
+        output = exports[0].stdout.read()
+        assert exports[0].wait(timeout=600) == 0, output
+    finally:
+        for process in exports:
+            process.kill()
+            process.stdout.close()
+    assert output.endswith(f"wrote {bundle_copy}\n")
+    after = Runtime.load(bundle_copy)
+    assert after.index.ids.tolist() == [str(i) for i in range(10)]
+    assert "edited" not in after.manifest
+    result = CliRunner().invoke(run_main, ["info", "--bundle", str(bundle_copy)])
+    assert result.exit_code == 0, result.output
+
+
+def replace_manifest(bundle):
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["created"] = "2030-01-01T00:00:00+00:00"
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+
+
+def replace_encoder(bundle):
+    (bundle / "encoder.onnx").write_bytes((bundle / "decoder.onnx").read_bytes())
+
+
+@pytest.mark.parametrize("replace", [replace_manifest, replace_encoder])
+def test_add_refuses_a_bundle_replaced_under_it(bundle_copy, tmp_path, data_dir, replace):
+    """A bundle changed while add encodes, by a run that takes no lock (a copy over it):
+    add writes only the graphs and manifest it loaded, so here it refuses and writes
+    nothing."""
+    replaced = []
+
+    def replace_once(_):
+        if not replaced:
+            replace(bundle_copy)
+            replaced.append(bundle_bytes(bundle_copy))
+
+    with pytest.raises(ValueError, match=f"^{bundle_copy} changed while it was being edited; "
+                                         "nothing written: run the edit again$"):
+        add_items(bundle_copy, photo_csv(tmp_path, data_dir), progress=replace_once,
+                  log=lambda m: None)
+    assert bundle_bytes(bundle_copy) == replaced[0]
 
 
 def test_labels_that_differ_in_case_only_are_told_apart(bundle_copy, tmp_path):

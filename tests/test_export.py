@@ -106,13 +106,14 @@ def test_export_refuses_existing_bundle_and_replaces_with_force(tiny_run, tiny_b
     build_bundle(tiny_run[0] / "checkpoint.pt", out, limit=10, force=True, log=lambda m: None)
     assert not (out / "keep.txt").exists()
     assert Runtime.load(out).index.mu.shape == (10, 8)
-    assert [p.name for p in tmp_path.iterdir()] == ["bundle"]  # no temporary left over
+    # no temporary left over; the lock file edits and exports of the bundle take turns on
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".bundle.lock", "bundle"]
     # Through a symbolic link (bundles/current -> v3) the link stays, to the new bundle.
     link = tmp_path / "current"
     link.symlink_to("bundle")
     build_bundle(tiny_run[0] / "checkpoint.pt", link, limit=7, force=True, log=lambda m: None)
     assert link.is_symlink() and Runtime.load(out).index.mu.shape == (7, 8)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "current"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".bundle.lock", "bundle", "current"]
 
 
 @pytest.mark.slow  # exports two bundles
@@ -127,4 +128,4 @@ def test_failed_export_keeps_the_previous_bundle(tiny_run, tmp_path, monkeypatch
         build_bundle(tiny_run[0] / "checkpoint.pt", out, limit=10, force=True,
                      log=lambda m: None)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
-    assert [p.name for p in tmp_path.iterdir()] == ["bundle"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".bundle.lock", "bundle"]
