@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 
 from .images import MAX_CATALOG_PHOTO_PIXELS, fit_photo, load_photo, thumbnail_bytes
+from .words import first_few, plural
 
 REQUIRED_COLUMNS = ("id", "image")
 MAX_ID_LENGTH = 200
-SHOWN_ERRORS = 5  # bad rows named in the error; the count says how many there were in all
 
 
 @dataclass(frozen=True)
@@ -57,18 +57,10 @@ class Catalog:
                        lines=pick(self.lines), skipped=self.skipped + tuple(skipped))
 
 
-def first_few(things, separator: str = "; ") -> str:
-    """The first SHOWN_ERRORS of things, joined, and how many more there are."""
-    more = len(things) - SHOWN_ERRORS
-    return (separator.join(str(thing) for thing in things[:SHOWN_ERRORS])
-            + (f" (and {more} more)" if more > 0 else ""))
-
-
 def bad_rows_error(source: Path, problems: list[str], what: str = "row") -> ValueError:
-    what = what if len(problems) == 1 else what + "s"
     them = "it" if len(problems) == 1 else "them"
-    return ValueError(f"{source}: {len(problems)} bad {what}: {first_few(problems)}; fix {them} "
-                      f"or pass --skip-bad to leave {them} out")
+    return ValueError(f"{source}: {plural(len(problems), 'bad ' + what)}: "
+                      f"{first_few(problems)}; fix {them} or pass --skip-bad to leave {them} out")
 
 
 def _id_problem(item_id: str) -> str | None:

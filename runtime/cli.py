@@ -15,6 +15,7 @@ import numpy as np
 from .cli_errors import CliError, library_errors
 from .core import MATCH_MODES, MAX_THREADS, Runtime, parse_z
 from .images import FORMATS_TEXT, save_png, save_sheet
+from .words import first_few, plural
 
 SHEET_MAX_ITEMS = 20
 
@@ -81,10 +82,6 @@ def resolve_latent(runtime: Runtime, z_text: str | None, use_random: bool, seed:
 
 def shorten(text: str, width: int) -> str:
     return text if len(text) <= width else text[:width - 3] + "..."
-
-
-def plural(count: int, noun: str) -> str:
-    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def format_z(z: np.ndarray) -> str:
@@ -353,7 +350,6 @@ def add(bundle: Path, csv_file: Path, skip_bad: bool):
     replaced in one step once the new one is complete: a kill leaves the old bundle or the
     new one, and a kiosk already running keeps serving what it loaded until restarted.
     """
-    from .catalog import first_few
     from .edit import add_items
 
     with library_errors(), _edit_progress() as bar:

@@ -31,8 +31,9 @@ from .bundle import (
     write_index,
     write_manifest,
 )
-from .catalog import first_few, fit_catalog, read_catalog
+from .catalog import fit_catalog, read_catalog
 from .core import Runtime
+from .words import first_few, plural
 
 ENCODE_BATCH = 256
 
@@ -118,9 +119,8 @@ def _remove_items(bundle: Path, ids: list[str], log) -> EditReport:
     present = np.isin(index.ids, np.array(ids, dtype=object))
     missing = sorted(set(ids) - set(index.ids[present].tolist()))
     if missing:
-        shown = ", ".join(repr(item_id) for item_id in missing[:5])
-        raise ValueError(f"{bundle}: no item with id {shown}"
-                         f"{f' (and {len(missing) - 5} more)' if len(missing) > 5 else ''}")
+        raise ValueError(f"{bundle}: no item with id "
+                         f"{first_few([repr(item_id) for item_id in missing], ', ')}")
     keep = np.flatnonzero(~present)
     if keep.size == 0:
         raise ValueError(f"{bundle}: removing every item would leave an empty catalog")
@@ -159,4 +159,4 @@ def _rewrite(rt: Runtime, index: CatalogIndex, log) -> None:
         write_index(tmp, index)
         write_manifest(tmp, manifest)
         Runtime.load(tmp)  # the runtime must accept what we wrote
-    log(f"wrote {rt.root} ({len(index)} item{'' if len(index) == 1 else 's'})")
+    log(f"wrote {rt.root} ({plural(len(index), 'item')})")

@@ -32,10 +32,10 @@ from ..runtime.catalog import (
     Catalog,
     bad_rows_error,
     catalog_fingerprint,
-    first_few,
     fit_catalog,
     read_catalog,
 )
+from ..runtime.words import first_few, plural
 from .data import ImageRows, TrainingData, user_cache_dir
 
 DEFAULT_HOLDOUT = 0.1
@@ -190,14 +190,13 @@ def catalog_data(csv_path: str | Path, image_size: int, channels: int = 3, *,
                           cache_dir=cache_dir, progress=progress, log=log)
     catalog = cache.catalog
     if catalog.skipped:
-        log(f"--skip-bad: left out {len(catalog.skipped)} bad "
-            f"row{'s' if len(catalog.skipped) > 1 else ''} "
+        log(f"--skip-bad: left out {plural(len(catalog.skipped), 'bad row')} "
             f"({first_few(catalog.skipped)})")
     n = len(catalog)
     n_test = max(1, round(n * holdout))
     if n_test >= n:
-        raise ValueError(f"{catalog.source}: --holdout {holdout:g} of {n} usable "
-                         f"item{'s' if n > 1 else ''} holds out {n_test}, leaving none to train "
+        raise ValueError(f"{catalog.source}: --holdout {holdout:g} of "
+                         f"{plural(n, 'usable item')} holds out {n_test}, leaving none to train "
                          "on; expected a smaller --holdout or more items")
     order = np.random.default_rng(seed).permutation(n)
     test_rows, train_rows = np.sort(order[:n_test]), np.sort(order[n_test:])
@@ -234,5 +233,5 @@ def _check_labels(catalog: Catalog) -> None:
     empty = [line for line, label in zip(catalog.lines, catalog.labels) if not label]
     if empty:
         raise ValueError(f"{catalog.source}: the label-aware objective needs a label for every "
-                         f"item; empty on line{'s' if len(empty) > 1 else ''} "
+                         f"item; empty on {'line' if len(empty) == 1 else 'lines'} "
                          f"{first_few(empty, ', ')}")
