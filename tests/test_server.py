@@ -26,6 +26,7 @@ from vae_edge.runtime.cli import main as run_main
 from vae_edge.runtime.images import to_uint8
 from vae_edge.runtime.server import (
     MAX_BODY_BYTES,
+    MAX_CONNECTIONS_PER_CLIENT,
     MAX_HEAD_BYTES,
     MAX_QUERY_CHARS,
     HostPolicy,
@@ -780,3 +781,152 @@ def test_sigterm_finishes_the_request_in_flight(tiny_bundle, tmp_path):
     assert status == 200 and [r["rank"] for r in payload["results"]] == [1, 2]
     assert process.returncode == 0, err
     assert err == "stopped (SIGTERM)\n"
+
+
+# -- hostile clients ------------------------------------------------------------------------
+
+
+def test_a_head_over_the_cap_in_one_write_is_a_431(server):
+    """h11 bounds a head still arriving; one that comes whole is measured by the server."""
+    head = b"GET /api/info HTTP/1.1\r\n" + HOST + b"X-Big: " + b"a" * MAX_HEAD_BYTES + b"\r\n\r\n"
+    reply, closed = exchange(server, head)
+    assert closed and answers(reply) == [
+        (431, {"error": f"request line and headers exceed {MAX_HEAD_BYTES} bytes"})]
+    status, _, _ = call(server, "GET", "/api/info", headers={"X-Big": "a" * 30000})
+    assert status == 200  # a large head under the cap is still answered
+
+
+def from_address(server, source: str, timeout: float = 10.0) -> socket.socket:
+    return socket.create_connection(server.server_address[:2], timeout=timeout,
+                                    source_address=(source, 0))
+
+
+def test_connections_per_client_address_are_capped(server, capsys):
+    """Past MAX_CONNECTIONS_PER_CLIENT, an address's connections are closed unanswered at once,
+    and logged in one line; other addresses, and the address once it closes some, are served."""
+    held = [from_address(server, "127.0.0.2") for _ in range(MAX_CONNECTIONS_PER_CLIENT)]
+    try:
+        for sock in held[-3:]:  # the last ones are open and answered
+            sock.sendall(b"GET /api/sample HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200 OK")
+        for _ in range(3):
+            with from_address(server, "127.0.0.2") as extra:
+                try:
+                    extra.sendall(b"GET /api/sample HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+                    assert extra.recv(65536) == b""
+                except ConnectionResetError:
+                    pass
+        with from_address(server, "127.0.0.3") as other:
+            other.sendall(b"GET /api/sample HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            assert other.recv(65536).startswith(b"HTTP/1.1 200 OK")
+        held.pop().close()
+        time.sleep(0.2)  # the server sees the close
+        with from_address(server, "127.0.0.2") as again:
+            again.sendall(b"GET /api/sample HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            assert again.recv(65536).startswith(b"HTTP/1.1 200 OK")
+    finally:
+        for sock in held:
+            sock.close()
+    refusals = [line for line in capsys.readouterr().err.splitlines() if "refused" in line]
+    assert len(refusals) == 1 and refusals[0].startswith(
+        f"127.0.0.2 connection refused: {MAX_CONNECTIONS_PER_CLIENT} open from this address "
+        f"(at most {MAX_CONNECTIONS_PER_CLIENT}), "), refusals
+
+
+WRITE_TIMEOUT = 1.0
+
+
+@pytest.fixture(scope="module")
+def impatient(runtime):
+    """A server that disconnects a client that does not take its answer within 1 s."""
+    yield from serving(make_server(runtime, "127.0.0.1", 0, write_timeout=WRITE_TIMEOUT))
+
+
+def test_a_client_that_never_reads_is_disconnected(impatient, capsys):
+    """100 pipelined requests for the largest static file, none of the answers read: the
+    server stops at what the socket holds, closes the connection at the write timeout, and
+    answers others meanwhile."""
+    request = b"GET /static/qrcode.js HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    size = len((Path(__file__).parent.parent / "runtime/static/qrcode.js").read_bytes())
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: the window
+    sock.settimeout(10)
+    try:
+        sock.connect(impatient.server_address[:2])
+        sock.sendall(request * 100)
+        status, _, _ = call(impatient, "GET", "/api/info")
+        assert status == 200
+        time.sleep(WRITE_TIMEOUT + 1.0)
+        received = 0
+        try:
+            while chunk := sock.recv(1 << 20):
+                received += len(chunk)
+        except ConnectionResetError:
+            pass
+    finally:
+        sock.close()
+    assert received < 50 * size  # it was cut off, not answered in full once read
+    assert (f"127.0.0.1 connection closed: the client did not take its answer within "
+            f"{WRITE_TIMEOUT:g} s") in capsys.readouterr().err
+
+
+class GatedRuntime(Runtime):
+    """A runtime whose decode of a z starting with GATED waits until the gate opens."""
+
+    gate = threading.Event()
+
+    def decode(self, z):
+        if np.asarray(z).reshape(-1)[0] == GATED:
+            assert self.gate.wait(timeout=60)
+        return super().decode(z)
+
+
+GATED = 1.5
+
+
+def test_computing_routes_are_fair_between_client_addresses(tiny_bundle, capsys):
+    """One address floods decode: it computes one request at a time, may have 8 more waiting and
+    gets 429 beyond; another address's decode is answered while the flood's are all stuck."""
+    runtime = GatedRuntime.load(tiny_bundle)
+    gated = ",".join(str(v) for v in [GATED, *Z[1:]])
+    flood_request = (f"GET /api/decode.png?z={gated} HTTP/1.1\r\n"
+                     f"Host: 127.0.0.1\r\n\r\n").encode()
+    replies = []
+    for srv in serving(make_server(runtime, "127.0.0.1", 0)):
+        # A request in flight (its body pending), so that none of the flood is answered on the
+        # event loop as a request alone would be.
+        pending = from_address(srv, "127.0.0.3")
+        pending.sendall(b"POST /api/decode HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                        b"Content-Length: 100\r\n\r\n")
+        time.sleep(0.2)
+        flood = [from_address(srv, "127.0.0.2", timeout=30) for _ in range(12)]
+
+        def read(sock):
+            replies.append(sock.recv(65536))
+
+        readers = [threading.Thread(target=read, args=(sock,)) for sock in flood]
+        try:
+            for sock, reader in zip(flood, readers):
+                sock.sendall(flood_request)
+                reader.start()
+            deadline = time.monotonic() + 20
+            while len(replies) < 3 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            busy = list(replies)
+            status, _, body = call(srv, "GET", f"/api/decode.png?z={Z_TEXT}")
+            assert status == 200 and body.startswith(b"\x89PNG")
+        finally:
+            runtime.gate.set()
+            for reader in readers:
+                reader.join(timeout=30)
+            for sock in [pending, *flood]:
+                sock.close()
+    assert len(busy) == 3 and all(reply.startswith(b"HTTP/1.1 429 Too Many Requests\r\n")
+                                  for reply in busy), busy
+    assert all(b"\r\nretry-after: 1\r\n" in reply for reply in busy)
+    assert answers(busy[0]) == [
+        (429, {"error": "too many requests from 127.0.0.2 at once: at most 8 may wait behind "
+                        "the one computing"})]
+    assert sorted(reply.split(b" ", 2)[1] for reply in replies) == [b"200"] * 9 + [b"429"] * 3
+    logged = [line for line in capsys.readouterr().err.splitlines() if " 429" in line]
+    assert len(logged) == 1  # a flood is logged now and then, not line by line
