@@ -966,7 +966,7 @@ class KioskProtocol(H11Protocol):
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._start_read_clock()
-        if kiosk.stopping:  # taken from the backlog as the server stops: see KioskServer
+        if kiosk.stopping:  # accepted just before the listening socket closed
             self.shutdown()
 
     def data_received(self, data: bytes) -> None:
@@ -1101,30 +1101,10 @@ class KioskProtocol(H11Protocol):
 
 
 class _Uvicorn(uvicorn.Server):
-    """uvicorn's server, stopping without losing a request already sent.
-
-    Connections the kernel has accepted but asyncio not yet taken carry requests sent before
-    the stop, and closing the listening socket would reset them: they are taken in first, and
-    answered like every other connection's requests (KioskProtocol.shutdown).
-    """
-
-    def __init__(self, config: uvicorn.Config, sock: socket.socket):
-        super().__init__(config)
-        self.socket = sock
+    """uvicorn's server, telling the connections it is stopping (KioskProtocol.shutdown)."""
 
     async def shutdown(self, sockets=None):
-        kiosk: KioskAsgi = self.config.app
-        kiosk.stopping = True
-        loop = asyncio.get_running_loop()
-        for _ in range(BACKLOG):
-            try:
-                conn, _ = self.socket.accept()
-            except OSError:  # none left (BlockingIOError), or already closed
-                break
-            conn.setblocking(False)
-            await loop.connect_accepted_socket(functools.partial(
-                self.config.http_protocol_class, config=self.config,
-                server_state=self.server_state, app_state=self.lifespan.state), conn)
+        self.config.app.stopping = True
         await super().shutdown(sockets)
 
 
@@ -1141,7 +1121,7 @@ class KioskServer:
             interface="asgi3", log_config=None, access_log=False, proxy_headers=False,
             server_header=False, timeout_keep_alive=IDLE_TIMEOUT_S,
             timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
-            h11_max_incomplete_event_size=MAX_HEAD_BYTES, backlog=BACKLOG), sock)
+            h11_max_incomplete_event_size=MAX_HEAD_BYTES, backlog=BACKLOG))
         self._serving = threading.Event()
         self._stopped = threading.Event()
 

@@ -930,3 +930,68 @@ def test_computing_routes_are_fair_between_client_addresses(tiny_bundle, capsys)
     assert sorted(reply.split(b" ", 2)[1] for reply in replies) == [b"200"] * 9 + [b"429"] * 3
     logged = [line for line in capsys.readouterr().err.splitlines() if " 429" in line]
     assert len(logged) == 1  # a flood is logged now and then, not line by line
+
+
+def stop_with_sigterm(process) -> tuple[str, str]:
+    """SIGTERM, then the process's output; it must exit 0 within 20 s (its bounds are 10 s)."""
+    process.send_signal(signal.SIGTERM)
+    try:
+        out, err = process.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        out, err = process.communicate()
+        pytest.fail(f"vae-run serve still running 20 s after SIGTERM: {err[-2000:]}")
+    assert process.returncode == 0, err
+    return out, err
+
+
+def test_sigterm_answers_a_request_pipelined_behind_the_one_in_flight(tiny_bundle, tmp_path):
+    """Both requests were received before the connection was done with: each gets its answer,
+    then the server closes the connection cleanly (no reset) and exits."""
+    process, _, port = start_serve(["--bundle", str(tiny_bundle)], tmp_path)
+    try:
+        body = json.dumps({"z": Z, "k": 2}).encode()
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            sock.sendall(b"POST /api/nearest HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                         b"Content-Length: %d\r\n\r\n" % len(body) + body[:10])
+            time.sleep(0.5)
+            process.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+            sock.sendall(body[10:] + NEXT)
+            reply = b""
+            while chunk := sock.recv(65536):  # a reset raises here
+                reply += chunk
+        out, err = process.communicate(timeout=20)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    (status, payload), (next_status, info) = answers(reply)
+    assert status == 200 and [r["rank"] for r in payload["results"]] == [1, 2]
+    assert next_status == 200 and info["latent_dim"] == D
+    assert process.returncode == 0 and err == "stopped (SIGTERM)\n", err
+
+
+def test_sigterm_with_a_client_that_stopped_reading(tiny_bundle, tmp_path):
+    """A client with answers it never reads cannot hold the exit: the server closes it 2 s after
+    SIGTERM, logs one line for it, no traceback, and exits 0; a kept-alive idle connection is
+    closed cleanly."""
+    process, _, port = start_serve(["--bundle", str(tiny_bundle)], tmp_path)
+    stalled = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    try:
+        stalled.connect(("127.0.0.1", port))
+        stalled.sendall(b"GET /static/qrcode.js HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" * 100)
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as idle:
+            idle.sendall(NEXT)
+            assert answers(idle.recv(65536))[0][0] == 200
+            time.sleep(0.5)
+            _, err = stop_with_sigterm(process)
+            assert idle.recv(1) == b""
+    finally:
+        stalled.close()
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert err == ("127.0.0.1 connection closed: the client did not take its answer within "
+                   "2 s\nstopped (SIGTERM)\n"), err
