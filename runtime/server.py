@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import bisect
+import ctypes
 import fcntl
 import functools
 import hashlib
@@ -234,11 +236,9 @@ class KioskApp:
         # of typical garments (z ~ N(0, I), a fixed sample) show: docs/matching.md.
         typical = runtime.roundtrip_distance(runtime.sample_prior(FAR_SAMPLES, seed=0))
         self.far_distance = float(np.quantile(typical, FAR_QUANTILE))
-        # Item ids in order, and the row of each: a binary search over the bundle's own id
-        # strings (a dict would hold a second copy of every id for an idle kiosk).
-        ids = runtime.index.ids
-        self._id_rows = np.argsort(ids, kind="stable")
-        self._sorted_ids = ids[self._id_rows]
+        # The rows in id order, for a binary search over the bundle's own id strings (a dict,
+        # or the ids sorted, would hold a second copy of every id for an idle kiosk).
+        self._id_rows = np.argsort(runtime.index.ids, kind="stable").astype(np.int32)
         self.item_png = functools.lru_cache(maxsize=ITEM_IMAGE_CACHE)(self._item_png)
         # Part of every picture's URL: a browser may keep a picture for an hour, and an item
         # removed and added again with a new photo (vae-run remove, add, a restart) keeps its id.
@@ -310,8 +310,9 @@ class KioskApp:
                 "far": distance > self.far_distance, "results": results}
 
     def row_of(self, item_id: str) -> int:
-        position = int(np.searchsorted(self._sorted_ids, item_id))
-        if position < len(self._sorted_ids) and self._sorted_ids[position] == item_id:
+        ids = self.runtime.index.ids
+        position = bisect.bisect_left(self._id_rows, item_id, key=lambda row: ids[row])
+        if position < len(self._id_rows) and ids[self._id_rows[position]] == item_id:
             return int(self._id_rows[position])
         raise ApiError(HTTPStatus.NOT_FOUND, f"no catalog item with id {item_id[:80]!r}")
 
@@ -1231,6 +1232,18 @@ def connection_cap() -> int:
                          f"connections, at least {MAX_CONNECTIONS_PER_CLIENT} needed: raise it "
                          f"(ulimit -n, or LimitNOFILE= in a systemd unit)")
     return min(MAX_CONNECTIONS, room)
+
+
+def return_free_memory() -> None:
+    """Hand the heap's free pages back to the system (glibc only; elsewhere nothing).
+
+    Loading a bundle (hashing, checking the graphs, the far sample) leaves freed memory that
+    glibc keeps for later allocations: an idle kiosk would hold it for good. `vae-run serve`
+    calls this once it is ready; it changes no setting, only what the process holds.
+    """
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
 
 
 def is_loopback(host: str) -> bool:
