@@ -559,8 +559,11 @@ class KioskAsgi:
         self.log_requests = log_requests
         self.static = load_static()
         self.workers = FairWorkers(workers, MAX_WAITING_PER_CLIENT)
-        self.in_flight = 0  # requests between their head and their answer (event loop only)
-        # Event loop only, like in_flight: open connections per client address, and whether
+        # Every request the server has parsed and not yet answered, begun or not: uvicorn's set
+        # of request tasks (KioskServer shares it). Requests pipelined on several connections
+        # all start in one turn of the loop, so counting begun ones would find each alone.
+        self.tasks: set = set()
+        # Event loop only: open connections per client address, and whether
         # the server is stopping.
         self.max_connections = max_connections
         self.connections: dict[str, int] = {}
@@ -571,7 +574,6 @@ class KioskAsgi:
         if scope["type"] != "http":
             return  # lifespan is off and websockets are not served
         request = Request.from_scope(scope)
-        self.in_flight += 1
         try:
             answer = self.screen(request)
             if answer is None:
@@ -584,7 +586,7 @@ class KioskAsgi:
                 # a thread and back costs more than many of the answers. When others are in
                 # flight, decode and search go to the workers, fairly between clients.
                 if COMPUTING_ROUTE.match(urlsplit(request.path).path) and not (
-                    self.in_flight == 1 and self.workers.idle
+                    len(self.tasks) == 1 and self.workers.idle
                 ):
                     answer = await self._compute(request, body)
                 else:
@@ -592,8 +594,6 @@ class KioskAsgi:
         except Exception:  # a bug in screening: log it, never show the client a traceback
             traceback.print_exc(file=sys.stderr)
             answer = error_answer(HTTPStatus.INTERNAL_SERVER_ERROR, "internal error", close=True)
-        finally:
-            self.in_flight -= 1
         if answer.status == HTTPStatus.TOO_MANY_REQUESTS:  # a flood: a line now and then
             self.notice(request.client, "busy", f'"{request.line}" 429')
         elif self.log_requests or answer.status >= 400:  # failures are always worth a line
@@ -1123,6 +1123,7 @@ class KioskServer:
             server_header=False, timeout_keep_alive=IDLE_TIMEOUT_S,
             timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
             h11_max_incomplete_event_size=MAX_HEAD_BYTES, backlog=BACKLOG))
+        asgi.tasks = self._uvicorn.server_state.tasks
         self._serving = threading.Event()
         self._stopped = threading.Event()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import http.client
 import io
@@ -871,14 +872,21 @@ def test_a_client_that_never_reads_is_disconnected(impatient, capsys):
 
 
 class GatedRuntime(Runtime):
-    """A runtime whose decode of a z starting with GATED waits until the gate opens."""
+    """A runtime whose decode of a z starting with GATED waits until its gate opens (at most
+    `patience` seconds, then fails)."""
 
-    gate = threading.Event()
+    patience = 60.0
 
     def decode(self, z):
         if np.asarray(z).reshape(-1)[0] == GATED:
-            assert self.gate.wait(timeout=60)
+            assert self.gate.wait(timeout=self.patience)
         return super().decode(z)
+
+    @classmethod
+    def load(cls, *args, **kwargs):
+        runtime = super().load(*args, **kwargs)
+        runtime.gate = threading.Event()
+        return runtime
 
 
 GATED = 1.5
@@ -995,3 +1003,46 @@ def test_sigterm_with_a_client_that_stopped_reading(tiny_bundle, tmp_path):
             process.wait()
     assert err == ("127.0.0.1 connection closed: the client did not take its answer within "
                    "2 s\nstopped (SIGTERM)\n"), err
+
+
+def test_requests_that_start_together_compute_in_the_workers(tiny_bundle):
+    """Requests pipelined on several connections all start in one turn of the event loop; each
+    must go to the workers rather than find itself alone and compute on the loop, where one
+    after the other they would hold every client (here: the gated ones for ever)."""
+    runtime = GatedRuntime.load(tiny_bundle)
+    runtime.patience = 5.0
+    srv = make_server(runtime, "127.0.0.1", 0)
+    gated = ",".join(str(v) for v in [GATED, *Z[1:]])
+
+    async def call(z: str, client: str) -> int:
+        scope = {"type": "http", "method": "GET", "raw_path": b"/api/decode.png",
+                 "query_string": f"z={z}".encode(), "http_version": "1.1",
+                 "headers": [(b"host", b"127.0.0.1")], "client": (client, 40000)}
+        sent = []
+
+        async def receive():
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message):
+            sent.append(message)
+
+        await srv.asgi(scope, receive, send)
+        return sent[0]["status"]
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        tasks = [loop.create_task(call(gated, "127.0.0.2")) for _ in range(2)]
+        tasks.append(loop.create_task(call(Z_TEXT, "127.0.0.1")))
+        for task in tasks:  # as uvicorn registers every request's task
+            srv.asgi.tasks.add(task)
+            task.add_done_callback(srv.asgi.tasks.discard)
+        done, _ = await asyncio.wait([tasks[-1]], timeout=10)
+        answered_first = tasks[-1] in done and not runtime.gate.is_set()
+        runtime.gate.set()
+        return answered_first, await asyncio.gather(*tasks)
+
+    try:
+        answered_first, statuses = asyncio.run(main())
+    finally:
+        srv.server_close()
+    assert answered_first and statuses == [200, 200, 200]
