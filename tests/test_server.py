@@ -8,6 +8,7 @@ import http.client
 import io
 import json
 import os
+import resource
 import runpy
 import signal
 import socket
@@ -951,6 +952,21 @@ def stop_with_sigterm(process) -> tuple[str, str]:
         pytest.fail(f"vae-run serve still running 20 s after SIGTERM: {err[-2000:]}")
     assert process.returncode == 0, err
     return out, err
+
+
+def test_serve_refuses_an_open_file_limit_too_low_to_serve(tiny_bundle, tmp_path):
+    """The connection caps must fit under the open-file limit, or accept() would fail."""
+    def low_limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (200, resource.getrlimit(
+            resource.RLIMIT_NOFILE)[1]))
+
+    result = subprocess.run([sys.executable, "-c", SERVE, "serve", "--port", "0", "--bundle",
+                             str(tiny_bundle)], capture_output=True, text=True, cwd=tmp_path,
+                            preexec_fn=low_limit, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr == ("Error: the open-file limit (200) leaves room for 8 connections, at "
+                             "least 64 needed: raise it (ulimit -n, or LimitNOFILE= in a systemd "
+                             "unit)\n")
 
 
 def test_sigterm_answers_a_request_pipelined_behind_the_one_in_flight(tiny_bundle, tmp_path):
