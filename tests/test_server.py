@@ -822,10 +822,17 @@ def test_connections_per_client_address_are_capped(server, capsys):
             other.sendall(b"GET /api/sample HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
             assert other.recv(65536).startswith(b"HTTP/1.1 200 OK")
         held.pop().close()
-        time.sleep(0.2)  # the server sees the close
-        with from_address(server, "127.0.0.2") as again:
-            again.sendall(b"GET /api/sample HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-            assert again.recv(65536).startswith(b"HTTP/1.1 200 OK")
+        for _ in range(50):  # until the server has seen the close
+            with from_address(server, "127.0.0.2") as again:
+                try:
+                    again.sendall(b"GET /api/sample HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+                    if again.recv(65536).startswith(b"HTTP/1.1 200 OK"):
+                        break
+                except ConnectionResetError:
+                    pass
+            time.sleep(0.1)
+        else:
+            pytest.fail("a connection from 127.0.0.2 was still refused after one closed")
     finally:
         for sock in held:
             sock.close()
@@ -867,7 +874,7 @@ def test_a_client_that_never_reads_is_disconnected(impatient, capsys):
             pass
     finally:
         sock.close()
-    assert received < 50 * size  # it was cut off, not answered in full once read
+    assert received < 100 * size  # it was cut off, not answered in full once read
     assert (f"127.0.0.1 connection closed: the client did not take its answer within "
             f"{WRITE_TIMEOUT:g} s") in capsys.readouterr().err
 
