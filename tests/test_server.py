@@ -842,6 +842,34 @@ def test_connections_per_client_address_are_capped(server, capsys):
         f"(at most {MAX_CONNECTIONS_PER_CLIENT}), "), refusals
 
 
+def test_connections_in_all_stay_below_the_open_file_limit(runtime):
+    """Under an open-file limit of 300 the server keeps 300 - 128 (backlog) - 64 (its own
+    files) = 108 connections open, from any addresses; one more is closed at once."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (300, hard))
+    try:
+        srv = make_server(runtime, "127.0.0.1", 0)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    request = b"GET /api/sample HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    held = []
+    for _ in serving(srv):
+        try:
+            for source, count in (("127.0.0.2", MAX_CONNECTIONS_PER_CLIENT), ("127.0.0.3", 44)):
+                held += [from_address(srv, source) for _ in range(count)]
+            held[-1].sendall(request)  # the 108th is served
+            assert held[-1].recv(65536).startswith(b"HTTP/1.1 200 OK")
+            with from_address(srv, "127.0.0.4") as extra:
+                try:
+                    extra.sendall(request)
+                    assert extra.recv(65536) == b""
+                except ConnectionResetError:
+                    pass
+        finally:
+            for sock in held:
+                sock.close()
+
+
 WRITE_TIMEOUT = 1.0
 
 
