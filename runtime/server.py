@@ -3,9 +3,12 @@
 HTTP is uvicorn with h11 (both pure Python): h11 parses each request strictly, and uvicorn's
 asyncio loop holds every connection without a thread, so slow or stalled clients cost a socket,
 not a worker. `KioskProtocol` adds what neither has: one deadline for reading each request,
-head and body together, and JSON bodies for the requests h11 refuses. `KioskAsgi` screens each
-request (framing, Host, cross-site origin) before reading its body, then runs the `KioskApp`
-call in a small thread pool. docs/kiosk.md documents the API, the trust model and the choice.
+head and body together, one for the client to take its answer, caps on connections per client
+address and in all, a stop that answers every request already received, and JSON bodies for
+the requests h11 refuses. `KioskAsgi` screens each request (framing, size, Host, cross-site
+origin) before reading its body, then runs the `KioskApp` call in a small thread pool shared
+fairly between client addresses (`FairWorkers`). docs/kiosk.md documents the API, the trust
+model and the choice.
 
 Routes (all answers are JSON except the page, its assets and the pictures):
 
