@@ -298,11 +298,12 @@ def serve(runtime: Runtime, host: str, port: int, z_range: float, k: int,
     and the catalog items most likely to have produced it. The API is described in
     docs/kiosk.md. Ctrl+C or SIGTERM stops it after the requests in flight.
     """
-    from .server import is_loopback, make_server
+    from .server import is_loopback, make_server, return_free_memory
 
     with library_errors():
         server = make_server(runtime, host, port, z_range=z_range, k=k, idle_reset=idle_reset,
                              attract=attract, log_requests=log_requests, allow_hosts=allow_hosts)
+    return_free_memory()
     if not is_loopback(host):
         click.echo(f"note: listening on {host}, so other machines can reach the kiosk", err=True)
     click.echo(f"kiosk on {server.url} (latent dim {runtime.latent_dim}, "
