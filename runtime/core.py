@@ -168,6 +168,34 @@ def check_images(images, image_shape: tuple[int, int, int],
     return np.ascontiguousarray(array), single
 
 
+def find_label(names: tuple[str, ...], label: int | str | None) -> int | None:
+    """A class name or id -> its id among names (None stays None); ValueError names the
+    valid ones."""
+    if label is None:
+        return None
+    if isinstance(label, (int, np.integer)) and not isinstance(label, bool):
+        if 0 <= label < len(names):
+            return int(label)
+    elif isinstance(label, str):
+        text = label.strip()
+        if text in names:
+            return names.index(text)
+        # Otherwise a name that differs in case only, where exactly one does.
+        folded = [i for i, name in enumerate(names) if name.casefold() == text.casefold()]
+        if len(folded) == 1:
+            return folded[0]
+        if text.isascii() and text.isdigit() and int(text) < len(names):
+            return int(text)
+    raise ValueError(f"unknown label {label!r}: expected one of {', '.join(names)} "
+                     f"(or a class id 0-{len(names) - 1})")
+
+
+def sample_prior(latent_dim: int, n: int | None = None, seed: int | None = None) -> np.ndarray:
+    """z ~ N(0, I): (latent_dim,) when n is None, else (n, latent_dim)."""
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal(latent_dim if n is None else (n, latent_dim))
+
+
 def open_session(path: Path, threads: int):
     """An onnxruntime CPU session as the runtime runs its graphs; BundleError if it cannot load."""
     import onnxruntime as ort
@@ -411,29 +439,11 @@ class Runtime:
 
     def label_id(self, label: int | str | None) -> int | None:
         """A class name or id -> class id (None stays None); ValueError names the valid ones."""
-        if label is None:
-            return None
-        names = self.label_names
-        if isinstance(label, (int, np.integer)) and not isinstance(label, bool):
-            if 0 <= label < len(names):
-                return int(label)
-        elif isinstance(label, str):
-            text = label.strip()
-            if text in names:
-                return names.index(text)
-            # Otherwise a name that differs in case only, where exactly one does.
-            folded = [i for i, name in enumerate(names) if name.casefold() == text.casefold()]
-            if len(folded) == 1:
-                return folded[0]
-            if text.isascii() and text.isdigit() and int(text) < len(names):
-                return int(text)
-        raise ValueError(f"unknown label {label!r}: expected one of {', '.join(names)} "
-                         f"(or a class id 0-{len(names) - 1})")
+        return find_label(self.label_names, label)
 
     def sample_prior(self, n: int | None = None, seed: int | None = None) -> np.ndarray:
         """z ~ N(0, I): (d,) when n is None, else (n, d)."""
-        rng = np.random.default_rng(seed)
-        return rng.standard_normal(self.latent_dim if n is None else (n, self.latent_dim))
+        return sample_prior(self.latent_dim, n, seed)
 
     def describe(self) -> dict:
         """A summary of the bundle for `vae-run info`."""
