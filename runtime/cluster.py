@@ -51,14 +51,26 @@ class _ShardActor:
     """One shard's Runtime in its own process (wrapped by ray.remote in ShardedRuntime)."""
 
     def __init__(self, path: str, manifest_sha256: str, offset: int, threads: int):
-        # The node may see another file at this path than the driver did.
-        actual = sha256_file(Path(path) / "manifest.json")
-        if actual != manifest_sha256:
-            raise BundleError(f"{path}: manifest sha256 {actual[:12]}... on this node, the set "
-                              f"lists {manifest_sha256[:12]}...")
-        # The actor owns its process, so it caps numpy's BLAS pool as vae-run does.
-        self.runtime = Runtime.load(path, threads=threads, limit_blas=True)
         self.offset = offset
+        # A shard that cannot load is kept as its error, raised by every call: an actor whose
+        # constructor raised would be reported as merely dead.
+        self.error = self._runtime = None
+        try:
+            # The node may see another file at this path than the driver did.
+            actual = sha256_file(Path(path) / "manifest.json")
+            if actual != manifest_sha256:
+                raise BundleError(f"{path}: manifest sha256 {actual[:12]}... on this node, "
+                                  f"the set lists {manifest_sha256[:12]}...")
+            # The actor owns its process, so it caps numpy's BLAS pool as vae-run does.
+            self._runtime = Runtime.load(path, threads=threads, limit_blas=True)
+        except (ValueError, OSError) as exc:
+            self.error = exc
+
+    @property
+    def runtime(self) -> Runtime:
+        if self.error is not None:
+            raise self.error
+        return self._runtime
 
     def describe(self) -> dict:
         index = self.runtime.index
@@ -138,7 +150,11 @@ class ShardedRuntime:
         actors = [remote.remote(str(shard.path.resolve()), shard.manifest_sha256, shard.offset,
                                 threads) for shard in shard_set.shards]
         runtime = cls(shard_set, actors, {}, np.zeros(0, np.int64), timeout)
-        described = runtime._all("describe")
+        try:
+            described = runtime._all("describe")
+        except BaseException:
+            runtime.close()
+            raise
         manifest = dict(described[0]["manifest"])
         manifest["index"] = {**manifest["index"], "size": shard_set.size}
         manifest.pop("shard", None)
@@ -161,7 +177,7 @@ class ShardedRuntime:
             raise ShardUnavailable(f"no answer from every shard of {self.shard_set.root} "
                                    f"within {self._timeout:g} s") from None
         except ray.exceptions.RayTaskError as exc:  # the method raised: pass on its error
-            raise exc.as_instanceof_cause() from None
+            raise exc.cause from None
         except ray.exceptions.RayActorError as exc:
             dead = [part for part, ref in zip(parts, refs) if not _answered(ref)]
             names = ", ".join(str(self.shard_set.shards[p].path) for p in dead)

@@ -73,7 +73,8 @@ def shard_bundle(bundle: str | Path, parts: int, out_dir: str | Path, *, force: 
     if isinstance(parts, bool) or not isinstance(parts, int) or not 1 <= parts <= MAX_PARTS:
         raise ValueError(f"parts must be an integer in [1, {MAX_PARTS}], got {parts!r}")
     if out_dir.exists() and not force:
-        raise ValueError(f"{out_dir} exists: choose another directory, or replace it with force")
+        raise ValueError(f"{out_dir} exists: choose another directory, or replace it (force=True, "
+                         "vae-run shard --force)")
     manifest = read_manifest(bundle)
     verify_files(bundle, manifest)
     index = load_index(bundle, manifest)
