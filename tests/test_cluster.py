@@ -5,6 +5,8 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -138,6 +140,21 @@ def test_shard_refuses_bad_requests_in_one_line(shop, shards, tmp_path):
         result = run("shard", "--bundle", args[0], "--parts", args[1], "-o", args[2])
         assert result.exit_code == 2, result.output
         assert expected in result.output and "Traceback" not in result.output
+
+
+def test_the_runtime_and_its_cli_import_no_ray(shop, tmp_path):
+    code = (f"import sys\nfrom click.testing import CliRunner\n"
+            f"from vae_edge.runtime import Runtime\nfrom vae_edge.runtime.cli import main\n"
+            f"import vae_edge.runtime.server\n"
+            f"Runtime.load({str(shop)!r}).nearest([0.0] * 8)\n"
+            f"result = CliRunner().invoke(main, ['shard', '--bundle', {str(shop)!r}, "
+            f"'--parts', '2', '-o', {str(tmp_path / 'set')!r}])\n"
+            f"assert result.exit_code == 0, result.output\n"
+            f"print(sorted(m for m in sys.modules if m.split('.')[0] == 'ray'))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
 
 
 def queries(whole, count, seed):
