@@ -20,6 +20,7 @@ Needs Ray (pip install "vae-edge[cluster]"); the rest of the runtime never impor
 from __future__ import annotations
 
 import functools
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -171,6 +172,7 @@ class ShardedRuntime:
                           range(len(self.actors)))
 
     def _wait(self, refs: list, parts) -> list:
+        deadline = time.monotonic() + self._timeout
         try:
             return ray.get(refs, timeout=self._timeout)
         except ray.exceptions.GetTimeoutError:
@@ -179,10 +181,11 @@ class ShardedRuntime:
         except ray.exceptions.RayTaskError as exc:  # the method raised: pass on its error
             raise exc.cause from None
         except ray.exceptions.RayActorError as exc:
-            dead = [part for part, ref in zip(parts, refs) if not _answered(ref)]
-            names = ", ".join(str(self.shard_set.shards[p].path) for p in dead)
-            raise ShardUnavailable(f"shard actor for {names or self.shard_set.root} is gone "
-                                   f"and Ray could not restart it: {_first_line(exc)}") from None
+            dead = [str(self.shard_set.shards[part].path) for part, ref in zip(parts, refs)
+                    if _actor_gone(ref, deadline)]
+            raise ShardUnavailable(f"shard actor for {', '.join(dead) or self.shard_set.root} "
+                                   f"is gone and Ray could not restart it: "
+                                   f"{_first_line(exc)}") from None
 
     @property
     def latent_dim(self) -> int:
@@ -297,12 +300,16 @@ class ShardedRuntime:
             ray.kill(actor, no_restart=True)
 
 
-def _answered(ref) -> bool:
+def _actor_gone(ref, deadline: float) -> bool:
+    """Whether the call behind ref failed because its actor is gone (waiting until deadline
+    for calls still running)."""
     try:
-        ray.get(ref, timeout=0)
-    except Exception:
+        ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
+    except ray.exceptions.RayActorError:
+        return True
+    except Exception:  # answered with an error of its own, or still running: not gone
         return False
-    return True
+    return False
 
 
 def _first_line(exc: BaseException) -> str:
