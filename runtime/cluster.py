@@ -20,6 +20,7 @@ Needs Ray (pip install "vae-edge[cluster]"); the rest of the runtime never impor
 from __future__ import annotations
 
 import functools
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,8 +98,7 @@ class _ShardActor:
         return self.runtime.encode(images)
 
     def pid(self) -> int:
-        import os
-
+        """The actor's process (memory figures; tests that kill it)."""
         return os.getpid()
 
 

@@ -82,7 +82,9 @@ def shard_bundle(bundle: str | Path, parts: int, out_dir: str | Path, *, force: 
         raise ValueError(f"parts must be at most the catalog size ({len(index)} items), "
                          f"got {parts}")
     source = sha256_file(bundle / MANIFEST_NAME)
-    set_id = hashlib.sha256(f"{source}\0{parts}".encode()).hexdigest()[:16]
+    when = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds")
+    # Two splits of one bundle are two sets: their shards' manifests differ (the time).
+    set_id = hashlib.sha256(f"{source}\0{parts}\0{when}".encode()).hexdigest()[:16]
     bounds = np.linspace(0, len(index), parts + 1).round().astype(np.int64)
     listing = []
     with atomic_directory(out_dir) as tmp:
@@ -92,7 +94,7 @@ def shard_bundle(bundle: str | Path, parts: int, out_dir: str | Path, *, force: 
             path.mkdir()
             _write_shard(bundle, manifest, index, path, lo, hi, {
                 "set": set_id, "part": part, "parts": parts, "offset": lo,
-                "catalog_size": len(index)})
+                "catalog_size": len(index), "sharded": when})
             listing.append({"dir": shard_name(part), "offset": lo, "size": hi - lo,
                             "manifest_sha256": sha256_file(path / MANIFEST_NAME)})
         record = {"format": SET_FORMAT, "format_version": SET_VERSION, "set": set_id,
@@ -118,8 +120,6 @@ def _write_shard(bundle: Path, manifest: dict, index: CatalogIndex, path: Path, 
     shard_manifest = json.loads(json.dumps(manifest))  # a deep copy
     shard_manifest["index"]["size"] = hi - lo
     shard_manifest["shard"] = section
-    shard_manifest["sharded"] = datetime.datetime.now(datetime.timezone.utc).isoformat(
-        timespec="seconds")
     write_manifest(path, shard_manifest)
 
 
