@@ -96,8 +96,9 @@ def local_ray():
     ray.shutdown()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="class")
 def cluster(local_ray, shards):
+    """Gone before the tests that start actors of their own: fewer Ray processes at once."""
     sharded = ShardedRuntime.load(shards)
     yield sharded
     sharded.close()
@@ -170,81 +171,87 @@ def queries(whole, count, seed):
     return z
 
 
-def test_a_thousand_mixed_queries_equal_one_runtime(whole, cluster):
-    rng = np.random.default_rng(0)
-    names = whole.label_names
-    labels = [None, None, ONLY_IN_SHARD_0, names[ONLY_IN_SHARD_0], 3, "sneaker"]
-    z = queries(whole, 700, seed=1)
-    images = whole.decode(queries(whole, 300, seed=2))
-    answered = position = 0
-    while position < len(z):  # one z, then batches of up to 16
-        size = 1 if rng.random() < 0.5 else int(rng.integers(1, 17))
-        batch = z[position:position + size]
-        query = batch[0] if size == 1 else batch
-        args = {"k": int(rng.choice([1, 5, 20, 500])), "label": labels[rng.integers(len(labels))],
-                "by": str(rng.choice(["latent", "decoded"]))}
-        args["with_distance"] = bool(rng.random() < 0.5)
-        assert_same(whole.nearest(query, **args), cluster.nearest(query, **args),
-                    distances=args["by"] == "decoded" or args["with_distance"])
-        answered += len(batch)
-        position += size
-    position = 0
-    while position < len(images):
-        size = int(rng.integers(1, 9))
-        batch = images[position:position + size]
-        query = batch[0] if size == 1 else batch
-        args = {"k": int(rng.choice([1, 6, 50])), "label": labels[rng.integers(len(labels))]}
-        assert_same(whole.nearest_image(query, **args), cluster.nearest_image(query, **args))
-        answered += len(batch)
-        position += size
-    assert answered == 1000
+class TestAsOneRuntime:
+    """Queries to 2 actors answered as one Runtime answers them."""
+
+    def test_a_thousand_mixed_queries_equal_one_runtime(self, whole, cluster):
+        rng = np.random.default_rng(0)
+        names = whole.label_names
+        labels = [None, None, ONLY_IN_SHARD_0, names[ONLY_IN_SHARD_0], 3, "sneaker"]
+        z = queries(whole, 700, seed=1)
+        images = whole.decode(queries(whole, 300, seed=2))
+        answered = position = 0
+        while position < len(z):  # one z, then batches of up to 16
+            size = 1 if rng.random() < 0.5 else int(rng.integers(1, 17))
+            batch = z[position:position + size]
+            query = batch[0] if size == 1 else batch
+            args = {"k": int(rng.choice([1, 5, 20, 500])),
+                    "label": labels[rng.integers(len(labels))],
+                    "by": str(rng.choice(["latent", "decoded"]))}
+            args["with_distance"] = bool(rng.random() < 0.5)
+            assert_same(whole.nearest(query, **args), cluster.nearest(query, **args),
+                        distances=args["by"] == "decoded" or args["with_distance"])
+            answered += len(batch)
+            position += size
+        position = 0
+        while position < len(images):
+            size = int(rng.integers(1, 9))
+            batch = images[position:position + size]
+            query = batch[0] if size == 1 else batch
+            args = {"k": int(rng.choice([1, 6, 50])), "label": labels[rng.integers(len(labels))]}
+            assert_same(whole.nearest_image(query, **args), cluster.nearest_image(query, **args))
+            answered += len(batch)
+            position += size
+        assert answered == 1000
 
 
-def test_ties_across_shards_go_to_the_lower_row(whole, cluster):
-    n = len(whole.index)
-    copy = n - 1  # in the second shard, a copy of an item of the first
-    original = int(np.flatnonzero((whole.index.mu == whole.index.mu[copy]).all(axis=1)
-                                  & (whole.index.log_sigma == whole.index.log_sigma[copy])
-                                  .all(axis=1))[0])
-    assert original < n // 2 <= copy
-    z = whole.index.mu[copy].astype(np.float64)
-    got = cluster.nearest(z, k=n)  # the whole ranking
-    assert_same(whole.nearest(z, k=n), got)
-    place = list(got.rows).index(original)
-    assert got.rows[place + 1] == copy and got.log_likelihoods[place] == got.log_likelihoods[
-        place + 1]
+    def test_ties_across_shards_go_to_the_lower_row(self, whole, cluster):
+        n = len(whole.index)
+        copy = n - 1  # in the second shard, a copy of an item of the first
+        original = int(np.flatnonzero((whole.index.mu == whole.index.mu[copy]).all(axis=1)
+                                      & (whole.index.log_sigma == whole.index.log_sigma[copy])
+                                      .all(axis=1))[0])
+        assert original < n // 2 <= copy
+        z = whole.index.mu[copy].astype(np.float64)
+        got = cluster.nearest(z, k=n)  # the whole ranking
+        assert_same(whole.nearest(z, k=n), got)
+        place = list(got.rows).index(original)
+        assert got.rows[place + 1] == copy and got.log_likelihoods[place] == got.log_likelihoods[
+            place + 1]
 
 
-def test_bad_queries_are_refused_as_by_one_runtime(whole, cluster):
-    z = np.zeros(whole.latent_dim)
-    for call in (lambda rt: rt.nearest(z, label=ABSENT), lambda rt: rt.nearest(z, label="Hat"),
-                 lambda rt: rt.nearest(z, k=0), lambda rt: rt.nearest(z, by="pixels"),
-                 lambda rt: rt.nearest(np.zeros(3)), lambda rt: rt.nearest_image(np.zeros((5, 5))),
-                 lambda rt: rt.nearest(z, with_distance=1)):
-        with pytest.raises(ValueError) as expected:
-            call(whole)
-        with pytest.raises(ValueError) as got:
-            call(cluster)
-        assert str(got.value) == str(expected.value)
+    def test_bad_queries_are_refused_as_by_one_runtime(self, whole, cluster):
+        z = np.zeros(whole.latent_dim)
+        for call in (lambda rt: rt.nearest(z, label=ABSENT),
+                     lambda rt: rt.nearest(z, label="Hat"),
+                     lambda rt: rt.nearest(z, k=0), lambda rt: rt.nearest(z, by="pixels"),
+                     lambda rt: rt.nearest(np.zeros(3)),
+                     lambda rt: rt.nearest_image(np.zeros((5, 5))),
+                     lambda rt: rt.nearest(z, with_distance=1)):
+            with pytest.raises(ValueError) as expected:
+                call(whole)
+            with pytest.raises(ValueError) as got:
+                call(cluster)
+            assert str(got.value) == str(expected.value)
 
 
-def test_the_kiosk_app_answers_from_the_cluster_as_from_one_runtime(whole, cluster):
-    one, sharded = KioskApp(whole), KioskApp(cluster)
-    assert sharded.info() == one.info()
-    z = np.asarray(one.opening_z)
-    for by in ("latent", "decoded"):
-        expected, got = one.nearest(z, 8, by=by), sharded.nearest(z, 8, by=by)
-        for answer in (expected, got):  # picture URLs name each bundle's files
-            for result in answer["results"]:
-                result["image"] = result["image"].split("?")[0]
-        assert [r.pop("probability") for r in got["results"]] == pytest.approx(
-            [r.pop("probability") for r in expected["results"]], rel=P_RTOL)
-        assert got == expected
-    for item_id in ("sku-0", f"sku-{len(whole.index) - 1}"):
-        expected, got = one.item(item_id), sharded.item(item_id)
-        assert got.pop("image").split("?")[0] == expected.pop("image").split("?")[0]
-        assert got == expected
-        assert sharded.item_image(item_id) == one.item_image(item_id)
+    def test_the_kiosk_app_answers_from_the_cluster_as_from_one_runtime(self, whole, cluster):
+        one, sharded = KioskApp(whole), KioskApp(cluster)
+        assert sharded.info() == one.info()
+        z = np.asarray(one.opening_z)
+        for by in ("latent", "decoded"):
+            expected, got = one.nearest(z, 8, by=by), sharded.nearest(z, 8, by=by)
+            for answer in (expected, got):  # picture URLs name each bundle's files
+                for result in answer["results"]:
+                    result["image"] = result["image"].split("?")[0]
+            assert [r.pop("probability") for r in got["results"]] == pytest.approx(
+                [r.pop("probability") for r in expected["results"]], rel=P_RTOL)
+            assert got == expected
+        for item_id in ("sku-0", f"sku-{len(whole.index) - 1}"):
+            expected, got = one.item(item_id), sharded.item(item_id)
+            assert got.pop("image").split("?")[0] == expected.pop("image").split("?")[0]
+            assert got == expected
+            assert sharded.item_image(item_id) == one.item_image(item_id)
 
 
 def test_vae_run_serve_from_the_cluster(local_ray, shards, whole, tmp_path):
