@@ -30,11 +30,11 @@ import ray
 
 from .bundle import BundleError, CatalogIndex, load_index, read_manifest, sha256_file
 from .core import (
-    MATCH_MODES,
     Runtime,
     check_images,
     check_k,
     check_latent,
+    check_mode,
     find_label,
     sample_prior,
 )
@@ -223,10 +223,7 @@ class ShardedRuntime:
         """As Runtime.nearest over the whole catalog (rows: rows of the whole catalog)."""
         array = check_latent(z, self.latent_dim)
         k = check_k(k)
-        if by not in MATCH_MODES:
-            raise ValueError(f"by must be one of {', '.join(MATCH_MODES)}, got {by!r}")
-        if not isinstance(with_distance, bool):
-            raise ValueError(f"with_distance must be True or False, got {with_distance!r}")
+        check_mode(by, with_distance)
         label_id = self._label_filter(label)
         distances = var = None
         if by == "latent":

@@ -120,6 +120,14 @@ def check_k(k) -> int:
     return int(k)
 
 
+def check_mode(by: str, with_distance: bool) -> None:
+    """nearest's match mode and distance flag, or ValueError."""
+    if by not in MATCH_MODES:
+        raise ValueError(f"by must be one of {', '.join(MATCH_MODES)}, got {by!r}")
+    if not isinstance(with_distance, bool):
+        raise ValueError(f"with_distance must be True or False, got {with_distance!r}")
+
+
 def check_images(images, image_shape: tuple[int, int, int],
                  value_range=(0.0, 1.0)) -> tuple[np.ndarray, bool]:
     """One image as (C, H, W) (or (H, W) for grayscale), a batch as (B, C, H, W) (or
@@ -364,10 +372,7 @@ class Runtime:
         """
         array = check_latent(z, self.latent_dim)
         k = check_k(k)
-        if by not in MATCH_MODES:
-            raise ValueError(f"by must be one of {', '.join(MATCH_MODES)}, got {by!r}")
-        if not isinstance(with_distance, bool):
-            raise ValueError(f"with_distance must be True or False, got {with_distance!r}")
+        check_mode(by, with_distance)
         label_id = self._label_filter(label)
         distances = None
         if by == "latent":
