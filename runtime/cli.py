@@ -1,5 +1,5 @@
 """`vae-run`: a thin click layer over vae_edge.runtime (decode, encode, nearest, info, serve,
-bench, add, remove)."""
+bench, add, remove, shard)."""
 
 from __future__ import annotations
 
