@@ -1,5 +1,5 @@
 """`vae-run`: a thin click layer over vae_edge.runtime (decode, encode, nearest, info, serve,
-bench, add, remove)."""
+bench, add, remove, shard)."""
 
 from __future__ import annotations
 
@@ -41,7 +41,13 @@ def bundle_options(command):
     @click.option("--threads", type=AsciiIntRange(1, MAX_THREADS), default=1, show_default=True,
                   help="onnxruntime threads; 1 leaves the rest of a kiosk's CPU free.")
     @functools.wraps(command)
-    def wrapper(bundle, threads, **kwargs):
+    def wrapper(bundle, threads, shards=None, cluster=None, **kwargs):
+        if shards is not None:  # cluster_options
+            if bundle is not None:
+                raise CliError("give --bundle or --shards, not both")
+            return command(load_cluster(shards, cluster, threads), **kwargs)
+        if cluster is not None:
+            raise CliError("--cluster goes with --shards DIR (a shard set from vae-run shard)")
         with library_errors():
             # vae-run owns its process, so it caps numpy's BLAS pool too (Runtime.load)
             runtime = Runtime.load(bundle, threads=threads, limit_blas=True)
@@ -61,6 +67,31 @@ def with_latent_options(wrapper):
     ]):
         wrapper = option(wrapper)
     return wrapper
+
+
+def cluster_options(command):
+    """--shards and --cluster, for a command that also has bundle_options (placed above)."""
+    shards = click.option(
+        "--shards", type=click.Path(path_type=Path), default=None,
+        help="Search this shard set (vae-run shard) in Ray actors, one per shard, instead of "
+             "one --bundle (needs vae-edge[cluster]).")
+    cluster = click.option(
+        "--cluster", metavar="ADDRESS", default=None,
+        help="The Ray cluster for --shards, as ray.init takes it (auto, HOST:PORT, "
+             "ray://HOST:PORT); default: RAY_ADDRESS or a local Ray.")
+    return shards(cluster(command))
+
+
+def load_cluster(shards: Path, address: str | None, threads: int):
+    try:
+        from .cluster import ShardedRuntime, ShardUnavailable
+    except ImportError as exc:
+        raise CliError(f"--shards needs Ray ({exc}): pip install 'vae-edge[cluster]'") from None
+    try:
+        with library_errors():
+            return ShardedRuntime.load(shards, address=address, threads=threads)
+    except (ShardUnavailable, ConnectionError) as exc:
+        raise CliError(str(exc)) from None
 
 
 def latent_options(command):
@@ -268,6 +299,7 @@ def encode(runtime: Runtime, images: tuple[Path, ...], as_json: bool):
 
 @main.command()
 @bundle_options
+@cluster_options
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on. The default is reachable from this machine only; "
                    "0.0.0.0 opens the kiosk to the network.")
@@ -290,13 +322,14 @@ def encode(runtime: Runtime, images: tuple[Path, ...], as_json: bool):
               help="Once reset for idleness, show another catalog item every SECONDS until "
                    "someone touches the screen; 0 stays on the opening garment.")
 @click.option("--log-requests", is_flag=True, help="Log every request (failures always are).")
-def serve(runtime: Runtime, host: str, port: int, z_range: float, k: int,
+def serve(runtime, host: str, port: int, z_range: float, k: int,
           allow_hosts: tuple[str, ...], idle_reset: int, attract: int, log_requests: bool):
     """Serve the kiosk page and its JSON API (decode, nearest, sample, item).
 
     Open the printed URL in a browser: one slider per latent dim, the decoded garment,
     and the catalog items most likely to have produced it. The API is described in
-    docs/kiosk.md. Ctrl+C or SIGTERM stops it after the requests in flight.
+    docs/kiosk.md. Ctrl+C or SIGTERM stops it after the requests in flight. With --shards
+    the catalog is searched in Ray actors (docs/scale.md).
     """
     from .server import is_loopback, make_server, return_free_memory
 
@@ -375,3 +408,28 @@ def remove(bundle: Path, ids: tuple[str, ...]):
     with library_errors():
         report = remove_items(bundle, ids, log=lambda message: click.echo(message, err=True))
     click.echo(f"removed {plural(len(report.removed), 'item')}; {bundle} holds {report.size}")
+
+
+@main.command()
+@click.option("--bundle", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Bundle directory to split (made by vae-export).")
+@click.option("--parts", type=AsciiIntRange(1, 1024), required=True,
+              help="How many shards: one per Ray actor that will search them.")
+@click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Directory to write the shard set to (shard-0, ..., shards.json).")
+@click.option("--force", is_flag=True, help="Replace the output directory if it exists.")
+def shard(bundle: Path, parts: int, output: Path, force: bool):
+    """Split a bundle's catalog into PARTS bundles for a Ray cluster (docs/scale.md).
+
+    Each shard is a complete bundle (Runtime.load and vae-run info accept it) with a
+    contiguous run of the items and the same graphs (hard links where the output is on the
+    bundle's file system, copies otherwise); shards.json names the set, so a shard missing,
+    changed or from another set is refused when the set is loaded.
+    """
+    from .shard import shard_bundle
+
+    with library_errors():
+        shard_set = shard_bundle(bundle, parts, output, force=force,
+                                 log=lambda message: click.echo(message, err=True))
+    for item in shard_set.shards:
+        click.echo(f"{item.path}: items {item.offset}-{item.offset + item.size - 1}")

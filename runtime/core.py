@@ -120,6 +120,14 @@ def check_k(k) -> int:
     return int(k)
 
 
+def check_mode(by: str, with_distance: bool) -> None:
+    """nearest's match mode and distance flag, or ValueError."""
+    if by not in MATCH_MODES:
+        raise ValueError(f"by must be one of {', '.join(MATCH_MODES)}, got {by!r}")
+    if not isinstance(with_distance, bool):
+        raise ValueError(f"with_distance must be True or False, got {with_distance!r}")
+
+
 def check_images(images, image_shape: tuple[int, int, int],
                  value_range=(0.0, 1.0)) -> tuple[np.ndarray, bool]:
     """One image as (C, H, W) (or (H, W) for grayscale), a batch as (B, C, H, W) (or
@@ -166,6 +174,34 @@ def check_images(images, image_shape: tuple[int, int, int],
                              f"[{low:.3g}, {high:.3g}]")
         array = array.astype(np.float32)
     return np.ascontiguousarray(array), single
+
+
+def find_label(names: tuple[str, ...], label: int | str | None) -> int | None:
+    """A class name or id -> its id among names (None stays None); ValueError names the
+    valid ones."""
+    if label is None:
+        return None
+    if isinstance(label, (int, np.integer)) and not isinstance(label, bool):
+        if 0 <= label < len(names):
+            return int(label)
+    elif isinstance(label, str):
+        text = label.strip()
+        if text in names:
+            return names.index(text)
+        # Otherwise a name that differs in case only, where exactly one does.
+        folded = [i for i, name in enumerate(names) if name.casefold() == text.casefold()]
+        if len(folded) == 1:
+            return folded[0]
+        if text.isascii() and text.isdigit() and int(text) < len(names):
+            return int(text)
+    raise ValueError(f"unknown label {label!r}: expected one of {', '.join(names)} "
+                     f"(or a class id 0-{len(names) - 1})")
+
+
+def sample_prior(latent_dim: int, n: int | None = None, seed: int | None = None) -> np.ndarray:
+    """z ~ N(0, I): (latent_dim,) when n is None, else (n, latent_dim)."""
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal(latent_dim if n is None else (n, latent_dim))
 
 
 def open_session(path: Path, threads: int):
@@ -225,6 +261,24 @@ class _Graph:
             if not np.isfinite(result).all():
                 raise BundleError(f"{self.file}: output {output!r} holds NaN or infinite values")
         return results
+
+
+def checked_thumbnail(index, manifest: dict, row: int) -> bytes | None:
+    """index.thumbnail(row) once its WebP header shows the manifest's thumbnail size
+    (Runtime.thumbnail); BundleError otherwise."""
+    data = index.thumbnail(row)
+    if data is None:
+        return None
+    expected = tuple(manifest["thumbnails"]["size"])
+    where = f"thumbnails.bin: item {index.ids[row][:80]!r}"
+    try:
+        size = webp_size(data)
+    except ValueError as exc:
+        raise BundleError(f"{where}: {exc}") from None
+    if size != expected:
+        raise BundleError(f"{where}: picture is {size[0]}x{size[1]}, the manifest's "
+                          f"thumbnails are {expected[0]}x{expected[1]}")
+    return data
 
 
 class Runtime:
@@ -336,10 +390,7 @@ class Runtime:
         """
         array = check_latent(z, self.latent_dim)
         k = check_k(k)
-        if by not in MATCH_MODES:
-            raise ValueError(f"by must be one of {', '.join(MATCH_MODES)}, got {by!r}")
-        if not isinstance(with_distance, bool):
-            raise ValueError(f"with_distance must be True or False, got {with_distance!r}")
+        check_mode(by, with_distance)
         label_id = self._label_filter(label)
         distances = None
         if by == "latent":
@@ -408,19 +459,7 @@ class Runtime:
         manifest's thumbnail size, or None in a bundle without thumbnails. Checked before any
         use, since the sha256s only prove that the files match a manifest anyone can rewrite:
         a 10 KB WebP claiming 16383x16383 pixels would take gigabytes to draw."""
-        data = self.index.thumbnail(row)
-        if data is None:
-            return None
-        expected = tuple(self.manifest["thumbnails"]["size"])
-        where = f"thumbnails.bin: item {self.index.ids[row][:80]!r}"
-        try:
-            size = webp_size(data)
-        except ValueError as exc:
-            raise BundleError(f"{where}: {exc}") from None
-        if size != expected:
-            raise BundleError(f"{where}: picture is {size[0]}x{size[1]}, the manifest's "
-                              f"thumbnails are {expected[0]}x{expected[1]}")
-        return data
+        return checked_thumbnail(self.index, self.manifest, row)
 
     def _label_filter(self, label) -> int | None:
         label_id = self.label_id(label)
@@ -430,29 +469,11 @@ class Runtime:
 
     def label_id(self, label: int | str | None) -> int | None:
         """A class name or id -> class id (None stays None); ValueError names the valid ones."""
-        if label is None:
-            return None
-        names = self.label_names
-        if isinstance(label, (int, np.integer)) and not isinstance(label, bool):
-            if 0 <= label < len(names):
-                return int(label)
-        elif isinstance(label, str):
-            text = label.strip()
-            if text in names:
-                return names.index(text)
-            # Otherwise a name that differs in case only, where exactly one does.
-            folded = [i for i, name in enumerate(names) if name.casefold() == text.casefold()]
-            if len(folded) == 1:
-                return folded[0]
-            if text.isascii() and text.isdigit() and int(text) < len(names):
-                return int(text)
-        raise ValueError(f"unknown label {label!r}: expected one of {', '.join(names)} "
-                         f"(or a class id 0-{len(names) - 1})")
+        return find_label(self.label_names, label)
 
     def sample_prior(self, n: int | None = None, seed: int | None = None) -> np.ndarray:
         """z ~ N(0, I): (d,) when n is None, else (n, d)."""
-        rng = np.random.default_rng(seed)
-        return rng.standard_normal(self.latent_dim if n is None else (n, self.latent_dim))
+        return sample_prior(self.latent_dim, n, seed)
 
     def describe(self) -> dict:
         """A summary of the bundle for `vae-run info`."""

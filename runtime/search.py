@@ -182,11 +182,36 @@ class LikelihoodSearch:
         mu = np.asarray(mu, dtype=np.float64)
         return self._run(mu, np.exp(2.0 * np.asarray(log_sigma, dtype=np.float64)), k, label)
 
+    def partial(self, z: np.ndarray, k: int, label: int | None = None,
+                var: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """What this catalog contributes when it is one shard of a larger one, for queries z
+        (B, d) (with var: Gaussian queries N(z, var), as search_gaussian): the rows (B, k') of
+        its top k' = min(k, label's items) items, best first (ties: lower row first), their
+        exact float64 scores (B, k') and log S (B,), the log of the sum of q(z|x) over all of
+        its items (within P_TOLERANCE, as for p). The top k of the whole catalog are the top k
+        of its shards' lists, and its log S is the log-sum-exp of theirs.
+        A label none of these items has gives no rows, and log S all the same."""
+        z = np.asarray(z, dtype=np.float64).reshape(-1, self._mu.shape[1])
+        var = None if var is None else np.asarray(var, dtype=np.float64).reshape(z.shape)
+        if self.label_count(label) == 0:
+            _, _, log_total = self._ranked(z, var, 1, None)
+            return np.empty((len(z), 0), np.int64), np.empty((len(z), 0)), log_total
+        return self._ranked(z, var, min(int(k), self.label_count(label)), label)
+
     def _run(self, z: np.ndarray, var: np.ndarray | None, k: int, label: int | None) -> Matches:
         single = z.ndim == 1
         z = z.reshape(-1, self._mu.shape[1])
         var = None if var is None else var.reshape(z.shape)
-        k = min(int(k), self.label_count(label))
+        rows, scores, log_total = self._ranked(z, var, min(int(k), self.label_count(label)),
+                                               label)
+        if single:
+            rows, scores, log_total = rows[0], scores[0], log_total[0]
+        return Matches(rows=rows, ids=self.ids[rows], labels=self.labels[rows],
+                       log_likelihoods=scores,
+                       probabilities=np.exp(scores - log_total[..., None]))
+
+    def _ranked(self, z: np.ndarray, var: np.ndarray | None, k: int, label: int | None):
+        """Rows (B, k), exact scores (B, k) and log S (B,) for queries z (B, d)."""
         features = np.concatenate((z * z if var is None else z * z + var, z,
                                    np.ones((z.shape[0], 1))), axis=1)
         norms = np.sqrt(np.einsum("bm,bm->b", features, features))
@@ -200,23 +225,17 @@ class LikelihoodSearch:
         features = features.astype(np.float32)
         # Queries in groups whose score matrix is no larger than the item vectors (or 16 MB).
         group = max(1, max(self._vectors.size, 1 << 22) // self._vectors.shape[1])
-        if single and label is None:
+        if z.shape[0] == 1 and label is None:
             rows, scores, log_total = self._select_one(features[0] @ self._vectors, z[0],
                                                        None if var is None else var[0],
                                                        float(margins[0]), k)
-            return Matches(rows=rows, ids=self.ids[rows], labels=self.labels[rows],
-                           log_likelihoods=scores, probabilities=np.exp(scores - log_total))
+            return rows[None], scores[None], np.array([log_total])
         parts = [self._select(features[lo:lo + group] @ self._vectors, z[lo:lo + group],
                               None if var is None else var[lo:lo + group],
                               margins[lo:lo + group], k, label)
                  for lo in range(0, z.shape[0], group)]
-        rows, scores, log_total = parts[0] if len(parts) == 1 else \
-            (np.concatenate(column) for column in zip(*parts))
-        if single:
-            rows, scores, log_total = rows[0], scores[0], log_total[0]
-        return Matches(rows=rows, ids=self.ids[rows], labels=self.labels[rows],
-                       log_likelihoods=scores,
-                       probabilities=np.exp(scores - log_total[..., None]))
+        return parts[0] if len(parts) == 1 else \
+            tuple(np.concatenate(column) for column in zip(*parts))
 
     def _select(self, scores, z, var, margin, k: int, label: int | None):
         """Steps 2 and 3 for queries z (B, d) from their float32 scores (B, N) and 2E (B,):
