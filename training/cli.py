@@ -112,22 +112,11 @@ def main(out_dir, latent_dim, widths, hidden_dim, epochs, batch_size, lr, lr_sch
     elif data_dir is not None or do_download:
         raise CliError("--data-dir and --download are for Fashion-MNIST; a --catalog run reads "
                        "the photos its CSV names")
-    with library_errors():
-        ranks, where = distributed.join(device, rank_timeout)
-    try:
+    with distributed.joined(device, rank_timeout) as (ranks, where):
         _train(ranks, where, out_dir, conv_widths, latent_dim, hidden_dim, epochs, batch_size, lr,
                lr_schedule, beta, kl_warmup_epochs, label_weight, seed, subset, test_subset,
                catalog_csv, image_size, image_channels, holdout, skip_bad, cache_dir, data_dir,
                do_download, resume, progress)
-    except RuntimeError as exc:
-        if not distributed.lost_ranks(exc):
-            raise
-        reason = " ".join(str(exc).split()) or type(exc).__name__
-        raise CliError(f"rank {ranks.rank} of {ranks.world} lost the others: {reason}; another "
-                       "rank stopped (its log says why) or the network between them failed"
-                       ) from None
-    finally:
-        distributed.leave()
 
 
 def _train(ranks, device, out_dir, conv_widths, latent_dim, hidden_dim, epochs, batch_size, lr,

@@ -90,6 +90,26 @@ def leave() -> None:
 
 
 @contextmanager
+def joined(device: str, timeout: float = DEFAULT_TIMEOUT) -> Iterator[tuple[Ranks, torch.device]]:
+    """For a CLI: join(), then leave() at the end; a lost rank ends this one with one line."""
+    from ..runtime.cli import CliError, library_errors
+
+    with library_errors():
+        ranks, where = join(device, timeout)
+    try:
+        yield ranks, where
+    except RuntimeError as exc:
+        if not lost_ranks(exc):
+            raise
+        raise CliError(f"rank {ranks.rank} of {ranks.world} lost the others: "
+                       f"{' '.join(str(exc).split()) or type(exc).__name__}; another rank "
+                       "stopped (its log says why) or the network between them failed"
+                       ) from None
+    finally:
+        leave()
+
+
+@contextmanager
 def one_per_machine_first(ranks: Ranks) -> Iterator[None]:
     """Local rank 0 runs the block first (building a cache on its machine) while the others on
     that machine wait; then they run it (reusing the cache)."""
@@ -116,6 +136,15 @@ def sum_over_ranks(values: list[float], ranks: Ranks, device: torch.device) -> l
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(tensor)
     return tensor.tolist()
+
+
+def everyone(obj, ranks: Ranks) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every rank."""
+    if ranks.world == 1:
+        return [obj]
+    out = [None] * ranks.world
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def gather_to_leader(obj, ranks: Ranks) -> list | None:
