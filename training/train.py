@@ -317,16 +317,14 @@ def train(
                    disable=not progress or not ranks.leader, leave=False)
         for start_row in bar:
             batch = order[start_row : start_row + config.batch_size]
-            if ranks.world == 1:
-                part, eps = batch, None  # the model draws eps from the generator
-            else:
-                # The whole batch's epsilons, drawn as one process draws them; this rank's rows.
-                eps_all = torch.randn((len(batch), model_config.latent_dim), generator=generator)
-                bounds = np.linspace(0, len(batch), ranks.world + 1).round().astype(int)
-                rows = slice(bounds[ranks.rank], bounds[ranks.rank + 1])
-                part, eps = batch[rows], eps_all[rows].to(device)
+            # The whole batch's epsilons, drawn on the CPU whatever the device (the same noise
+            # on a GPU), and this rank's consecutive part of the batch.
+            eps = torch.randn((len(batch), model_config.latent_dim), generator=generator)
+            bounds = np.linspace(0, len(batch), ranks.world + 1).round().astype(int)
+            rows = slice(bounds[ranks.rank], bounds[ranks.rank + 1])
+            part, eps = batch[rows], eps[rows].to(device)
             x = to_device(train_rows[part], device)
-            logits, mu, log_var, z = net(x, generator, eps)
+            logits, mu, log_var, z = net(x, eps=eps)
             recon, kl = loss_parts(logits, x, mu, log_var)
             loss = _batch_mean(recon + beta * kl, len(batch), ranks.world)
             if config.label_weight > 0:
