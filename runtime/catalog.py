@@ -180,7 +180,7 @@ def catalog_photos(catalog: Catalog, decode: bool = True
 
 def fit_catalog(catalog: Catalog, size: int, channels: int, *, skip_bad: bool = False,
                 thumbnail_size: int | None = None, out: np.ndarray | None = None,
-                progress: Callable[[int], None] | None = None
+                progress: Callable[[int], None] | None = None, at_least_one: bool = True
                 ) -> tuple[Catalog, np.ndarray, list[bytes] | None]:
     """Decode every photo once and fit it into (channels, size, size) uint8.
 
@@ -190,7 +190,7 @@ def fit_catalog(catalog: Catalog, size: int, channels: int, *, skip_bad: bool = 
     rows hold the result. A photo that cannot be read is a bad row: ValueError naming the
     lines, unless skip_bad; the photos' headers are all checked before any is decoded, so
     only damaged pixel data can stop the decoding part way. progress(n) is called after each
-    photo.
+    photo. at_least_one=False: a part of a catalog, which may hold no readable photo.
     """
     shape = (len(catalog), channels, size, size)
     if out is None:
@@ -215,7 +215,7 @@ def fit_catalog(catalog: Catalog, size: int, channels: int, *, skip_bad: bool = 
             progress(1)
     if problems and not skip_bad:
         raise bad_rows_error(catalog.source, problems, "photo")
-    if not keep:
+    if not keep and at_least_one:
         raise ValueError(f"{catalog.source}: no item has a readable photo")
     return catalog.select(keep, problems), out[:len(keep)], thumbnails
 
