@@ -188,8 +188,8 @@
       throw new SiteError(`${name} could not be loaded (${err.message})`);
     }
     if (!response.ok) throw new SiteError(`${name} could not be loaded (HTTP ${response.status})`);
-    let buffer = await response.arrayBuffer();
-    if (spec.planes) buffer = fromPlanes(buffer, spec, name);
+    const stored = await response.arrayBuffer();
+    const buffer = spec.planes ? fromPlanes(stored, spec, name) : stored;
     if (buffer.byteLength !== spec.bytes) {
       throw new SiteError(`${name} has ${buffer.byteLength} bytes, expected ${spec.bytes}: `
         + "the kiosk's files do not match their manifest");
@@ -203,7 +203,7 @@
       throw new SiteError(`${name} sha256 is ${digest.slice(0, 12)}…, expected `
         + `${spec.sha256.slice(0, 12)}…: the kiosk's files do not match their manifest`);
     }
-    return buffer;
+    return { stored, buffer };
   }
 
   // ---- pictures ---------------------------------------------------------------------------------
@@ -248,9 +248,19 @@
     // Loads and checks every file, then the graphs.
     static async load(info, site, base) {
       const files = {};
+      const stored = {};
       await Promise.all(Object.entries(site.verify).map(async ([name, spec]) => {
-        files[name] = await verifiedFile(base, name, spec);
+        ({ stored: stored[name], buffer: files[name] } = await verifiedFile(base, name, spec));
       }));
+      // The checked files go straight into the service worker's cache (sw.js adds the rest),
+      // so the first load fetches each once.
+      if (root.caches) {
+        const cache = await root.caches.open(`vae-kiosk-${site.version}`);
+        await Promise.all(Object.keys(stored).map(async (name) => {
+          const url = new URL(name, base);
+          if (!(await cache.match(url))) await cache.put(url, new Response(stored[name]));
+        }));
+      }
       const names = site.files;
       const ort = await import(new URL(names.ort_module, base).href);
       ort.env.wasm.numThreads = 1;

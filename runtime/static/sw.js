@@ -12,8 +12,10 @@ self.addEventListener("install", (event) => {
   event.waitUntil((async () => {
     const { site } = await (await fetch("api/info", { cache: "no-cache" })).json();
     const cache = await caches.open(CACHE);
-    await cache.addAll(["./", "api/info", ...site.cache].map((name) => new Request(name,
-      { cache: "no-cache" })));
+    // The page has put the files it checked here already.
+    await Promise.all(["./", "api/info", ...site.cache].map(async (name) => {
+      if (!(await cache.match(name))) await cache.add(new Request(name, { cache: "no-cache" }));
+    }));
     await self.skipWaiting();
   })());
 });
