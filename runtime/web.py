@@ -89,12 +89,17 @@ def export_site(runtime: Runtime, out_dir: str | Path, *, z_range: float = DEFAU
     appears complete or not at all). The kiosk options are `vae-run serve`'s.
 
     Raises FileExistsError where out_dir exists and force is False, ValueError for bad kiosk
-    options, BundleError where a bundle or vendored file no longer matches its hash.
+    options and for an out_dir that is or holds the bundle, BundleError where a bundle or
+    vendored file no longer matches its hash.
     Returns {"files": count, "bytes": total, "gzip_bytes": total gzipped}.
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not force:
         raise FileExistsError(f"{out_dir} exists: pass --force to replace it")
+    bundle = runtime.root.resolve()
+    if out_dir.resolve() == bundle or out_dir.resolve() in bundle.parents:
+        raise ValueError(f"{out_dir} holds the bundle {runtime.root}: expected a folder "
+                         "outside it, since the site replaces the whole folder")
     app = KioskApp(runtime, z_range=z_range, k=k, idle_reset=idle_reset, attract=attract)
     manifest = runtime.manifest
     bundle_files = {"encoder": MODEL_FILES["encoder"], "decoder": MODEL_FILES["decoder"],

@@ -125,6 +125,11 @@ def test_export_web_refuses_an_existing_folder_and_a_tampered_bundle(tiny_site, 
     result = CliRunner().invoke(run_main, ["export-web", "-o", str(tiny_site)])
     assert result.exit_code == 2
     assert result.output.strip().endswith("exists: pass --force to replace it")
+    for folder in (bundle_copy, bundle_copy.parent):  # --force must not replace the bundle
+        result = CliRunner().invoke(run_main, ["export-web", "--bundle", str(bundle_copy),
+                                               "-o", str(folder), "--force"])
+        assert result.exit_code == 2 and "holds the bundle" in result.output
+        assert (bundle_copy / "manifest.json").is_file()
     with open(bundle_copy / "decoder.onnx", "r+b") as handle:
         handle.seek(-5, 2)
         handle.write(b"\x00")
