@@ -62,10 +62,10 @@ def _copy_checked(source: Path, target: Path, sha256: str, what: str) -> dict:
 
 def _write_planes(source: Path, target: Path, sha256: str, planes: int, what: str) -> dict:
     """Write source's bytes as `planes` byte planes (byte j of every planes-byte word, then
-    byte j + 1, ...; zero-padded to whole words), after checking their sha256: float weights
-    and float16 values compress by a tenth to a sixth better so, since their sign and
-    exponent bytes repeat. The page puts the bytes back in order, then checks size and sha256
-    of the original: {"bytes", "sha256", "planes"}."""
+    byte j + 1, ...; zero-padded to whole words), after checking their sha256: gzipped, the
+    shipped graphs' float32 weights come out 8% smaller so and the float16 index 7 to 14%,
+    since their sign and exponent bytes repeat. The page puts the bytes back in order, then
+    checks size and sha256 of the original: {"bytes", "sha256", "planes"}."""
     data = source.read_bytes()
     digest = hashlib.sha256(data).hexdigest()
     if digest != sha256:
