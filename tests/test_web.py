@@ -4,8 +4,10 @@ the Runtime's own answers."""
 
 from __future__ import annotations
 
+import base64
 import functools
 import gzip
+import io
 import json
 import shutil
 import threading
@@ -15,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from PIL import Image
 
 from tests.test_browser import K, Kiosk, browser  # noqa: F401  (browser: a fixture)
 from tests.test_catalog_bundle import shop  # noqa: F401  (a fixture)
@@ -88,6 +91,38 @@ class SiteKiosk(Kiosk):
                                     timeout=60_000)
 
 
+def check_slider_ends(view: SiteKiosk, z_range: float = 3.0):
+    """Each slider's two previews: the garment with that slider at -range and +range."""
+    view.page.wait_for_function("document.querySelector('#sliders').dataset.endsZ === "
+                                "document.querySelector('#sliders').dataset.z")
+    z = view.z
+    sources = view.page.eval_on_selector_all("#sliders .end", "ends => ends.map(e => e.src)")
+    d = view.runtime.latent_dim
+    grid = np.repeat(z[None], 2 * d, axis=0)
+    grid[2 * np.arange(d), np.arange(d)] = -z_range
+    grid[2 * np.arange(d) + 1, np.arange(d)] = z_range
+    assert len(sources) == 2 * d
+    for source, image in zip(sources, view.runtime.decode(grid)):
+        with Image.open(io.BytesIO(base64.b64decode(source.split(",", 1)[1]))) as png:
+            shown = np.asarray(png)[..., 0]
+        assert np.abs(shown.astype(int) - to_uint8(image)).max() <= 1
+
+
+def blend(view: SiteKiosk):
+    """A and B chosen from the results; the blend slider puts z on the line between their mu."""
+    first, second = view.shown_ids()[:2]
+    for slot, item_id in (("a", first), ("b", second)):
+        view.page.locator(f"#matches .match[data-id='{item_id}'] [data-slot='{slot}']").tap()
+        view.page.wait_for_function(
+            f"document.querySelector('#slot-{slot}').dataset.id === '{item_id}'")
+    view.drag("#morph-t", 0.5)
+    view.settle()
+    t = float(view.page.locator("#morph-t").input_value())
+    assert 0.1 < t < 0.9
+    np.testing.assert_allclose(view.check_consistent(),
+                               (1 - t) * view.mu(first) + t * view.mu(second), rtol=0, atol=1e-12)
+
+
 def drag_and_tap(view: SiteKiosk):
     np.testing.assert_array_equal(view.z, view.opening_z)
     view.check_consistent()
@@ -156,6 +191,8 @@ def test_the_site_works_from_a_static_server_then_offline(browser, tiny_site, ru
         view.drag("#sliders input[data-dim='1']", 0.1)
         view.settle()
         assert view.check_consistent()[1] < -1.0
+        check_slider_ends(view)
+        blend(view)
         before = view.z
         view.page.locator("#surprise").tap()
         view.wait_for_z_other_than(before)
@@ -229,8 +266,6 @@ def test_a_colour_catalog_site_shows_its_photos_and_metadata(browser, shop, tmp_
         assert first.locator(".qr svg").count() == 1
         src = first.locator("img").get_attribute("src")
         assert src.startswith("data:image/webp;base64,")
-        import base64
-
         assert base64.b64decode(src.split(",", 1)[1]) == runtime.index.thumbnail(row)
         view.wait_offline_ready()
         server.stop()
