@@ -1,5 +1,5 @@
 """`vae-run`: a thin click layer over vae_edge.runtime (decode, encode, nearest, info, serve,
-bench, add, remove, shard)."""
+export-web, bench, add, remove, shard)."""
 
 from __future__ import annotations
 
@@ -342,6 +342,37 @@ def serve(runtime, host: str, port: int, z_range: float, k: int,
     click.echo(f"kiosk on {server.url} (latent dim {runtime.latent_dim}, "
                f"{plural(len(runtime.index), 'catalog item')}); Ctrl+C stops it")
     server.run(log=lambda message: click.echo(message, err=True))
+
+
+@main.command("export-web")
+@bundle_options
+@click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="The folder to write (replaced only with --force).")
+@click.option("--force", is_flag=True, help="Replace the folder if it exists.")
+@click.option("--range", "z_range", type=click.FloatRange(0, 100, min_open=True), default=3.0,
+              show_default=True, help="Each slider spans [-RANGE, RANGE].")
+@click.option("-k", type=AsciiIntRange(1, 100), default=6, show_default=True,
+              help="How many nearest catalog items the page shows.")
+@click.option("--idle-reset", type=AsciiIntRange(0, 86400), default=90, show_default=True,
+              metavar="SECONDS", help="As for serve.")
+@click.option("--attract", type=AsciiIntRange(0, 3600), default=0, show_default=True,
+              metavar="SECONDS", help="As for serve.")
+def export_web(runtime: Runtime, output: Path, force: bool, z_range: float, k: int,
+               idle_reset: int, attract: int):
+    """Write the kiosk as a static folder that needs no server.
+
+    Open OUTPUT/index.html from any static file server (https, or localhost): the page
+    decodes and searches in the browser (onnxruntime-web), exactly as `serve` does, checks
+    every file against its sha256 first, and keeps working offline once loaded. Deploying
+    it on a tablet: docs/kiosk.md.
+    """
+    from .web import export_site
+
+    with library_errors():
+        summary = export_site(runtime, output, z_range=z_range, k=k, idle_reset=idle_reset,
+                              attract=attract, force=force)
+    click.echo(f"wrote {output}: {plural(summary['files'], 'file')}, "
+               f"{summary['bytes'] / 1e6:.1f} MB ({summary['gzip_bytes'] / 1e6:.1f} MB gzipped)")
 
 
 @main.command()

@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from urllib.parse import urljoin
 
 import numpy as np
 import pytest
@@ -375,7 +376,7 @@ def test_page_and_assets(server):
     status, headers, page = call(server, "GET", "/")
     assert status == 200 and headers["Content-Type"] == "text/html; charset=utf-8"
     assert "default-src 'self'" in headers["Content-Security-Policy"]
-    assert b'<script src="/static/app.js"' in page
+    assert b'<script src="static/app.js"' in page  # relative: exported sites reuse the page
     for name, content_type in (("app.js", "text/javascript; charset=utf-8"),
                                ("style.css", "text/css; charset=utf-8"),
                                ("qrcode.js", "text/javascript; charset=utf-8"),
@@ -388,11 +389,13 @@ def test_page_and_assets(server):
         # The SVG namespace names a vocabulary; it is never fetched.
         text = call(server, "GET", name)[2].decode().replace("http://www.w3.org/2000/svg", "")
         assert "http://" not in text and "https://" not in text and "//cdn" not in text
-    assert b'<link rel="manifest" href="/static/manifest.webmanifest">' in page
-    manifest = json.loads(call(server, "GET", "/static/manifest.webmanifest")[2])
-    assert manifest["display"] == "fullscreen" and manifest["start_url"] == "/"
+    assert b'<link rel="manifest" href="static/manifest.webmanifest">' in page
+    manifest_url = "/static/manifest.webmanifest"
+    manifest = json.loads(call(server, "GET", manifest_url)[2])
+    assert manifest["display"] == "fullscreen"
+    assert urljoin(manifest_url, manifest["start_url"]) == "/"  # relative to the manifest
     for icon in manifest["icons"]:
-        assert call(server, "GET", icon["src"])[0] == 200
+        assert call(server, "GET", urljoin(manifest_url, icon["src"]))[0] == 200
     status, headers, raw = call(server, "HEAD", "/")
     assert status == 200 and raw == b"" and int(headers["Content-Length"]) == len(page)
 
