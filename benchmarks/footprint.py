@@ -5,9 +5,10 @@
 Each command runs as a fresh process (as a shop's device or a kiosk starts it): its peak
 resident set (the kernel's ru_maxrss for that process) and wall time from spawn to exit,
 median of --runs. `serve idle` is `vae-run serve --port 0` up to its "kiosk on" line, and its
-peak resident set while idle after that. --baseline REV runs the same commands on that git
-revision's runtime (extracted to a temporary directory) interleaved with this tree's, and
-prints the ratios. Linux only (ru_maxrss in kB, /proc/PID/status).
+peak resident set while idle after that; below the table, its resident set (VmRSS) after
+IDLE_SECONDS idle, what a kiosk holds while nobody uses it. --baseline REV runs the same
+commands on that git revision's runtime (extracted to a temporary directory) interleaved
+with this tree's, and prints the ratios. Linux only (ru_maxrss in kB, /proc/PID/status).
 
 The breakdown below the table loads the bundle step by step in one fresh process: the imports,
 Runtime.load, and the search engine's build of its item vectors (LikelihoodSearch) alone.
@@ -86,9 +87,10 @@ def commands(image: Path, bundle: str | None) -> dict[str, list[str]]:
     }
 
 
-def run_once(arguments: list[str], env: dict) -> tuple[float, float] | None:
-    """(seconds, peak MB) of one process; None when the command fails (e.g. an option the
-    baseline does not have)."""
+def run_once(arguments: list[str], env: dict) -> tuple[float, float, float | None] | None:
+    """(seconds, peak MB, serve's resident MB when idle) of one process; None when the command
+    fails (e.g. an option the baseline does not have)."""
+    idle = None
     started = time.perf_counter()
     child = subprocess.Popen([sys.executable, "-c", RUN_CLI, *arguments], env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -100,6 +102,9 @@ def run_once(arguments: list[str], env: dict) -> tuple[float, float] | None:
             return None
         seconds = time.perf_counter() - started
         time.sleep(IDLE_SECONDS)
+        with open(f"/proc/{child.pid}/status") as status:
+            idle = int(next(line for line in status if line.startswith("VmRSS:")).split()[1])
+        idle /= 1024
         child.terminate()
         child.stdout.read()
     else:
@@ -111,7 +116,7 @@ def run_once(arguments: list[str], env: dict) -> tuple[float, float] | None:
         if child.returncode != 0:
             return None
         seconds = time.perf_counter() - started
-    return seconds, usage.ru_maxrss / 1024
+    return seconds, usage.ru_maxrss / 1024, idle
 
 
 def extract_revision(revision: str, into: Path) -> Path:
@@ -189,6 +194,12 @@ def main() -> None:
                         row += (f" {cells[0][0] / cells[1][0]:>8.2f} "
                                 f"{cells[0][1] / cells[1][1]:>7.2f}")
             print(row)
+
+        for tree in trees:
+            idle = [r[2] for r in results[("serve (idle)", tree)] if r is not None]
+            if idle:
+                print(f"serve resident after {IDLE_SECONDS:g} s idle ({tree}): "
+                      f"{statistics.median(idle):.1f} MB")
 
         print("\nwhere the memory goes (this tree, one process; MB resident after each step, "
               "and the high-water mark):")

@@ -22,6 +22,10 @@ the item vectors w(x) = [-a/2, a mu, c], except that the engine and its label fi
   10 classes).
 - faiss: IndexFlatIP over the same float32 item vectors: float32 top k only.
 - other (--other FILE): LikelihoodSearch of another runtime/search.py (it needs only numpy).
+
+First, on the shipped bundle (models/, N = 60,000, d = 16), one query of the public call
+Runtime.nearest(z, k=10) (by latent: validation, search, metadata) beside the engine alone,
+the floor and FAISS on the same item vectors; --no-shipped leaves it out.
 """
 
 from __future__ import annotations
@@ -134,6 +138,34 @@ def catalog_rows(n, d, args, faiss, other, names, rng):
         yield f"{line}   ({rounds} rounds)"
 
 
+def shipped_rows(args, faiss, rng):
+    """One query of Runtime.nearest on the shipped bundle against FAISS on its item vectors."""
+    from vae_edge.runtime import Runtime
+
+    rt = Runtime.load()
+    mu, log_sigma = rt.index.mu, rt.index.log_sigma
+    n, d = mu.shape
+    engine = LikelihoodSearch(mu, log_sigma, np.arange(n), rt.index.labels)
+    rows_copy = item_vectors(mu, log_sigma)
+    index = faiss.IndexFlatIP(rows_copy.shape[1])
+    index.add(rows_copy.copy())
+    floor_copy = np.ascontiguousarray(rows_copy.T)
+    window = math.log(n) + SKIP_NATS
+    methods = {
+        "nearest": lambda z: rt.nearest(z[0], k=K),
+        "engine": lambda z: engine.search(z[0], K),
+        "floor": lambda z: floor_search(z, floor_copy, window),
+        "faiss": lambda z: index.search(features(z), K),
+    }
+    ms = {name: seconds * 1e3 for name, seconds in timed(
+        methods, lambda: rng.standard_normal((1, d)), args.rounds).items()}
+    print(f"shipped bundle, N = {n}, d = {d}, one query, k = {K}, {args.rounds} rounds: " +
+          ", ".join(f"{name} {value:.3f} ms" for name, value in ms.items()))
+    print(f"  nearest/faiss {ms['nearest'] / ms['faiss']:.2f}, engine/faiss "
+          f"{ms['engine'] / ms['faiss']:.2f}, nearest/floor {ms['nearest'] / ms['floor']:.2f}, "
+          f"nearest-engine {ms['nearest'] - ms['engine']:.3f} ms\n", flush=True)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[60_000, 1_000_000])
@@ -143,6 +175,8 @@ def main(argv=None) -> int:
                         help="rounds for N = 60k, one query; fewer where a call is longer")
     parser.add_argument("--other", type=Path, metavar="FILE",
                         help="another runtime/search.py to time side by side")
+    parser.add_argument("--no-shipped", dest="shipped", action="store_false",
+                        help="leave out Runtime.nearest on the shipped bundle")
     args = parser.parse_args(argv)
     try:
         import faiss
@@ -158,13 +192,15 @@ def main(argv=None) -> int:
         other = load_module(args.other)
 
     print(f"numpy {np.__version__}, faiss {faiss.__version__}, single-threaded, k = {K}")
+    rng = np.random.default_rng(1)
+    if args.shipped:
+        shipped_rows(args, faiss, rng)
     names = ["naive", "product", "floor", "engine", "label", "faiss"] + (["other"] if other else [])
     header = (f"{'N':>9} {'d':>3} {'B':>3} | " + " ".join(f"{name + ' ms':>10}" for name in names)
               + f" | {'eng-floor':>9} {'eng/floor':>9} {'eng/faiss':>9} {'label/eng':>9}"
               + (f" {'eng/other':>9}" if other else ""))
     print(header)
     print("-" * len(header))
-    rng = np.random.default_rng(1)
     for n in args.sizes:
         for d in args.dims:
             for line in catalog_rows(n, d, args, faiss, other, names, rng):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ..runtime.cli import CliError, library_errors
+from ..runtime.cli_errors import CliError, library_errors
 from .catalog import evaluate_catalog_bundle, summary
 from .report import EvalConfig, evaluate_bundle
 

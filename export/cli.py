@@ -6,7 +6,9 @@ from pathlib import Path
 
 import click
 
-from ..runtime.cli import library_errors
+from ..runtime.cli_errors import library_errors
+from ..training import distributed
+from ..training.cli import quiet
 from .build import DEFAULT_THUMBNAIL_SIZE, build_bundle
 
 
@@ -42,8 +44,11 @@ def main(checkpoint, out_dir, catalog, skip_bad, thumbnail_size, no_thumbnails, 
     columns), the catalog photos' thumbnails, and manifest.json with a sha256 per file. The
     graphs are checked against PyTorch at batch 1, 7 and 64 (max abs diff <= 1e-4) before
     anything is moved into place.
+
+    On many ranks, `torchrun --nproc-per-node N $(which vae-export) ...` fits and encodes the
+    catalog's photos in N parts at once, into the same index bytes (docs/scale.md).
     """
-    with library_errors():
+    with distributed.joined("cpu") as (ranks, _), library_errors():
         build_bundle(checkpoint, out_dir, catalog=catalog, data_dir=data_dir, limit=limit,
-                     force=force, log=click.echo, skip_bad=skip_bad,
+                     force=force, log=click.echo if ranks.leader else quiet, skip_bad=skip_bad,
                      thumbnail_size=None if no_thumbnails else thumbnail_size)

@@ -120,6 +120,16 @@ def replace_directory(tmp: Path, out_dir: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def resolve_directory(path: Path) -> Path:
+    """The directory that path names, through symbolic links and "." (it need not exist yet);
+    ValueError naming path where its links never end in one."""
+    try:
+        return Path(path).resolve()
+    except (RuntimeError, OSError):  # RuntimeError up to Python 3.12, OSError after
+        raise ValueError(f"{path}: symbolic link loop; expected a directory or a link to "
+                         "one") from None
+
+
 @contextlib.contextmanager
 def atomic_file(target: Path, suffix: str = ".tmp") -> Iterator[BinaryIO]:
     """A binary file to write target's new content into (its .name is the temporary path).
@@ -152,7 +162,7 @@ def atomic_directory(out_dir: Path) -> Iterator[Path]:
     (replace_directory); when it raises, it is removed and out_dir is left as it was. A
     symbolic link (bundles/current -> v3) stays a link, to the new content.
     """
-    out_dir = Path(out_dir).resolve()  # the directory itself: through a link, or "."
+    out_dir = resolve_directory(out_dir)  # the directory itself: through a link, or "."
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(out_dir), suffix=".partial",
                                 dir=out_dir.parent))
@@ -170,7 +180,7 @@ def recover_directory(out_dir: Path, log=print) -> None:
     """Undo what a killed atomic_directory left beside out_dir: its half-written `.partial`
     directory, and, if it died between replace_directory's two renames, the previous
     directory parked as `.old` (moved back, since out_dir is then missing)."""
-    out_dir = Path(out_dir).resolve()  # where atomic_directory works
+    out_dir = resolve_directory(out_dir)  # where atomic_directory works
     remove_stale_temporaries(out_dir, ".partial", log)
     parked = stale_temporaries(out_dir, ".old")
     if parked and not out_dir.exists():
@@ -182,16 +192,23 @@ def recover_directory(out_dir: Path, log=print) -> None:
 
 
 @contextlib.contextmanager
-def exclusive(target: Path) -> Iterator[None]:
+def exclusive(target: Path, log=None) -> Iterator[None]:
     """Hold an exclusive lock on target (a lock file `.{name}.lock` beside it) for the block:
-    two read-modify-write runs on one target (two `vae-run add`s) take turns instead of one
-    silently dropping the other's change. Advisory (flock): readers are not held up."""
+    two runs that replace one target (`vae-run add`, `remove`, `vae-export --force`) take
+    turns instead of one silently dropping the other's change, or mixing its files with the
+    other's. Advisory (flock): readers are not held up. log, when given, hears that the
+    run waits for another."""
     import fcntl
 
-    target = Path(target).resolve()  # every spelling of it (a link, ".") takes one lock
+    target = resolve_directory(target)  # every spelling of it (a link, ".") takes one lock
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target.parent / f".{target.name}.lock", "a+b") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if log is not None:
+                log(f"waiting for another run that changes {target} to finish")
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
         try:
             yield
         finally:

@@ -23,8 +23,10 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import itertools
 import json
 import os
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +43,12 @@ INDEX_FILES = {
 }
 INDEX_DTYPES = {"mu": "float16", "log_sigma": "float16", "labels": "int32"}
 ITEMS_FILE = "items.csv"
+# items.csv cells a spreadsheet would run as a formula (= + - @, or tab or CR before one) are
+# written with an apostrophe in front, as are cells that start with one, so that reading
+# strips exactly one back off; the manifest's items "escape" says the file was written so
+# (bundles written without it are read verbatim).
+ITEMS_ESCAPE = "apostrophe"
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "'")
 THUMBNAIL_FILES = {"images": "thumbnails.bin", "offsets": "thumbnail_offsets.npy"}
 THUMBNAIL_FORMAT = "webp"
 MODEL_FILES = {"encoder": "encoder.onnx", "decoder": "decoder.onnx"}
@@ -82,8 +90,8 @@ class CatalogIndex:
     """A bundle's catalog: float16 posteriors (N, d), label ids (N,), and the items' table.
 
     ids: (N,) object array of str. metadata: one (N,) object array of str per column of
-    `columns`. thumbnails: the WebP bytes of every item back to back (a read-only memory map
-    or bytes) and (N + 1,) offsets, or both None.
+    `columns`. thumbnails: the WebP bytes of every item back to back (the bundle's open
+    ThumbnailFile, or bytes) and (N + 1,) offsets, or both None.
     """
 
     mu: np.ndarray
@@ -93,7 +101,7 @@ class CatalogIndex:
     ids: np.ndarray
     columns: tuple[str, ...] = ()
     metadata: tuple[np.ndarray, ...] = ()
-    thumbnails: np.ndarray | bytes | None = None
+    thumbnails: ThumbnailFile | bytes | None = None
     thumbnail_offsets: np.ndarray | None = None
 
     def __len__(self) -> int:
@@ -103,11 +111,39 @@ class CatalogIndex:
         return {name: str(values[row]) for name, values in zip(self.columns, self.metadata)}
 
     def thumbnail(self, row: int) -> bytes | None:
-        """The item's photo (WebP bytes), or None in a bundle without thumbnails."""
+        """The item's photo (WebP bytes, as stored: Runtime.thumbnail checks them), or None
+        in a bundle without thumbnails."""
         if self.thumbnail_offsets is None:
             return None
-        start, end = self.thumbnail_offsets[row], self.thumbnail_offsets[row + 1]
-        return bytes(self.thumbnails[start:end])
+        start, end = int(self.thumbnail_offsets[row]), int(self.thumbnail_offsets[row + 1])
+        if isinstance(self.thumbnails, bytes):
+            return self.thumbnails[start:end]
+        return self.thumbnails.read(start, end)
+
+
+class ThumbnailFile:
+    """thumbnails.bin, kept open from load for positional reads: the photos stay on disk
+    until asked for, and a bundle replaced by a rename (vae-run add) leaves this one readable
+    for as long as it is loaded. Not a memory map: a file truncated in place under a map
+    kills the process (SIGBUS) at the next read, while here it is a BundleError for that
+    photo. A file changed in place (size or modification time) is refused the same way."""
+
+    def __init__(self, path: Path):
+        self.name = path.name
+        fd = os.open(path, os.O_RDONLY)
+        weakref.finalize(self, os.close, fd)
+        self._fd = fd
+        stat = os.fstat(fd)
+        self.size = stat.st_size
+        self._identity = (stat.st_size, stat.st_mtime_ns)
+
+    def read(self, start: int, end: int) -> bytes:
+        stat = os.fstat(self._fd)
+        data = os.pread(self._fd, end - start, start)
+        if (stat.st_size, stat.st_mtime_ns) != self._identity or len(data) != end - start:
+            raise BundleError(f"{self.name}: changed on disk since the bundle was loaded "
+                              "(truncated or overwritten in place); load the bundle again")
+        return data
 
 
 def graph_sections(latent_dim: int, image_shape) -> dict:
@@ -147,7 +183,8 @@ def new_manifest(*, latent_dim: int, image_shape, image_layout: str, catalog: st
             "log_sigma": "0.5 * log_var of q(z|x); sigma = exp(log_sigma)",
             "label_names": list(index.label_names),
         },
-        "items": {"file": ITEMS_FILE, "columns": ["id", *index.columns], "ids": ids},
+        "items": {"file": ITEMS_FILE, "columns": ["id", *index.columns], "ids": ids,
+                  "escape": ITEMS_ESCAPE},
         "thumbnails": None if not has_thumbnails else {
             "files": dict(THUMBNAIL_FILES), "format": THUMBNAIL_FORMAT,
             "size": [int(thumbnail_size), int(thumbnail_size)]},
@@ -180,9 +217,18 @@ def to_float16(name: str, array: np.ndarray) -> np.ndarray:
     return array.astype(np.float16)
 
 
+def _escape(cell: str) -> str:
+    return "'" + cell if cell.startswith(_FORMULA_START) else cell
+
+
+def _unescape(cell: str) -> str:
+    return cell[1:] if cell.startswith("'") else cell
+
+
 def write_index(root: Path, index: CatalogIndex) -> None:
     """Write the index arrays, items.csv and the thumbnails (if any) under their file names.
-    Arrays must have the schema's dtypes (refused otherwise: a cast here would hide a bug)."""
+    Arrays must have the schema's dtypes (refused otherwise: a cast here would hide a bug).
+    items.csv is written with ITEMS_ESCAPE, which the manifest's items must state."""
     root = Path(root)
     arrays = {"mu": index.mu, "log_sigma": index.log_sigma, "labels": index.labels}
     for key, name in INDEX_FILES.items():
@@ -192,9 +238,14 @@ def write_index(root: Path, index: CatalogIndex) -> None:
         np.save(root / name, array, allow_pickle=False)
     with open(root / ITEMS_FILE, "w", encoding="utf-8", newline="") as handle:
         writer = csv.writer(handle, lineterminator="\n")
-        writer.writerow(["id", *index.columns])
-        for row in range(len(index)):
-            writer.writerow([index.ids[row], *(values[row] for values in index.metadata)])
+        # csv quotes a field holding the line terminator, "\n", but not a carriage return,
+        # which a reader then takes for the end of the line: such rows are quoted in full.
+        quoted = csv.writer(handle, lineterminator="\n", quoting=csv.QUOTE_ALL)
+        items = ((index.ids[row], *(values[row] for values in index.metadata))
+                 for row in range(len(index)))
+        for row in itertools.chain([("id", *index.columns)], items):
+            cells = [_escape(cell) for cell in row]
+            (quoted if any("\r" in cell for cell in cells) else writer).writerow(cells)
     if index.thumbnail_offsets is not None:
         np.save(root / THUMBNAIL_FILES["offsets"],
                 np.asarray(index.thumbnail_offsets, dtype=np.int64), allow_pickle=False)
@@ -246,6 +297,33 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
     return unique
 
 
+def _no_constant(name: str):
+    """NaN and Infinity: Python's json reads them, but they are not JSON and compare unequal
+    to themselves."""
+    raise BundleError(f"{MANIFEST_NAME}: {name} is not a JSON number")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_provenance(manifest: dict) -> None:
+    """The provenance the runtime shows (vae-run info, the kiosk's /api/info): absent, or of
+    the type it is shown as. The rest of the provenance is recorded, never read."""
+    for key in ("created", "edited"):
+        if key in manifest and not isinstance(manifest[key], str):
+            raise BundleError(f"{MANIFEST_NAME}: {key} should be a date text, got "
+                              f"{type(manifest[key]).__name__}")
+    parity = manifest.get("parity", {})
+    if not isinstance(parity, dict) or not _is_number(parity.get("max_abs_diff", 0)):
+        raise BundleError(f"{MANIFEST_NAME}: parity should be an object with a number "
+                          f"max_abs_diff, got {json.dumps(parity)[:80]}")
+    metrics = manifest.get("metrics", {})
+    if not isinstance(metrics, dict) or not all(_is_number(v) for v in metrics.values()):
+        raise BundleError(f"{MANIFEST_NAME}: metrics should be an object of numbers, got "
+                          f"{json.dumps(metrics)[:80]}")
+
+
 def read_manifest(root: Path) -> dict:
     root = Path(root)
     if not root.is_dir():
@@ -261,7 +339,8 @@ def read_manifest(root: Path) -> dict:
             f"(at most {MAX_MANIFEST_BYTES})"
         )
     try:
-        manifest = json.loads(path.read_bytes().decode("utf-8"), object_pairs_hook=_unique_keys)
+        manifest = json.loads(path.read_bytes().decode("utf-8"), object_pairs_hook=_unique_keys,
+                              parse_constant=_no_constant)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BundleError(f"{MANIFEST_NAME}: not valid JSON ({exc})") from None
     except RecursionError:
@@ -315,6 +394,9 @@ def read_manifest(root: Path) -> dict:
             or len(set(columns)) != len(columns)):
         raise BundleError(f"{MANIFEST_NAME}: items columns must be distinct non-empty names "
                           f"starting with 'id', got {columns!r}")
+    if items.get("escape", ITEMS_ESCAPE) != ITEMS_ESCAPE:
+        raise BundleError(f"{MANIFEST_NAME}: items escape must be {ITEMS_ESCAPE!r} or absent, "
+                          f"got {json.dumps(items['escape'])[:80]}")
     if "thumbnails" not in manifest:
         raise BundleError(f"{MANIFEST_NAME}: missing key 'thumbnails' (null when there are none)")
     thumbnails = manifest["thumbnails"]
@@ -348,6 +430,10 @@ def read_manifest(root: Path) -> dict:
     names = _require(index, "label_names", list, "manifest.json index")
     if not all(isinstance(n, str) for n in names):
         raise BundleError(f"{MANIFEST_NAME}: index label_names must be strings")
+    if not isinstance(index.get("catalog", ""), str):
+        raise BundleError(f"{MANIFEST_NAME}: index catalog should be a name, got "
+                          f"{type(index['catalog']).__name__}")
+    _check_provenance(manifest)
     return manifest
 
 
@@ -455,7 +541,8 @@ def load_index(root: Path, manifest: dict) -> CatalogIndex:
             f"{files['labels']}: labels must lie in [0, {len(label_names)}), "
             f"got [{labels.min()}, {labels.max()}]"
         )
-    ids, metadata = _load_items(root, manifest["items"]["columns"], size)
+    ids, metadata = _load_items(root, manifest["items"]["columns"], size,
+                                escaped="escape" in manifest["items"])
     thumbnails = offsets = None
     if manifest["thumbnails"] is not None:
         thumbnails, offsets = _load_thumbnails(root, size)
@@ -464,13 +551,17 @@ def load_index(root: Path, manifest: dict) -> CatalogIndex:
                         thumbnails=thumbnails, thumbnail_offsets=offsets, **arrays)
 
 
-def _load_items(root: Path, columns: list[str], size: int):
+def _load_items(root: Path, columns: list[str], size: int, escaped: bool):
     """items.csv: the header the manifest names, then `size` rows of as many fields, ids
-    unique and non-empty. Returns the ids and one column array per metadata column."""
+    unique and non-empty. Returns the ids and one column array per metadata column.
+    escaped: the file was written with ITEMS_ESCAPE, to be undone."""
     path = _bundle_file(root, ITEMS_FILE)
     try:
-        reader = csv.reader(io.StringIO(path.read_text(encoding="utf-8"), newline=""),
-                            strict=True)
+        # newline="": a carriage return inside a quoted field is text, kept as it is
+        with open(path, encoding="utf-8", newline="") as handle:
+            text = handle.read()
+        rows = csv.reader(io.StringIO(text, newline=""), strict=True)
+        reader = ([_unescape(cell) for cell in row] for row in rows) if escaped else rows
         header = next(reader, None)
         if header != columns:
             raise BundleError(f"{ITEMS_FILE}: header must be {columns}, got "
@@ -501,7 +592,7 @@ def _load_items(root: Path, columns: list[str], size: int):
 
 def _load_thumbnails(root: Path, size: int):
     """thumbnail_offsets.npy ((size + 1,) int64, from 0, never decreasing, ending at the
-    size of thumbnails.bin) and thumbnails.bin, memory-mapped read-only."""
+    size of thumbnails.bin) and thumbnails.bin, open for reading (ThumbnailFile)."""
     name = THUMBNAIL_FILES["offsets"]
     path = _bundle_file(root, name)
     dtype, shape, _ = _npy_header(path, name)
@@ -511,16 +602,13 @@ def _load_thumbnails(root: Path, size: int):
         offsets = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
         raise BundleError(f"{name}: not a readable .npy file ({exc})") from None
-    images = _bundle_file(root, THUMBNAIL_FILES["images"])
-    total = images.stat().st_size
+    images = ThumbnailFile(_bundle_file(root, THUMBNAIL_FILES["images"]))
+    total = images.size
     if offsets[0] != 0 or offsets[-1] != total or (np.diff(offsets) < 0).any():
         raise BundleError(f"{name}: offsets must rise from 0 to the size of "
                           f"{THUMBNAIL_FILES['images']} ({total} bytes)")
     offsets.flags.writeable = False
-    # A memory map: the photos stay on disk until asked for, and a bundle replaced on disk
-    # (vae-run add) leaves this one readable for as long as it is loaded.
-    data = np.memmap(images, dtype=np.uint8, mode="r") if total else b""
-    return data, offsets
+    return images, offsets
 
 
 # ONNX protobuf field numbers (onnx.proto) on every path that can lead to a tensor.

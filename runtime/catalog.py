@@ -23,11 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .images import fit_photo, load_photo, thumbnail_bytes
+from .images import MAX_CATALOG_PHOTO_PIXELS, fit_photo, load_photo, thumbnail_bytes
+from .words import first_few, plural
 
 REQUIRED_COLUMNS = ("id", "image")
 MAX_ID_LENGTH = 200
-SHOWN_ERRORS = 5  # bad rows named in the error; the count says how many there were in all
 
 
 @dataclass(frozen=True)
@@ -57,18 +57,10 @@ class Catalog:
                        lines=pick(self.lines), skipped=self.skipped + tuple(skipped))
 
 
-def first_few(things, separator: str = "; ") -> str:
-    """The first SHOWN_ERRORS of things, joined, and how many more there are."""
-    more = len(things) - SHOWN_ERRORS
-    return (separator.join(str(thing) for thing in things[:SHOWN_ERRORS])
-            + (f" (and {more} more)" if more > 0 else ""))
-
-
 def bad_rows_error(source: Path, problems: list[str], what: str = "row") -> ValueError:
-    what = what if len(problems) == 1 else what + "s"
     them = "it" if len(problems) == 1 else "them"
-    return ValueError(f"{source}: {len(problems)} bad {what}: {first_few(problems)}; fix {them} "
-                      f"or pass --skip-bad to leave {them} out")
+    return ValueError(f"{source}: {plural(len(problems), 'bad ' + what)}: "
+                      f"{first_few(problems)}; fix {them} or pass --skip-bad to leave {them} out")
 
 
 def _id_problem(item_id: str) -> str | None:
@@ -99,7 +91,10 @@ def read_catalog(path: str | Path, *, skip_bad: bool = False,
     if not source.is_file():
         raise FileNotFoundError(f"catalog CSV not found: {source}")
     try:
-        text = source.read_text(encoding="utf-8-sig")  # -sig: spreadsheets write a BOM
+        # -sig: spreadsheets write a BOM. newline="": a carriage return inside a quoted field
+        # is the field's text, kept as it is.
+        with open(source, encoding="utf-8-sig", newline="") as handle:
+            text = handle.read()
     except UnicodeDecodeError as exc:
         raise ValueError(f"{source}: not UTF-8 text (byte {exc.start}: {exc.reason}); save the "
                          "CSV as UTF-8") from None
@@ -172,17 +167,20 @@ def read_catalog(path: str | Path, *, skip_bad: bool = False,
 def catalog_photos(catalog: Catalog, decode: bool = True
                    ) -> Iterator[tuple[int, object | None, str | None]]:
     """(position, Pillow image or None, problem or None) for each item, in order; with
-    decode=False only the photos' headers are checked (load_photo) and no image comes back."""
+    decode=False only the photos' headers are checked (load_photo) and no image comes back.
+
+    A catalog's photos are the shop's own: accepted up to MAX_CATALOG_PHOTO_PIXELS and
+    decoded one at a time, each reduced as it is decoded (runtime.images.load_photo)."""
     for position, path in enumerate(catalog.images):
         try:
-            yield position, load_photo(path, decode), None
+            yield position, load_photo(path, decode, max_pixels=MAX_CATALOG_PHOTO_PIXELS), None
         except (FileNotFoundError, ValueError) as exc:
             yield position, None, f"line {catalog.lines[position]}: {exc}"
 
 
 def fit_catalog(catalog: Catalog, size: int, channels: int, *, skip_bad: bool = False,
                 thumbnail_size: int | None = None, out: np.ndarray | None = None,
-                progress: Callable[[int], None] | None = None
+                progress: Callable[[int], None] | None = None, at_least_one: bool = True
                 ) -> tuple[Catalog, np.ndarray, list[bytes] | None]:
     """Decode every photo once and fit it into (channels, size, size) uint8.
 
@@ -192,7 +190,7 @@ def fit_catalog(catalog: Catalog, size: int, channels: int, *, skip_bad: bool = 
     rows hold the result. A photo that cannot be read is a bad row: ValueError naming the
     lines, unless skip_bad; the photos' headers are all checked before any is decoded, so
     only damaged pixel data can stop the decoding part way. progress(n) is called after each
-    photo.
+    photo. at_least_one=False: a part of a catalog, which may hold no readable photo.
     """
     shape = (len(catalog), channels, size, size)
     if out is None:
@@ -217,7 +215,7 @@ def fit_catalog(catalog: Catalog, size: int, channels: int, *, skip_bad: bool = 
             progress(1)
     if problems and not skip_bad:
         raise bad_rows_error(catalog.source, problems, "photo")
-    if not keep:
+    if not keep and at_least_one:
         raise ValueError(f"{catalog.source}: no item has a readable photo")
     return catalog.select(keep, problems), out[:len(keep)], thumbnails
 

@@ -1,9 +1,8 @@
 """`vae-run`: a thin click layer over vae_edge.runtime (decode, encode, nearest, info, serve,
-bench, add, remove)."""
+export-web, bench, add, remove, shard)."""
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import io
 import json
@@ -13,16 +12,12 @@ from pathlib import Path
 import click
 import numpy as np
 
+from .cli_errors import CliError, library_errors
 from .core import MATCH_MODES, MAX_THREADS, Runtime, parse_z
-from .images import save_png, save_sheet
+from .images import FORMATS_TEXT, save_png, save_sheet
+from .words import first_few, plural
 
 SHEET_MAX_ITEMS = 20
-
-
-class CliError(click.ClickException):
-    """A one-line error with exit status 2 (bad input, bad bundle), never a traceback."""
-
-    exit_code = 2
 
 
 class AsciiInt(click.types.IntParamType):
@@ -40,23 +35,19 @@ class AsciiIntRange(AsciiInt, click.IntRange):
     """AsciiInt within click.IntRange's bounds."""
 
 
-@contextlib.contextmanager
-def library_errors():
-    try:
-        yield
-    # OSError too: a full disk or a read-only output directory is a one-line error,
-    # not a traceback, on a kiosk nobody watches.
-    except (ValueError, OSError) as exc:
-        raise CliError(str(exc)) from None
-
-
 def bundle_options(command):
     @click.option("--bundle", type=click.Path(path_type=Path), default=None,
                   help="Bundle directory made by vae-export (default: the shipped model).")
     @click.option("--threads", type=AsciiIntRange(1, MAX_THREADS), default=1, show_default=True,
                   help="onnxruntime threads; 1 leaves the rest of a kiosk's CPU free.")
     @functools.wraps(command)
-    def wrapper(bundle, threads, **kwargs):
+    def wrapper(bundle, threads, shards=None, cluster=None, **kwargs):
+        if shards is not None:  # cluster_options
+            if bundle is not None:
+                raise CliError("give --bundle or --shards, not both")
+            return command(load_cluster(shards, cluster, threads), **kwargs)
+        if cluster is not None:
+            raise CliError("--cluster goes with --shards DIR (a shard set from vae-run shard)")
         with library_errors():
             # vae-run owns its process, so it caps numpy's BLAS pool too (Runtime.load)
             runtime = Runtime.load(bundle, threads=threads, limit_blas=True)
@@ -65,17 +56,50 @@ def bundle_options(command):
     return wrapper
 
 
+def with_latent_options(wrapper):
+    """--z / --random / --seed on a wrapper that receives z_text, use_random and seed."""
+    for option in reversed([
+        click.option("--z", "z_text", metavar="NUMBERS",
+                     help='Latent vector, one number per latent dim: "0.5,-1.2,...".'),
+        click.option("--random", "use_random", is_flag=True,
+                     help="Draw z from the prior N(0, I) instead of --z."),
+        click.option("--seed", type=AsciiInt(), default=None, help="Seed for --random."),
+    ]):
+        wrapper = option(wrapper)
+    return wrapper
+
+
+def cluster_options(command):
+    """--shards and --cluster, for a command that also has bundle_options (placed above)."""
+    shards = click.option(
+        "--shards", type=click.Path(path_type=Path), default=None,
+        help="Search this shard set (vae-run shard) in Ray actors, one per shard, instead of "
+             "one --bundle (needs vae-edge[cluster]).")
+    cluster = click.option(
+        "--cluster", metavar="ADDRESS", default=None,
+        help="The Ray cluster for --shards, as ray.init takes it (auto, HOST:PORT, "
+             "ray://HOST:PORT); default: RAY_ADDRESS or a local Ray.")
+    return shards(cluster(command))
+
+
+def load_cluster(shards: Path, address: str | None, threads: int):
+    try:
+        from .cluster import ShardedRuntime, ShardUnavailable
+    except ImportError as exc:
+        raise CliError(f"--shards needs Ray ({exc}): pip install 'vae-edge[cluster]'") from None
+    try:
+        with library_errors():
+            return ShardedRuntime.load(shards, address=address, threads=threads)
+    except (ShardUnavailable, ConnectionError) as exc:
+        raise CliError(str(exc)) from None
+
+
 def latent_options(command):
-    @click.option("--z", "z_text", metavar="NUMBERS",
-                  help='Latent vector, one number per latent dim: "0.5,-1.2,...".')
-    @click.option("--random", "use_random", is_flag=True,
-                  help="Draw z from the prior N(0, I) instead of --z.")
-    @click.option("--seed", type=AsciiInt(), default=None, help="Seed for --random.")
     @functools.wraps(command)
     def wrapper(runtime, z_text, use_random, seed, **kwargs):
         return command(runtime, resolve_latent(runtime, z_text, use_random, seed), **kwargs)
 
-    return wrapper
+    return with_latent_options(wrapper)
 
 
 def resolve_latent(runtime: Runtime, z_text: str | None, use_random: bool, seed: int | None):
@@ -89,10 +113,6 @@ def resolve_latent(runtime: Runtime, z_text: str | None, use_random: bool, seed:
 
 def shorten(text: str, width: int) -> str:
     return text if len(text) <= width else text[:width - 3] + "..."
-
-
-def plural(count: int, noun: str) -> str:
-    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def format_z(z: np.ndarray) -> str:
@@ -141,7 +161,7 @@ def query_options(command):
     """--z / --random (see latent_options) or --image PATH: exactly one."""
 
     @click.option("--image", "image_path", type=click.Path(path_type=Path), default=None,
-                  help="Query by a photo (PNG, JPEG or WebP, any size; fitted into the model's "
+                  help=f"Query by a photo ({FORMATS_TEXT}, any size; fitted into the model's "
                        "square as training fitted the catalog) instead of z: ranks items by the "
                        "2-Wasserstein distance between the photo's encoding q(z|photo) and "
                        "each item's (docs/matching.md).")
@@ -157,16 +177,7 @@ def query_options(command):
             pixels = runtime.read_photo(image_path)
         return command(runtime, None, image=(image_path, pixels), **kwargs)
 
-    # latent_options' click options, declared here so that the wrapper receives them
-    for option in reversed([
-        click.option("--z", "z_text", metavar="NUMBERS",
-                     help='Latent vector, one number per latent dim: "0.5,-1.2,...".'),
-        click.option("--random", "use_random", is_flag=True,
-                     help="Draw z from the prior N(0, I) instead of --z."),
-        click.option("--seed", type=AsciiInt(), default=None, help="Seed for --random."),
-    ]):
-        wrapper = option(wrapper)
-    return wrapper
+    return with_latent_options(wrapper)
 
 
 @main.command()
@@ -203,7 +214,7 @@ def nearest(runtime: Runtime, z: np.ndarray | None, image, k: int, label: str | 
     by = by or "latent"
     with library_errors():
         if image is None:
-            matches = runtime.nearest(z, k=k, label=label, by=by)
+            matches = runtime.nearest(z, k=k, label=label, by=by, with_distance=True)
         else:
             matches = runtime.nearest_image(image[1], k=k, label=label)
     names = runtime.label_names
@@ -255,7 +266,7 @@ def _sheet_pictures(runtime: Runtime, matches, results: list[dict], z, image):
 
     # A large k must not decode the catalog into one endless picture.
     shown = matches.rows[:SHEET_MAX_ITEMS]
-    photos = [runtime.index.thumbnail(int(row)) for row in shown]
+    photos = [runtime.thumbnail(int(row)) for row in shown]
     if all(photo is not None for photo in photos):
         items, drawn = [Image.open(io.BytesIO(photo)) for photo in photos], "catalog photos"
     else:
@@ -274,8 +285,8 @@ def _sheet_pictures(runtime: Runtime, matches, results: list[dict], z, image):
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per image.")
 def encode(runtime: Runtime, images: tuple[Path, ...], as_json: bool):
-    """Encode photos (PNG, JPEG or WebP, any size and colour, fitted into the model's square)
-    to their posterior mu and log-sigma."""
+    """Encode photos (PNG, JPEG, WebP, BMP, GIF or PPM, any size and colour, fitted into the
+    model's square) to their posterior mu and log-sigma."""
     with library_errors():
         pixels = np.stack([runtime.read_photo(path) for path in images])
         mu, log_sigma = runtime.encode(pixels)
@@ -289,6 +300,7 @@ def encode(runtime: Runtime, images: tuple[Path, ...], as_json: bool):
 
 @main.command()
 @bundle_options
+@cluster_options
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on. The default is reachable from this machine only; "
                    "0.0.0.0 opens the kiosk to the network.")
@@ -311,24 +323,57 @@ def encode(runtime: Runtime, images: tuple[Path, ...], as_json: bool):
               help="Once reset for idleness, show another catalog item every SECONDS until "
                    "someone touches the screen; 0 stays on the opening garment.")
 @click.option("--log-requests", is_flag=True, help="Log every request (failures always are).")
-def serve(runtime: Runtime, host: str, port: int, z_range: float, k: int,
+def serve(runtime, host: str, port: int, z_range: float, k: int,
           allow_hosts: tuple[str, ...], idle_reset: int, attract: int, log_requests: bool):
     """Serve the kiosk page and its JSON API (decode, nearest, sample, item).
 
     Open the printed URL in a browser: one slider per latent dim, the decoded garment,
     and the catalog items most likely to have produced it. The API is described in
-    docs/kiosk.md. Ctrl+C or SIGTERM stops it after the requests in flight.
+    docs/kiosk.md. Ctrl+C or SIGTERM stops it after the requests in flight. With --shards
+    the catalog is searched in Ray actors (docs/scale.md).
     """
-    from .server import is_loopback, make_server
+    from .server import is_loopback, make_server, return_free_memory
 
     with library_errors():
         server = make_server(runtime, host, port, z_range=z_range, k=k, idle_reset=idle_reset,
                              attract=attract, log_requests=log_requests, allow_hosts=allow_hosts)
+    return_free_memory()
     if not is_loopback(host):
         click.echo(f"note: listening on {host}, so other machines can reach the kiosk", err=True)
     click.echo(f"kiosk on {server.url} (latent dim {runtime.latent_dim}, "
                f"{plural(len(runtime.index), 'catalog item')}); Ctrl+C stops it")
     server.run(log=lambda message: click.echo(message, err=True))
+
+
+@main.command("export-web")
+@bundle_options
+@click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="The folder to write (replaced only with --force).")
+@click.option("--force", is_flag=True, help="Replace the folder if it exists.")
+@click.option("--range", "z_range", type=click.FloatRange(0, 100, min_open=True), default=3.0,
+              show_default=True, help="Each slider spans [-RANGE, RANGE].")
+@click.option("-k", type=AsciiIntRange(1, 100), default=6, show_default=True,
+              help="How many nearest catalog items the page shows.")
+@click.option("--idle-reset", type=AsciiIntRange(0, 86400), default=90, show_default=True,
+              metavar="SECONDS", help="As for serve.")
+@click.option("--attract", type=AsciiIntRange(0, 3600), default=0, show_default=True,
+              metavar="SECONDS", help="As for serve.")
+def export_web(runtime: Runtime, output: Path, force: bool, z_range: float, k: int,
+               idle_reset: int, attract: int):
+    """Write the kiosk as a static folder that needs no server.
+
+    Open OUTPUT/index.html from any static file server (https, or localhost): the page
+    decodes and searches in the browser (onnxruntime-web), exactly as `serve` does, checks
+    every file against its sha256 first, and keeps working offline once loaded. Deploying
+    it on a tablet: docs/kiosk.md.
+    """
+    from .web import export_site
+
+    with library_errors():
+        summary = export_site(runtime, output, z_range=z_range, k=k, idle_reset=idle_reset,
+                              attract=attract, force=force)
+    click.echo(f"wrote {output}: {plural(summary['files'], 'file')}, "
+               f"{summary['bytes'] / 1e6:.1f} MB ({summary['gzip_bytes'] / 1e6:.1f} MB gzipped)")
 
 
 @main.command()
@@ -371,7 +416,6 @@ def add(bundle: Path, csv_file: Path, skip_bad: bool):
     replaced in one step once the new one is complete: a kill leaves the old bundle or the
     new one, and a kiosk already running keeps serving what it loaded until restarted.
     """
-    from .catalog import first_few
     from .edit import add_items
 
     with library_errors(), _edit_progress() as bar:
@@ -396,3 +440,28 @@ def remove(bundle: Path, ids: tuple[str, ...]):
     with library_errors():
         report = remove_items(bundle, ids, log=lambda message: click.echo(message, err=True))
     click.echo(f"removed {plural(len(report.removed), 'item')}; {bundle} holds {report.size}")
+
+
+@main.command()
+@click.option("--bundle", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Bundle directory to split (made by vae-export).")
+@click.option("--parts", type=AsciiIntRange(1, 1024), required=True,
+              help="How many shards: one per Ray actor that will search them.")
+@click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Directory to write the shard set to (shard-0, ..., shards.json).")
+@click.option("--force", is_flag=True, help="Replace the output directory if it exists.")
+def shard(bundle: Path, parts: int, output: Path, force: bool):
+    """Split a bundle's catalog into PARTS bundles for a Ray cluster (docs/scale.md).
+
+    Each shard is a complete bundle (Runtime.load and vae-run info accept it) with a
+    contiguous run of the items and the same graphs (hard links where the output is on the
+    bundle's file system, copies otherwise); shards.json names the set, so a shard missing,
+    changed or from another set is refused when the set is loaded.
+    """
+    from .shard import shard_bundle
+
+    with library_errors():
+        shard_set = shard_bundle(bundle, parts, output, force=force,
+                                 log=lambda message: click.echo(message, err=True))
+    for item in shard_set.shards:
+        click.echo(f"{item.path}: items {item.offset}-{item.offset + item.size - 1}")

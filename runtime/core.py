@@ -21,7 +21,7 @@ from .bundle import (
     read_manifest,
     verify_files,
 )
-from .images import read_image
+from .images import read_image, webp_size
 from .search import LikelihoodSearch, Matches, WassersteinSearch
 
 # Latent values beyond this are not slider positions but mistakes; they would also
@@ -101,10 +101,10 @@ def check_latent(z, latent_dim: int) -> np.ndarray:
         raise ValueError(f"z batch size must be in [1, {MAX_BATCH}], got {array.shape[0]}")
     with np.errstate(over="ignore"):  # float128 beyond float64 becomes inf, refused below
         array = array.astype(np.float64)
-    if not np.isfinite(array).all():
-        raise ValueError("z holds NaN or infinite values")
     largest = float(np.abs(array).max())
-    if largest > MAX_ABS_Z:
+    if not largest <= MAX_ABS_Z:  # NaN fails it too: one pass checks both on the good path
+        if not np.isfinite(array).all():
+            raise ValueError("z holds NaN or infinite values")
         raise ValueError(
             f"z values must lie in [-{MAX_ABS_Z:g}, {MAX_ABS_Z:g}], got |z| up to {largest:.3g}"
         )
@@ -118,6 +118,14 @@ def check_k(k) -> int:
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     return int(k)
+
+
+def check_mode(by: str, with_distance: bool) -> None:
+    """nearest's match mode and distance flag, or ValueError."""
+    if by not in MATCH_MODES:
+        raise ValueError(f"by must be one of {', '.join(MATCH_MODES)}, got {by!r}")
+    if not isinstance(with_distance, bool):
+        raise ValueError(f"with_distance must be True or False, got {with_distance!r}")
 
 
 def check_images(images, image_shape: tuple[int, int, int],
@@ -166,6 +174,34 @@ def check_images(images, image_shape: tuple[int, int, int],
                              f"[{low:.3g}, {high:.3g}]")
         array = array.astype(np.float32)
     return np.ascontiguousarray(array), single
+
+
+def find_label(names: tuple[str, ...], label: int | str | None) -> int | None:
+    """A class name or id -> its id among names (None stays None); ValueError names the
+    valid ones."""
+    if label is None:
+        return None
+    if isinstance(label, (int, np.integer)) and not isinstance(label, bool):
+        if 0 <= label < len(names):
+            return int(label)
+    elif isinstance(label, str):
+        text = label.strip()
+        if text in names:
+            return names.index(text)
+        # Otherwise a name that differs in case only, where exactly one does.
+        folded = [i for i, name in enumerate(names) if name.casefold() == text.casefold()]
+        if len(folded) == 1:
+            return folded[0]
+        if text.isascii() and text.isdigit() and int(text) < len(names):
+            return int(text)
+    raise ValueError(f"unknown label {label!r}: expected one of {', '.join(names)} "
+                     f"(or a class id 0-{len(names) - 1})")
+
+
+def sample_prior(latent_dim: int, n: int | None = None, seed: int | None = None) -> np.ndarray:
+    """z ~ N(0, I): (latent_dim,) when n is None, else (n, latent_dim)."""
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal(latent_dim if n is None else (n, latent_dim))
 
 
 def open_session(path: Path, threads: int):
@@ -225,6 +261,24 @@ class _Graph:
             if not np.isfinite(result).all():
                 raise BundleError(f"{self.file}: output {output!r} holds NaN or infinite values")
         return results
+
+
+def checked_thumbnail(index, manifest: dict, row: int) -> bytes | None:
+    """index.thumbnail(row) once its WebP header shows the manifest's thumbnail size
+    (Runtime.thumbnail); BundleError otherwise."""
+    data = index.thumbnail(row)
+    if data is None:
+        return None
+    expected = tuple(manifest["thumbnails"]["size"])
+    where = f"thumbnails.bin: item {index.ids[row][:80]!r}"
+    try:
+        size = webp_size(data)
+    except ValueError as exc:
+        raise BundleError(f"{where}: {exc}") from None
+    if size != expected:
+        raise BundleError(f"{where}: picture is {size[0]}x{size[1]}, the manifest's "
+                          f"thumbnails are {expected[0]}x{expected[1]}")
+    return data
 
 
 class Runtime:
@@ -321,7 +375,7 @@ class Runtime:
         return mu, 0.5 * log_var
 
     def nearest(self, z, k: int = 5, label: int | str | None = None,
-                by: str = "latent") -> Matches:
+                by: str = "latent", with_distance: bool = False) -> Matches:
         """The k catalog items most like the garment z, best first, ranked one of two ways:
 
         by="latent": log q(z|x), how likely each item's posterior makes z itself.
@@ -336,17 +390,21 @@ class Runtime:
         label: a class name ("Sneaker") or id (7): only items of that class are returned;
         probabilities stay the softmax of the scores over the whole catalog.
         Matches.log_likelihoods holds each mode's score.
-        Matches.distances holds |z - mu(decode(z))| per query (see roundtrip_distance).
+        Matches.distances holds |z - mu(decode(z))| per query (see roundtrip_distance) for
+        by="decoded", which computes that round trip anyway, and for by="latent" only with
+        with_distance=True: there it costs a decode and an encode, more than the search.
         """
         array = check_latent(z, self.latent_dim)
         k = check_k(k)
-        if by not in MATCH_MODES:
-            raise ValueError(f"by must be one of {', '.join(MATCH_MODES)}, got {by!r}")
+        check_mode(by, with_distance)
         label_id = self._label_filter(label)
-        mu, log_sigma, distances = self._roundtrip(array)
+        distances = None
         if by == "latent":
             matches = self._search.search(array, k, label_id)
+            if with_distance:
+                distances = self._roundtrip(array)[2]
         else:
+            mu, log_sigma, distances = self._roundtrip(array)
             matches = self._look.search_gaussian(mu.astype(np.float64),
                                                  log_sigma.astype(np.float64), k, label_id)
         return replace(matches, distances=distances, metadata=self._metadata(matches.rows))
@@ -355,6 +413,8 @@ class Runtime:
         """The items' metadata dicts, shaped like rows: (k,) or (B, k) as nested tuples."""
         if rows.ndim == 2:
             return tuple(self._metadata(row) for row in rows)
+        if not self.index.columns:  # the shipped bundle: ids only
+            return tuple({} for _ in range(rows.size))
         return tuple(self.index.item_metadata(int(row)) for row in rows)
 
     def roundtrip_distance(self, z) -> np.ndarray:
@@ -401,6 +461,13 @@ class Runtime:
         channels, size, _ = self.image_shape
         return read_image(path, size, channels)
 
+    def thumbnail(self, row: int) -> bytes | None:
+        """The item's catalog photo (WebP bytes) once its header shows a picture of the
+        manifest's thumbnail size, or None in a bundle without thumbnails. Checked before any
+        use, since the sha256s only prove that the files match a manifest anyone can rewrite:
+        a 10 KB WebP claiming 16383x16383 pixels would take gigabytes to draw."""
+        return checked_thumbnail(self.index, self.manifest, row)
+
     def _label_filter(self, label) -> int | None:
         label_id = self.label_id(label)
         if label_id is not None and self._search.label_count(label_id) == 0:
@@ -409,29 +476,11 @@ class Runtime:
 
     def label_id(self, label: int | str | None) -> int | None:
         """A class name or id -> class id (None stays None); ValueError names the valid ones."""
-        if label is None:
-            return None
-        names = self.label_names
-        if isinstance(label, (int, np.integer)) and not isinstance(label, bool):
-            if 0 <= label < len(names):
-                return int(label)
-        elif isinstance(label, str):
-            text = label.strip()
-            if text in names:
-                return names.index(text)
-            # Otherwise a name that differs in case only, where exactly one does.
-            folded = [i for i, name in enumerate(names) if name.casefold() == text.casefold()]
-            if len(folded) == 1:
-                return folded[0]
-            if text.isascii() and text.isdigit() and int(text) < len(names):
-                return int(text)
-        raise ValueError(f"unknown label {label!r}: expected one of {', '.join(names)} "
-                         f"(or a class id 0-{len(names) - 1})")
+        return find_label(self.label_names, label)
 
     def sample_prior(self, n: int | None = None, seed: int | None = None) -> np.ndarray:
         """z ~ N(0, I): (d,) when n is None, else (n, d)."""
-        rng = np.random.default_rng(seed)
-        return rng.standard_normal(self.latent_dim if n is None else (n, self.latent_dim))
+        return sample_prior(self.latent_dim, n, seed)
 
     def describe(self) -> dict:
         """A summary of the bundle for `vae-run info`."""

@@ -4,12 +4,13 @@ New photos are fitted as training fitted the catalog and encoded with the bundle
 encoder.onnx. Each edit writes a complete new bundle beside the old one and swaps it in with
 a rename (runtime/atomic.py): a kill at any moment leaves the old bundle or the new one, and a
 kiosk that loaded the old one keeps serving it (its graphs are in memory and its thumbnails
-memory-mapped, which survives the swap). Edits of one bundle take turns (a lock file beside
-it), so two at once both land.
+read from the file it opened, which survives the swap). Edits and exports of one bundle take
+turns (a lock file beside it), so two edits at once both land.
 """
 
 from __future__ import annotations
 
+import copy
 import datetime
 import shutil
 from collections.abc import Callable
@@ -20,16 +21,19 @@ import numpy as np
 
 from .atomic import atomic_directory, exclusive, recover_directory
 from .bundle import (
+    ITEMS_ESCAPE,
     MODEL_FILES,
     CatalogIndex,
     pack_thumbnails,
     read_manifest,
+    sha256_file,
     to_float16,
     write_index,
     write_manifest,
 )
-from .catalog import first_few, fit_catalog, read_catalog
+from .catalog import fit_catalog, read_catalog
 from .core import Runtime
+from .words import first_few, plural
 
 ENCODE_BATCH = 256
 
@@ -51,7 +55,7 @@ def add_items(bundle: str | Path, csv_path: str | Path, *, skip_bad: bool = Fals
     is left empty); a new label becomes a new label name. Bad rows refuse the whole CSV with
     ValueError naming their lines, nothing written, unless skip_bad.
     """
-    with exclusive(Path(bundle)):
+    with exclusive(Path(bundle), log):
         return _add_items(Path(bundle), csv_path, skip_bad, progress, log)
 
 
@@ -102,7 +106,7 @@ def _add_items(bundle: Path, csv_path, skip_bad: bool, progress, log) -> EditRep
 def remove_items(bundle: str | Path, ids, log=print) -> EditReport:
     """Take the items with these ids out of the bundle. An id the bundle does not have is a
     ValueError (nothing written); so is removing every item (a bundle has at least one)."""
-    with exclusive(Path(bundle)):
+    with exclusive(Path(bundle), log):
         return _remove_items(bundle, [str(item_id) for item_id in ids], log)
 
 
@@ -115,9 +119,8 @@ def _remove_items(bundle: Path, ids: list[str], log) -> EditReport:
     present = np.isin(index.ids, np.array(ids, dtype=object))
     missing = sorted(set(ids) - set(index.ids[present].tolist()))
     if missing:
-        shown = ", ".join(repr(item_id) for item_id in missing[:5])
-        raise ValueError(f"{bundle}: no item with id {shown}"
-                         f"{f' (and {len(missing) - 5} more)' if len(missing) > 5 else ''}")
+        raise ValueError(f"{bundle}: no item with id "
+                         f"{first_few([repr(item_id) for item_id in missing], ', ')}")
     keep = np.flatnonzero(~present)
     if keep.size == 0:
         raise ValueError(f"{bundle}: removing every item would leave an empty catalog")
@@ -131,17 +134,29 @@ def _remove_items(bundle: Path, ids: list[str], log) -> EditReport:
 
 
 def _rewrite(rt: Runtime, index: CatalogIndex, log) -> None:
-    """Write the bundle with this index (the graphs and the rest of the manifest as they
-    are) and swap it in once the runtime accepts it."""
-    manifest = read_manifest(rt.root)  # a fresh copy: rt.manifest stays as loaded
+    """Write the bundle with this index, the graphs and the rest of the manifest as rt
+    loaded them, and swap it in once the runtime accepts it. A bundle that changed since rt
+    loaded it (replaced by a run that takes no lock) is refused, nothing written: its graphs
+    would not be the ones that encoded the new items."""
+    manifest = copy.deepcopy(rt.manifest)  # rt.manifest stays as loaded
+    changed = ValueError(f"{rt.root} changed while it was being edited; nothing written: "
+                         "run the edit again")
+    try:
+        if read_manifest(rt.root) != rt.manifest:
+            raise changed
+    except FileNotFoundError:
+        raise changed from None
     manifest["index"]["size"] = len(index)
+    manifest["items"]["escape"] = ITEMS_ESCAPE  # as write_index writes items.csv
     manifest["index"]["label_names"] = list(index.label_names)
     manifest["edited"] = datetime.datetime.now(datetime.timezone.utc).isoformat(
         timespec="seconds")
     with atomic_directory(rt.root) as tmp:
         for name in MODEL_FILES.values():
             shutil.copyfile(rt.root / name, tmp / name)
+            if sha256_file(tmp / name) != rt.manifest["files"][name]["sha256"]:
+                raise changed
         write_index(tmp, index)
         write_manifest(tmp, manifest)
         Runtime.load(tmp)  # the runtime must accept what we wrote
-    log(f"wrote {rt.root} ({len(index)} item{'' if len(index) == 1 else 's'})")
+    log(f"wrote {rt.root} ({plural(len(index), 'item')})")

@@ -73,7 +73,8 @@ class Matches:
     # p(x|z) = q(z|x) / sum over the whole catalog of q(z|x'): a uniform prior over items.
     probabilities: np.ndarray  # float64
     # Runtime.nearest: |z - mu(decode(z))| per query, () or (B,), float64; how far z lies
-    # from where the catalog is (Runtime.roundtrip_distance). None for photo queries.
+    # from where the catalog is (Runtime.roundtrip_distance). None for photo queries, and for
+    # latent queries unless asked for (Runtime.nearest(with_distance=True)).
     distances: np.ndarray | None = None
     # Runtime.nearest and nearest_image: each item's catalog metadata (the CSV's other
     # columns) as a dict of text, in tuples shaped like ids.
@@ -196,11 +197,36 @@ class LikelihoodSearch:
         mu = np.asarray(mu, dtype=np.float64)
         return self._run(mu, np.exp(2.0 * np.asarray(log_sigma, dtype=np.float64)), k, label)
 
+    def partial(self, z: np.ndarray, k: int, label: int | None = None,
+                var: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """What this catalog contributes when it is one shard of a larger one, for queries z
+        (B, d) (with var: Gaussian queries N(z, var), as search_gaussian): the rows (B, k') of
+        its top k' = min(k, label's items) items, best first (ties: lower row first), their
+        exact float64 scores (B, k') and log S (B,), the log of the sum of q(z|x) over all of
+        its items (within P_TOLERANCE, as for p). The top k of the whole catalog are the top k
+        of its shards' lists, and its log S is the log-sum-exp of theirs.
+        A label none of these items has gives no rows, and log S all the same."""
+        z = np.asarray(z, dtype=np.float64).reshape(-1, self._mu.shape[1])
+        var = None if var is None else np.asarray(var, dtype=np.float64).reshape(z.shape)
+        if self.label_count(label) == 0:
+            _, _, log_total = self._ranked(z, var, 1, None)
+            return np.empty((len(z), 0), np.int64), np.empty((len(z), 0)), log_total
+        return self._ranked(z, var, min(int(k), self.label_count(label)), label)
+
     def _run(self, z: np.ndarray, var: np.ndarray | None, k: int, label: int | None) -> Matches:
         single = z.ndim == 1
         z = z.reshape(-1, self._mu.shape[1])
         var = None if var is None else var.reshape(z.shape)
-        k = min(int(k), self.label_count(label))
+        rows, scores, log_total = self._ranked(z, var, min(int(k), self.label_count(label)),
+                                               label)
+        if single:
+            rows, scores, log_total = rows[0], scores[0], log_total[0]
+        return Matches(rows=rows, ids=self.ids[rows], labels=self.labels[rows],
+                       log_likelihoods=scores,
+                       probabilities=np.exp(scores - log_total[..., None]))
+
+    def _ranked(self, z: np.ndarray, var: np.ndarray | None, k: int, label: int | None):
+        """Rows (B, k), exact scores (B, k) and log S (B,) for queries z (B, d)."""
         features = self._features(z, var)
         norms = np.sqrt(np.einsum("bm,bm->b", features, features))
         largest = float(norms.max())
@@ -213,17 +239,17 @@ class LikelihoodSearch:
         features = features.astype(np.float32)
         # Queries in groups whose score matrix is no larger than the item vectors (or 16 MB).
         group = max(1, max(self._vectors.size, 1 << 22) // self._vectors.shape[1])
+        if z.shape[0] == 1 and label is None:
+            rows, scores, log_total = self._select_one(features[0] @ self._vectors, z[0],
+                                                       None if var is None else var[0],
+                                                       float(margins[0]), k)
+            return rows[None], scores[None], np.array([log_total])
         parts = [self._select(features[lo:lo + group] @ self._vectors, z[lo:lo + group],
                               None if var is None else var[lo:lo + group],
                               margins[lo:lo + group], k, label)
                  for lo in range(0, z.shape[0], group)]
-        rows, scores, log_total = parts[0] if len(parts) == 1 else \
-            (np.concatenate(column) for column in zip(*parts))
-        if single:
-            rows, scores, log_total = rows[0], scores[0], log_total[0]
-        return Matches(rows=rows, ids=self.ids[rows], labels=self.labels[rows],
-                       log_likelihoods=scores,
-                       probabilities=np.exp(scores - log_total[..., None]))
+        return parts[0] if len(parts) == 1 else \
+            tuple(np.concatenate(column) for column in zip(*parts))
 
     def _select(self, scores, z, var, margin, k: int, label: int | None):
         """Steps 2 and 3 for queries z (B, d) from their float32 scores (B, N) and 2E (B,):
@@ -249,14 +275,16 @@ class LikelihoodSearch:
         if label is None:  # the candidates for the top k are among the items found
             rescore = np.flatnonzero(near >= np.minimum(heavy, k_floor)[query])
             ranked = query[rescore], rows[rescore]
-            exact = self._exact_scores(z, var, *ranked)
+            exact = self._exact_scores(z[ranked[0]], None if var is None else var[ranked[0]],
+                                       ranked[1])
             near[rescore] = exact
         else:  # the label's items at or above its floor
             rescore = np.flatnonzero(near >= heavy[query])
             found = np.flatnonzero(pool >= _float32_at_most(k_floor)[:, None])
             label_query, position = np.divmod(found, pool.shape[1])
             ranked = label_query, self._label_rows[label][position]
-            exact = self._exact_scores(z, var, np.concatenate((query[rescore], ranked[0])),
+            pairs = np.concatenate((query[rescore], ranked[0]))
+            exact = self._exact_scores(z[pairs], None if var is None else var[pairs],
                                        np.concatenate((rows[rescore], ranked[1])))
             near[rescore], exact = exact[:rescore.size], exact[rescore.size:]
         starts = np.searchsorted(query, np.arange(count))  # every query finds its best
@@ -267,18 +295,42 @@ class LikelihoodSearch:
         best = order[np.searchsorted(ranked[0], np.arange(count))[:, None] + np.arange(k)]
         return ranked[1][best], exact[best], log_total
 
-    def _exact_scores(self, z, var, query, rows) -> np.ndarray:
-        """The direct formula in float64 for the pairs (query, row): (len(rows),)."""
+    def _select_one(self, scores, z, var, margin: float, k: int):
+        """_select for one query without a label filter, the same steps on scalars: the
+        batch's bookkeeping (per-query thresholds, counts and segment sums) would cost a
+        single query a fifth of its time (benchmarks/search.py, engine/other)."""
+        maxima = _group_maxima(scores[None])[0]
+        if maxima.size < k:
+            maxima = scores
+        top32 = float(maxima.max())
+        k_floor = float(np.partition(maxima, -k)[-k]) - margin  # step 3
+        floor = min(top32 - (margin + self._skip_nats), k_floor)  # and step 2
+        rows = np.flatnonzero(scores >= _float32_at_most(np.float64(floor)))
+        near = scores[rows].astype(np.float64)
+        heavy = top32 - (math.log(rows.size * margin) + 1.5 * margin
+                         + self._log_half_inverse_tolerance)
+        rescore = np.flatnonzero(near >= min(heavy, k_floor))
+        ranked = rows[rescore]  # ascending, as flatnonzero finds them
+        exact = self._exact_scores(z, var, ranked)
+        near[rescore] = exact
+        top = float(near.max())
+        log_total = top + math.log(float(np.exp(near - top).sum()))
+        best = np.argsort(-exact, kind="stable")[:k]  # score desc, lower row first
+        return ranked[best], exact[best], log_total
+
+    def _exact_scores(self, z, var, rows) -> np.ndarray:
+        """The direct formula in float64 for the items `rows` and their queries z (and var):
+        (len(rows), d) or one (d,) for all: (len(rows),)."""
         # take: a quarter of the time of fancy indexing for a few rows of a 2-D array
         log_sigma = self._log_sigma.take(rows, axis=0).astype(np.float64)
         terms = self._mu.take(rows, axis=0).astype(np.float64)  # float16 widens exactly
-        terms -= z[query]
+        terms -= z
         if var is None:
             terms /= np.exp(log_sigma)
             terms *= terms
         else:
             terms *= terms
-            terms += var[query]
+            terms += var
             terms /= np.exp(2.0 * log_sigma)
         terms += log_sigma
         terms += log_sigma  # -1/2 sum [((z - mu)/sigma)^2 + 2 log sigma] - (d/2) log 2pi
@@ -346,11 +398,12 @@ class WassersteinSearch(LikelihoodSearch):
         mu = np.asarray(mu, dtype=np.float64)
         return self._run(mu, np.exp(np.asarray(log_sigma, dtype=np.float64)), k, label)
 
-    def _exact_scores(self, m, s, query, rows) -> np.ndarray:
-        """-(|m - mu|^2 + |s - sigma|^2) / (2 tau^2) in float64 for the pairs (query, row)."""
+    def _exact_scores(self, m, s, rows) -> np.ndarray:
+        """-(|m - mu|^2 + |s - sigma|^2) / (2 tau^2) in float64 for the items `rows` and their
+        queries m, s: (len(rows), d) or one (d,) for all: (len(rows),)."""
         mean = self._mu.take(rows, axis=0).astype(np.float64)
-        mean -= m[query]
+        mean -= m
         spread = np.exp(self._log_sigma.take(rows, axis=0).astype(np.float64))
-        spread -= s[query]
+        spread -= s
         return ((mean * mean).sum(axis=1) + (spread * spread).sum(axis=1)) \
             * (-0.5 / self.temperature)

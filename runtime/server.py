@@ -3,9 +3,12 @@
 HTTP is uvicorn with h11 (both pure Python): h11 parses each request strictly, and uvicorn's
 asyncio loop holds every connection without a thread, so slow or stalled clients cost a socket,
 not a worker. `KioskProtocol` adds what neither has: one deadline for reading each request,
-head and body together, and JSON bodies for the requests h11 refuses. `KioskAsgi` screens each
-request (framing, Host, cross-site origin) before reading its body, then runs the `KioskApp`
-call in a small thread pool. docs/kiosk.md documents the API, the trust model and the choice.
+head and body together, one for the client to take its answer, caps on connections per client
+address and in all, a stop that answers every request already received, and JSON bodies for
+the requests h11 refuses. `KioskAsgi` screens each request (framing, size, Host, cross-site
+origin) before reading its body, then runs the `KioskApp` call in a small thread pool shared
+fairly between client addresses (`FairWorkers`). docs/kiosk.md documents the API, the trust
+model and the choice.
 
 Routes (all answers are JSON except the page, its assets and the pictures):
 
@@ -35,16 +38,24 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import bisect
+import ctypes
+import fcntl
 import functools
 import hashlib
 import ipaddress
 import json
 import re
+import resource
 import signal
 import socket
+import struct
 import sys
+import termios
 import threading
+import time
 import traceback
+from collections import deque
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -55,8 +66,10 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 import h11
 import numpy as np
 import uvicorn
+from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from .bundle import BundleError
 from .core import MATCH_MODES, Runtime, check_k, check_latent, parse_z
 from .images import png_bytes
 
@@ -79,9 +92,23 @@ MAX_HEAD_BYTES = 32 * 1024  # request line and headers together; the query cap f
 # connection opening): a client trickling a byte at a time cannot hold a connection longer.
 READ_TIMEOUT_S = 10.0
 IDLE_TIMEOUT_S = 15  # a kept-alive connection with no request in progress closes after this
+# An answer the client has not taken within this (it stopped reading) ends its connection:
+# the bytes would otherwise sit in the server's memory, and the socket stay open, for ever.
+WRITE_TIMEOUT_S = 10.0
+SHUTDOWN_WRITE_S = 2.0  # the same, from SIGTERM on: a client that stopped reading cannot hold exit
 WORKER_THREADS = 4  # decode and search release the GIL; more threads than cores buys nothing
-SHUTDOWN_GRACE_S = 30  # requests in flight at SIGTERM get this long to finish
+# Computing requests run one at a time per client address; beyond this many waiting behind
+# the running one, the address gets 429 (a kiosk page has at most 6 requests out at once).
+MAX_WAITING_PER_CLIENT = 8
+SHUTDOWN_GRACE_S = 30  # a safety net only: every wait above has its own shorter deadline
 BACKLOG = 128
+# Open connections, per client address and in all; more are closed as soon as accepted. The
+# total stays below the open-file limit (systemd's default is 1,024) with room for the backlog
+# asyncio accepts in one go and the files the process holds anyway, so accept() never fails.
+MAX_CONNECTIONS = 512
+MAX_CONNECTIONS_PER_CLIENT = 64
+RESERVED_FILES = 64
+NOTICE_INTERVAL_S = 10.0  # a flood's refusals are logged at most once per this, with a count
 ITEM_IMAGE_CACHE = 4096
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -107,6 +134,7 @@ POST_ROUTES = ("/api/decode", "/api/nearest", "/api/ends")
 # info, samples, item JSON, errors) take microseconds and are answered on the event loop,
 # so they never queue behind a decode.
 COMPUTING_ROUTE = re.compile(r"^/api/(decode|decode\.png|nearest|ends|item/[^/]*/image)$")
+RETRY_AFTER_S = 1
 JSON_TYPE = "application/json; charset=utf-8"
 QUOTED_BYTES = re.compile(r": (b['\"]|bytearray\().*$", re.DOTALL)
 
@@ -212,11 +240,9 @@ class KioskApp:
         # of typical garments (z ~ N(0, I), a fixed sample) show: docs/matching.md.
         typical = runtime.roundtrip_distance(runtime.sample_prior(FAR_SAMPLES, seed=0))
         self.far_distance = float(np.quantile(typical, FAR_QUANTILE))
-        # Item ids in order, and the row of each: a binary search over the bundle's own id
-        # strings (a dict would hold a second copy of every id for an idle kiosk).
-        ids = runtime.index.ids
-        self._id_rows = np.argsort(ids, kind="stable")
-        self._sorted_ids = ids[self._id_rows]
+        # The rows in id order, for a binary search over the bundle's own id strings (a dict,
+        # or the ids sorted, would hold a second copy of every id for an idle kiosk).
+        self._id_rows = np.argsort(runtime.index.ids, kind="stable").astype(np.int32)
         self.item_png = functools.lru_cache(maxsize=ITEM_IMAGE_CACHE)(self._item_png)
         # Part of every picture's URL: a browser may keep a picture for an hour, and an item
         # removed and added again with a new photo (vae-run remove, add, a restart) keeps its id.
@@ -271,7 +297,7 @@ class KioskApp:
                 "ends": [urls[2 * i:2 * i + 2] for i in range(d)]}
 
     def nearest(self, z: np.ndarray, k: int, by: str = "latent") -> dict:
-        matches = self.runtime.nearest(z, k=check_server_k(k), by=by)
+        matches = self.runtime.nearest(z, k=check_server_k(k), by=by, with_distance=True)
         names = self.runtime.label_names
         results = [
             {"rank": rank, "id": str(item_id), "row": int(row), "label": names[label],
@@ -288,8 +314,9 @@ class KioskApp:
                 "far": distance > self.far_distance, "results": results}
 
     def row_of(self, item_id: str) -> int:
-        position = int(np.searchsorted(self._sorted_ids, item_id))
-        if position < len(self._sorted_ids) and self._sorted_ids[position] == item_id:
+        ids = self.runtime.index.ids
+        position = bisect.bisect_left(self._id_rows, item_id, key=lambda row: ids[row])
+        if position < len(self._id_rows) and ids[self._id_rows[position]] == item_id:
             return int(self._id_rows[position])
         raise ApiError(HTTPStatus.NOT_FOUND, f"no catalog item with id {item_id[:80]!r}")
 
@@ -307,7 +334,10 @@ class KioskApp:
         """The item's picture and its content type: the catalog photo's thumbnail, or where
         the bundle has none, the decoder's view of mu."""
         row = self.row_of(item_id)
-        photo = self.runtime.index.thumbnail(row)
+        try:
+            photo = self.runtime.thumbnail(row)
+        except BundleError as exc:  # the bundle's fault, not the request's
+            raise ApiError(HTTPStatus.INTERNAL_SERVER_ERROR, str(exc)) from None
         if photo is not None:
             return photo, "image/webp"
         return self.item_png(row), "image/png"
@@ -368,10 +398,16 @@ class Request:
     headers: dict[str, str]  # lower-case names; a repeated name keeps its first value
     repeated: frozenset[str]  # names given more than once
     client: str
+    # The request line and headers as h11 parsed them (less the blanks it strips). h11 bounds
+    # only a head still arriving; one that comes whole in a single read is checked with this.
+    head_bytes: int = 0
 
     @classmethod
     def from_scope(cls, scope: dict) -> Request:
         headers, repeated = {}, set()
+        head_bytes = (len(scope["method"]) + len(scope["raw_path"]) + len(scope["query_string"])
+                      + len(" ? HTTP/1.1\r\n\r\n")
+                      + sum(len(name) + len(value) + 4 for name, value in scope["headers"]))
         for name, value in scope["headers"]:
             key = name.decode("latin-1")
             if key in headers:
@@ -382,7 +418,8 @@ class Request:
         return cls(method=scope["method"], path=scope["raw_path"].decode("ascii", "replace"),
                    query=scope["query_string"].decode("ascii", "replace"),
                    http_version=scope["http_version"], headers=headers,
-                   repeated=frozenset(repeated), client=client[0] if client else "-")
+                   repeated=frozenset(repeated), client=client[0] if client else "-",
+                   head_bytes=head_bytes)
 
     @property
     def line(self) -> str:
@@ -442,6 +479,75 @@ def check_host_name(name: str) -> str:
     return text
 
 
+class Busy(Exception):
+    """A client address already has as many computing requests waiting as it may."""
+
+
+class FairWorkers:
+    """Worker threads for the computing routes, shared fairly between client addresses.
+
+    Each address has one request computing at a time, the rest wait in its own queue (at most
+    `waiting` of them); a free thread goes to the next address in turn. So an address that
+    floods the decode routes holds one thread, and another address's request starts at once
+    (or, with every thread busy, after one request per address ahead of it).
+    Event loop only, apart from the work itself.
+    """
+
+    def __init__(self, threads: int, waiting: int):
+        self.threads = threads
+        self.waiting = waiting
+        self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kiosk")
+        self.queues: dict[str, deque] = {}  # address -> (future, call) waiting
+        self.turns: deque[str] = deque()  # addresses with work waiting and none computing
+        self.computing: set[str] = set()
+
+    @property
+    def idle(self) -> bool:
+        return not self.computing
+
+    async def run(self, client: str, call):
+        """call() in a worker thread, in the client's turn; Busy when its queue is full."""
+        queue = self.queues.setdefault(client, deque())
+        if len(queue) >= self.waiting:
+            raise Busy
+        future = asyncio.get_running_loop().create_future()
+        queue.append((future, call))
+        if client not in self.computing and len(queue) == 1:
+            self.turns.append(client)
+        self._start()
+        return await future
+
+    def _start(self) -> None:
+        loop = asyncio.get_running_loop()
+        while len(self.computing) < self.threads and self.turns:
+            client = self.turns.popleft()
+            queue = self.queues[client]
+            future, call = queue.popleft()
+            if not queue:
+                del self.queues[client]
+            if future.cancelled():  # its connection went away while it waited
+                if queue:
+                    self.turns.append(client)
+                continue
+            self.computing.add(client)
+            job = loop.run_in_executor(self.executor, call)
+            job.add_done_callback(functools.partial(self._finished, client, future))
+
+    def _finished(self, client: str, future: asyncio.Future, job: asyncio.Future) -> None:
+        self.computing.discard(client)
+        if client in self.queues:
+            self.turns.append(client)
+        if not future.done():
+            if job.exception() is not None:
+                future.set_exception(job.exception())
+            else:
+                future.set_result(job.result())
+        self._start()
+
+    def shutdown(self) -> None:
+        self.executor.shutdown(wait=True)
+
+
 class KioskAsgi:
     """The HTTP layer as an ASGI app: screen the request, read its body, call KioskApp.
 
@@ -451,20 +557,30 @@ class KioskAsgi:
     """
 
     def __init__(self, app: KioskApp, hosts: HostPolicy, *, read_timeout: float,
-                 log_requests: bool = False, workers: int = WORKER_THREADS):
+                 write_timeout: float = WRITE_TIMEOUT_S, log_requests: bool = False,
+                 workers: int = WORKER_THREADS, max_connections: int = MAX_CONNECTIONS):
         self.app = app
         self.hosts = hosts
         self.read_timeout = read_timeout
+        self.write_timeout = write_timeout
         self.log_requests = log_requests
         self.static = load_static()
-        self.workers = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kiosk")
-        self.in_flight = 0  # requests between their head and their answer (event loop only)
+        self.workers = FairWorkers(workers, MAX_WAITING_PER_CLIENT)
+        # Every request the server has parsed and not yet answered, begun or not: uvicorn's set
+        # of request tasks (KioskServer shares it). Requests pipelined on several connections
+        # all start in one turn of the loop, so counting begun ones would find each alone.
+        self.tasks: set = set()
+        # Event loop only: open connections per client address, and whether
+        # the server is stopping.
+        self.max_connections = max_connections
+        self.connections: dict[str, int] = {}
+        self.stopping = False
+        self._notices: dict[str, tuple[float, int]] = {}  # kind -> (last logged, not logged)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return  # lifespan is off and websockets are not served
         request = Request.from_scope(scope)
-        self.in_flight += 1
         try:
             answer = self.screen(request)
             if answer is None:
@@ -475,22 +591,33 @@ class KioskAsgi:
                         return  # the client left mid-body: nobody to answer
                 # A request alone in the server is answered on the event loop: handing it to
                 # a thread and back costs more than many of the answers. When others are in
-                # flight, decode and search go to the workers so that they run side by side.
-                if self.in_flight > 1 and COMPUTING_ROUTE.match(urlsplit(request.path).path):
-                    answer = await asyncio.get_running_loop().run_in_executor(
-                        self.workers, self.route, request, body)
+                # flight, decode and search go to the workers, fairly between clients.
+                if COMPUTING_ROUTE.match(urlsplit(request.path).path) and not (
+                    len(self.tasks) == 1 and self.workers.idle
+                ):
+                    answer = await self._compute(request, body)
                 else:
                     answer = self.route(request, body)
         except Exception:  # a bug in screening: log it, never show the client a traceback
             traceback.print_exc(file=sys.stderr)
             answer = error_answer(HTTPStatus.INTERNAL_SERVER_ERROR, "internal error", close=True)
-        finally:
-            self.in_flight -= 1
-        if self.log_requests or answer.status >= 400:  # failures are always worth a line
+        if answer.status == HTTPStatus.TOO_MANY_REQUESTS:  # a flood: a line now and then
+            self.notice(request.client, "busy", f'"{request.line}" 429')
+        elif self.log_requests or answer.status >= 400:  # failures are always worth a line
             self.log(request.client, f'"{request.line}" {answer.status}')
         await send({"type": "http.response.start", "status": answer.status,
                     "headers": self._headers(answer)})
         await send({"type": "http.response.body", "body": answer.body})
+
+    async def _compute(self, request: Request, body: bytes) -> Answer:
+        try:
+            return await self.workers.run(request.client,
+                                          functools.partial(self.route, request, body))
+        except Busy:
+            return Answer(HTTPStatus.TOO_MANY_REQUESTS, json.dumps(
+                {"error": f"too many requests from {request.client} at once: at most "
+                          f"{MAX_WAITING_PER_CLIENT} may wait behind the one computing"}
+            ).encode("utf-8"), headers=(("retry-after", str(RETRY_AFTER_S)),))
 
     @staticmethod
     def _headers(answer: Answer) -> list[tuple[bytes, bytes]]:
@@ -518,6 +645,17 @@ class KioskAsgi:
     def log(client: str, text: str) -> None:
         print(f"{client} {text}", file=sys.stderr, flush=True)
 
+    def notice(self, client: str, kind: str, text: str) -> None:
+        """Log a refusal a flood repeats: at most one line of each kind per NOTICE_INTERVAL_S,
+        saying how many went unlogged since the last."""
+        now = time.monotonic()
+        last, unlogged = self._notices.get(kind, (-NOTICE_INTERVAL_S, 0))
+        if now - last < NOTICE_INTERVAL_S:
+            self._notices[kind] = (last, unlogged + 1)
+            return
+        self._notices[kind] = (now, 0)
+        self.log(client, text + (f" (and {unlogged} more like it not logged)" if unlogged else ""))
+
     # -- before the body ---------------------------------------------------------------------
     def screen(self, request: Request) -> Answer | None:
         """A refusal decided from the request line and headers, or None to go on.
@@ -526,6 +664,9 @@ class KioskAsgi:
         connection could not be trusted to start a new request where this one ends.
         """
         headers = request.headers
+        if request.head_bytes > MAX_HEAD_BYTES:
+            return error_answer(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, f"request line and "
+                                f"headers exceed {MAX_HEAD_BYTES} bytes", close=True)
         if "content-length" in headers and "transfer-encoding" in headers:
             return error_answer(HTTPStatus.BAD_REQUEST, "both Content-Length and "
                                 "Transfer-Encoding given: the body's length is ambiguous",
@@ -760,23 +901,72 @@ class _KioskConnection(h11.Connection):
         return data
 
 
+class _KioskFlow(FlowControl):
+    """uvicorn's flow control, with reading also paused while the client has not taken what
+    was written to it: pipelined requests from a client that does not read are neither parsed
+    nor answered into the server's memory. uvicorn pauses and resumes reading for its own
+    reasons (a body being read, a pipelined request waiting); reading resumes when neither
+    holds it."""
+
+    def __init__(self, transport):
+        super().__init__(transport)
+        self.reading_wanted = True
+
+    def pause_reading(self) -> None:
+        self.reading_wanted = False
+        super().pause_reading()
+
+    def resume_reading(self) -> None:
+        self.reading_wanted = True
+        if not self.write_paused:
+            super().resume_reading()
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        FlowControl.pause_reading(self)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self.reading_wanted:
+            FlowControl.resume_reading(self)
+
+
 class KioskProtocol(H11Protocol):
-    """uvicorn's h11 protocol with a deadline on reading each request and JSON refusals.
+    """uvicorn's h11 protocol with deadlines on reading and writing, caps on connections, a
+    stop that loses no request, and JSON refusals.
 
     uvicorn's own keep-alive timer starts only after an answer and restarts with every byte,
     so by itself a client that trickles a header byte at a time holds its connection for ever.
     Here a request's head and body must arrive within the read timeout of its first byte (of
     the connection opening, for the first request); a request already begun then gets a 408.
+    Written bytes the client has not taken within the write timeout end the connection.
     """
+
+    counted = False  # whether this connection is in the kiosk's count (it was not refused)
 
     def __init__(self, config, server_state, app_state, _loop=None):
         super().__init__(config, server_state, app_state, _loop)
         self.kiosk: KioskAsgi = config.app
         self.conn = _KioskConnection(h11.SERVER, config.h11_max_incomplete_event_size)
         self.read_deadline: asyncio.TimerHandle | None = None
+        self.write_deadline: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport):
         super().connection_made(transport)
+        self.flow = _KioskFlow(transport)
+        # Every byte the kernel has not taken counts as waiting: pause_writing() comes with
+        # the first one, resume_writing() once all are gone, and the write deadline runs between.
+        transport.set_write_buffer_limits(high=0)
+        kiosk, client = self.kiosk, self.client[0] if self.client else "-"
+        here = kiosk.connections.get(client, 0)
+        if here >= MAX_CONNECTIONS_PER_CLIENT or len(self.connections) > kiosk.max_connections:
+            kiosk.notice(client, "connections", f"connection refused: {here} open from this "
+                         f"address (at most {MAX_CONNECTIONS_PER_CLIENT}), "
+                         f"{len(self.connections) - 1} in all (at most {kiosk.max_connections})")
+            transport.abort()
+            return
+        kiosk.connections[client] = here + 1
+        self.counted = True
         # With Nagle on, a write made while earlier bytes are unacknowledged (the tail of a
         # large answer, a pipelined answer) waits ~40 ms for the client's delayed ACK.
         # (asyncio sets this itself only for sockets made with proto=IPPROTO_TCP.)
@@ -784,6 +974,8 @@ class KioskProtocol(H11Protocol):
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._start_read_clock()
+        if kiosk.stopping:  # accepted just before the listening socket closed
+            self.shutdown()
 
     def data_received(self, data: bytes) -> None:
         if self.read_deadline is None and self.conn.their_state is h11.IDLE:
@@ -797,10 +989,76 @@ class KioskProtocol(H11Protocol):
         state = self.conn.their_state
         if state is h11.SEND_BODY or (state is h11.IDLE and self.conn.trailing_data[0]):
             self._start_read_clock()
+        if self.kiosk.stopping:
+            self._close_if_done()
 
     def connection_lost(self, exc):
         self._stop_read_clock()
+        if self.write_deadline is not None:
+            self.write_deadline.cancel()
+            self.write_deadline = None
+        if self.counted:
+            self.counted = False
+            client = self.client[0] if self.client else "-"
+            left = self.kiosk.connections.pop(client) - 1
+            if left:
+                self.kiosk.connections[client] = left
         super().connection_lost(exc)
+
+    def shutdown(self) -> None:
+        """The server is stopping: answer every request already received, then close.
+
+        uvicorn closes an idle connection at once, and a busy one after its answer; either
+        way the requests the client had already sent (pipelined, or in the socket unread)
+        would be lost, and closing a socket with unread bytes resets it, which can destroy
+        the answer just written. Here the connection closes only once nothing waits.
+        """
+        if self.transport.is_closing():
+            return
+        if self.write_deadline is not None:
+            self._arm_write_deadline(SHUTDOWN_WRITE_S)
+        self._close_if_done()
+
+    def _close_if_done(self) -> None:
+        if self.transport.is_closing() or (self.cycle and not self.cycle.response_complete):
+            return
+        if self.conn.trailing_data[0] or self._bytes_waiting():
+            return  # a request already sent: it is read and answered, then this comes again
+        super().shutdown()
+
+    def _bytes_waiting(self) -> bool:
+        sock = self.transport.get_extra_info("socket")
+        try:
+            return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD,
+                                                  b"\0\0\0\0"))[0] > 0
+        except OSError:
+            return False
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self._arm_write_deadline(SHUTDOWN_WRITE_S if self.kiosk.stopping
+                                 else self.kiosk.write_timeout)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self.write_deadline is not None:
+            self.write_deadline.cancel()
+            self.write_deadline = None
+
+    def _arm_write_deadline(self, seconds: float) -> None:
+        when = self.loop.time() + seconds
+        if self.write_deadline is not None:
+            if self.write_deadline.when() <= when:
+                return
+            self.write_deadline.cancel()
+        self.write_deadline = self.loop.call_at(when, self._write_timed_out, seconds)
+
+    def _write_timed_out(self, seconds: float) -> None:
+        self.write_deadline = None
+        client = self.client[0] if self.client else "-"
+        self.kiosk.notice(client, "write", f"connection closed: the client did not take its "
+                          f"answer within {seconds:g} s")
+        self.transport.abort()  # close() would wait for the bytes to go
 
     def _start_read_clock(self) -> None:
         if self.read_deadline is None and not self.transport.is_closing():
@@ -850,6 +1108,14 @@ class KioskProtocol(H11Protocol):
         self.kiosk.log(client, f"{status} {message}")
 
 
+class _Uvicorn(uvicorn.Server):
+    """uvicorn's server, telling the connections it is stopping (KioskProtocol.shutdown)."""
+
+    async def shutdown(self, sockets=None):
+        self.config.app.stopping = True
+        await super().shutdown(sockets)
+
+
 class KioskServer:
     """A bound kiosk server: serve_forever() (any thread) or run() (the main thread, signals)."""
 
@@ -858,12 +1124,13 @@ class KioskServer:
         self.asgi = asgi
         self.app = asgi.app
         self.server_address = sock.getsockname()
-        self._uvicorn = uvicorn.Server(uvicorn.Config(
+        self._uvicorn = _Uvicorn(uvicorn.Config(
             asgi, http=KioskProtocol, loop="asyncio", ws="none", lifespan="off",
             interface="asgi3", log_config=None, access_log=False, proxy_headers=False,
             server_header=False, timeout_keep_alive=IDLE_TIMEOUT_S,
             timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
             h11_max_incomplete_event_size=MAX_HEAD_BYTES, backlog=BACKLOG))
+        asgi.tasks = self._uvicorn.server_state.tasks
         self._serving = threading.Event()
         self._stopped = threading.Event()
 
@@ -889,7 +1156,7 @@ class KioskServer:
 
     def server_close(self) -> None:
         self.socket.close()
-        self.asgi.workers.shutdown(wait=True)
+        self.asgi.workers.shutdown()
 
     def run(self, log=print) -> None:
         """Serve until Ctrl+C or SIGTERM, finish the requests in flight, close the socket.
@@ -918,7 +1185,8 @@ def make_server(runtime: Runtime, host: str = DEFAULT_HOST, port: int = DEFAULT_
                 z_range: float = DEFAULT_RANGE, k: int = DEFAULT_K,
                 idle_reset: float = DEFAULT_IDLE_RESET_S, attract: float = 0,
                 log_requests: bool = False, allow_hosts: Iterable[str] = (),
-                read_timeout: float = READ_TIMEOUT_S) -> KioskServer:
+                read_timeout: float = READ_TIMEOUT_S,
+                write_timeout: float = WRITE_TIMEOUT_S) -> KioskServer:
     """A bound, not yet serving, kiosk server; port 0 picks a free port (see .url).
 
     allow_hosts: names besides the listening address that clients may send as Host (the
@@ -926,17 +1194,20 @@ def make_server(runtime: Runtime, host: str = DEFAULT_HOST, port: int = DEFAULT_
     idle_reset: seconds without input after which the page goes back to its opening state
     (0: never); attract: once reset, the page shows another catalog item every this many
     seconds until someone touches it (0: it stays on the opening garment).
-    Raises ValueError for a bad range, k, idle reset, attract, host name or timeout and for an
-    address that cannot be bound.
+    read_timeout: seconds within which each request must arrive; write_timeout: seconds within
+    which a client must take an answer (one that stops reading is disconnected).
+    Raises ValueError for a bad range, k, idle reset, attract, host name or timeout, for an
+    open-file limit too low to serve, and for an address that cannot be bound.
     """
     app = KioskApp(runtime, z_range=z_range, k=k, idle_reset=idle_reset, attract=attract)
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
         raise ValueError(f"port must be an integer in [0, 65535], got {port!r}")
-    if isinstance(read_timeout, bool) or not isinstance(read_timeout, (int, float)) or not (
-        0 < read_timeout <= 3600
-    ):
-        raise ValueError(f"read timeout must be a number of seconds in (0, 3600], "
-                         f"got {read_timeout!r}")
+    for name, value in (("read timeout", read_timeout), ("write timeout", write_timeout)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            0 < value <= 3600
+        ):
+            raise ValueError(f"{name} must be a number of seconds in (0, 3600], got {value!r}")
+    max_connections = connection_cap()
     if isinstance(allow_hosts, str):
         allow_hosts = (allow_hosts,)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -947,7 +1218,8 @@ def make_server(runtime: Runtime, host: str = DEFAULT_HOST, port: int = DEFAULT_
         sock.listen(BACKLOG)
         hosts = HostPolicy(host, sock.getsockname()[0], allow_hosts)
         asgi = KioskAsgi(app, hosts, read_timeout=float(read_timeout),
-                         log_requests=log_requests)
+                         write_timeout=float(write_timeout), log_requests=log_requests,
+                         max_connections=max_connections)
     except OSError as exc:
         sock.close()
         reason = exc.strerror or str(exc)
@@ -956,6 +1228,30 @@ def make_server(runtime: Runtime, host: str = DEFAULT_HOST, port: int = DEFAULT_
         sock.close()
         raise
     return KioskServer(sock, asgi)
+
+
+def connection_cap() -> int:
+    """How many connections the server keeps open: MAX_CONNECTIONS, or fewer where the
+    process's open-file limit would not hold them with the backlog and its own files."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    room = MAX_CONNECTIONS if soft == resource.RLIM_INFINITY else soft - BACKLOG - RESERVED_FILES
+    if room < MAX_CONNECTIONS_PER_CLIENT:
+        raise ValueError(f"the open-file limit ({soft}) leaves room for {max(room, 0)} "
+                         f"connections, at least {MAX_CONNECTIONS_PER_CLIENT} needed: raise it "
+                         f"(ulimit -n, or LimitNOFILE= in a systemd unit)")
+    return min(MAX_CONNECTIONS, room)
+
+
+def return_free_memory() -> None:
+    """Hand the heap's free pages back to the system (glibc only; elsewhere nothing).
+
+    Loading a bundle (hashing, checking the graphs, the far sample) leaves freed memory that
+    glibc keeps for later allocations: an idle kiosk would hold it for good. `vae-run serve`
+    calls this once it is ready; it changes no setting, only what the process holds.
+    """
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
 
 
 def is_loopback(host: str) -> bool:

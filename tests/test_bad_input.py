@@ -21,7 +21,13 @@ from PIL import Image
 from vae_edge.runtime import parse_z
 from vae_edge.runtime.cli import main as run_main
 from vae_edge.runtime.core import MAX_ABS_Z
-from vae_edge.runtime.images import read_image
+from vae_edge.runtime.images import (
+    MAX_CATALOG_PHOTO_PIXELS,
+    WORKING_PIXELS,
+    fit_photo,
+    load_photo,
+    read_image,
+)
 
 D = 8
 Z8 = "0.5,-1.2,0,1,2,-2,0.1,3"
@@ -285,9 +291,13 @@ def make_files(tmp_path):
         "most 50,000,000 pixels)", lambda p: p.write_bytes(bomb_png(200_000, 200_000)))
     add("bomb28.png", "bomb28.png: image is 28x2000000 pixels, too large to decode safely",
         lambda p: p.write_bytes(bomb_png(28, 2_000_000)))
-    add("bomb.bmp", "bomb.bmp: refused before decoding, far too large (Image size "
-        "(2500000000 pixels) exceeds limit",
-        lambda p: p.write_bytes(bomb_bmp(50_000, 50_000)))
+    add("bomb.bmp", "bomb.bmp: image is 50000x50000 pixels, too large to decode safely (at "
+        "most 50,000,000 pixels)", lambda p: p.write_bytes(bomb_bmp(50_000, 50_000)))
+    # Below the pixel bound, but a line: a MemoryError, not a picture, at 1 x 49,000,000.
+    add("thin.png", "thin.png: image is 1x200000 pixels, too long and thin to fit (at most 50 "
+        "times longer one way than the other)", lambda p: p.write_bytes(bomb_png(1, 200_000)))
+    add("wide.bmp", "wide.bmp: image is 60000x100 pixels, too long and thin to fit",
+        lambda p: p.write_bytes(bomb_bmp(60_000, 100)))
     add("text-bomb.png", "text-bomb.png: cannot decode image (Decompressed data too large",
         lambda p: p.write_bytes(text_bomb_png()))
     add("folder.png", f"{tmp_path / 'folder.png'}: not a regular file", lambda p: p.mkdir())
@@ -354,6 +364,78 @@ def test_photos_of_any_size_are_fitted_with_their_border_colour(tmp_path):
     assert (read_image(tmp_path / "clear.png", 16, 3) == 255).all()
     Image.new("L", (10, 40), 3).save(tmp_path / "tall.jpg")
     assert (np.abs(read_image(tmp_path / "tall.jpg", 16, 1).astype(int) - 3) <= 2).all()
+
+
+def test_a_catalog_photo_has_a_bound_of_its_own_above_pillows(tmp_path):
+    """A shop's own photos are read up to MAX_CATALOG_PHOTO_PIXELS, also above the size
+    Pillow itself refuses (2 x Image.MAX_IMAGE_PIXELS, 179 megapixels); a stranger's photo
+    stays bound by MAX_PHOTO_PIXELS. Headers only: no pixel is decoded."""
+    scan = tmp_path / "scan.bmp"
+    scan.write_bytes(bomb_bmp(16_000, 14_464))
+    assert 16_000 * 14_464 > 2 * Image.MAX_IMAGE_PIXELS
+    assert load_photo(scan, decode=False, max_pixels=MAX_CATALOG_PHOTO_PIXELS) is None
+    with pytest.raises(ValueError, match=r"^scan.bmp: image is 16000x14464 pixels, too large "
+                                         r"to decode safely \(at most 50,000,000 pixels\)$"):
+        read_image(scan, 28, 1)
+    huge = tmp_path / "huge.png"
+    huge.write_bytes(bomb_png(16_000, 16_000))
+    with pytest.raises(ValueError, match=r"^huge.png: image is 16000x16000 pixels, too large to "
+                                         r"decode safely \(at most 250,000,000 pixels\)$"):
+        load_photo(huge, decode=False, max_pixels=MAX_CATALOG_PHOTO_PIXELS)
+
+
+@pytest.mark.parametrize("name, mode", [("big.jpg", "L"), ("big.png", "L"), ("rgba.png", "RGBA"),
+                                        ("palette.png", "P")])
+def test_a_large_photo_is_reduced_as_it_is_decoded_and_fits_within_two_levels(tmp_path, name,
+                                                                              mode):
+    """Above WORKING_PIXELS a photo is decoded at a reduced scale (JPEG) or reduced once
+    decoded (other formats; a transparent one premultiplied, a palette one in colour); fitted,
+    a product on a plain background is within 2 levels of the same photo fitted at full size,
+    its EXIF orientation applied."""
+    width, height = 5000, 3400
+    assert width * height > WORKING_PIXELS
+    y, x = np.ogrid[0:height, 0:width]
+    stripes = ((x * 7 + y * 3) % 256).astype(np.uint8)  # not one flat colour
+    # ... on a plain background: the padding is the median of the outermost pixels, which a
+    # reduced photo averages; where those are of many colours, the median may move further
+    stripes[:100], stripes[-100:], stripes[:, :100], stripes[:, -100:] = 240, 240, 240, 240
+    photo = Image.fromarray(stripes)
+    if mode == "RGBA":  # transparent at the left, opaque at the right, over red stripes
+        alpha = Image.fromarray(np.broadcast_to((x * 255 // width).astype(np.uint8),
+                                                (height, width)))
+        photo = Image.merge("RGBA", (photo, Image.new("L", photo.size, 30),
+                                     Image.new("L", photo.size, 60), alpha))
+    elif mode == "P":
+        photo = photo.convert("RGB").quantize(16)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to show it upright
+    photo.save(tmp_path / name, exif=exif, **({"quality": 95} if name.endswith(".jpg") else
+                                              {"compress_level": 1}))
+    reduced = load_photo(tmp_path / name)
+    assert reduced.width * reduced.height <= WORKING_PIXELS
+    assert reduced.height > reduced.width  # upright
+    full = photo.rotate(-90, expand=True) if mode != "L" else Image.open(tmp_path / name)
+    if mode == "RGBA":
+        white = Image.new("RGBA", full.size, (255, 255, 255, 255))
+        white.alpha_composite(full)
+        full = white
+    elif mode == "L":
+        full = full.rotate(-90, expand=True)
+    for channels in (1, 3):
+        expected = fit_photo(full, 28, channels).astype(int)
+        assert np.abs(read_image(tmp_path / name, 28, channels) - expected).max() <= 2
+
+
+def test_a_corrupt_exif_block_prints_no_warning(tmp_path):
+    """A tag whose data runs past the EXIF block: Pillow warns twice on stderr. The
+    orientation beside it still applies."""
+    tiff = (b"II*\x00\x08\x00\x00\x00" + struct.pack("<H", 2)
+            + struct.pack("<HHII", 0x0112, 3, 1, 6) + struct.pack("<HHII", 0x010E, 2, 1000, 100))
+    Image.new("L", (40, 20), 200).save(tmp_path / "exif.jpg", exif=b"Exif\x00\x00" + tiff)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        photo = load_photo(tmp_path / "exif.jpg")
+    assert photo.size == (20, 40)
 
 
 # --- fuzz: every input works or raises ValueError ------------------------------------------

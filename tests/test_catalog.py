@@ -11,6 +11,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from tests.test_bad_input import bomb_png
 from tests.test_interrupts import ENV, bundle_bytes, console, kill_once_it_writes
 from vae_edge.runtime import Runtime
 from vae_edge.runtime.catalog import fit_catalog, read_catalog
@@ -211,6 +212,23 @@ def test_edits_through_a_symbolic_link_or_dot_change_the_bundle_itself(bundle_co
     assert not [p.name for p in bundle_copy.iterdir() if p.name.startswith(".")]
 
 
+def test_a_symbolic_link_loop_as_the_bundle_is_a_one_line_error(tmp_path, tiny_run):
+    from vae_edge.export.cli import main as export_main
+
+    loop = tmp_path / "loop"
+    loop.symlink_to("loop")
+    Image.new("L", (28, 28)).save(tmp_path / "a.png")
+    write_csv(tmp_path / "new.csv", "id,image,label\nA,a.png,Bag\n")
+    expected = f"Error: {loop}: symbolic link loop; expected a directory or a link to one\n"
+    for cli, args in ((run_main, ["add", "--bundle", str(loop), str(tmp_path / "new.csv")]),
+                      (run_main, ["remove", "--bundle", str(loop), "3"]),
+                      (export_main, [str(tiny_run[0] / "checkpoint.pt"), "-o", str(loop),
+                                     "--force"])):
+        result = CliRunner().invoke(cli, args)
+        assert (result.exit_code, result.output) == (2, expected), args
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "loop", "new.csv"]
+
+
 def test_add_says_how_many_it_left_out_and_which_labels_it_needs(bundle_copy, tmp_path):
     Image.new("L", (28, 28)).save(tmp_path / "a.png")
     rows = "".join(f"MISSING-{i},missing{i}.png,Bag\n" for i in range(7))
@@ -286,6 +304,83 @@ def test_two_edits_at_once_both_land(bundle_copy, tmp_path, data_dir):
     assert len(ids) == 5006 and {f"B{b}-{i}" for b in range(2) for i in range(3)} <= set(ids)
 
 
+def photo_csv(tmp_path, data_dir, count: int = 3):
+    test = load_split("test", data_dir)
+    lines = ["id,image,label"]
+    for i in range(count):
+        Image.fromarray(test.images[i]).save(tmp_path / f"n{i}.png")
+        lines.append(f"N{i},n{i}.png,{CLASS_NAMES[test.labels[i]]}")
+    return write_csv(tmp_path / "new.csv", "\n".join(lines) + "\n")
+
+
+@pytest.mark.slow  # exports a bundle
+def test_an_export_over_a_bundle_waits_for_an_edit_in_progress(bundle_copy, tmp_path,
+                                                                tiny_run, data_dir):
+    """vae-export -o B --force while vae-run add --bundle B runs: the export starts while
+    add holds the bundle (here, between add's first and second photo), says it waits, and
+    writes its own complete bundle once add is done; nothing mixes the two."""
+    command = [*console("vae-export", "export"), str(tiny_run[0] / "checkpoint.pt"), "-o",
+               str(bundle_copy), "--force", "--limit", "10", "--data-dir", str(data_dir)]
+    exports = []
+
+    def start_export_once(_):
+        if exports:
+            return
+        exports.append(subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT, text=True))
+        waiting = f"waiting for another run that changes {bundle_copy} to finish\n"
+        for line in exports[0].stdout:  # until it waits, or (failing) to its end
+            if line == waiting:
+                break
+        assert line == waiting, "the export did not wait for the edit"
+
+    try:
+        report = add_items(bundle_copy, photo_csv(tmp_path, data_dir), progress=start_export_once,
+                           log=lambda m: None)
+        assert report.size == 5003
+        output = exports[0].stdout.read()
+        assert exports[0].wait(timeout=600) == 0, output
+    finally:
+        for process in exports:
+            process.kill()
+            process.stdout.close()
+    assert output.endswith(f"wrote {bundle_copy}\n")
+    after = Runtime.load(bundle_copy)
+    assert after.index.ids.tolist() == [str(i) for i in range(10)]
+    assert "edited" not in after.manifest
+    result = CliRunner().invoke(run_main, ["info", "--bundle", str(bundle_copy)])
+    assert result.exit_code == 0, result.output
+
+
+def replace_manifest(bundle):
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["created"] = "2030-01-01T00:00:00+00:00"
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+
+
+def replace_encoder(bundle):
+    (bundle / "encoder.onnx").write_bytes((bundle / "decoder.onnx").read_bytes())
+
+
+@pytest.mark.parametrize("replace", [replace_manifest, replace_encoder])
+def test_add_refuses_a_bundle_replaced_under_it(bundle_copy, tmp_path, data_dir, replace):
+    """A bundle changed while add encodes, by a run that takes no lock (a copy over it):
+    add writes only the graphs and manifest it loaded, so here it refuses and writes
+    nothing."""
+    replaced = []
+
+    def replace_once(_):
+        if not replaced:
+            replace(bundle_copy)
+            replaced.append(bundle_bytes(bundle_copy))
+
+    with pytest.raises(ValueError, match=f"^{bundle_copy} changed while it was being edited; "
+                                         "nothing written: run the edit again$"):
+        add_items(bundle_copy, photo_csv(tmp_path, data_dir), progress=replace_once,
+                  log=lambda m: None)
+    assert bundle_bytes(bundle_copy) == replaced[0]
+
+
 def test_labels_that_differ_in_case_only_are_told_apart(bundle_copy, tmp_path):
     Image.new("L", (28, 28)).save(tmp_path / "a.png")
     add_items(bundle_copy, write_csv(tmp_path / "new.csv", "id,image,label\nX,a.png,bag\n"),
@@ -297,3 +392,27 @@ def test_labels_that_differ_in_case_only_are_told_apart(bundle_copy, tmp_path):
     with pytest.raises(ValueError, match="unknown label 'BAG'"):
         runtime.label_id("BAG")  # two names match but for case: neither is guessed
     assert runtime.nearest(runtime.sample_prior(seed=0), k=3, label="bag").ids.tolist() == ["X"]
+
+
+def test_add_reads_a_shop_photo_above_a_strangers_bound_and_refuses_a_thin_one(bundle_copy,
+                                                                              tmp_path):
+    """A catalog photo is the shop's own: 53 megapixels is added, where a query photo of the
+    same size is refused. A line of 1 x 200,000 pixels is refused before it is decoded."""
+    Image.new("L", (7600, 7000), 90).save(tmp_path / "camera.jpg", quality=90)
+    csv = write_csv(tmp_path / "big.csv", "id,image,label\nBIG,camera.jpg,Bag\n")
+    result = CliRunner().invoke(run_main, ["add", "--bundle", str(bundle_copy), str(csv)])
+    assert result.exit_code == 0, result.output
+    assert result.output.endswith(f"added 1 item; {bundle_copy} holds 5001\n")
+    query = CliRunner().invoke(run_main, ["encode", "--bundle", str(bundle_copy),
+                                          str(tmp_path / "camera.jpg")])
+    assert query.exit_code == 2
+    assert query.output == ("Error: camera.jpg: image is 7600x7000 pixels, too large to decode "
+                            "safely (at most 50,000,000 pixels)\n")
+    (tmp_path / "thin.png").write_bytes(bomb_png(1, 200_000))
+    thin = write_csv(tmp_path / "thin.csv", "id,image,label\nTHIN,thin.png,Bag\n")
+    result = CliRunner().invoke(run_main, ["add", "--bundle", str(bundle_copy), str(thin)])
+    assert result.exit_code == 2
+    assert result.output == (
+        f"Error: {thin}: 1 bad photo: line 2: thin.png: image is 1x200000 pixels, too long and "
+        "thin to fit (at most 50 times longer one way than the other); fix it or pass "
+        "--skip-bad to leave it out\n")

@@ -4,8 +4,11 @@ and out with vae-run add / remove."""
 
 from __future__ import annotations
 
+import csv as csv_module
+import http.client
 import io
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -18,6 +21,7 @@ from PIL import Image
 from tests.test_catalog_training import TINY, make_catalog, read_rows, run_train, write_csv
 from vae_edge.export.cli import main as export_main
 from vae_edge.runtime import Runtime
+from vae_edge.runtime.cli import main as run_main
 from vae_edge.runtime.server import KioskApp
 
 
@@ -250,3 +254,139 @@ def test_vae_eval_refuses_a_catalog_without_the_bundles_items(shop, tmp_path):
     assert result.output.startswith("Error: ") and result.output.count("\n") == 1
     assert "1 of the bundle's 36 items have no readable photo there" in result.output
     assert not (tmp_path / "eval").exists()
+
+
+def test_a_thumbnail_file_changed_under_a_running_kiosk_fails_that_picture_only(shop, tmp_path):
+    """`: > B/thumbnails.bin`, then the same bytes copied back (`cp -r new/* B/`), while
+    `vae-run serve` runs: each picture request after that is an error answer naming the file;
+    the kiosk keeps running and serving everything else."""
+    from tests.test_interrupts import ENV, console
+
+    _, original = shop
+    bundle = tmp_path / "bundle"
+    shutil.copytree(original, bundle)
+    ids = Runtime.load(bundle).index.ids
+    process = subprocess.Popen([*console("vae-run", "run"), "serve", "--bundle", str(bundle),
+                                "--port", "0"], env=ENV, stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL, text=True)
+    try:
+        port = int(re.match(r"kiosk on http://127\.0\.0\.1:(\d+)/ ",
+                            process.stdout.readline()).group(1))
+
+        def get(path):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            conn.request("GET", path)
+            response = conn.getresponse()
+            answer = response.status, response.read()
+            conn.close()
+            return answer
+
+        status, photo = get(f"/api/item/{ids[0]}/image")
+        assert status == 200 and photo[:4] == b"RIFF"
+        content = (bundle / "thumbnails.bin").read_bytes()
+        for change in (b"", content):
+            (bundle / "thumbnails.bin").write_bytes(change)
+            for item_id in ids[:3]:
+                status, body = get(f"/api/item/{item_id}/image")
+                assert (status, json.loads(body)) == (500, {"error": (
+                    "thumbnails.bin: changed on disk since the bundle was loaded (truncated or "
+                    "overwritten in place); load the bundle again")})
+            assert get("/api/info")[0] == 200
+            assert get(f"/api/item/{ids[1]}")[0] == 200
+        assert process.poll() is None
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+        process.stdout.close()
+
+
+def webp_claiming(side: int) -> bytes:
+    """A 10-byte-payload lossless WebP whose header claims side x side pixels."""
+    out = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(out, format="WEBP", lossless=True)
+    data = out.getvalue()
+    assert data[12:16] == b"VP8L"
+    field = int.from_bytes(data[21:25], "little")
+    field = (side - 1) | ((side - 1) << 14) | (field & ~((1 << 28) - 1))
+    return data[:21] + field.to_bytes(4, "little") + data[25:]
+
+
+@pytest.mark.parametrize("side, problem", [
+    (16383, "claims a size too large to decode"),
+    (9000, "picture is 9000x9000, the manifest's thumbnails are 32x32"),
+    (31, "picture is 31x31, the manifest's thumbnails are 32x32"),
+])
+def test_thumbnails_larger_than_the_manifest_says_are_refused_before_use(shop, tmp_path, side,
+                                                                          problem):
+    """A re-signed bundle whose thumbnails claim another size: `nearest --sheet` and the
+    kiosk's picture route refuse them from their header, before any pixel is decoded."""
+    from vae_edge.runtime.bundle import pack_thumbnails, write_manifest
+    from vae_edge.runtime.server import ApiError
+
+    _, original = shop
+    bundle = tmp_path / "bundle"
+    shutil.copytree(original, bundle)
+    packed = pack_thumbnails([webp_claiming(side)] * 36)
+    (bundle / "thumbnails.bin").write_bytes(packed["thumbnails"])
+    np.save(bundle / "thumbnail_offsets.npy", packed["thumbnail_offsets"])
+    write_manifest(bundle, json.loads((bundle / "manifest.json").read_text()))
+    runtime = Runtime.load(bundle)
+    first = runtime.index.ids[0]
+    message = f"thumbnails.bin: item {first!r}: {problem}"
+
+    result = CliRunner().invoke(run_main, ["nearest", "--bundle", str(bundle), "--z",
+                                           ",".join(["0"] * runtime.latent_dim), "-k",
+                                           str(len(runtime.index)), "--sheet",
+                                           str(tmp_path / "sheet.png")])
+    assert result.exit_code == 2
+    assert result.output.splitlines()[-1].startswith("Error: thumbnails.bin: item ")
+    assert result.output.splitlines()[-1].endswith(problem)
+    assert not (tmp_path / "sheet.png").exists()
+    with pytest.raises(ApiError, match=f"^{re.escape(message)}$") as info:
+        KioskApp(runtime).item_image(first)
+    assert info.value.status == 500
+
+
+def test_catalog_text_is_stored_harmless_for_spreadsheets_and_read_back_exactly(shop, tmp_path):
+    """Cells a spreadsheet would run (= + - @, tab or CR first) go into items.csv with an
+    apostrophe in front, and come back from the runtime as the catalog had them; a carriage
+    return inside a field stays one, catalog CSV to bundle to runtime."""
+    from vae_edge.runtime.edit import add_items
+
+    csv, original = shop
+    bundle = tmp_path / "bundle"
+    shutil.copytree(original, bundle)
+    photo = str(csv.parent / read_rows(csv)[0]["image"])
+    texts = [("=1+1", "=cmd|' /C calc'!A0", "+1", "@SUM(A1)"),
+             ("-3", "two\rlines", "-5", "'quoted"),
+             ("@x", "\t=tab", "''two", "\r\n=x"),
+             ("'y", "plain", "1", "https://shop.example/p")]
+    rows = [{"id": item_id, "image": photo, "label": "bag", "name": name, "price": price,
+             "url": url} for item_id, name, price, url in texts]
+    add_items(bundle, write_csv(tmp_path / "new.csv", rows), log=lambda message: None)
+
+    with open(bundle / "items.csv", encoding="utf-8", newline="") as handle:
+        stored = list(csv_module.reader(handle))
+    assert len(stored) == 1 + 36 + len(texts)
+    assert not [cell for row in stored for cell in row
+                if cell[:1] in ("=", "+", "-", "@", "\t", "\r")]
+    assert stored[-3] == ["'-3", "two\rlines", "'-5", "''quoted"]
+    runtime = Runtime.load(bundle)
+    assert runtime.manifest["items"]["escape"] == "apostrophe"
+    for row, (item_id, name, price, url) in enumerate(texts, start=36):
+        assert runtime.index.ids[row] == item_id
+        assert runtime.index.item_metadata(row) == {"name": name, "price": price, "url": url}
+
+
+def test_a_bundle_written_without_the_escape_is_read_verbatim(bundle_copy):
+    """items.csv of a format 2 bundle whose manifest does not say "escape": an apostrophe
+    in front is the item's own text."""
+    from vae_edge.runtime.bundle import write_manifest
+
+    lines = (bundle_copy / "items.csv").read_text().splitlines()
+    lines[1:3] = ["'0", "''1"]
+    (bundle_copy / "items.csv").write_text("\n".join(lines) + "\n")
+    manifest = json.loads((bundle_copy / "manifest.json").read_text())
+    del manifest["items"]["escape"]
+    write_manifest(bundle_copy, manifest)
+    assert Runtime.load(bundle_copy).index.ids[:3].tolist() == ["'0", "''1", "2"]

@@ -4,6 +4,7 @@ modes and formats, and a CSV with extra columns."""
 from __future__ import annotations
 
 import csv
+import json
 import os
 
 import numpy as np
@@ -13,7 +14,7 @@ from click.testing import CliRunner
 
 from vae_edge.runtime.catalog import catalog_fingerprint, read_catalog
 from vae_edge.runtime.images import read_image
-from vae_edge.training.catalog_data import catalog_data
+from vae_edge.training.catalog_data import cached_photos, catalog_data
 from vae_edge.training.cli import main as train_main
 from vae_edge.training.train import load_checkpoint, model_from_checkpoint, to_tensor
 
@@ -266,3 +267,89 @@ def test_resuming_on_other_data_or_options_says_what_changed(tmp_path, catalog_c
     assert result.exit_code == 2
     assert result.output.strip().endswith("was made with another configuration; resume with the "
                                           "same options (recorded -> now: epochs 1 -> 2)")
+
+
+def _replace_pixels(npy, record):
+    pixels = np.load(npy, mmap_mode="r+")
+    pixels[0] = 255 - pixels[0]  # same shape, same dtype: only the sha256 tells
+    pixels.flush()
+
+
+def _rewrite(record, **changes):
+    data = json.loads(record.read_text())
+    data.update(changes)
+    record.write_text(json.dumps(data))
+
+
+def _without(record, key):
+    data = json.loads(record.read_text())
+    del data[key]
+    record.write_text(json.dumps(data))
+
+
+def _kept(record, rows):
+    data = json.loads(record.read_text())
+    data["kept"] = rows(data["kept"])
+    record.write_text(json.dumps(data))
+
+
+UNVERIFIED_CACHES = [
+    ("pixels replaced", _replace_pixels, "cache.npy is not the file written (its sha256 differs)"),
+    ("another fingerprint", lambda npy, record: _rewrite(record, fingerprint="0" * 64),
+     "its fingerprint is not the catalog's"),
+    ("duplicate rows", lambda npy, record: _kept(record, lambda rows: [0] + rows[:-1]),
+     "its rows repeat or are out of order"),
+    ("negative rows", lambda npy, record: _kept(record, lambda rows: [-1] + rows[1:]),
+     "a row outside 0-5"),
+    ("rows out of range", lambda npy, record: _kept(record, lambda rows: rows[:-1] + [6]),
+     "a row outside 0-5"),
+    ("fewer rows kept", lambda npy, record: _kept(record, lambda rows: rows[:-1]),
+     "5 rows kept and 0 skipped, for 6 items"),
+    ("rows as text", lambda npy, record: _kept(record, lambda rows: [str(r) for r in rows]),
+     "its rows are not all whole numbers"),
+    ("a JSON list", lambda npy, record: record.write_text("[1, 2]"),
+     "cache.json holds a list, not an object"),
+    ("not JSON", lambda npy, record: record.write_bytes(b"\xff{"),
+     "cache.json is not JSON: "),
+    ("a missing key", lambda npy, record: _without(record, "sha256"),
+     "cache.json has no str 'sha256'"),
+    ("a wrong type", lambda npy, record: _rewrite(record, size="16"),
+     "cache.json has no int 'size'"),
+    ("fewer rows", lambda npy, record: np.save(npy, np.zeros((5, 3, 16, 16), np.uint8)),
+     "cache.npy is uint8 (5, 3, 16, 16), expected uint8 (6, 3, 16, 16)"),
+    ("wrong size", lambda npy, record: np.save(npy, np.zeros((6, 3, 8, 8), np.uint8)),
+     "cache.npy is uint8 (6, 3, 8, 8), expected uint8 (6, 3, 16, 16)"),
+    ("wrong channels", lambda npy, record: np.save(npy, np.zeros((6, 1, 16, 16), np.uint8)),
+     "cache.npy is uint8 (6, 1, 16, 16), expected uint8 (6, 3, 16, 16)"),
+    ("wrong dtype", lambda npy, record: np.save(npy, np.zeros((6, 3, 16, 16), np.float32)),
+     "cache.npy is float32 (6, 3, 16, 16), expected uint8 (6, 3, 16, 16)"),
+    ("0-d", lambda npy, record: np.save(npy, np.uint8(3)),
+     "cache.npy is uint8 (), expected uint8 (6, 3, 16, 16)"),
+    ("not a .npy", lambda npy, record: npy.write_bytes(b"PK\x03\x04 not numpy"),
+     "cache.npy is not a .npy array: "),
+]
+
+
+@pytest.mark.parametrize("name, damage, reason", UNVERIFIED_CACHES,
+                         ids=[case[0] for case in UNVERIFIED_CACHES])
+def test_a_cache_that_does_not_verify_is_decoded_again_saying_why(tmp_path, name, damage,
+                                                                   reason):
+    catalog = read_catalog(make_catalog(tmp_path / "shop", items=6))
+    cache_dir = tmp_path / "cache"
+    fresh = cached_photos(catalog, 16, 3, cache_dir=cache_dir, log=lambda message: None)
+    expected = np.array(fresh.pixels)
+    npy, record = fresh.path, fresh.path.with_suffix(".json")
+    del fresh
+    damage(npy, record)
+    lines = []
+    again = cached_photos(catalog, 16, 3, cache_dir=cache_dir, log=lines.append)
+    assert lines[0].startswith(f"photos: the cache {npy} does not verify ("), lines
+    assert lines[0].endswith("); decoding it again"), lines
+    why = lines[0][len(f"photos: the cache {npy} does not verify ("):-len("); decoding it again")]
+    assert why.replace(npy.stem, "cache").startswith(reason), why  # the names are a hash
+    assert lines[1:] == [f"photos: decoding 6 photos into {npy}"]
+    assert not again.reused and again.catalog.ids == catalog.ids
+    np.testing.assert_array_equal(again.pixels, expected)
+    lines.clear()
+    cached_photos(catalog, 16, 3, cache_dir=cache_dir, log=lines.append)
+    assert lines == [f"photos: reusing the cache {npy} (6 items)"]

@@ -282,6 +282,27 @@ CASES = [
          r"manifest.json files\['index_mu.npy'\]: sha256 must be 64 lowercase hex digits"),
     Case("bytes-negative", edit_manifest(lambda m: m["files"]["index_mu.npy"].update(bytes=-1)),
          r"manifest.json files\['index_mu.npy'\]: bytes must be >= 0, got -1"),
+    # Provenance that vae-run info and the kiosk show (the manifest itself is not hashed).
+    *[Case(f"parity-{name}", edit_manifest(lambda m, v=value: m.update(parity=v)),
+           "manifest.json: parity should be an object with a number max_abs_diff, got "
+           + re.escape(shown))
+      for name, value, shown in (("text", "x", '"x"'), ("null", None, "null"),
+                                 ("list", [1], "[1]"),
+                                 ("text-diff", {"max_abs_diff": "0"}, '{"max_abs_diff": "0"}'))],
+    Case("parity-nan", edit_manifest(lambda m: m["parity"].update(max_abs_diff=float("nan"))),
+         "manifest.json: NaN is not a JSON number"),
+    Case("metrics-infinity", edit_manifest(lambda m: m["metrics"].update(test_loss=-float("inf"))),
+         "manifest.json: -Infinity is not a JSON number"),
+    Case("metrics-text", edit_manifest(lambda m: m["metrics"].update(test_loss="low")),
+         r"manifest.json: metrics should be an object of numbers, got \{"),
+    Case("metrics-list", edit_manifest(lambda m: m.update(metrics=[1])),
+         r"manifest.json: metrics should be an object of numbers, got \[1\]"),
+    Case("created-number", edit_manifest(lambda m: m.update(created=2026)),
+         "manifest.json: created should be a date text, got int"),
+    Case("items-escape-other", edit_manifest(lambda m: m["items"].update(escape="backslash")),
+         "manifest.json: items escape must be 'apostrophe' or absent, got \"backslash\""),
+    Case("catalog-null", edit_manifest(lambda m: m["index"].update(catalog=None)),
+         "manifest.json: index catalog should be a name, got NoneType"),
     # Wrong shapes in the manifest.
     Case("latent-dim-9", edit_manifest(lambda m: reshape(m, 9, [1, 28, 28])),
          r"index_mu.npy: shape is \(5000, 8\), expected \(5000, 9\)"),

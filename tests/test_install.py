@@ -73,3 +73,16 @@ def test_repo_is_not_on_the_path(fresh_venv, tmp_path):
                             capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0 and "site-packages" in result.stdout
     assert sys.prefix not in result.stdout
+
+
+def test_export_web_from_a_fresh_install(fresh_venv, tmp_path):
+    """The wheel carries the page and the vendored onnxruntime-web files export-web copies
+    (each checked against its pinned sha256 on the way)."""
+    site = tmp_path / "site"
+    result = subprocess.run([str(fresh_venv / "bin" / "vae-run"), "export-web", "-o", str(site)],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr
+    info = json.loads((site / "api" / "info").read_text())
+    for name in info["site"]["cache"]:
+        assert (site / name).is_file(), name
+    assert (site / "static" / "ort" / "ort-wasm-simd-threaded.wasm").stat().st_size > 1e6

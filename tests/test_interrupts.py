@@ -157,7 +157,7 @@ def test_export_killed_mid_write_keeps_the_previous_bundle(tmp_path, tiny_run, b
     result = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"removed {partial[0].name}, left behind by an interrupted run" in result.stdout
-    assert [p.name for p in tmp_path.iterdir()] == ["bundle"]  # ... so
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".bundle.lock", "bundle"]  # ... so
     assert len(Runtime.load(bundle_copy).index) == 10  # the next run cleans up and succeeds
 
 

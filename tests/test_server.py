@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import http.client
 import io
 import json
 import os
+import resource
 import runpy
 import signal
 import socket
@@ -15,6 +17,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from urllib.parse import urljoin
 
 import numpy as np
 import pytest
@@ -26,6 +29,7 @@ from vae_edge.runtime.cli import main as run_main
 from vae_edge.runtime.images import to_uint8
 from vae_edge.runtime.server import (
     MAX_BODY_BYTES,
+    MAX_CONNECTIONS_PER_CLIENT,
     MAX_HEAD_BYTES,
     MAX_QUERY_CHARS,
     HostPolicy,
@@ -180,7 +184,7 @@ def test_decode_post_get_and_png_match_the_runtime(server, runtime):
 
 @pytest.mark.parametrize(("k", "by"), [(1, None), (7, "latent"), (64, "decoded")])
 def test_nearest_matches_the_runtime(server, runtime, k, by):
-    expected = runtime.nearest(np.array(Z), k=k, by=by or "latent")
+    expected = runtime.nearest(np.array(Z), k=k, by=by or "latent", with_distance=True)
     mode = {} if by is None else {"by": by}
     for status, payload in (
         call_json(server, "POST", "/api/nearest", {"z": Z, "k": k, **mode}),
@@ -372,7 +376,7 @@ def test_page_and_assets(server):
     status, headers, page = call(server, "GET", "/")
     assert status == 200 and headers["Content-Type"] == "text/html; charset=utf-8"
     assert "default-src 'self'" in headers["Content-Security-Policy"]
-    assert b'<script src="/static/app.js"' in page
+    assert b'<script src="static/app.js"' in page  # relative: exported sites reuse the page
     for name, content_type in (("app.js", "text/javascript; charset=utf-8"),
                                ("style.css", "text/css; charset=utf-8"),
                                ("qrcode.js", "text/javascript; charset=utf-8"),
@@ -385,11 +389,13 @@ def test_page_and_assets(server):
         # The SVG namespace names a vocabulary; it is never fetched.
         text = call(server, "GET", name)[2].decode().replace("http://www.w3.org/2000/svg", "")
         assert "http://" not in text and "https://" not in text and "//cdn" not in text
-    assert b'<link rel="manifest" href="/static/manifest.webmanifest">' in page
-    manifest = json.loads(call(server, "GET", "/static/manifest.webmanifest")[2])
-    assert manifest["display"] == "fullscreen" and manifest["start_url"] == "/"
+    assert b'<link rel="manifest" href="static/manifest.webmanifest">' in page
+    manifest_url = "/static/manifest.webmanifest"
+    manifest = json.loads(call(server, "GET", manifest_url)[2])
+    assert manifest["display"] == "fullscreen"
+    assert urljoin(manifest_url, manifest["start_url"]) == "/"  # relative to the manifest
     for icon in manifest["icons"]:
-        assert call(server, "GET", icon["src"])[0] == 200
+        assert call(server, "GET", urljoin(manifest_url, icon["src"]))[0] == 200
     status, headers, raw = call(server, "HEAD", "/")
     assert status == 200 and raw == b"" and int(headers["Content-Length"]) == len(page)
 
@@ -780,3 +786,317 @@ def test_sigterm_finishes_the_request_in_flight(tiny_bundle, tmp_path):
     assert status == 200 and [r["rank"] for r in payload["results"]] == [1, 2]
     assert process.returncode == 0, err
     assert err == "stopped (SIGTERM)\n"
+
+
+# -- hostile clients ------------------------------------------------------------------------
+
+
+def test_a_head_over_the_cap_in_one_write_is_a_431(server):
+    """h11 bounds a head still arriving; one that comes whole is measured by the server."""
+    head = b"GET /api/info HTTP/1.1\r\n" + HOST + b"X-Big: " + b"a" * MAX_HEAD_BYTES + b"\r\n\r\n"
+    reply, closed = exchange(server, head)
+    assert closed and answers(reply) == [
+        (431, {"error": f"request line and headers exceed {MAX_HEAD_BYTES} bytes"})]
+    status, _, _ = call(server, "GET", "/api/info", headers={"X-Big": "a" * 30000})
+    assert status == 200  # a large head under the cap is still answered
+
+
+def from_address(server, source: str, timeout: float = 10.0) -> socket.socket:
+    return socket.create_connection(server.server_address[:2], timeout=timeout,
+                                    source_address=(source, 0))
+
+
+def test_connections_per_client_address_are_capped(server, capsys):
+    """Past MAX_CONNECTIONS_PER_CLIENT, an address's connections are closed unanswered at once,
+    and logged in one line; other addresses, and the address once it closes some, are served."""
+    held = [from_address(server, "127.0.0.2") for _ in range(MAX_CONNECTIONS_PER_CLIENT)]
+    try:
+        for sock in held[-3:]:  # the last ones are open and answered
+            sock.sendall(b"GET /api/sample HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200 OK")
+        for _ in range(3):
+            with from_address(server, "127.0.0.2") as extra:
+                try:
+                    extra.sendall(b"GET /api/sample HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+                    assert extra.recv(65536) == b""
+                except ConnectionResetError:
+                    pass
+        with from_address(server, "127.0.0.3") as other:
+            other.sendall(b"GET /api/sample HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            assert other.recv(65536).startswith(b"HTTP/1.1 200 OK")
+        held.pop().close()
+        for _ in range(50):  # until the server has seen the close
+            with from_address(server, "127.0.0.2") as again:
+                try:
+                    again.sendall(b"GET /api/sample HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+                    if again.recv(65536).startswith(b"HTTP/1.1 200 OK"):
+                        break
+                except ConnectionResetError:
+                    pass
+            time.sleep(0.1)
+        else:
+            pytest.fail("a connection from 127.0.0.2 was still refused after one closed")
+    finally:
+        for sock in held:
+            sock.close()
+    refusals = [line for line in capsys.readouterr().err.splitlines() if "refused" in line]
+    assert len(refusals) == 1 and refusals[0].startswith(
+        f"127.0.0.2 connection refused: {MAX_CONNECTIONS_PER_CLIENT} open from this address "
+        f"(at most {MAX_CONNECTIONS_PER_CLIENT}), "), refusals
+
+
+def test_connections_in_all_stay_below_the_open_file_limit(runtime):
+    """Under an open-file limit of 300 the server keeps 300 - 128 (backlog) - 64 (its own
+    files) = 108 connections open, from any addresses; one more is closed at once."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (300, hard))
+    try:
+        srv = make_server(runtime, "127.0.0.1", 0)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    request = b"GET /api/sample HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    held = []
+    for _ in serving(srv):
+        try:
+            for source, count in (("127.0.0.2", MAX_CONNECTIONS_PER_CLIENT), ("127.0.0.3", 44)):
+                held += [from_address(srv, source) for _ in range(count)]
+            held[-1].sendall(request)  # the 108th is served
+            assert held[-1].recv(65536).startswith(b"HTTP/1.1 200 OK")
+            with from_address(srv, "127.0.0.4") as extra:
+                try:
+                    extra.sendall(request)
+                    assert extra.recv(65536) == b""
+                except ConnectionResetError:
+                    pass
+        finally:
+            for sock in held:
+                sock.close()
+
+
+WRITE_TIMEOUT = 1.0
+
+
+@pytest.fixture(scope="module")
+def impatient(runtime):
+    """A server that disconnects a client that does not take its answer within 1 s."""
+    yield from serving(make_server(runtime, "127.0.0.1", 0, write_timeout=WRITE_TIMEOUT))
+
+
+def test_a_client_that_never_reads_is_disconnected(impatient, capsys):
+    """100 pipelined requests for the largest static file, none of the answers read: the
+    server stops at what the socket holds, closes the connection at the write timeout, and
+    answers others meanwhile."""
+    request = b"GET /static/qrcode.js HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    size = len((Path(__file__).parent.parent / "runtime/static/qrcode.js").read_bytes())
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: the window
+    sock.settimeout(10)
+    try:
+        sock.connect(impatient.server_address[:2])
+        sock.sendall(request * 100)
+        status, _, _ = call(impatient, "GET", "/api/info")
+        assert status == 200
+        time.sleep(WRITE_TIMEOUT + 1.0)
+        received = 0
+        try:
+            while chunk := sock.recv(1 << 20):
+                received += len(chunk)
+        except ConnectionResetError:
+            pass
+    finally:
+        sock.close()
+    assert received < 100 * size  # it was cut off, not answered in full once read
+    assert (f"127.0.0.1 connection closed: the client did not take its answer within "
+            f"{WRITE_TIMEOUT:g} s") in capsys.readouterr().err
+
+
+class GatedRuntime(Runtime):
+    """A runtime whose decode of a z starting with GATED waits until its gate opens (at most
+    `patience` seconds, then fails)."""
+
+    patience = 60.0
+
+    def decode(self, z):
+        if np.asarray(z).reshape(-1)[0] == GATED:
+            assert self.gate.wait(timeout=self.patience)
+        return super().decode(z)
+
+    @classmethod
+    def load(cls, *args, **kwargs):
+        runtime = super().load(*args, **kwargs)
+        runtime.gate = threading.Event()
+        return runtime
+
+
+GATED = 1.5
+
+
+def test_computing_routes_are_fair_between_client_addresses(tiny_bundle, capsys):
+    """One address floods decode: it computes one request at a time, may have 8 more waiting and
+    gets 429 beyond; another address's decode is answered while the flood's are all stuck."""
+    runtime = GatedRuntime.load(tiny_bundle)
+    gated = ",".join(str(v) for v in [GATED, *Z[1:]])
+    flood_request = (f"GET /api/decode.png?z={gated} HTTP/1.1\r\n"
+                     f"Host: 127.0.0.1\r\n\r\n").encode()
+    replies = []
+    for srv in serving(make_server(runtime, "127.0.0.1", 0)):
+        # A request in flight (its body pending), so that none of the flood is answered on the
+        # event loop as a request alone would be.
+        pending = from_address(srv, "127.0.0.3")
+        pending.sendall(b"POST /api/decode HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                        b"Content-Length: 100\r\n\r\n")
+        time.sleep(0.2)
+        flood = [from_address(srv, "127.0.0.2", timeout=30) for _ in range(12)]
+
+        def read(sock):
+            replies.append(sock.recv(65536))
+
+        readers = [threading.Thread(target=read, args=(sock,)) for sock in flood]
+        try:
+            for sock, reader in zip(flood, readers):
+                sock.sendall(flood_request)
+                reader.start()
+            deadline = time.monotonic() + 20
+            while len(replies) < 3 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            busy = list(replies)
+            status, _, body = call(srv, "GET", f"/api/decode.png?z={Z_TEXT}")
+            assert status == 200 and body.startswith(b"\x89PNG")
+        finally:
+            runtime.gate.set()
+            for reader in readers:
+                reader.join(timeout=30)
+            for sock in [pending, *flood]:
+                sock.close()
+    assert len(busy) == 3 and all(reply.startswith(b"HTTP/1.1 429 Too Many Requests\r\n")
+                                  for reply in busy), busy
+    assert all(b"\r\nretry-after: 1\r\n" in reply for reply in busy)
+    assert answers(busy[0]) == [
+        (429, {"error": "too many requests from 127.0.0.2 at once: at most 8 may wait behind "
+                        "the one computing"})]
+    assert sorted(reply.split(b" ", 2)[1] for reply in replies) == [b"200"] * 9 + [b"429"] * 3
+    logged = [line for line in capsys.readouterr().err.splitlines() if " 429" in line]
+    assert len(logged) == 1  # a flood is logged now and then, not line by line
+
+
+def stop_with_sigterm(process) -> tuple[str, str]:
+    """SIGTERM, then the process's output; it must exit 0 within 20 s (its bounds are 10 s)."""
+    process.send_signal(signal.SIGTERM)
+    try:
+        out, err = process.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        out, err = process.communicate()
+        pytest.fail(f"vae-run serve still running 20 s after SIGTERM: {err[-2000:]}")
+    assert process.returncode == 0, err
+    return out, err
+
+
+def test_serve_refuses_an_open_file_limit_too_low_to_serve(tiny_bundle, tmp_path):
+    """The connection caps must fit under the open-file limit, or accept() would fail."""
+    def low_limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (200, resource.getrlimit(
+            resource.RLIMIT_NOFILE)[1]))
+
+    result = subprocess.run([sys.executable, "-c", SERVE, "serve", "--port", "0", "--bundle",
+                             str(tiny_bundle)], capture_output=True, text=True, cwd=tmp_path,
+                            preexec_fn=low_limit, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr == ("Error: the open-file limit (200) leaves room for 8 connections, at "
+                             "least 64 needed: raise it (ulimit -n, or LimitNOFILE= in a systemd "
+                             "unit)\n")
+
+
+def test_sigterm_answers_a_request_pipelined_behind_the_one_in_flight(tiny_bundle, tmp_path):
+    """Both requests were received before the connection was done with: each gets its answer,
+    then the server closes the connection cleanly (no reset) and exits."""
+    process, _, port = start_serve(["--bundle", str(tiny_bundle)], tmp_path)
+    try:
+        body = json.dumps({"z": Z, "k": 2}).encode()
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            sock.sendall(b"POST /api/nearest HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                         b"Content-Length: %d\r\n\r\n" % len(body) + body[:10])
+            time.sleep(0.5)
+            process.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+            sock.sendall(body[10:] + NEXT)
+            reply = b""
+            while chunk := sock.recv(65536):  # a reset raises here
+                reply += chunk
+        out, err = process.communicate(timeout=20)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    (status, payload), (next_status, info) = answers(reply)
+    assert status == 200 and [r["rank"] for r in payload["results"]] == [1, 2]
+    assert next_status == 200 and info["latent_dim"] == D
+    assert process.returncode == 0 and err == "stopped (SIGTERM)\n", err
+
+
+def test_sigterm_with_a_client_that_stopped_reading(tiny_bundle, tmp_path):
+    """A client with answers it never reads cannot hold the exit: the server closes it 2 s after
+    SIGTERM, logs one line for it, no traceback, and exits 0; a kept-alive idle connection is
+    closed cleanly."""
+    process, _, port = start_serve(["--bundle", str(tiny_bundle)], tmp_path)
+    stalled = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    try:
+        stalled.connect(("127.0.0.1", port))
+        stalled.sendall(b"GET /static/qrcode.js HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" * 100)
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as idle:
+            idle.sendall(NEXT)
+            assert answers(idle.recv(65536))[0][0] == 200
+            time.sleep(0.5)
+            _, err = stop_with_sigterm(process)
+            assert idle.recv(1) == b""
+    finally:
+        stalled.close()
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert err == ("127.0.0.1 connection closed: the client did not take its answer within "
+                   "2 s\nstopped (SIGTERM)\n"), err
+
+
+def test_requests_that_start_together_compute_in_the_workers(tiny_bundle):
+    """Requests pipelined on several connections all start in one turn of the event loop; each
+    must go to the workers rather than find itself alone and compute on the loop, where one
+    after the other they would hold every client (here: the gated ones for ever)."""
+    runtime = GatedRuntime.load(tiny_bundle)
+    runtime.patience = 5.0
+    srv = make_server(runtime, "127.0.0.1", 0)
+    gated = ",".join(str(v) for v in [GATED, *Z[1:]])
+
+    async def call(z: str, client: str) -> int:
+        scope = {"type": "http", "method": "GET", "raw_path": b"/api/decode.png",
+                 "query_string": f"z={z}".encode(), "http_version": "1.1",
+                 "headers": [(b"host", b"127.0.0.1")], "client": (client, 40000)}
+        sent = []
+
+        async def receive():
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message):
+            sent.append(message)
+
+        await srv.asgi(scope, receive, send)
+        return sent[0]["status"]
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        tasks = [loop.create_task(call(gated, "127.0.0.2")) for _ in range(2)]
+        tasks.append(loop.create_task(call(Z_TEXT, "127.0.0.1")))
+        for task in tasks:  # as uvicorn registers every request's task
+            srv.asgi.tasks.add(task)
+            task.add_done_callback(srv.asgi.tasks.discard)
+        done, _ = await asyncio.wait([tasks[-1]], timeout=10)
+        answered_first = tasks[-1] in done and not runtime.gate.is_set()
+        runtime.gate.set()
+        return answered_first, await asyncio.gather(*tasks)
+
+    try:
+        answered_first, statuses = asyncio.run(main())
+    finally:
+        srv.server_close()
+    assert answered_first and statuses == [200, 200, 200]

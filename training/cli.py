@@ -8,7 +8,8 @@ from pathlib import Path
 
 import click
 
-from ..runtime.cli import CliError, library_errors
+from ..runtime.cli_errors import CliError, library_errors
+from . import distributed
 from .catalog_data import DEFAULT_HOLDOUT, catalog_data
 from .data import CLASS_NAMES, download
 from .model import VAEConfig
@@ -70,17 +71,30 @@ CATALOG_IMAGE_SIZE = 64
               help="Directory with the Fashion-MNIST IDX files (.gz or raw).")
 @click.option("--download", "do_download", is_flag=True,
               help="Fetch Fashion-MNIST into the user cache first (checksums verified).")
-@click.option("--resume", is_flag=True, help="Continue the checkpoint in --out.")
+@click.option("--resume", is_flag=True, help="Continue the checkpoint in --out (written by any "
+              "number of ranks).")
+@click.option("--device", type=click.Choice(distributed.DEVICES), default="auto",
+              show_default=True, help="Where to train: auto takes a GPU when PyTorch sees one. "
+              "Under torchrun each rank takes the GPU of its local rank.")
+@click.option("--rank-timeout", type=click.FloatRange(min=0, min_open=True),
+              default=distributed.DEFAULT_TIMEOUT, show_default=True,
+              help="Under torchrun: seconds a rank waits for the others (a step, the photo "
+              "cache another rank builds) before the job ends with an error.")
 @click.option("--progress/--no-progress", default=None,
               help="Progress bar per epoch (default: when stderr is a terminal).")
 def main(out_dir, latent_dim, widths, hidden_dim, epochs, batch_size, lr, lr_schedule, beta,
          kl_warmup_epochs, label_weight, seed, subset, test_subset, catalog_csv, image_size,
-         image_channels, holdout, skip_bad, cache_dir, data_dir, do_download, resume, progress):
+         image_channels, holdout, skip_bad, cache_dir, data_dir, do_download, resume, device,
+         rank_timeout, progress):
     """Train the convolutional VAE on Fashion-MNIST, or on a shop's catalog (--catalog).
 
     Loss per image: Bernoulli reconstruction (BCE with logits, summed over pixels and
     channels) + beta * KL(q(z|x) || N(0, I)). Per-epoch train/test loss parts are printed and
     written to OUT/metrics.jsonl; export OUT/checkpoint.pt with `vae-export`.
+
+    On many ranks: `torchrun --nproc-per-node N $(which vae-train) ...` (docs/scale.md).
+    --batch-size is the global batch, split over the ranks: the same options train the same
+    model on any number of ranks.
     """
     try:
         conv_widths = tuple(int(c) for c in widths.split(","))
@@ -98,7 +112,19 @@ def main(out_dir, latent_dim, widths, hidden_dim, epochs, batch_size, lr, lr_sch
     elif data_dir is not None or do_download:
         raise CliError("--data-dir and --download are for Fashion-MNIST; a --catalog run reads "
                        "the photos its CSV names")
-    show = sys.stderr.isatty() if progress is None else progress
+    with distributed.joined(device, rank_timeout) as (ranks, where):
+        _train(ranks, where, out_dir, conv_widths, latent_dim, hidden_dim, epochs, batch_size, lr,
+               lr_schedule, beta, kl_warmup_epochs, label_weight, seed, subset, test_subset,
+               catalog_csv, image_size, image_channels, holdout, skip_bad, cache_dir, data_dir,
+               do_download, resume, progress)
+
+
+def _train(ranks, device, out_dir, conv_widths, latent_dim, hidden_dim, epochs, batch_size, lr,
+           lr_schedule, beta, kl_warmup_epochs, label_weight, seed, subset, test_subset,
+           catalog_csv, image_size, image_channels, holdout, skip_bad, cache_dir, data_dir,
+           do_download, resume, progress):
+    say = click.echo if ranks.leader else quiet
+    show = (sys.stderr.isatty() if progress is None else progress) and ranks.leader
     with library_errors():
         model_config = VAEConfig(
             latent_dim=latent_dim, channels=conv_widths, hidden_dim=hidden_dim,
@@ -110,19 +136,25 @@ def main(out_dir, latent_dim, widths, hidden_dim, epochs, batch_size, lr, lr_sch
                              label_weight=label_weight)
         data = None
         if catalog_csv is not None:
-            data = catalog_data(catalog_csv, model_config.image_size,
-                                model_config.image_channels, seed=seed,
-                                holdout=DEFAULT_HOLDOUT if holdout is None else holdout,
-                                skip_bad=skip_bad, require_labels=label_weight > 0,
-                                cache_dir=cache_dir, progress=show, log=click.echo)
-            click.echo(f"catalog: {len(data.train)} items train, {len(data.test)} held out, "
-                       f"{len(data.class_names)} labels")
+            with distributed.one_per_machine_first(ranks):  # one rank builds the photo cache
+                data = catalog_data(catalog_csv, model_config.image_size,
+                                    model_config.image_channels, seed=seed,
+                                    holdout=DEFAULT_HOLDOUT if holdout is None else holdout,
+                                    skip_bad=skip_bad, require_labels=label_weight > 0,
+                                    cache_dir=cache_dir, progress=show, log=say)
+            say(f"catalog: {len(data.train)} items train, {len(data.test)} held out, "
+                f"{len(data.class_names)} labels")
         elif do_download:
-            data_dir = download(data_dir)
+            with distributed.one_per_machine_first(ranks):
+                data_dir = download(data_dir, log=None if ranks.leader else quiet)
         class_names = CLASS_NAMES if data is None else data.class_names
         model_config = replace(model_config,
                                num_classes=len(class_names) if label_weight > 0 else 0)
         checkpoint = train(model_config, config, out_dir, data_dir=data_dir, resume=resume,
-                           progress=show, log=click.echo, data=data)
+                           progress=show, log=say, data=data, device=device)
     last = checkpoint["history"][-1]
-    click.echo(f"done: {out_dir / 'checkpoint.pt'} (test loss {last['test_loss']:.2f} nats/image)")
+    say(f"done: {out_dir / 'checkpoint.pt'} (test loss {last['test_loss']:.2f} nats/image)")
+
+
+def quiet(message) -> None:
+    """The log of a rank other than 0: rank 0 speaks for the run."""

@@ -20,7 +20,7 @@ import click
 import numpy as np
 
 from ..runtime.atomic import atomic_directory
-from ..runtime.cli import library_errors
+from ..runtime.cli_errors import library_errors
 from .data import CLASS_NAMES, load_split
 
 CLASS_CODES = ("TSH", "TRS", "PUL", "DRS", "COA", "SND", "SHR", "SNK", "BAG", "BOT")

@@ -140,9 +140,13 @@ class VAE(nn.Module):
 
     @staticmethod
     def reparameterize(
-        mu: torch.Tensor, log_var: torch.Tensor, generator: torch.Generator | None = None
+        mu: torch.Tensor, log_var: torch.Tensor, generator: torch.Generator | None = None,
+        eps: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        eps = torch.randn(mu.shape, generator=generator, dtype=mu.dtype, device=mu.device)
+        """z = mu + sigma * eps, with eps drawn from generator unless given (a rank of a
+        distributed run takes its rows of the whole batch's draw)."""
+        if eps is None:
+            eps = torch.randn(mu.shape, generator=generator, dtype=mu.dtype, device=mu.device)
         return mu + torch.exp(0.5 * log_var) * eps
 
     def decode_logits(self, z: torch.Tensor) -> torch.Tensor:
@@ -152,10 +156,11 @@ class VAE(nn.Module):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.decode_logits(z))  # (B, C, S, S) in [0, 1]
 
-    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None):
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None,
+                eps: torch.Tensor | None = None):
         """Training pass: Bernoulli logits, mu, log_var, and the z that was sampled."""
         mu, log_var = self.encode(x)
-        z = self.reparameterize(mu, log_var, generator)
+        z = self.reparameterize(mu, log_var, generator, eps)
         return self.decode_logits(z), mu, log_var, z
 
 

@@ -2,6 +2,12 @@
 
 Every epoch draws its shuffle and its epsilons from a generator seeded by (seed, epoch),
 so a run resumed from any epoch's checkpoint ends exactly where an uninterrupted run does.
+
+On N ranks (torchrun; training.distributed) every rank draws the same shuffle and epsilons,
+and each batch of batch_size images is split into N consecutive parts, one per rank.
+DistributedDataParallel averages the ranks' gradients; each rank's loss is its part's sum
+scaled by N / batch size, so the average is the gradient of the whole batch's mean, as on one
+process: the same recipe and loss curve for any N, up to float rounding.
 """
 
 from __future__ import annotations
@@ -16,9 +22,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..runtime.atomic import atomic_file, remove_stale_temporaries
+from . import distributed
 from .data import ImageRows, Split, TrainingData, fashion_mnist_data
 from .model import VAE, VAEConfig, loss_parts
 
@@ -95,22 +103,36 @@ def lr_at(config: TrainConfig, epoch: int) -> float:
     return config.lr
 
 
+def to_device(images: np.ndarray, device: torch.device) -> torch.Tensor:
+    """to_tensor on the training device (through pinned memory to a GPU)."""
+    tensor = to_tensor(images)
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor
+
+
 @torch.no_grad()
-def mean_loss_parts_at_mu(model: VAE, images, batch_size: int = 1000) -> dict:
+def mean_loss_parts_at_mu(model: VAE, images, batch_size: int = 1000,
+                          device: torch.device | None = None) -> dict:
     """Mean per-image loss parts in nats, encoding with mu (no sampling).
 
     images: uint8 (N, H, W) or (N, C, H, W), an array or ImageRows, read a batch at a time.
+    On N ranks each rank takes every N-th batch and the sums are added up over the ranks.
     """
     model.eval()
+    device = device or torch.device("cpu")
+    ranks = distributed.current()
     recon_sum = kl_sum = sq_err = 0.0
-    for start in range(0, len(images), batch_size):
-        x = to_tensor(images[start : start + batch_size])
+    for start in range(ranks.rank * batch_size, len(images), ranks.world * batch_size):
+        x = to_device(images[start : start + batch_size], device)
         mu, log_var = model.encode(x)
         logits = model.decode_logits(mu)
         recon, kl = loss_parts(logits, x, mu, log_var)
         recon_sum += recon.sum().item()
         kl_sum += kl.sum().item()
         sq_err += (torch.sigmoid(logits) - x).pow(2).mean(dim=(1, 2, 3)).sum().item()
+    recon_sum, kl_sum, sq_err = distributed.sum_over_ranks([recon_sum, kl_sum, sq_err], ranks,
+                                                           device)
     n = len(images)
     return {"recon": recon_sum / n, "kl": kl_sum / n, "loss": (recon_sum + kl_sum) / n,
             "mse": sq_err / n}
@@ -192,12 +214,17 @@ def train(
     log=print,
     splits: tuple[Split, Split] | None = None,
     data: TrainingData | None = None,
+    device: str | torch.device = "cpu",
 ) -> dict:
     """Train, checkpointing into out_dir after every epoch. Returns the final checkpoint.
 
     data: what to train on (training.catalog_data.catalog_data for a shop's catalog); by
     default Fashion-MNIST from data_dir, or the given splits. Batches are read from its uint8
     rows and converted one batch at a time.
+    device: "cpu", "cuda", "auto" (a GPU when there is one) or a torch.device.
+    In a process group (torchrun, training.distributed.join) every rank calls train with the
+    same arguments: rank 0 reads the checkpoint it resumes and writes checkpoints and metrics;
+    each rank returns the checkpoint as it holds it.
     """
     from tqdm import tqdm
 
@@ -219,42 +246,61 @@ def train(
     # About a thousand 28x28 images' worth of pixels per evaluation batch, whatever the size.
     eval_batch = max(1, 784_000 // math.prod(expected))
 
+    ranks = distributed.current()
+    if not isinstance(device, torch.device):
+        device = distributed.resolve_device(device, ranks.local_rank)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint_path = out_dir / CHECKPOINT_NAME
-    for name in (CHECKPOINT_NAME, METRICS_NAME):  # a killed run's half-written files
-        remove_stale_temporaries(out_dir / name, ".tmp", log)
+    start = None  # the checkpoint this run continues
+    if ranks.leader:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for name in (CHECKPOINT_NAME, METRICS_NAME):  # a killed run's half-written files
+            remove_stale_temporaries(out_dir / name, ".tmp", log)
+        if resume and checkpoint_path.is_file():
+            start = load_checkpoint(checkpoint_path)
+            _check_resumable(start, checkpoint_path, model_config, config, dataset)
+        elif resume:
+            log(f"--resume: no checkpoint in {out_dir}, starting from scratch")
+        elif checkpoint_path.exists():
+            raise FileExistsError(
+                f"{checkpoint_path} exists: pass --resume to continue it, or choose another --out"
+            )
+    # Rank 0's file, also where the ranks do not share a disk.
+    start = distributed.from_leader(start, ranks)
 
     torch.manual_seed(config.seed)
     model = VAE(model_config)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     history: list[dict] = []
     start_epoch = 0
-    if resume and checkpoint_path.is_file():
-        checkpoint = load_checkpoint(checkpoint_path)
-        changed = _changes({**checkpoint["config"], **checkpoint["train_config"]},
-                           {**model_config.to_dict(), **asdict(config)})
-        if changed:
-            raise ValueError(f"{checkpoint_path} was made with another configuration; resume "
-                             f"with the same options (recorded -> now: {changed})")
-        changed = _changes(checkpoint.get("dataset") or {}, dataset or {})
-        if changed:
-            raise ValueError(f"{checkpoint_path} was made from other data; resume with the same "
-                             f"data and options (recorded -> now: {changed})")
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        history = list(checkpoint["history"])
-        start_epoch = checkpoint["epoch"]
-        # A kill between the checkpoint and the metrics write leaves metrics.jsonl one epoch
-        # behind; the checkpoint's history is the record.
-        write_metrics(history, out_dir / METRICS_NAME)
-        log(f"resuming after epoch {start_epoch} of {config.epochs} from {checkpoint_path}")
-    elif resume:
-        log(f"--resume: no checkpoint in {out_dir}, starting from scratch")
-    elif checkpoint_path.exists():
-        raise FileExistsError(
-            f"{checkpoint_path} exists: pass --resume to continue it, or choose another --out"
-        )
+    if start is not None:
+        model.load_state_dict(start["model"])
+        history = list(start["history"])
+        start_epoch = start["epoch"]
+        if ranks.leader:
+            # A kill between the checkpoint and the metrics write leaves metrics.jsonl one
+            # epoch behind; the checkpoint's history is the record.
+            write_metrics(history, out_dir / METRICS_NAME)
+            log(f"resuming after epoch {start_epoch} of {config.epochs} from {checkpoint_path}"
+                + (f" (written by {start.get('world_size', 1)} ranks)"
+                   if start.get("world_size", 1) != ranks.world else ""))
+    model.to(device)
+    if start is not None:  # after the move: Adam's state follows its parameters' device
+        optimizer.load_state_dict(start["optimizer"])
+    net = model
+    if ranks.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # A classifier that no loss term uses gets no gradient: DDP must be told to expect it.
+        net = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=model.classifier is not None and config.label_weight == 0)
+    if ranks.world > 1 or device.type != "cpu":
+        log(f"training on {ranks.world} rank{'s' if ranks.world > 1 else ''} ({device.type}"
+            + (f", {dist.get_backend()}" if ranks.world > 1 else "")
+            + f"): a batch of {config.batch_size} is "
+            + (f"{-(-config.batch_size // ranks.world)} or fewer images per rank"
+               if ranks.world > 1 else "one step"))
 
     checkpoint = None
     for epoch in range(start_epoch, config.epochs):
@@ -268,26 +314,35 @@ def train(
         sums = {"loss": 0.0, "recon": 0.0, "kl": 0.0}
         batches = range(0, len(order), config.batch_size)
         bar = tqdm(batches, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch",
-                   disable=not progress, leave=False)
-        for start in bar:
-            batch = order[start : start + config.batch_size]
-            x = to_tensor(train_rows[batch])
-            logits, mu, log_var, z = model(x, generator)
+                   disable=not progress or not ranks.leader, leave=False)
+        for start_row in bar:
+            batch = order[start_row : start_row + config.batch_size]
+            # The whole batch's epsilons, drawn on the CPU whatever the device (the same noise
+            # on a GPU), and this rank's consecutive part of the batch.
+            eps = torch.randn((len(batch), model_config.latent_dim), generator=generator)
+            bounds = np.linspace(0, len(batch), ranks.world + 1).round().astype(int)
+            rows = slice(bounds[ranks.rank], bounds[ranks.rank + 1])
+            part, eps = batch[rows], eps[rows].to(device)
+            x = to_device(train_rows[part], device)
+            logits, mu, log_var, z = net(x, eps=eps)
             recon, kl = loss_parts(logits, x, mu, log_var)
-            loss = (recon + beta * kl).mean()
+            loss = _batch_mean(recon + beta * kl, len(batch), ranks.world)
             if config.label_weight > 0:
-                labels = torch.from_numpy(train_rows.labels_at(batch))
-                loss = loss + config.label_weight * F.cross_entropy(model.classifier(z),
-                                                                    labels)
+                labels = torch.from_numpy(train_rows.labels_at(part)).to(device)
+                loss = loss + config.label_weight * _batch_mean(
+                    F.cross_entropy(model.classifier(z), labels, reduction="none"), len(batch),
+                    ranks.world)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             sums["loss"] += (recon + kl).sum().item()
             sums["recon"] += recon.sum().item()
             sums["kl"] += kl.sum().item()
-            bar.set_postfix(loss=f"{loss.item():.1f}")
+            if ranks.world == 1:
+                bar.set_postfix(loss=f"{loss.item():.1f}")
         bar.close()
-        test = mean_loss_parts_at_mu(model, test_rows, eval_batch)
+        sums = dict(zip(sums, distributed.sum_over_ranks(list(sums.values()), ranks, device)))
+        test = mean_loss_parts_at_mu(model, test_rows, eval_batch, device)
         row = {
             "epoch": epoch + 1,
             "beta": beta,
@@ -306,21 +361,43 @@ def train(
             "format": "vae-edge-checkpoint",
             "config": model_config.to_dict(),
             "train_config": asdict(config),
-            "model": model.state_dict(),
+            "model": {name: value.cpu() for name, value in model.state_dict().items()},
             "optimizer": optimizer.state_dict(),
             "epoch": epoch + 1,
             "history": history,
             "dataset": dataset,
             "versions": {"torch": str(torch.__version__), "python": platform.python_version()},
+            "world_size": ranks.world,
+            "device": device.type,
         }
-        save_atomic(checkpoint, checkpoint_path)
-        write_metrics(history, out_dir / METRICS_NAME)
-        log(
-            f"epoch {epoch + 1}/{config.epochs}  train loss {row['train_loss']:.2f} "
-            f"(recon {row['train_recon']:.2f}, kl {row['train_kl']:.2f})  test loss "
-            f"{row['test_loss']:.2f} (recon {row['test_recon']:.2f}, kl {row['test_kl']:.2f})  "
-            f"{row['seconds']:.1f}s"
-        )
-    if checkpoint is None:  # nothing left to do: the run had already finished
-        checkpoint = load_checkpoint(checkpoint_path)
-    return checkpoint
+        if ranks.leader:
+            save_atomic(checkpoint, checkpoint_path)
+            write_metrics(history, out_dir / METRICS_NAME)
+            log(
+                f"epoch {epoch + 1}/{config.epochs}  train loss {row['train_loss']:.2f} "
+                f"(recon {row['train_recon']:.2f}, kl {row['train_kl']:.2f})  test loss "
+                f"{row['test_loss']:.2f} (recon {row['test_recon']:.2f}, "
+                f"kl {row['test_kl']:.2f})  {row['seconds']:.1f}s"
+            )
+    return checkpoint if checkpoint is not None else start  # None: the run had finished
+
+
+def _batch_mean(values: torch.Tensor, batch_size: int, world: int) -> torch.Tensor:
+    """The batch's mean of per-image values, as this rank's share: DDP averages the ranks'
+    gradients, so each rank's sum is scaled by world / batch_size (parts may differ in size)."""
+    if world == 1:
+        return values.mean()
+    return values.sum() * (world / batch_size)
+
+
+def _check_resumable(checkpoint: dict, path: Path, model_config: VAEConfig, config: TrainConfig,
+                     dataset: dict) -> None:
+    changed = _changes({**checkpoint["config"], **checkpoint["train_config"]},
+                       {**model_config.to_dict(), **asdict(config)})
+    if changed:
+        raise ValueError(f"{path} was made with another configuration; resume "
+                         f"with the same options (recorded -> now: {changed})")
+    changed = _changes(checkpoint.get("dataset") or {}, dataset or {})
+    if changed:
+        raise ValueError(f"{path} was made from other data; resume with the same "
+                         f"data and options (recorded -> now: {changed})")

@@ -1,6 +1,7 @@
-// The kiosk page: sliders -> z -> /api/decode and /api/nearest on the same server.
-// No framework and nothing fetched from elsewhere: kiosks are often offline. qrcode.js (a
-// vendored encoder) draws QR codes locally.
+// The kiosk page: sliders -> z -> decode and nearest, answered by an engine: the server's
+// JSON API (`vae-run serve`), or the page itself (engine.js, in a static folder made by
+// `vae-run export-web`). No framework and nothing fetched from elsewhere: kiosks are often
+// offline. qrcode.js (a vendored encoder) draws QR codes locally.
 "use strict";
 
 (() => {
@@ -49,6 +50,8 @@
     attractSteps: 0,
   };
 
+  let engine = null;
+
   class ApiFailure extends Error {
     constructor(message, retry) {
       super(message);
@@ -83,6 +86,45 @@
       throw new ApiFailure(message, response.status >= 500 || response.status === 408);
     }
     return payload;
+  }
+
+  // The engine over the server's API. Its failures may carry retry (the server was away);
+  // the in-page engine's never do.
+  const serverEngine = {
+    kind: "server",
+    info: () => api("/api/info"),
+    sample: () => api("/api/sample"),
+    decode: (z) => api("/api/decode", { z }),
+    ends: (z) => api("/api/ends", { z }),
+    nearest: (z, k, by) => api("/api/nearest", { z, k, by }),
+    item: (id) => api(itemPath(id)),
+  };
+
+  // The server's API (`vae-run serve`), or where the page comes from a folder made by
+  // `vae-run export-web`, the in-page engine: there api/info is a file whose "site" names
+  // the files the engine loads, each checked against its sha256 first. A served page whose
+  // server is not up yet keeps to the server and waits for it.
+  async function chooseEngine() {
+    let info = null;
+    try {
+      const response = await fetch("api/info", { cache: "no-cache" });
+      if (response.ok) info = await response.json();
+    } catch (err) {
+      // the kiosk server is not up yet
+    }
+    if (!info || !info.site) return serverEngine;
+    const site = info.site;
+    delete info.site;
+    const loaded = await VaeEngine.PageEngine.load(info, site,
+      new URL(".", window.location.href));
+    loaded.kind = "page";
+    // Every file is cached on this first load, so the kiosk keeps working offline.
+    if ("serviceWorker" in navigator) {
+      navigator.serviceWorker.register("sw.js").then(() => navigator.serviceWorker.ready)
+        .then(() => { document.body.dataset.offlineReady = "true"; })
+        .catch((err) => showStatus(`Offline use is not available: ${err.message}`, true));
+    }
+    return loaded;
   }
 
   // Errors stay until the next success; other messages fade. Only actions write here, never
@@ -205,8 +247,8 @@
       const started = performance.now();
       try {
         const [decoded, near] = await Promise.all([
-          api("/api/decode", { z }),
-          api("/api/nearest", { z, k: state.info.k, by: "decoded" }),
+          engine.decode(z),
+          engine.nearest(z, state.info.k, "decoded"),
         ]);
         setOnline(true);
         retryMs = RETRY_FIRST_MS;
@@ -257,6 +299,7 @@
   // the one this page was built for: the page starts afresh rather than showing sliders,
   // ranges and items that no longer exist.
   async function checkServer() {
+    if (engine.kind !== "server") return;
     try {
       const info = await api("/api/info");
       if (JSON.stringify(info) !== JSON.stringify(state.info)) window.location.reload();
@@ -276,7 +319,7 @@
     const key = JSON.stringify(z);
     if (key === state.endsKey || state.inFlight) return;
     try {
-      const answer = await api("/api/ends", { z });
+      const answer = await engine.ends(z);
       if (!sameZ(z, state.z)) return; // z moved on: the pump schedules the next previews
       answer.ends.forEach(([low, high], i) => {
         state.ends[i][0].src = low;
@@ -457,7 +500,7 @@
   async function loadItem(item, quiet = false) {
     const ticket = act();
     try {
-      const full = await api(itemPath(item.id));
+      const full = await engine.item(item.id);
       if (ticket !== state.intent) return;
       setZ(full.mu);
       document.body.dataset.loaded = String(item.id);
@@ -473,7 +516,7 @@
   async function surprise() {
     const ticket = act();
     try {
-      const sample = await api("/api/sample");
+      const sample = await engine.sample();
       if (ticket === state.intent) setZ(sample.z);
     } catch (err) {
       if (ticket === state.intent) showStatus(`Could not surprise you: ${err.message}`, true);
@@ -508,7 +551,7 @@
   async function chooseSlot(slot, item) {
     const ticket = ++state.picks[slot];
     try {
-      const full = await api(itemPath(item.id));
+      const full = await engine.item(item.id);
       if (ticket !== state.picks[slot]) return;
       state.slots[slot] = full;
       const figure = $(`slot-${slot}`);
@@ -591,8 +634,8 @@
     let next;
     if (state.attractSteps % ATTRACT_JUMP === 0) {
       try {
-        const sample = await api("/api/sample");
-        const near = await api("/api/nearest", { z: sample.z, k: 1, by: "decoded" });
+        const sample = await engine.sample();
+        const near = await engine.nearest(sample.z, 1, "decoded");
         if (state.attractTimer === null) return; // a touch ended attract mode meanwhile
         next = near.results[0];
       } catch (err) {
@@ -648,11 +691,19 @@
   async function start() {
     lockDown();
     showStatus("Loading\u2026", false);
+    try {
+      engine = await chooseEngine();
+    } catch (err) {
+      // A site whose files fail their hashes, or that cannot run here: no answers at all.
+      showStatus(`This kiosk cannot start: ${err.message}`, true);
+      document.body.dataset.failed = "true";
+      return;
+    }
     let retryMs = RETRY_FIRST_MS;
     // A kiosk's browser often starts before its server: keep asking until it answers.
     for (;;) {
       try {
-        state.info = await api("/api/info");
+        state.info = await engine.info();
         break;
       } catch (err) {
         showStatus("Waiting for the kiosk server\u2026", true);
