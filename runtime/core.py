@@ -6,6 +6,7 @@ Only numpy, onnxruntime and the standard library are imported here (no torch, no
 from __future__ import annotations
 
 import re
+import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -285,7 +286,8 @@ class Runtime:
     """A loaded bundle: ONNX sessions, the float16 catalog index and its search engine.
 
     Thread safety: decode, encode and nearest only read shared state (onnxruntime's
-    InferenceSession.run is thread-safe), so one Runtime may serve many threads.
+    InferenceSession.run is thread-safe), so one Runtime may serve many threads; the one
+    thing built on first use, the W2 engine, is built under a lock.
     """
 
     def __init__(self, root: Path, manifest: dict, index: CatalogIndex, encoder, decoder,
@@ -298,8 +300,26 @@ class Runtime:
         self._decoder = decoder
         self._search = LikelihoodSearch(index.mu, index.log_sigma, index.ids, index.labels)
         # Designs and photos: ranked by a distance between posteriors that does not reward
-        # an item for a broad one (docs/matching.md).
-        self._look = WassersteinSearch(index.mu, index.log_sigma, index.ids, index.labels)
+        # an item for a broad one (docs/matching.md). Its item vectors are built by the first
+        # query that needs them, so that a kiosk nobody uses holds one engine's.
+        self._look: WassersteinSearch | None = None
+        self._look_lock = threading.Lock()
+
+    def wasserstein(self, temperature: float | None = None) -> WassersteinSearch:
+        """The W2 engine over this catalog (nearest by="decoded", nearest_image), built on first
+        use with the catalog's own tau^2. temperature: tau^2 when this bundle is a shard of a
+        larger catalog (the whole catalog's, runtime/cluster.py); the engine is built again
+        when it differs from the one it has."""
+        engine = self._look
+        if engine is None or (temperature is not None and engine.temperature != temperature):
+            with self._look_lock:
+                engine = self._look
+                if engine is None or (temperature is not None
+                                      and engine.temperature != temperature):
+                    index = self.index
+                    engine = self._look = WassersteinSearch(
+                        index.mu, index.log_sigma, index.ids, index.labels, temperature)
+        return engine
 
     @classmethod
     def load(cls, path: str | Path | None = None, *, threads: int = 1, verify: bool = True,
@@ -405,8 +425,9 @@ class Runtime:
                 distances = self._roundtrip(array)[2]
         else:
             mu, log_sigma, distances = self._roundtrip(array)
-            matches = self._look.search_gaussian(mu.astype(np.float64),
-                                                 log_sigma.astype(np.float64), k, label_id)
+            matches = self.wasserstein().search_gaussian(mu.astype(np.float64),
+                                                         log_sigma.astype(np.float64), k,
+                                                         label_id)
         return replace(matches, distances=distances, metadata=self._metadata(matches.rows))
 
     def _metadata(self, rows: np.ndarray) -> tuple:
@@ -451,8 +472,8 @@ class Runtime:
         k = check_k(k)
         label_id = self._label_filter(label)
         mu, log_sigma = self.encode(images)
-        matches = self._look.search_gaussian(mu.astype(np.float64),
-                                             log_sigma.astype(np.float64), k, label_id)
+        matches = self.wasserstein().search_gaussian(mu.astype(np.float64),
+                                                     log_sigma.astype(np.float64), k, label_id)
         return replace(matches, metadata=self._metadata(matches.rows))
 
     def read_photo(self, path: str | Path) -> np.ndarray:

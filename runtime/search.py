@@ -195,7 +195,13 @@ class LikelihoodSearch:
         = log q(mu|x) - sum sigma^2 / (2 sigma_x^2), for an encoded image query (mu, log_sigma),
         (d,) or (B, d). `probabilities` are the softmax of these over the catalog."""
         mu = np.asarray(mu, dtype=np.float64)
-        return self._run(mu, np.exp(2.0 * np.asarray(log_sigma, dtype=np.float64)), k, label)
+        return self._run(mu, self.spread(log_sigma), k, label)
+
+    @staticmethod
+    def spread(log_sigma: np.ndarray) -> np.ndarray:
+        """The second part of a Gaussian query N(mu, sigma^2) for this engine (search_gaussian,
+        partial's var), float64: sigma^2."""
+        return np.exp(2.0 * np.asarray(log_sigma, dtype=np.float64))
 
     def partial(self, z: np.ndarray, k: int, label: int | None = None,
                 var: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -337,6 +343,32 @@ class LikelihoodSearch:
         return terms.sum(axis=1) * -0.5 - self._log_norm
 
 
+def log_sigma_counts(log_sigma: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct values of log_sigma (float32, ascending) and how often each occurs: what
+    tau^2 needs of a catalog, and what shards of one catalog add up (merge_counts)."""
+    return np.unique(np.asarray(log_sigma, dtype=np.float32), return_counts=True)
+
+
+def merge_counts(parts) -> tuple[np.ndarray, np.ndarray]:
+    """log_sigma_counts of a catalog from its shards' (values, counts) pairs."""
+    values, inverse = np.unique(np.concatenate([v for v, _ in parts]), return_inverse=True)
+    return values, np.bincount(inverse, weights=np.concatenate([c for _, c in parts]),
+                               minlength=values.size).astype(np.int64)
+
+
+def temperature_of(values: np.ndarray, counts: np.ndarray) -> float:
+    """tau^2 = exp(2 median(log sigma)) over items and dimensions, from log_sigma_counts: the
+    median as np.median takes it of the float32 values (the mean of the two middle ones for an
+    even count; float32 holds every float16 and the mean of two of them exactly), 1 for an
+    empty catalog."""
+    total = int(counts.sum())
+    if total == 0:
+        return 1.0
+    ends = np.cumsum(counts)
+    middle = values[np.searchsorted(ends, [(total - 1) // 2, total // 2], side="right")]
+    return math.exp(2.0 * float(np.mean(middle, dtype=np.float32)))
+
+
 class WassersteinSearch(LikelihoodSearch):
     """Exact search by the 2-Wasserstein distance between a query's posterior N(m, s^2) and
     each item's N(mu, sigma^2) (docs/matching.md):
@@ -357,10 +389,12 @@ class WassersteinSearch(LikelihoodSearch):
     """
 
     def __init__(self, mu: np.ndarray, log_sigma: np.ndarray, ids: np.ndarray,
-                 labels: np.ndarray) -> None:
-        # float32 holds every float16 and the mean of two of them exactly.
-        middle = float(np.median(np.asarray(log_sigma, dtype=np.float32))) if mu.size else 0.0
-        self.temperature = math.exp(2.0 * middle)
+                 labels: np.ndarray, temperature: float | None = None) -> None:
+        """temperature: tau^2; by default this catalog's own. A shard of a larger catalog takes
+        the whole catalog's (temperature_of, from every shard's log_sigma_counts) so that its
+        scores are the whole catalog's."""
+        self.temperature = temperature_of(*log_sigma_counts(log_sigma)) \
+            if temperature is None else float(temperature)
         super().__init__(mu, log_sigma, ids, labels)
 
     @staticmethod
@@ -396,7 +430,12 @@ class WassersteinSearch(LikelihoodSearch):
     def search_gaussian(self, mu, log_sigma, k: int, label: int | None = None) -> Matches:
         """Rank by -W2^2 / (2 tau^2) between N(mu, sigma^2), (d,) or (B, d), and each item."""
         mu = np.asarray(mu, dtype=np.float64)
-        return self._run(mu, np.exp(np.asarray(log_sigma, dtype=np.float64)), k, label)
+        return self._run(mu, self.spread(log_sigma), k, label)
+
+    @staticmethod
+    def spread(log_sigma: np.ndarray) -> np.ndarray:
+        """sigma, float64: the W2 score compares standard deviations."""
+        return np.exp(np.asarray(log_sigma, dtype=np.float64))
 
     def _exact_scores(self, m, s, rows) -> np.ndarray:
         """-(|m - mu|^2 + |s - sigma|^2) / (2 tau^2) in float64 for the items `rows` and their

@@ -73,3 +73,30 @@ def test_results_do_not_alias_shared_state(runtime):
                   runtime.index.labels):
         with pytest.raises(ValueError, match="read-only"):
             array[0] = 0
+
+
+def test_the_engine_built_on_first_use_is_built_once_for_threads_that_start_together(
+        tiny_bundle, runtime):
+    """The W2 engine (designs and photos) is built by the first query that needs it: threads
+    whose first query that is, all at once, share one engine and get the serial answers."""
+    from vae_edge.runtime import Runtime
+
+    fresh = Runtime.load(tiny_bundle)
+    z = np.random.default_rng(2).normal(0, 1.5, (THREADS, runtime.latent_dim))
+    start = threading.Barrier(THREADS)
+
+    def worker(part: int):
+        start.wait()
+        engine = fresh.wasserstein()
+        matches = fresh.nearest(z[part], k=7, by="decoded")
+        return engine, matches
+
+    with ThreadPoolExecutor(THREADS) as pool:
+        results = list(pool.map(worker, range(THREADS)))
+
+    assert len({id(engine) for engine, _ in results}) == 1
+    assert results[0][0] is fresh.wasserstein()
+    for part, (_, matches) in enumerate(results):
+        expected = runtime.nearest(z[part], k=7, by="decoded")
+        np.testing.assert_array_equal(matches.rows, expected.rows)
+        np.testing.assert_array_equal(matches.log_likelihoods, expected.log_likelihoods)
