@@ -7,6 +7,9 @@ same metadata, and p(x|z) within the engine's P_TOLERANCE. Every shard returns i
 with exact scores and global rows (its offset plus its row), and log S, the log of its sum of
 q(z|x); the driver keeps the best k of the shards' lists, ties to the lower global row as the
 engine breaks them, and takes the log-sum-exp of the shards' log S as the global normaliser.
+Designs (by="decoded") and photos rank by W2 (docs/matching.md) the same way: every shard
+scales its scores by the whole catalog's tau^2, the median of all shards' log sigma values
+counted together at load (each shard's own median would give each its own scale).
 Graph work (decode, the round trip of by="decoded", encoding photos) runs once, on the first
 shard's actor, so that every shard ranks the very same query.
 
@@ -39,7 +42,7 @@ from .core import (
     find_label,
     sample_prior,
 )
-from .search import Matches
+from .search import Matches, WassersteinSearch, log_sigma_counts, merge_counts, temperature_of
 from .shard import read_shards
 
 RESTARTS = 3  # Ray restarts a dead shard actor this often before queries fail
@@ -78,14 +81,19 @@ class _ShardActor:
     def describe(self) -> dict:
         index = self.runtime.index
         return {"manifest": self.runtime.manifest, "size": len(index),
-                "label_counts": np.bincount(index.labels, minlength=len(index.label_names))}
+                "label_counts": np.bincount(index.labels, minlength=len(index.label_names)),
+                "log_sigma_counts": log_sigma_counts(index.log_sigma)}
 
-    def search(self, z: np.ndarray, var: np.ndarray | None, k: int, label: int | None):
+    def search(self, z: np.ndarray, var: np.ndarray | None, k: int, label: int | None,
+               temperature: float | None = None):
         """This shard's top k for queries z (B, d): global rows, ids, labels, exact scores,
-        metadata (B, k') and log S (B,)."""
-        rows, scores, log_total = self.runtime._search.partial(z, k, label, var)
+        metadata (B, k') and log S (B,); by log q (temperature None) or by W2 with the whole
+        catalog's tau^2."""
+        engine = self.runtime._search if temperature is None else \
+            self.runtime.wasserstein(temperature)
+        rows, scores, log_total = engine.partial(z, k, label, var)
         index = self.runtime.index
-        return (rows + self.offset, self.runtime._search.ids[rows],
+        return (rows + self.offset, engine.ids[rows],
                 index.labels[rows].astype(np.int64), scores, self.runtime._metadata(rows),
                 log_total)
 
@@ -127,6 +135,9 @@ class ShardedRuntime:
         self.manifest = manifest
         self._label_counts = label_counts
         self._timeout = timeout
+        # tau^2 of the W2 ranking (by="decoded", photos): the whole catalog's, from every
+        # shard's log sigma values, so that each shard scores as one Runtime would.
+        self.temperature = 1.0
 
     @classmethod
     def load(cls, shards: str | Path, *, address: str | None = None, threads: int = 1,
@@ -166,6 +177,8 @@ class ShardedRuntime:
                              for name, entry in info["manifest"]["files"].items()}
         runtime.manifest = manifest
         runtime._label_counts = np.sum([info["label_counts"] for info in described], axis=0)
+        runtime.temperature = temperature_of(*merge_counts(
+            [info["log_sigma_counts"] for info in described]))
         return runtime
 
     def _all(self, method: str, *args) -> list:
@@ -226,15 +239,12 @@ class ShardedRuntime:
         k = check_k(k)
         check_mode(by, with_distance)
         label_id = self._label_filter(label)
-        distances = var = None
         if by == "latent":
-            query = array
-            if with_distance:
-                distances = self._first("roundtrip", array)[2]
-        else:
-            mu, log_sigma, distances = self._first("roundtrip", array)
-            query, var = mu.astype(np.float64), np.exp(2.0 * log_sigma.astype(np.float64))
-        return self._merge(query, var, k, label_id, distances)
+            distances = self._first("roundtrip", array)[2] if with_distance else None
+            return self._merge(array, None, k, label_id, distances, None)
+        mu, log_sigma, distances = self._first("roundtrip", array)
+        return self._merge(mu.astype(np.float64), WassersteinSearch.spread(log_sigma), k,
+                           label_id, distances, self.temperature)
 
     def nearest_image(self, images, k: int = 5, label: int | str | None = None) -> Matches:
         """As Runtime.nearest_image over the whole catalog."""
@@ -244,8 +254,8 @@ class ShardedRuntime:
         mu, log_sigma = self._first("encode", batch)
         if single:
             mu, log_sigma = mu[0], log_sigma[0]
-        return self._merge(mu.astype(np.float64), np.exp(2.0 * log_sigma.astype(np.float64)),
-                           k, label_id, None)
+        return self._merge(mu.astype(np.float64), WassersteinSearch.spread(log_sigma), k,
+                           label_id, None, self.temperature)
 
     def _label_filter(self, label) -> int | None:
         label_id = self.label_id(label)
@@ -253,11 +263,14 @@ class ShardedRuntime:
             raise ValueError(f"no catalog item has label {self.label_names[label_id]!r}")
         return label_id
 
-    def _merge(self, z: np.ndarray, var, k: int, label: int | None, distances) -> Matches:
+    def _merge(self, z: np.ndarray, var, k: int, label: int | None, distances,
+               temperature: float | None) -> Matches:
+        """The shards' partial answers as one: by log q (temperature None) or by W2."""
         single = z.ndim == 1
         flat = z.reshape(-1, self.latent_dim)
         flat_var = None if var is None else var.reshape(flat.shape)
-        parts = [_Part(*answer) for answer in self._all("search", flat, flat_var, k, label)]
+        parts = [_Part(*answer) for answer in self._all("search", flat, flat_var, k, label,
+                                                        temperature)]
         k = min(k, int(self._label_counts.sum() if label is None else self._label_counts[label]))
         rows = np.concatenate([p.rows for p in parts], axis=1)
         scores = np.concatenate([p.scores for p in parts], axis=1)

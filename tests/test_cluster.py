@@ -17,6 +17,7 @@ from PIL import Image
 from tests.test_server import start_serve
 from vae_edge.runtime import Runtime
 from vae_edge.runtime.bundle import (
+    INDEX_FILES,
     MODEL_FILES,
     THUMBNAIL_FILES,
     BundleError,
@@ -255,6 +256,42 @@ class TestAsOneRuntime:
             assert got.pop("image").split("?")[0] == expected.pop("image").split("?")[0]
             assert got == expected
             assert sharded.item_image(item_id) == one.item_image(item_id)
+
+
+def test_shards_of_unlike_posteriors_rank_designs_and_photos_by_the_whole_catalogs_scale(
+        local_ray, shop, tmp_path):
+    """The W2 ranking (by="decoded", photos) scales scores by tau^2, the median posterior
+    variance: here the first shard's posteriors are narrower than the second's, so each
+    shard's own median differs from the whole catalog's, and the cluster must still answer
+    as one Runtime."""
+    bundle = tmp_path / "unlike"
+    shutil.copytree(shop, bundle)
+    narrower = Runtime.load(shop).index.log_sigma.astype(np.float32)
+    narrower[:len(narrower) // 2] -= 1.0
+    np.save(bundle / INDEX_FILES["log_sigma"], narrower.astype(np.float16))
+    manifest = read_manifest(bundle)
+    manifest["files"] = {name: {} for name in bundle_files(True)}
+    write_manifest(bundle, manifest)
+    out = tmp_path / "shards"
+    assert run("shard", "--bundle", bundle, "--parts", 2, "-o", out).exit_code == 0
+    whole = Runtime.load(bundle)
+    scales = {Runtime.load(out / name).wasserstein().temperature
+              for name in ("shard-0", "shard-1")}
+    assert whole.wasserstein().temperature not in scales and len(scales) == 2
+
+    sharded = ShardedRuntime.load(out)
+    try:
+        z = queries(whole, 40, seed=3)
+        for query in (z[0], z):
+            for label in (None, 3):
+                assert_same(whole.nearest(query, k=6, label=label, by="decoded"),
+                            sharded.nearest(query, k=6, label=label, by="decoded"),
+                            distances=True)
+        images = whole.decode(z[:8])
+        for query in (images[0], images):
+            assert_same(whole.nearest_image(query, k=6), sharded.nearest_image(query, k=6))
+    finally:
+        sharded.close()
 
 
 def test_vae_run_serve_from_the_cluster(local_ray, shards, whole, tmp_path):
