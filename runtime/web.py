@@ -145,8 +145,11 @@ def export_site(runtime: Runtime, out_dir: str | Path, *, z_range: float = DEFAU
             raise BundleError(f"sw.js: expected the line {SITE_VERSION_LINE!r} to stamp")
         written["sw.js"] = _write(root / "sw.js", worker.replace(
             SITE_VERSION_LINE, f'const VERSION = "{site_id}";').encode("utf-8"))
+        # wasserstein_tau2: the scale of the W2 ranking (designs, photos), so that the page's
+        # scores and p are the runtime's (WassersteinSearch.temperature).
         site = {"format": SITE_FORMAT, "version": site_id, "onnxruntime_web": ORT_VERSION,
                 "files": names, "verify": verify,
+                "wasserstein_tau2": runtime.wasserstein().temperature,
                 "cache": sorted(name for name in written if name != "sw.js")}
         (root / "api").mkdir()
         written[INFO_FILE] = _write(root / INFO_FILE, json.dumps(

@@ -153,6 +153,8 @@ def test_export_web_writes_a_site_that_names_and_hashes_its_files(tiny_site, tin
     for name in site["cache"]:
         assert (tiny_site / name).is_file()
     assert 'const VERSION = "' + site["version"] + '";' in (tiny_site / "sw.js").read_text()
+    # the page scales the W2 ranking (designs, photos) as the runtime does
+    assert site["wasserstein_tau2"] == runtime.wasserstein().temperature
 
 
 def test_export_web_refuses_an_existing_folder_and_a_tampered_bundle(tiny_site, bundle_copy,
@@ -287,10 +289,10 @@ def shipped_site(tmp_path_factory):
 
 def test_the_pages_ranking_equals_the_runtimes_on_the_shipped_catalog(browser, shipped_site,  # noqa: F811
                                                                       data_dir):
-    """1,000 z of each kind and 200 photos' posteriors, ranked by the page's engine over the
-    60,000-item float16 index: the runtime's ids in the runtime's order, log-likelihoods
-    within 1e-9 relative (both float64 from the same float16 values; the formula's terms
-    summed in another order), p(x|z) within the runtime's 1.1e-7 relative."""
+    """1,000 z of each kind by log q and 200 photos' posteriors by W2 (the site's tau^2),
+    ranked by the page's engine over the 60,000-item float16 index: the runtime's ids in the
+    runtime's order, scores within 1e-9 relative (both float64 from the same float16 values;
+    the formula's terms summed in another order), p within the runtime's 1.1e-7 relative."""
     from vae_edge.training.data import load_split
 
     runtime = Runtime.load()
@@ -318,8 +320,8 @@ def test_the_pages_ranking_equals_the_runtimes_on_the_shipped_catalog(browser, s
             const engine = await VaeEngine.PageEngine.load(info, site,
                 new URL(".", window.location.href));
             return queries.map(([centre, logSigma]) => {
-                const variance = logSigma && logSigma.map((s) => Math.exp(2 * s));
-                const ranked = engine.rank(centre, variance, k);
+                const ranked = logSigma === null ? engine.rank("likelihood", centre, null, k)
+                    : engine.rank("wasserstein", centre, logSigma.map(Math.exp), k);
                 return [ranked.rows, ranked.scores, ranked.scores.map(
                     (s) => Math.exp(s - ranked.logTotal))];
             });

@@ -60,30 +60,34 @@
     return { dtype: descr[1], shape, data: descr[1] === "<f2" ? halfToDouble(data) : data };
   }
 
-  // ---- the ranking --------------------------------------------------------------------------
-  // Per item, what the direct formula needs in float64: mu and 1/sigma (d each) and
+  // ---- the rankings --------------------------------------------------------------------------
+  // Per item, what the direct formulas need in float64: mu, 1/sigma and sigma (d each) and
   // c = -sum log sigma - (d/2) log 2pi, so that
   //   log q(z|x) = c - 1/2 sum ((z - mu) / sigma)^2
-  // and for a Gaussian query N(m, v) the expected log-likelihood is
-  //   c - 1/2 sum ((m - mu)^2 + v) / sigma^2.
-  function itemTable(mu, logSigma, d) {
+  // and for a Gaussian query N(m, s^2) the expected log-likelihood is
+  //   c - 1/2 sum ((m - mu)^2 + s^2) / sigma^2,
+  // and its 2-Wasserstein score (runtime/search.py, WassersteinSearch), tau^2 the site's
+  //   -(|m - mu|^2 + |s - sigma|^2) / (2 tau^2).
+  function itemTable(mu, logSigma, d, tau2) {
     const n = mu.length / d;
     const inverse = new Float64Array(mu.length);
+    const sigma = new Float64Array(mu.length);
     const constant = new Float64Array(n);
     for (let row = 0; row < n; row++) {
       let sum = 0;
       for (let i = row * d; i < row * d + d; i++) {
-        inverse[i] = 1 / Math.exp(logSigma[i]);
+        sigma[i] = Math.exp(logSigma[i]);
+        inverse[i] = 1 / sigma[i];
         sum += logSigma[i];
       }
       constant[row] = -sum - 0.5 * d * LOG_2PI;
     }
-    return { n, d, mu, inverse, constant };
+    return { n, d, mu, inverse, sigma, constant, tau2 };
   }
 
-  // Every item's score for a query centre m (d) and variance v (d, or null for a point z):
-  // a Float64Array(n).
-  function scoreAll(table, centre, variance) {
+  // Every item's log q (expected log-likelihood) for a query centre m (d) and variance s^2
+  // (d, or null for a point z): a Float64Array(n).
+  function likelihoodScores(table, centre, variance) {
     const { n, d, mu, inverse, constant } = table;
     const scores = new Float64Array(n);
     for (let row = 0, base = 0; row < n; row++, base += d) {
@@ -104,6 +108,30 @@
     }
     return scores;
   }
+
+  // Every item's 2-Wasserstein score for a query N(m, s^2), m = centre and s = spread (d each):
+  // a Float64Array(n).
+  function wassersteinScores(table, centre, spread) {
+    const { n, d, mu, sigma, tau2 } = table;
+    const scores = new Float64Array(n);
+    const scale = -0.5 / tau2;
+    for (let row = 0, base = 0; row < n; row++, base += d) {
+      let means = 0;
+      let spreads = 0;
+      for (let i = 0; i < d; i++) {
+        const a = mu[base + i] - centre[i];
+        const b = sigma[base + i] - spread[i];
+        means += a * a;
+        spreads += b * b;
+      }
+      scores[row] = (means + spreads) * scale;
+    }
+    return scores;
+  }
+
+  // ranking name -> (table, centre, second) -> scores; second: the query's variance for
+  // "likelihood" (null: a point z), its standard deviations for "wasserstein".
+  const RANKINGS = { likelihood: likelihoodScores, wasserstein: wassersteinScores };
 
   // The k best rows, best first, ties to the lower row (as runtime/search.py), and the log of
   // the sum of exp(scores) over the catalog, for p(x|z).
@@ -127,24 +155,27 @@
     return { rows, scores: rows.map((row) => scores[row]), logTotal: best + Math.log(total) };
   }
 
-  function rank(table, centre, variance, k) {
-    return topK(scoreAll(table, centre, variance), k);
+  function rank(table, ranking, centre, second, k) {
+    const score = RANKINGS[ranking];
+    if (!score) throw new Error(`no ranking ${ranking}`);
+    return topK(score(table, centre, second), k);
   }
 
   // ---- match modes ----------------------------------------------------------------------------
-  // A mode turns z into the Gaussian the items are ranked by, and z's distance from the
-  // catalog, |z - mu(decode(z))| (Runtime.nearest with with_distance=True). A new mode is
-  // one more entry.
+  // A mode turns z into the query the items are ranked by (a ranking of RANKINGS and its
+  // arguments), and z's distance from the catalog, |z - mu(decode(z))| (Runtime.nearest with
+  // with_distance=True). A new mode is one more entry.
   const MODES = {
     // log q(z|x): the point z itself.
     async latent(engine, z) {
       const { mu } = await engine.roundtrip(z);
-      return { centre: z, variance: null, distance: distance(z, mu) };
+      return { ranking: "likelihood", centre: z, second: null, distance: distance(z, mu) };
     },
-    // The decoded garment encoded again: expected log-likelihood under its posterior.
+    // The decoded garment encoded again: the 2-Wasserstein score of its posterior, as
+    // photos are ranked (Runtime.nearest_image).
     async decoded(engine, z) {
       const { mu, logSigma } = await engine.roundtrip(z);
-      return { centre: mu, variance: logSigma.map((s) => Math.exp(2 * s)),
+      return { ranking: "wasserstein", centre: mu, second: logSigma.map(Math.exp),
         distance: distance(z, mu) };
     },
   };
@@ -287,17 +318,17 @@
           offsets: Array.from(offsets.data, Number) };
       }
       return new PageEngine(ort, info, sessions[0], sessions[1], mu.data, logSigma.data,
-        labels.data, items, thumbnails);
+        labels.data, items, thumbnails, site.wasserstein_tau2);
     }
 
-    constructor(ort, info, decoder, encoder, mu, logSigma, labels, items, thumbnails) {
+    constructor(ort, info, decoder, encoder, mu, logSigma, labels, items, thumbnails, tau2) {
       this.ort = ort;
       this.site = info;
       this.decoder = decoder;
       this.encoder = encoder;
       this.d = info.latent_dim;
       this.shape = info.image_shape;
-      this.table = itemTable(mu, logSigma, this.d);
+      this.table = itemTable(mu, logSigma, this.d, tau2);
       this.mu = mu;
       this.logSigma = logSigma;
       this.labels = labels;
@@ -373,17 +404,17 @@
         2 * i + 2)) };
     }
 
-    // The ranking alone, for a Gaussian query (variance null: a point z): {rows, scores,
-    // logTotal}. Exposed for the tests that hold it against Runtime.nearest.
-    rank(centre, variance, k) {
-      return rank(this.table, centre, variance, k);
+    // The ranking alone (a name of RANKINGS and its query): {rows, scores, logTotal}.
+    // Exposed for the tests that hold it against Runtime.nearest and nearest_image.
+    rank(ranking, centre, second, k) {
+      return rank(this.table, ranking, centre, second, k);
     }
 
     async nearest(z, k, by) {
       const mode = MODES[by];
       if (!mode) throw new Error(`by must be one of ${Object.keys(MODES).join(", ")}, got ${by}`);
       const query = await mode(this, z);
-      const found = this.rank(query.centre, query.variance, k);
+      const found = this.rank(query.ranking, query.centre, query.second, k);
       const images = await this.pictureUrls(found.rows);
       const results = found.rows.map((row, position) => ({
         ...this.describe(row),
@@ -444,5 +475,5 @@
     }
   }
 
-  root.VaeEngine = { PageEngine, SiteError, MODES, parseNpy, itemTable, rank };
+  root.VaeEngine = { PageEngine, SiteError, MODES, RANKINGS, parseNpy, itemTable, rank };
 })(typeof window !== "undefined" ? window : globalThis);
