@@ -417,10 +417,12 @@ class WassersteinSearch(LikelihoodSearch):
 
     @staticmethod
     def _features(m: np.ndarray, s: np.ndarray | None) -> np.ndarray:
-        ones = np.ones((m.shape[0], 1))
-        return np.concatenate((m, s, ones, -0.5 * ((m * m).sum(axis=1, keepdims=True)
-                                                   + (s * s).sum(axis=1, keepdims=True))),
-                              axis=1)
+        features = np.empty((m.shape[0], 2 * m.shape[1] + 2))
+        d = m.shape[1]
+        features[:, :d], features[:, d:2 * d], features[:, 2 * d] = m, s, 1.0
+        features[:, 2 * d + 1] = -0.5 * np.einsum("bm,bm->b", features[:, :2 * d],
+                                                  features[:, :2 * d])
+        return features
 
     def search(self, z, k: int, label: int | None = None) -> Matches:
         """A point z: its distance to each item's posterior, N(z, 0) against N(mu, sigma^2)."""
@@ -444,5 +446,7 @@ class WassersteinSearch(LikelihoodSearch):
         mean -= m
         spread = np.exp(self._log_sigma.take(rows, axis=0).astype(np.float64))
         spread -= s
-        return ((mean * mean).sum(axis=1) + (spread * spread).sum(axis=1)) \
-            * (-0.5 / self.temperature)
+        mean *= mean
+        spread *= spread
+        mean += spread  # one sum over the d terms of both
+        return mean.sum(axis=1) * (-0.5 / self.temperature)
