@@ -39,6 +39,7 @@ from ..runtime.atomic import atomic_directory
 from ..runtime.core import Runtime
 from ..runtime.search import LOG_2PI
 from ..training.data import Split, load_split
+from ..training.kl import kl_to_prior
 
 REPORT_NAME = "report.json"
 PICTURES_DIR = "pictures"
@@ -298,8 +299,7 @@ def importance_sampled(decoder, x: np.ndarray, mu: np.ndarray, log_sigma: np.nda
         if log is not None and (start // chunk) % 25 == 24:
             _log(log, f"  importance sampling: {min(start + chunk, n)}/{n} images "
                       f"({time.perf_counter() - started:.0f}s)")
-    kl = 0.5 * (np.exp(2 * log_sigma.astype(np.float64)) + mu.astype(np.float64) ** 2
-                - 1.0 - 2 * log_sigma.astype(np.float64)).sum(axis=1)
+    kl = kl_to_prior(mu.astype(np.float64), 2 * log_sigma.astype(np.float64), np.exp)
     return {"log_px": log_px, "recon": recon, "kl": kl}
 
 
@@ -461,8 +461,7 @@ def evaluate_bundle(
     decoder = TorchDecoder(ckpt) if ckpt is not None else OnnxDecoder(rt)
     _log(log, f"loss parts ({decoder.name})")
     bce_mu = _bce_at_mu(decoder, x, mu)
-    kl = 0.5 * (np.exp(2 * log_sigma.astype(np.float64)) + mu.astype(np.float64) ** 2
-                - 1.0 - 2 * log_sigma.astype(np.float64)).sum(axis=1)
+    kl = kl_to_prior(mu.astype(np.float64), 2 * log_sigma.astype(np.float64), np.exp)
     n_is = len(images) if config.is_images is None else min(config.is_images, len(images))
     _log(log, f"importance-sampled log-likelihood: {n_is} images x {config.is_samples} samples")
     t0 = time.perf_counter()
