@@ -7,10 +7,12 @@ that could not be read. KEY is derived from the catalog's fingerprint (the CSV's
 photo's path, size and modification time), the size and the channels, so an edited CSV or a
 replaced photo gets a new cache and an unchanged catalog is never decoded twice. PHOTOS is
 $XDG_CACHE_HOME/vae-edge/photos unless a directory is given: the user cache rather than the
-run directory, so that every training run on the same catalog (another --out, other options, a
-resumed run) reuses it. vae-export decodes the photos itself, since it makes each item's
-thumbnail from the photo. The .npy is filled under a temporary name and renamed into place
-last, after its .json, so a killed run leaves no cache that looks complete.
+run directory, so that every run on the same catalog (another --out, other options, a resumed
+run) reuses it. vae-train also keeps each photo's WebP thumbnail (KEY.webp), made while the
+photo is decoded, so that vae-export of the same catalog takes pixels and thumbnails from the
+cache and decodes no photo again (exported_photos). The .npy is filled under a temporary name
+and renamed into place last, after its .json and .webp, so a killed run leaves no cache that
+looks complete.
 A cache is not trusted blindly: its .json records the .npy's sha256, and on use the record's
 keys and types, its fingerprint, its rows (in range, each once) and the .npy's dtype, shape and
 sha256 are checked; a cache that does not verify is decoded again, with one line saying why.
