@@ -611,3 +611,12 @@ def test_threads_validation(tiny_bundle):
         with pytest.raises(ValueError) as info:
             Runtime.load(tiny_bundle, threads=threads)
         assert str(info.value) == f"threads must be an integer in [1, 256], got {threads!r}"
+
+
+def test_pictures_are_written_as_png_files_only(tmp_path):
+    result = CliRunner().invoke(run_main, ["decode", "--random", "-o",
+                                           str(tmp_path / "garment.jpg")])
+    assert result.exit_code == 2
+    assert result.output == (f"Error: {tmp_path / 'garment.jpg'}: the picture is written as PNG; "
+                             "expected a file name ending in .png, got .jpg\n")
+    assert list(tmp_path.iterdir()) == []

@@ -107,11 +107,3 @@ def test_help_explains():
                         (export_main, "float16 index")):
         result = CliRunner().invoke(main, ["--help"])
         assert result.exit_code == 0 and words in result.output
-
-
-def test_pictures_are_written_as_png_files_only(tmp_path):
-    result = run("decode", "--random", "-o", tmp_path / "garment.jpg")
-    assert result.exit_code == 2
-    assert result.output == (f"Error: {tmp_path / 'garment.jpg'}: the picture is written as PNG; "
-                             "expected a file name ending in .png, got .jpg\n")
-    assert list(tmp_path.iterdir()) == []
