@@ -9,7 +9,9 @@ Which fenced blocks run:
 - ```python: run as one script in that directory; when an ```output block follows it
   directly, what the script prints must match it as a console command's output does.
 - ```bash and ```sh blocks, which install, train, need a network, a GPU, Ray or a device, are
-  not run, and each says why on the line above it: `<!-- not run: REASON -->`.
+  not run, and each says why on the line above it: `<!-- not run: REASON -->`. Their vae-run,
+  vae-train, vae-export and vae-eval lines are still checked: each names a command and options
+  that exist.
 """
 
 from __future__ import annotations
@@ -134,6 +136,49 @@ def test_python_examples_run(block, scratch):
     if block.output is not None:
         assert matches(block.output, done.stdout), \
             f"{block}: the doc shows:\n{block.output}\nit prints:\n{done.stdout}"
+
+
+def commands_and_options():
+    """{program: {command or "": its option names}} of the CLIs the docs show."""
+    from vae_edge.evaluation.cli import main as eval_main
+    from vae_edge.export.cli import main as export_main
+    from vae_edge.runtime.cli import main as run_main
+    from vae_edge.training.cli import main as train_main
+
+    def names(command):
+        return {name for param in command.params for name in param.opts + param.secondary_opts}
+
+    known = {program: {"": names(main)} for program, main in
+             (("vae-train", train_main), ("vae-export", export_main), ("vae-eval", eval_main))}
+    known["vae-run"] = {name: names(command) for name, command in run_main.commands.items()}
+    known["vae-run"][""] = {"--help"}
+    return known
+
+
+def test_commands_not_run_name_commands_and_options_that_exist():
+    known = commands_and_options()
+    shown = 0
+    for block in ALL:
+        if block.info not in ("bash", "sh", "shell", "console"):
+            continue
+        text = block.body.replace("\\\n", " ")  # a command continued on the next line
+        for line in text.splitlines():
+            for part in re.split(r"&&|\||;", line.split(" #")[0]):
+                words = part.replace("$(which ", "").replace(")", "").split()
+                program = next((word for word in words if word in known), None)
+                if program is None:
+                    continue
+                rest = words[words.index(program) + 1:]
+                command = rest[0] if program == "vae-run" and rest and \
+                    not rest[0].startswith("-") else ""
+                assert command in known[program], f"{block}: {program} has no command {command!r}"
+                for word in rest:
+                    option = word.split("=")[0]
+                    if option.startswith("-") and option != "-":
+                        assert option in known[program][command] | {"--help"}, \
+                            f"{block}: {program} {command} has no option {option}"
+                shown += 1
+    assert shown > 20, shown
 
 
 def test_placeholders_match_only_what_they_stand_for():
