@@ -39,6 +39,7 @@ from ..runtime.atomic import atomic_directory
 from ..runtime.core import Runtime
 from ..runtime.search import LOG_2PI
 from ..training.data import Split, load_split
+from ..training.kl import kl_to_prior
 
 REPORT_NAME = "report.json"
 PICTURES_DIR = "pictures"
@@ -298,8 +299,7 @@ def importance_sampled(decoder, x: np.ndarray, mu: np.ndarray, log_sigma: np.nda
         if log is not None and (start // chunk) % 25 == 24:
             _log(log, f"  importance sampling: {min(start + chunk, n)}/{n} images "
                       f"({time.perf_counter() - started:.0f}s)")
-    kl = 0.5 * (np.exp(2 * log_sigma.astype(np.float64)) + mu.astype(np.float64) ** 2
-                - 1.0 - 2 * log_sigma.astype(np.float64)).sum(axis=1)
+    kl = kl_to_prior(mu.astype(np.float64), 2 * log_sigma.astype(np.float64), np.exp)
     return {"log_px": log_px, "recon": recon, "kl": kl}
 
 
@@ -370,88 +370,22 @@ def evaluate_bundle(
         raise FileExistsError(f"{out_dir} exists: pass --force to replace it")
     started = time.perf_counter()
     rt = Runtime.load(bundle, threads=config.threads)
-    ckpt = None
-    if checkpoint is not None:
-        from ..training.train import load_checkpoint
-
-        ckpt = load_checkpoint(checkpoint)
-    catalog_name, catalog = _catalog_split(rt, data_dir, catalog_split)
-    ids = rt.index.ids.astype(np.int64)  # a Fashion-MNIST bundle's ids are rows of its split
-    if ids.min(initial=0) < 0 or ids.max(initial=0) >= len(catalog):
-        raise ValueError(
-            f"bundle ids fall outside the {catalog_name} split (0..{len(catalog) - 1})")
-    catalog_images = catalog.images[ids]
-    if not np.array_equal(catalog.labels[ids].astype(np.int64), rt.index.labels.astype(np.int64)):
-        raise ValueError(f"bundle labels differ from the {catalog_name} split's labels of its ids")
+    ckpt = None if checkpoint is None else _load_checkpoint(checkpoint)
+    catalog_name, catalog_images = _catalog_images(rt, data_dir, catalog_split)
     test = test_split or load_split("test", data_dir)
     images = test.images[: config.test_limit]
     labels = test.labels[: config.test_limit].astype(np.int64)
-    n_classes = len(rt.label_names)
-    report: dict = {
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "bundle": str(rt.root),
-        "checkpoint": None if checkpoint is None else str(checkpoint),
-        "config": asdict(config),
-        "model_config": rt.manifest.get("model_config"),
-        "training": rt.manifest.get("training"),
-        "epochs_trained": rt.manifest.get("epochs_trained"),
-        "latent_dim": rt.latent_dim,
-        "catalog": {"split": catalog_name, "size": len(rt.index)},
-        "test_images": len(images),
-        "bundle_bytes": int(sum(p.stat().st_size for p in Path(rt.root).iterdir() if p.is_file())),
-        "index_floats_per_item": {"mu": rt.latent_dim, "log_sigma": rt.latent_dim,
-                                  "dtype": str(rt.index.mu.dtype)},
-    }
+    report = _report_header(rt, checkpoint, config, catalog_name, len(images))
     if ckpt is not None:
         report["checkpoint_vs_index_max_rel_diff"] = check_checkpoint_matches(
             ckpt, rt, catalog_images[:64], Path(checkpoint))
 
     _log(log, f"encoding {len(images)} test images with encoder.onnx")
-    mu = np.empty((len(images), rt.latent_dim), dtype=np.float32)
-    log_sigma = np.empty_like(mu)
-    recon_images = np.empty((len(images), 28 * 28), dtype=np.float32)
-    for start in range(0, len(images), 1000):
-        m, s = rt.encode(images[start : start + 1000])
-        mu[start : start + 1000], log_sigma[start : start + 1000] = m, s
-        recon_images[start : start + 1000] = rt.decode(m).reshape(len(m), -1)
-    x = images.reshape(len(images), -1).astype(np.float32) / 255.0
+    mu, log_sigma, x, decoded = _encode_test_images(rt, images)
     variances = mu.astype(np.float64).var(axis=0)
-    report["reconstruction_mse"] = float(np.mean((recon_images - x) ** 2))
-    report["active_units"] = {
-        "count": int((variances > ACTIVE_UNIT_THRESHOLD).sum()),
-        "threshold": ACTIVE_UNIT_THRESHOLD,
-        "variance_of_mu": [round(float(v), 5) for v in variances],
-    }
-
-    k = min(RETRIEVAL_K, len(rt.index))
-    _log(log, f"retrieval: rt.nearest on {len(images)} test mu over {len(rt.index)} items")
-    t0 = time.perf_counter()
-    rows_lik = search_rows(rt.nearest, mu, k, config.query_batch, "likelihood search", log=log)
-    seconds_lik = time.perf_counter() - t0
-    _log(log, f"retrieval: rt.nearest_image on {len(images)} test images")
-    t0 = time.perf_counter()
-    rows_exp = search_rows(rt.nearest_image, images, k, config.query_batch,
-                           "photo search", log=log)
-    seconds_exp = time.perf_counter() - t0
-    rows_pix = None
-    if config.baseline:
-        _log(log, "retrieval: raw-pixel L2 baseline over the same catalog")
-        t0 = time.perf_counter()
-        rows_pix = pixel_neighbours(images, catalog_images, k, log=log)
-        seconds_pix = time.perf_counter() - t0
-    cat_labels = rt.index.labels.astype(np.int64)
-    report["retrieval"] = {
-        "likelihood_mu": label_metrics(cat_labels[rows_lik], labels, n_classes)
-        | {"engine": "runtime Runtime.nearest (log q(mu_test | x_item), float16 index)",
-           "seconds": round(seconds_lik, 1)},
-        "photo": label_metrics(cat_labels[rows_exp], labels, n_classes)
-        | {"engine": "runtime Runtime.nearest_image (-W2^2 between q(z|x_test) and "
-                     "q(z|x_item), float16 index)", "seconds": round(seconds_exp, 1)},
-    }
-    if rows_pix is not None:
-        pixels = label_metrics(cat_labels[rows_pix], labels, n_classes)
-        report["retrieval"]["pixels_l2"] = pixels | {
-            "engine": "numpy float32, raw pixels in [0, 1]", "seconds": round(seconds_pix, 1)}
+    report |= _coding_figures(x, decoded, variances)
+    report["retrieval"], rows_lik, rows_pix = _retrieval(rt, images, labels, mu, catalog_images,
+                                                         config, log)
 
     slider_tops = None
     if config.slider_queries:
@@ -459,32 +393,7 @@ def evaluate_bundle(
             rt, catalog_images, config.slider_queries, config.slider_range, config.seed, log=log)
 
     decoder = TorchDecoder(ckpt) if ckpt is not None else OnnxDecoder(rt)
-    _log(log, f"loss parts ({decoder.name})")
-    bce_mu = _bce_at_mu(decoder, x, mu)
-    kl = 0.5 * (np.exp(2 * log_sigma.astype(np.float64)) + mu.astype(np.float64) ** 2
-                - 1.0 - 2 * log_sigma.astype(np.float64)).sum(axis=1)
-    n_is = len(images) if config.is_images is None else min(config.is_images, len(images))
-    _log(log, f"importance-sampled log-likelihood: {n_is} images x {config.is_samples} samples")
-    t0 = time.perf_counter()
-    iw = importance_sampled(decoder, x[:n_is], mu[:n_is], log_sigma[:n_is], config.is_samples,
-                            config.seed, log=log)
-    report["likelihood"] = {
-        "backend": decoder.name,
-        "units": "nats per image; Bernoulli likelihood of grey levels in [0, 1]",
-        "images": len(images),
-        "recon_at_mu": float(bce_mu.mean()),
-        "kl": float(kl.mean()),
-        "loss_at_mu": float(bce_mu.mean() + kl.mean()),
-        "is_images": n_is,
-        "is_samples": config.is_samples,
-        "recon": float(iw["recon"].mean()),
-        "kl_is_images": float(iw["kl"].mean()),
-        "negative_elbo": float(iw["recon"].mean() + iw["kl"].mean()),
-        "negative_log_likelihood_is": float(-iw["log_px"].mean()),
-        "negative_log_likelihood_is_stderr": float(iw["log_px"].std(ddof=1) / math.sqrt(n_is))
-        if n_is > 1 else None,
-        "seconds": round(time.perf_counter() - t0, 1),
-    }
+    report["likelihood"] = _likelihood(decoder, x, mu, log_sigma, config, log)
 
     with atomic_directory(out_dir) as tmp:
         if config.pictures:
@@ -502,6 +411,134 @@ def evaluate_bundle(
         (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     _log(log, summary(report))
     return report
+
+
+def _load_checkpoint(path):
+    from ..training.train import load_checkpoint  # torch: only where a checkpoint is given
+
+    return load_checkpoint(path)
+
+
+def _catalog_images(rt: Runtime, data_dir, catalog_split: Split | None
+                    ) -> tuple[str, np.ndarray]:
+    """The name of the Fashion-MNIST split the bundle indexes and its images in index order,
+    once the bundle's ids and labels are that split's."""
+    catalog_name, catalog = _catalog_split(rt, data_dir, catalog_split)
+    ids = rt.index.ids.astype(np.int64)  # a Fashion-MNIST bundle's ids are rows of its split
+    if ids.min(initial=0) < 0 or ids.max(initial=0) >= len(catalog):
+        raise ValueError(
+            f"bundle ids fall outside the {catalog_name} split (0..{len(catalog) - 1})")
+    if not np.array_equal(catalog.labels[ids].astype(np.int64), rt.index.labels.astype(np.int64)):
+        raise ValueError(f"bundle labels differ from the {catalog_name} split's labels of its ids")
+    return catalog_name, catalog.images[ids]
+
+
+def _report_header(rt: Runtime, checkpoint, config: EvalConfig, catalog_name: str,
+                   test_images: int) -> dict:
+    return {
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "bundle": str(rt.root),
+        "checkpoint": None if checkpoint is None else str(checkpoint),
+        "config": asdict(config),
+        "model_config": rt.manifest.get("model_config"),
+        "training": rt.manifest.get("training"),
+        "epochs_trained": rt.manifest.get("epochs_trained"),
+        "latent_dim": rt.latent_dim,
+        "catalog": {"split": catalog_name, "size": len(rt.index)},
+        "test_images": test_images,
+        "bundle_bytes": int(sum(p.stat().st_size for p in Path(rt.root).iterdir() if p.is_file())),
+        "index_floats_per_item": {"mu": rt.latent_dim, "log_sigma": rt.latent_dim,
+                                  "dtype": str(rt.index.mu.dtype)},
+    }
+
+
+def _encode_test_images(rt: Runtime, images: np.ndarray, batch: int = 1000):
+    """mu and log_sigma of each image, its pixels x in [0, 1] and decode(mu), both (N, 784)."""
+    mu = np.empty((len(images), rt.latent_dim), dtype=np.float32)
+    log_sigma = np.empty_like(mu)
+    decoded = np.empty((len(images), 28 * 28), dtype=np.float32)
+    for start in range(0, len(images), batch):
+        m, s = rt.encode(images[start : start + batch])
+        mu[start : start + batch], log_sigma[start : start + batch] = m, s
+        decoded[start : start + batch] = rt.decode(m).reshape(len(m), -1)
+    x = images.reshape(len(images), -1).astype(np.float32) / 255.0
+    return mu, log_sigma, x, decoded
+
+
+def _coding_figures(x: np.ndarray, decoded: np.ndarray, variances: np.ndarray) -> dict:
+    return {
+        "reconstruction_mse": float(np.mean((decoded - x) ** 2)),
+        "active_units": {
+            "count": int((variances > ACTIVE_UNIT_THRESHOLD).sum()),
+            "threshold": ACTIVE_UNIT_THRESHOLD,
+            "variance_of_mu": [round(float(v), 5) for v in variances],
+        },
+    }
+
+
+def _retrieval(rt: Runtime, images: np.ndarray, labels: np.ndarray, mu: np.ndarray,
+               catalog_images: np.ndarray, config: EvalConfig, log):
+    """The retrieval figures of both runtime searches (and the raw-pixel baseline), with the
+    catalog rows each found for each test image: (figures, likelihood rows, pixel rows)."""
+    k = min(RETRIEVAL_K, len(rt.index))
+    _log(log, f"retrieval: rt.nearest on {len(images)} test mu over {len(rt.index)} items")
+    t0 = time.perf_counter()
+    rows_lik = search_rows(rt.nearest, mu, k, config.query_batch, "likelihood search", log=log)
+    seconds_lik = time.perf_counter() - t0
+    _log(log, f"retrieval: rt.nearest_image on {len(images)} test images")
+    t0 = time.perf_counter()
+    rows_exp = search_rows(rt.nearest_image, images, k, config.query_batch,
+                           "photo search", log=log)
+    seconds_exp = time.perf_counter() - t0
+    cat_labels, n_classes = rt.index.labels.astype(np.int64), len(rt.label_names)
+    figures = {
+        "likelihood_mu": label_metrics(cat_labels[rows_lik], labels, n_classes)
+        | {"engine": "runtime Runtime.nearest (log q(mu_test | x_item), float16 index)",
+           "seconds": round(seconds_lik, 1)},
+        "photo": label_metrics(cat_labels[rows_exp], labels, n_classes)
+        | {"engine": "runtime Runtime.nearest_image (-W2^2 between q(z|x_test) and "
+                     "q(z|x_item), float16 index)", "seconds": round(seconds_exp, 1)},
+    }
+    rows_pix = None
+    if config.baseline:
+        _log(log, "retrieval: raw-pixel L2 baseline over the same catalog")
+        t0 = time.perf_counter()
+        rows_pix = pixel_neighbours(images, catalog_images, k, log=log)
+        seconds_pix = time.perf_counter() - t0
+        figures["pixels_l2"] = label_metrics(cat_labels[rows_pix], labels, n_classes) | {
+            "engine": "numpy float32, raw pixels in [0, 1]", "seconds": round(seconds_pix, 1)}
+    return figures, rows_lik, rows_pix
+
+
+def _likelihood(decoder, x: np.ndarray, mu: np.ndarray, log_sigma: np.ndarray,
+                config: EvalConfig, log) -> dict:
+    """The loss parts at mu over every test image, and the ELBO and importance-sampled
+    log-likelihood over the first config.is_images."""
+    _log(log, f"loss parts ({decoder.name})")
+    bce_mu = _bce_at_mu(decoder, x, mu)
+    kl = kl_to_prior(mu.astype(np.float64), 2 * log_sigma.astype(np.float64), np.exp)
+    n_is = len(x) if config.is_images is None else min(config.is_images, len(x))
+    _log(log, f"importance-sampled log-likelihood: {n_is} images x {config.is_samples} samples")
+    t0 = time.perf_counter()
+    iw = importance_sampled(decoder, x[:n_is], mu[:n_is], log_sigma[:n_is], config.is_samples,
+                            config.seed, log=log)
+    return {
+        "backend": decoder.name,
+        "units": "nats per image; Bernoulli likelihood of grey levels in [0, 1]",
+        "images": len(x),
+        "recon_at_mu": float(bce_mu.mean()),
+        "kl": float(kl.mean()),
+        "loss_at_mu": float(bce_mu.mean() + kl.mean()),
+        "is_images": n_is,
+        "is_samples": config.is_samples,
+        "recon": float(iw["recon"].mean()),
+        "kl_is_images": float(iw["kl"].mean()),
+        "negative_elbo": float(iw["recon"].mean() + iw["kl"].mean()),
+        "negative_log_likelihood_is": float(-iw["log_px"].mean()),
+        "negative_log_likelihood_is_stderr": float(iw["log_px"].std(ddof=1) / math.sqrt(n_is))
+        if n_is > 1 else None,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
 
 
 def summary(report: dict) -> str:

@@ -36,6 +36,7 @@ from ..runtime.catalog import (
     read_catalog,
 )
 from ..training import distributed
+from ..training.catalog_data import exported_photos
 from ..training.data import CLASS_NAMES, Split, load_split
 from ..training.model import VAE
 from ..training.train import load_checkpoint, model_from_checkpoint, to_tensor
@@ -266,7 +267,7 @@ def catalog_index(vae: VAE, rows: Catalog, limit, skip_bad: bool, thumbnail_size
     if ranks.world == 1:
         with tqdm(total=len(rows), desc="photos", unit="photo", disable=None,
                   leave=False) as bar:
-            rows, pixels, thumbnails = fit_catalog(rows, size, channels, skip_bad=skip_bad,
+            rows, pixels, thumbnails = exported_photos(rows, size, channels, skip_bad=skip_bad,
                                                    thumbnail_size=thumbnail_size,
                                                    progress=bar.update)
         if rows.skipped:

@@ -2,8 +2,8 @@
 
 The format (docs/catalog.md): UTF-8 CSV with a header row;
 - `id`: unique, non-empty text (a SKU);
-- `image`: a path, relative to the CSV or absolute, to a PNG, JPEG or WebP photo, any size,
-  grayscale or colour;
+- `image`: a path, relative to the CSV or absolute, to a photo (runtime.images.FORMATS_TEXT),
+  any size, grayscale or colour;
 - `label`: optional category text;
 - every other column is kept as text metadata and comes back with search results.
 
@@ -86,6 +86,35 @@ def read_catalog(path: str | Path, *, skip_bad: bool = False,
     file is refused either way.
     """
     source = Path(path)
+    # Lines end at \n, \r or \r\n only, as CSV says: str.splitlines would also end them at
+    # U+2028, NEL, form feed and others that may sit inside a product's name.
+    reader = csv.reader(io.StringIO(_csv_text(source), newline=""), strict=True)
+    line = 1  # where the record being read starts
+    try:
+        names = _header(source, next(reader, None))
+        rows, problems = [], []
+        check = _RowCheck(names, known_ids)
+        line = reader.line_num + 1
+        for fields in reader:
+            start, line = line, reader.line_num + 1
+            if not any(value.strip() for value in fields):
+                continue  # blank lines, as spreadsheets leave at the end
+            problem = check(fields)
+            if problem is not None:
+                problems.append(f"line {start}: {problem}")
+            else:
+                rows.append((start, fields))
+    except csv.Error as exc:  # named by the line its record starts on: an unclosed quote
+        # runs on to the end of the file
+        raise ValueError(f"{source}: malformed CSV at line {line}: {exc}") from None
+    if problems and not skip_bad:
+        raise bad_rows_error(source, problems)
+    if not rows:
+        raise ValueError(f"{source}: no items; expected at least one row after the header")
+    return _catalog(source, names, rows, problems)
+
+
+def _csv_text(source: Path) -> str:
     if source.is_dir():
         raise ValueError(f"{source} is a directory; expected a catalog CSV file")
     if not source.is_file():
@@ -94,64 +123,60 @@ def read_catalog(path: str | Path, *, skip_bad: bool = False,
         # -sig: spreadsheets write a BOM. newline="": a carriage return inside a quoted field
         # is the field's text, kept as it is.
         with open(source, encoding="utf-8-sig", newline="") as handle:
-            text = handle.read()
+            return handle.read()
     except UnicodeDecodeError as exc:
         raise ValueError(f"{source}: not UTF-8 text (byte {exc.start}: {exc.reason}); save the "
                          "CSV as UTF-8") from None
-    # Lines end at \n, \r or \r\n only, as CSV says: str.splitlines would also end them at
-    # U+2028, NEL, form feed and others that may sit inside a product's name.
-    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
-    line = 1  # where the record being read starts
-    try:
-        header = next(reader, None)
-        if header is None:
-            raise ValueError(f"{source}: empty file; expected a header row with id and image")
-        names = [name.strip() for name in header]
-        missing = [name for name in REQUIRED_COLUMNS if name not in names]
-        if missing:
-            raise ValueError(f"{source}: header has no {' or '.join(missing)} column; expected "
-                             f"columns id, image[, label, ...], got {', '.join(names)[:200]}")
-        empty = [str(i) for i, name in enumerate(names, start=1) if not name]
-        if empty:  # a spreadsheet's trailing empty columns, say
-            raise ValueError(f"{source}: header has an empty column name (column "
-                             f"{first_few(empty, ', ')}); name the column or delete it")
-        repeated = sorted({name for name in names if names.count(name) > 1})
-        if repeated:
-            raise ValueError(f"{source}: header has repeated column names: "
-                             f"{', '.join(repeated)}")
-        id_at, image_at = names.index("id"), names.index("image")
-        label_at = names.index("label") if "label" in names else None
-        extra = [i for i, name in enumerate(names) if name not in ("id", "image", "label")]
-        rows, problems, seen = [], [], set(known_ids)
-        line = reader.line_num + 1
-        for fields in reader:
-            start, line = line, reader.line_num + 1
-            if not any(value.strip() for value in fields):
-                continue  # blank lines, as spreadsheets leave at the end
-            problem = None
-            if len(fields) != len(names):
-                problem = f"{len(fields)} fields, expected {len(names)}"
-            else:
-                item_id = fields[id_at]
-                problem = _id_problem(item_id)
-                if problem is None and item_id in known_ids:
-                    problem = f"id {item_id!r} is already in the bundle"
-                elif problem is None and item_id in seen:
-                    problem = f"id {item_id!r} repeated"
-                elif problem is None and not fields[image_at].strip():
-                    problem = "empty image path"
-            if problem is not None:
-                problems.append(f"line {start}: {problem}")
-                continue
-            seen.add(item_id)
-            rows.append((start, fields))
-    except csv.Error as exc:  # named by the line its record starts on: an unclosed quote
-        # runs on to the end of the file
-        raise ValueError(f"{source}: malformed CSV at line {line}: {exc}") from None
-    if problems and not skip_bad:
-        raise bad_rows_error(source, problems)
-    if not rows:
-        raise ValueError(f"{source}: no items; expected at least one row after the header")
+
+
+def _header(source: Path, header: list[str] | None) -> list[str]:
+    """The column names, once they name id and image, each once and none empty."""
+    if header is None:
+        raise ValueError(f"{source}: empty file; expected a header row with id and image")
+    names = [name.strip() for name in header]
+    missing = [name for name in REQUIRED_COLUMNS if name not in names]
+    if missing:
+        raise ValueError(f"{source}: header has no {' or '.join(missing)} column; expected "
+                         f"columns id, image[, label, ...], got {', '.join(names)[:200]}")
+    empty = [str(i) for i, name in enumerate(names, start=1) if not name]
+    if empty:  # a spreadsheet's trailing empty columns, say
+        raise ValueError(f"{source}: header has an empty column name (column "
+                         f"{first_few(empty, ', ')}); name the column or delete it")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"{source}: header has repeated column names: {', '.join(repeated)}")
+    return names
+
+
+class _RowCheck:
+    """fields -> why the row cannot be an item, or None; remembers the ids it accepted."""
+
+    def __init__(self, names: list[str], known_ids: frozenset[str]):
+        self.width, self.known = len(names), known_ids
+        self.id_at, self.image_at = names.index("id"), names.index("image")
+        self.seen = set(known_ids)
+
+    def __call__(self, fields: list[str]) -> str | None:
+        if len(fields) != self.width:
+            return f"{len(fields)} fields, expected {self.width}"
+        item_id = fields[self.id_at]
+        problem = _id_problem(item_id)
+        if problem is None and item_id in self.known:
+            problem = f"id {item_id!r} is already in the bundle"
+        elif problem is None and item_id in self.seen:
+            problem = f"id {item_id!r} repeated"
+        elif problem is None and not fields[self.image_at].strip():
+            problem = "empty image path"
+        if problem is None:
+            self.seen.add(item_id)
+        return problem
+
+
+def _catalog(source: Path, names: list[str], rows: list[tuple[int, list[str]]],
+             problems: list[str]) -> Catalog:
+    id_at, image_at = names.index("id"), names.index("image")
+    label_at = names.index("label") if "label" in names else None
+    extra = [i for i, name in enumerate(names) if name not in ("id", "image", "label")]
     return Catalog(
         source=source,
         ids=tuple(fields[id_at] for _, fields in rows),

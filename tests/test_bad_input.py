@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from PIL import Image
 
-from vae_edge.runtime import parse_z
+from vae_edge.runtime import Runtime, parse_z
 from vae_edge.runtime.cli import main as run_main
 from vae_edge.runtime.core import MAX_ABS_Z
 from vae_edge.runtime.images import (
@@ -565,3 +565,58 @@ def test_fuzz_runtime_encode(runtime, images):
     expected = (D,) if one else (images.shape[0], D)
     assert mu.shape == log_sigma.shape == expected
     assert np.isfinite(mu).all() and np.isfinite(log_sigma).all()
+
+
+# --- the commands' options and files --------------------------------------------------------
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["nearest"], "Error: give exactly one of --z NUMBERS or --random"),
+        (["nearest", "--z", Z8, "--random"], "Error: give exactly one of --z NUMBERS or --random"),
+        (["nearest", "--image", "missing.png", "--random"],
+         "Error: give either --image PATH or a latent (--z NUMBERS / --random), not both"),
+        (["nearest", "--image", "missing.png"], "Error: image not found: missing.png"),
+        (["decode", "--z", Z8, "-o", "/nonexistent/dir/x.png"],
+         "Error: output directory does not exist: /nonexistent/dir"),
+    ],
+)
+def test_bad_options_exit_2_with_one_line(tiny_bundle, args, message):
+    """Options that do not go together, and files that are not there (bad bundles:
+    test_corrupt_bundles.py)."""
+    result = CliRunner().invoke(run_main, [*args, "--bundle", str(tiny_bundle)])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines()[-1] == message
+    assert "Traceback" not in result.output
+
+
+def test_train_and_export_cli_errors(tmp_path):
+    from vae_edge.export.cli import main as export_main
+    from vae_edge.training.cli import main as train_main
+
+    result = CliRunner().invoke(train_main, ["--out", str(tmp_path / "r"), "--widths", "8,x"])
+    assert result.exit_code == 2
+    assert result.output.strip() == "Error: --widths must be comma-separated integers, got '8,x'"
+    result = CliRunner().invoke(train_main, ["--out", str(tmp_path / "r"), "--data-dir",
+                                             str(tmp_path / "nodata"), "--epochs", "1"])
+    assert result.exit_code == 2
+    assert result.output.strip() == f"Error: --data-dir {tmp_path / 'nodata'} does not exist"
+    result = CliRunner().invoke(export_main, [str(tmp_path / "none.pt"), "-o", str(tmp_path / "b")])
+    assert result.exit_code == 2
+    assert result.output.strip() == f"Error: checkpoint not found: {tmp_path / 'none.pt'}"
+
+
+def test_threads_validation(tiny_bundle):
+    for threads in (0, 257, 3000, 2**31, 10**20, 2.0, True):
+        with pytest.raises(ValueError) as info:
+            Runtime.load(tiny_bundle, threads=threads)
+        assert str(info.value) == f"threads must be an integer in [1, 256], got {threads!r}"
+
+
+def test_pictures_are_written_as_png_files_only(tmp_path):
+    result = CliRunner().invoke(run_main, ["decode", "--random", "-o",
+                                           str(tmp_path / "garment.jpg")])
+    assert result.exit_code == 2
+    assert result.output == (f"Error: {tmp_path / 'garment.jpg'}: the picture is written as PNG; "
+                             "expected a file name ending in .png, got .jpg\n")
+    assert list(tmp_path.iterdir()) == []

@@ -353,3 +353,38 @@ def test_a_cache_that_does_not_verify_is_decoded_again_saying_why(tmp_path, name
     lines.clear()
     cached_photos(catalog, 16, 3, cache_dir=cache_dir, log=lines.append)
     assert lines == [f"photos: reusing the cache {npy} (6 items)"]
+
+
+def test_an_export_of_the_trained_catalog_takes_photos_and_thumbnails_from_the_cache(tmp_path):
+    from vae_edge.runtime.catalog import fit_catalog
+    from vae_edge.training.catalog_data import exported_photos
+
+    catalog = read_catalog(make_catalog(tmp_path / "shop", items=6))
+    cache_dir = tmp_path / "cache"
+    cached_photos(catalog, 16, 3, thumbnail_size=24, cache_dir=cache_dir, log=lambda line: None)
+    expected = fit_catalog(catalog, 16, 3, thumbnail_size=24)
+    # Every photo becomes unreadable while the catalog's fingerprint (sizes, times) stays:
+    # what still comes back was not decoded again.
+    for path in catalog.images:
+        stat = path.stat()
+        path.write_bytes(b"\0" * stat.st_size)
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert catalog_fingerprint(catalog) == catalog_fingerprint(read_catalog(catalog.source))
+    lines = []
+    rows, pixels, thumbnails = exported_photos(catalog, 16, 3, thumbnail_size=24,
+                                               cache_dir=cache_dir, log=lines.append)
+    assert lines == [f"photos: reusing the cache {lines[0].split()[4]} (6 items)"]
+    assert rows == expected[0]
+    np.testing.assert_array_equal(pixels, expected[1])
+    assert thumbnails == expected[2]
+    rows, pixels, thumbnails = exported_photos(catalog, 16, 3, cache_dir=cache_dir,
+                                               log=lines.append)
+    assert thumbnails is None and rows == expected[0]
+    np.testing.assert_array_equal(pixels, expected[1])
+    # Thumbnails of another size are not in the cache: the photos are decoded, and fail.
+    lines.clear()
+    with pytest.raises(ValueError, match="6 bad photos"):
+        exported_photos(catalog, 16, 3, thumbnail_size=32, cache_dir=cache_dir,
+                        log=lines.append)
+    assert lines[0].endswith("cannot be used (it holds no 32x32 thumbnails); decoding the "
+                             "photos"), lines

@@ -102,49 +102,8 @@ def test_sheet(tiny_bundle, tmp_path):
         assert image.size[0] == 8 + cell * (1 + SHEET_MAX_ITEMS)
 
 
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        (["nearest"], "Error: give exactly one of --z NUMBERS or --random"),
-        (["nearest", "--z", Z8, "--random"], "Error: give exactly one of --z NUMBERS or --random"),
-        (["nearest", "--image", "missing.png", "--random"],
-         "Error: give either --image PATH or a latent (--z NUMBERS / --random), not both"),
-        (["nearest", "--image", "missing.png"], "Error: image not found: missing.png"),
-        (["decode", "--z", Z8, "-o", "/nonexistent/dir/x.png"],
-         "Error: output directory does not exist: /nonexistent/dir"),
-    ],
-)
-def test_bad_input_exits_2_with_one_line(tiny_bundle, args, message):
-    """Bad z, k, images and bundles: test_bad_input.py and test_corrupt_bundles.py."""
-    result = run(*args, "--bundle", tiny_bundle)
-    assert result.exit_code == 2
-    assert result.output.strip().splitlines()[-1] == message
-    assert "Traceback" not in result.output
-
-
-def test_train_and_export_cli_errors(tmp_path):
-    result = CliRunner().invoke(train_main, ["--out", str(tmp_path / "r"), "--widths", "8,x"])
-    assert result.exit_code == 2
-    assert result.output.strip() == "Error: --widths must be comma-separated integers, got '8,x'"
-    result = CliRunner().invoke(train_main, ["--out", str(tmp_path / "r"), "--data-dir",
-                                             str(tmp_path / "nodata"), "--epochs", "1"])
-    assert result.exit_code == 2
-    assert result.output.strip() == f"Error: --data-dir {tmp_path / 'nodata'} does not exist"
-    result = CliRunner().invoke(export_main, [str(tmp_path / "none.pt"), "-o", str(tmp_path / "b")])
-    assert result.exit_code == 2
-    assert result.output.strip() == f"Error: checkpoint not found: {tmp_path / 'none.pt'}"
-
-
 def test_help_explains():
     for main, words in ((run_main, "log q(z|x)"), (train_main, "beta * KL"),
                         (export_main, "float16 index")):
         result = CliRunner().invoke(main, ["--help"])
         assert result.exit_code == 0 and words in result.output
-
-
-def test_pictures_are_written_as_png_files_only(tmp_path):
-    result = run("decode", "--random", "-o", tmp_path / "garment.jpg")
-    assert result.exit_code == 2
-    assert result.output == (f"Error: {tmp_path / 'garment.jpg'}: the picture is written as PNG; "
-                             "expected a file name ending in .png, got .jpg\n")
-    assert list(tmp_path.iterdir()) == []

@@ -37,6 +37,23 @@ def test_kl_closed_form_matches_definition():
     assert zero.item() == 0.0
 
 
+def test_kl_is_one_formula_for_training_and_evaluation():
+    # vae-eval reports KL on numpy float64 arrays with the formula training minimises on tensors
+    import numpy as np
+
+    from vae_edge.training.kl import kl_to_prior
+
+    mu = np.array([[0.5, -1.0, 2.0], [0.0, 0.3, -0.1]])
+    log_var = np.array([[0.2, -0.7, 1.5], [0.0, -3.0, 0.4]])
+    _, trained = loss_parts(torch.zeros(2, 1, 28, 28), torch.zeros(2, 1, 28, 28),
+                            torch.tensor(mu, dtype=torch.float64),
+                            torch.tensor(log_var, dtype=torch.float64))
+    evaluated = kl_to_prior(mu, log_var, np.exp)
+    np.testing.assert_allclose(evaluated, trained.numpy(), rtol=1e-12)
+    np.testing.assert_allclose(evaluated, 0.5 * (np.exp(log_var) + mu**2 - 1 - log_var).sum(1),
+                               rtol=1e-12)
+
+
 def test_config_validation_and_round_trip():
     config = VAEConfig(latent_dim=3, channels=[4, 8], hidden_dim=9)
     assert VAEConfig.from_dict(config.to_dict()) == config

@@ -31,13 +31,6 @@ def test_uint8_images_are_scaled(runtime):
                                runtime.encode(pixels.astype(np.float32) / 255)[0], atol=1e-6)
 
 
-def test_threads_validation(tiny_bundle):
-    for threads in (0, 257, 3000, 2**31, 10**20, 2.0, True):
-        with pytest.raises(ValueError) as info:
-            Runtime.load(tiny_bundle, threads=threads)
-        assert str(info.value) == f"threads must be an integer in [1, 256], got {threads!r}"
-
-
 def test_default_bundle_loads():
     runtime = Runtime.load()
     matches = runtime.nearest(np.zeros(runtime.latent_dim), k=5)

@@ -8,8 +8,11 @@ photo's path, size and modification time), the size and the channels, so an edit
 replaced photo gets a new cache and an unchanged catalog is never decoded twice. PHOTOS is
 $XDG_CACHE_HOME/vae-edge/photos unless a directory is given: the user cache rather than the
 run directory, so that every run on the same catalog (another --out, other options, a resumed
-run, an export at the same size) reuses it. The .npy is filled under a temporary name and
-renamed into place last, after its .json, so a killed run leaves no cache that looks complete.
+run) reuses it. vae-train also keeps each photo's WebP thumbnail (KEY.webp), made while the
+photo is decoded, so that vae-export of the same catalog takes pixels and thumbnails from the
+cache and decodes no photo again (exported_photos). The .npy is filled under a temporary name
+and renamed into place last, after its .json and .webp, so a killed run leaves no cache that
+looks complete.
 A cache is not trusted blindly: its .json records the .npy's sha256, and on use the record's
 keys and types, its fingerprint, its rows (in range, each once) and the .npy's dtype, shape and
 sha256 are checked; a cache that does not verify is decoded again, with one line saying why.
@@ -58,59 +61,136 @@ class PhotoCache:
 
 
 def cached_photos(catalog: Catalog, size: int, channels: int, *, skip_bad: bool = False,
-                  cache_dir: str | Path | None = None, progress: bool = False,
-                  log=print) -> PhotoCache:
+                  thumbnail_size: int | None = None, cache_dir: str | Path | None = None,
+                  progress: bool = False, log=print) -> PhotoCache:
     """The catalog's photos fitted to (channels, size, size), from the cache or decoded into it.
 
+    thumbnail_size: while each photo is decoded, also keep its WebP thumbnail of that side
+    (KEY.webp), so that vae-export (exported_photos) need not decode the photos again.
     A photo that cannot be read is a bad row: ValueError naming its CSV line (also when an
     earlier run with skip_bad had left it out), unless skip_bad.
     """
-    from numpy.lib.format import open_memmap
-    from tqdm import tqdm
-
+    path, record_path = _cache_paths(catalog, size, channels, cache_dir)
     fingerprint = catalog_fingerprint(catalog)
-    key = hashlib.sha256(f"{CACHE_FORMAT}\0{fingerprint}\0{size}\0{channels}".encode()
-                         ).hexdigest()[:32]
-    directory = Path(cache_dir) if cache_dir is not None else photo_cache_dir()
-    path, record_path = directory / f"{key}.npy", directory / f"{key}.json"
     shape = (len(catalog), channels, size, size)
     if path.is_file() and record_path.is_file():
         try:
-            kept, skipped = _verified(path, record_path, fingerprint, shape)
+            record = _verified(path, record_path, fingerprint, shape)
         except _Unverified as exc:
             log(f"photos: the cache {path} does not verify ({exc}); decoding it again")
         else:
+            kept, skipped = record["kept"], record["skipped"]
             if skipped and not skip_bad:
                 raise bad_rows_error(catalog.source, skipped, "photo")
             log(f"photos: reusing the cache {path} ({len(kept)} items)")
             pixels = np.load(path, mmap_mode="r")
             return PhotoCache(path, fingerprint, catalog.select(kept, skipped),
                               pixels[: len(kept)], reused=True)
+    good = _decode_into_cache(catalog, shape, path, record_path, fingerprint, skip_bad,
+                              thumbnail_size, progress, log)
+    pixels = np.load(path, mmap_mode="r")
+    return PhotoCache(path, fingerprint, good, pixels[: len(good)], reused=False)
 
-    directory.mkdir(parents=True, exist_ok=True)
-    for target in (path, record_path):  # what a killed run left half-written
+
+def _cache_paths(catalog: Catalog, size: int, channels: int,
+                 cache_dir: str | Path | None) -> tuple[Path, Path]:
+    """The .npy and .json of the catalog's cache at this size and channel count."""
+    key = hashlib.sha256(
+        f"{CACHE_FORMAT}\0{catalog_fingerprint(catalog)}\0{size}\0{channels}".encode()
+    ).hexdigest()[:32]
+    directory = Path(cache_dir) if cache_dir is not None else photo_cache_dir()
+    return directory / f"{key}.npy", directory / f"{key}.json"
+
+
+def _decode_into_cache(catalog: Catalog, shape, path: Path, record_path: Path,
+                       fingerprint: str, skip_bad: bool, thumbnail_size: int | None,
+                       progress: bool, log) -> Catalog:
+    """fit_catalog into a new cache; the catalog of the items it holds."""
+    from numpy.lib.format import open_memmap
+    from tqdm import tqdm
+
+    thumbnail_path = path.with_suffix(".webp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for target in (path, record_path, thumbnail_path):  # what a killed run left half-written
         remove_stale_temporaries(target, ".tmp", log)
     log(f"photos: decoding {len(catalog)} photos into {path}")
     with atomic_file(path) as handle:
         out = open_memmap(handle.name, mode="w+", dtype=np.uint8, shape=shape)
         with tqdm(total=len(catalog), desc="photos", unit="photo", disable=not progress,
                   leave=False) as bar:
-            good, _, _ = fit_catalog(catalog, size, channels, skip_bad=skip_bad, out=out,
-                                     progress=bar.update)
+            good, _, thumbnails = fit_catalog(catalog, shape[2], shape[1], skip_bad=skip_bad,
+                                              out=out, thumbnail_size=thumbnail_size,
+                                              progress=bar.update)
         out.flush()
         del out
-        digest = _file_sha256(Path(handle.name))
         position = {item_id: i for i, item_id in enumerate(catalog.ids)}  # ids are unique
-        kept = [position[item_id] for item_id in good.ids]
-        skipped = list(good.skipped[len(catalog.skipped):])
+        record = {
+            "fingerprint": fingerprint, "size": shape[2], "channels": shape[1],
+            "source": str(catalog.source), "kept": [position[item_id] for item_id in good.ids],
+            "skipped": list(good.skipped[len(catalog.skipped):]),
+            "sha256": _file_sha256(Path(handle.name)),
+        }
+        if thumbnails is not None:
+            with atomic_file(thumbnail_path) as thumbnail_file:
+                thumbnail_file.write(b"".join(thumbnails))
+            record |= {"thumbnail_size": thumbnail_size,
+                       "thumbnail_lengths": [len(thumbnail) for thumbnail in thumbnails],
+                       "thumbnails_sha256": _file_sha256(thumbnail_path)}
         with atomic_file(record_path) as record_file:
-            record_file.write(json.dumps({
-                "fingerprint": fingerprint, "size": size, "channels": channels,
-                "source": str(catalog.source), "kept": kept, "skipped": skipped,
-                "sha256": digest,
-            }).encode("utf-8"))
-    pixels = np.load(path, mmap_mode="r")
-    return PhotoCache(path, fingerprint, good, pixels[: len(good)], reused=False)
+            record_file.write(json.dumps(record).encode("utf-8"))
+    return good
+
+
+def exported_photos(catalog: Catalog, size: int, channels: int, *, skip_bad: bool = False,
+                    thumbnail_size: int | None = None, progress=None,
+                    cache_dir: str | Path | None = None, log=print
+                    ) -> tuple[Catalog, np.ndarray, list[bytes] | None]:
+    """What fit_catalog returns (the usable items, their fitted pixels, their thumbnails), for
+    an export: from the photo cache that training made of this catalog, when the catalog is
+    unchanged, its cache verifies and holds thumbnails of thumbnail_size (or none are
+    wanted): then no photo is decoded again. Otherwise fit_catalog decodes the photos.
+    """
+    path, record_path = _cache_paths(catalog, size, channels, cache_dir)
+    shape = (len(catalog), channels, size, size)
+    if path.is_file() and record_path.is_file():
+        try:
+            record = _verified(path, record_path, catalog_fingerprint(catalog), shape)
+            thumbnails = _cached_thumbnails(path.with_suffix(".webp"), record, thumbnail_size)
+        except _Unverified as exc:
+            log(f"photos: the cache {path} cannot be used ({exc}); decoding the photos")
+        else:
+            kept, skipped = record["kept"], record["skipped"]
+            if skipped and not skip_bad:
+                raise bad_rows_error(catalog.source, skipped, "photo")
+            log(f"photos: reusing the cache {path} ({len(kept)} items)")
+            if progress is not None:
+                progress(len(catalog))
+            pixels = np.load(path, mmap_mode="r")[: len(kept)]
+            return catalog.select(kept, skipped), pixels, thumbnails
+    return fit_catalog(catalog, size, channels, skip_bad=skip_bad,
+                       thumbnail_size=thumbnail_size, progress=progress)
+
+
+def _cached_thumbnails(path: Path, record: dict, size: int | None) -> list[bytes] | None:
+    """The cache's thumbnails when `size` is wanted (None: none are); _Unverified when the
+    cache holds none of that size or its file is not the one written."""
+    if size is None:
+        return None
+    if record.get("thumbnail_size") != size:
+        raise _Unverified(f"it holds no {size}x{size} thumbnails")
+    lengths = record.get("thumbnail_lengths")
+    if not isinstance(lengths, list) or len(lengths) != len(record["kept"]) or \
+            not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in lengths):
+        raise _Unverified("its thumbnail lengths are not one whole number per item")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise _Unverified(f"{path.name} cannot be read: {exc}") from None
+    if len(data) != sum(lengths) or \
+            hashlib.sha256(data).hexdigest() != record.get("thumbnails_sha256"):
+        raise _Unverified(f"{path.name} is not the file written (its sha256 differs)")
+    ends = np.cumsum([0, *lengths])
+    return [data[start:end] for start, end in zip(ends[:-1], ends[1:])]
 
 
 class _Unverified(Exception):
@@ -125,10 +205,9 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _verified(path: Path, record_path: Path, fingerprint: str,
-              shape: tuple[int, ...]) -> tuple[list[int], list[str]]:
-    """The kept rows and skipped photos a cache's record names, once the record and the .npy
-    agree with it and with the catalog; _Unverified says why not. The .npy's sha256, written
+def _verified(path: Path, record_path: Path, fingerprint: str, shape: tuple[int, ...]) -> dict:
+    """A cache's record (its kept rows, skipped photos and the rest), once the record and the
+    .npy agree with it and with the catalog; _Unverified says why not. The .npy's sha256, written
     with it, finds pixels replaced in place (0.4 s for 20,000 photos of 64x64x3:
     docs/catalog.md)."""
     try:
@@ -167,19 +246,21 @@ def _verified(path: Path, record_path: Path, fingerprint: str,
     del pixels
     if _file_sha256(path) != record["sha256"]:
         raise _Unverified(f"{path.name} is not the file written (its sha256 differs)")
-    return kept, skipped
+    return record
 
 
 def catalog_data(csv_path: str | Path, image_size: int, channels: int = 3, *,
                  holdout: float = DEFAULT_HOLDOUT, seed: int = 0, skip_bad: bool = False,
-                 require_labels: bool = False, cache_dir: str | Path | None = None,
-                 progress: bool = False, log=print) -> TrainingData:
+                 require_labels: bool = False, thumbnail_size: int | None = None,
+                 cache_dir: str | Path | None = None, progress: bool = False,
+                 log=print) -> TrainingData:
     """A catalog CSV as TrainingData: a seeded random `holdout` fraction of its items is the
     test set, the rest trains. Class names are the sorted distinct texts of the label column.
 
     Bad rows (runtime.catalog) are refused with one ValueError naming their CSV lines before
     any photo is decoded, and bad photos before any training; skip_bad leaves them out and
     logs how many. require_labels: every item needs a label (for the label-aware objective).
+    thumbnail_size: the cache also keeps each photo's thumbnail (cached_photos), for vae-export.
     """
     if not 0 < holdout < 1:
         raise ValueError(f"holdout must be a fraction between 0 and 1 (exclusive), got {holdout}")
@@ -187,7 +268,8 @@ def catalog_data(csv_path: str | Path, image_size: int, channels: int = 3, *,
     if require_labels:
         _check_labels(catalog)
     cache = cached_photos(catalog, image_size, channels, skip_bad=skip_bad,
-                          cache_dir=cache_dir, progress=progress, log=log)
+                          thumbnail_size=thumbnail_size, cache_dir=cache_dir,
+                          progress=progress, log=log)
     catalog = cache.catalog
     if catalog.skipped:
         log(f"--skip-bad: left out {plural(len(catalog.skipped), 'bad row')} "

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from ..export.build import DEFAULT_THUMBNAIL_SIZE
 from ..runtime.cli_errors import CliError, library_errors
 from . import distributed
 from .catalog_data import DEFAULT_HOLDOUT, catalog_data
@@ -141,6 +142,7 @@ def _train(ranks, device, out_dir, conv_widths, latent_dim, hidden_dim, epochs, 
                                     model_config.image_channels, seed=seed,
                                     holdout=DEFAULT_HOLDOUT if holdout is None else holdout,
                                     skip_bad=skip_bad, require_labels=label_weight > 0,
+                                    thumbnail_size=DEFAULT_THUMBNAIL_SIZE,
                                     cache_dir=cache_dir, progress=show, log=say)
             say(f"catalog: {len(data.train)} items train, {len(data.test)} held out, "
                 f"{len(data.class_names)} labels")

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .kl import kl_to_prior
+
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 16, 256
 MAX_ADDED_WIDTH = 256  # widths added by doubling stop growing here
 
@@ -169,5 +171,5 @@ def loss_parts(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-image reconstruction (Bernoulli NLL, nats) and KL(q(z|x) || N(0, I)), each (B,)."""
     recon = F.binary_cross_entropy_with_logits(logits, x, reduction="none").flatten(1).sum(1)
-    kl = -0.5 * (1.0 + log_var - mu.pow(2) - log_var.exp()).sum(1)
+    kl = kl_to_prior(mu, log_var, torch.exp)
     return recon, kl

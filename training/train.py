@@ -218,18 +218,75 @@ def train(
 ) -> dict:
     """Train, checkpointing into out_dir after every epoch. Returns the final checkpoint.
 
-    data: what to train on (training.catalog_data.catalog_data for a shop's catalog); by
-    default Fashion-MNIST from data_dir, or the given splits. Batches are read from its uint8
-    rows and converted one batch at a time.
+    data: what to train on (training.catalog_data.catalog_data for a shop's catalog; default
+    Fashion-MNIST from data_dir, or the given splits), read and converted a batch at a time.
     device: "cpu", "cuda", "auto" (a GPU when there is one) or a torch.device.
     In a process group (torchrun, training.distributed.join) every rank calls train with the
     same arguments: rank 0 reads the checkpoint it resumes and writes checkpoints and metrics;
     each rank returns the checkpoint as it holds it.
     """
-    from tqdm import tqdm
-
     if data is None:
         data = fashion_mnist_data(data_dir, splits)
+    train_rows, test_rows, dataset = _training_rows(model_config, config, data)
+    # About a thousand 28x28 images' worth of pixels per evaluation batch, whatever the size.
+    eval_batch = max(1, 784_000 // math.prod(data.image_shape))
+
+    ranks = distributed.current()
+    if not isinstance(device, torch.device):
+        device = distributed.resolve_device(device, ranks.local_rank)
+    out_dir = Path(out_dir)
+    # Rank 0's file, also where the ranks do not share a disk.
+    start = distributed.from_leader(
+        _resume_point(out_dir, resume, model_config, config, dataset, ranks, log), ranks)
+    model, optimizer, net = _model_and_optimizer(model_config, config, start, device, ranks,
+                                                 log)
+    history: list[dict] = [] if start is None else list(start["history"])
+    if start is not None and ranks.leader:
+        # A kill between the checkpoint and the metrics write leaves metrics.jsonl one epoch
+        # behind; the checkpoint's history is the record.
+        write_metrics(history, out_dir / METRICS_NAME)
+
+    checkpoint = None
+    for epoch in range(0 if start is None else start["epoch"], config.epochs):
+        started = time.perf_counter()
+        sums = _train_epoch(net, model, optimizer, train_rows, model_config, config, epoch,
+                            device, ranks, progress)
+        test = mean_loss_parts_at_mu(model, test_rows, eval_batch, device)
+        history.append(_epoch_row(config, epoch, sums, len(train_rows), test, started))
+        checkpoint = _checkpoint(model, optimizer, model_config, config, epoch + 1, history,
+                                 dataset, ranks, device)
+        if ranks.leader:
+            save_atomic(checkpoint, out_dir / CHECKPOINT_NAME)
+            write_metrics(history, out_dir / METRICS_NAME)
+            row = history[-1]
+            log(f"epoch {epoch + 1}/{config.epochs}  train loss {row['train_loss']:.2f} "
+                f"(recon {row['train_recon']:.2f}, kl {row['train_kl']:.2f})  test loss "
+                f"{row['test_loss']:.2f} (recon {row['test_recon']:.2f}, "
+                f"kl {row['test_kl']:.2f})  {row['seconds']:.1f}s")
+    return checkpoint if checkpoint is not None else start  # None: the run had finished
+
+
+def _epoch_row(config: TrainConfig, epoch: int, sums: dict, n_train: int, test: dict,
+               started: float) -> dict:
+    """An epoch's line of the history and metrics.jsonl: per-image means."""
+    return {
+        "epoch": epoch + 1,
+        "beta": beta_at(config, epoch),
+        "lr": lr_at(config, epoch),
+        "train_loss": sums["loss"] / n_train,
+        "train_recon": sums["recon"] / n_train,
+        "train_kl": sums["kl"] / n_train,
+        "test_loss": test["loss"],
+        "test_recon": test["recon"],
+        "test_kl": test["kl"],
+        "test_mse": test["mse"],
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+
+
+def _training_rows(model_config: VAEConfig, config: TrainConfig, data: TrainingData):
+    """The rows this run trains and tests on, and the checkpoint's record of the data, once
+    the data fits the model and the objective."""
     expected = (model_config.image_channels, model_config.image_size, model_config.image_size)
     if tuple(data.image_shape) != expected:
         raise ValueError(f"the model takes images of shape {expected} (channels, height, width), "
@@ -243,47 +300,43 @@ def train(
                                                         config.seed))
     test_rows: ImageRows = data.test.take(slice(config.test_subset))
     dataset = data.record | {"train_rows": len(train_rows), "test_rows": len(test_rows)}
-    # About a thousand 28x28 images' worth of pixels per evaluation batch, whatever the size.
-    eval_batch = max(1, 784_000 // math.prod(expected))
+    return train_rows, test_rows, dataset
 
-    ranks = distributed.current()
-    if not isinstance(device, torch.device):
-        device = distributed.resolve_device(device, ranks.local_rank)
-    out_dir = Path(out_dir)
+
+def _resume_point(out_dir: Path, resume: bool, model_config: VAEConfig, config: TrainConfig,
+                  dataset: dict, ranks, log) -> dict | None:
+    """On rank 0, the checkpoint this run continues (None: it starts from scratch), once it is
+    one these options can continue; the other ranks get None (from_leader sends it)."""
+    if not ranks.leader:
+        return None
     checkpoint_path = out_dir / CHECKPOINT_NAME
-    start = None  # the checkpoint this run continues
-    if ranks.leader:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for name in (CHECKPOINT_NAME, METRICS_NAME):  # a killed run's half-written files
-            remove_stale_temporaries(out_dir / name, ".tmp", log)
-        if resume and checkpoint_path.is_file():
-            start = load_checkpoint(checkpoint_path)
-            _check_resumable(start, checkpoint_path, model_config, config, dataset)
-        elif resume:
-            log(f"--resume: no checkpoint in {out_dir}, starting from scratch")
-        elif checkpoint_path.exists():
-            raise FileExistsError(
-                f"{checkpoint_path} exists: pass --resume to continue it, or choose another --out"
-            )
-    # Rank 0's file, also where the ranks do not share a disk.
-    start = distributed.from_leader(start, ranks)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in (CHECKPOINT_NAME, METRICS_NAME):  # a killed run's half-written files
+        remove_stale_temporaries(out_dir / name, ".tmp", log)
+    if resume and checkpoint_path.is_file():
+        start = load_checkpoint(checkpoint_path)
+        _check_resumable(start, checkpoint_path, model_config, config, dataset)
+        log(f"resuming after epoch {start['epoch']} of {config.epochs} from {checkpoint_path}"
+            + (f" (written by {start.get('world_size', 1)} ranks)"
+               if start.get("world_size", 1) != ranks.world else ""))
+        return start
+    if resume:
+        log(f"--resume: no checkpoint in {out_dir}, starting from scratch")
+    elif checkpoint_path.exists():
+        raise FileExistsError(
+            f"{checkpoint_path} exists: pass --resume to continue it, or choose another --out")
+    return None
 
+
+def _model_and_optimizer(model_config: VAEConfig, config: TrainConfig, start: dict | None,
+                         device: torch.device, ranks, log):
+    """The model (seeded, or the checkpoint's) on its device, its Adam optimizer, and the
+    module a step runs: the model, or its DistributedDataParallel wrapper on several ranks."""
     torch.manual_seed(config.seed)
     model = VAE(model_config)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    history: list[dict] = []
-    start_epoch = 0
     if start is not None:
         model.load_state_dict(start["model"])
-        history = list(start["history"])
-        start_epoch = start["epoch"]
-        if ranks.leader:
-            # A kill between the checkpoint and the metrics write leaves metrics.jsonl one
-            # epoch behind; the checkpoint's history is the record.
-            write_metrics(history, out_dir / METRICS_NAME)
-            log(f"resuming after epoch {start_epoch} of {config.epochs} from {checkpoint_path}"
-                + (f" (written by {start.get('world_size', 1)} ranks)"
-                   if start.get("world_size", 1) != ranks.world else ""))
     model.to(device)
     if start is not None:  # after the move: Adam's state follows its parameters' device
         optimizer.load_state_dict(start["optimizer"])
@@ -301,85 +354,70 @@ def train(
             + f"): a batch of {config.batch_size} is "
             + (f"{-(-config.batch_size // ranks.world)} or fewer images per rank"
                if ranks.world > 1 else "one step"))
+    return model, optimizer, net
 
-    checkpoint = None
-    for epoch in range(start_epoch, config.epochs):
-        started = time.perf_counter()
-        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
-        beta = beta_at(config, epoch)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(config, epoch)
-        model.train()
-        order = torch.randperm(len(train_rows), generator=generator).numpy()
-        sums = {"loss": 0.0, "recon": 0.0, "kl": 0.0}
-        batches = range(0, len(order), config.batch_size)
-        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch",
-                   disable=not progress or not ranks.leader, leave=False)
-        for start_row in bar:
-            batch = order[start_row : start_row + config.batch_size]
-            # The whole batch's epsilons, drawn on the CPU whatever the device (the same noise
-            # on a GPU), and this rank's consecutive part of the batch.
-            eps = torch.randn((len(batch), model_config.latent_dim), generator=generator)
-            bounds = np.linspace(0, len(batch), ranks.world + 1).round().astype(int)
-            rows = slice(bounds[ranks.rank], bounds[ranks.rank + 1])
-            part, eps = batch[rows], eps[rows].to(device)
-            x = to_device(train_rows[part], device)
-            logits, mu, log_var, z = net(x, eps=eps)
-            recon, kl = loss_parts(logits, x, mu, log_var)
-            loss = _batch_mean(recon + beta * kl, len(batch), ranks.world)
-            if config.label_weight > 0:
-                labels = torch.from_numpy(train_rows.labels_at(part)).to(device)
-                loss = loss + config.label_weight * _batch_mean(
-                    F.cross_entropy(model.classifier(z), labels, reduction="none"), len(batch),
-                    ranks.world)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            sums["loss"] += (recon + kl).sum().item()
-            sums["recon"] += recon.sum().item()
-            sums["kl"] += kl.sum().item()
-            if ranks.world == 1:
-                bar.set_postfix(loss=f"{loss.item():.1f}")
-        bar.close()
-        sums = dict(zip(sums, distributed.sum_over_ranks(list(sums.values()), ranks, device)))
-        test = mean_loss_parts_at_mu(model, test_rows, eval_batch, device)
-        row = {
-            "epoch": epoch + 1,
-            "beta": beta,
-            "lr": lr_at(config, epoch),
-            "train_loss": sums["loss"] / len(train_rows),
-            "train_recon": sums["recon"] / len(train_rows),
-            "train_kl": sums["kl"] / len(train_rows),
-            "test_loss": test["loss"],
-            "test_recon": test["recon"],
-            "test_kl": test["kl"],
-            "test_mse": test["mse"],
-            "seconds": round(time.perf_counter() - started, 2),
-        }
-        history.append(row)
-        checkpoint = {
-            "format": "vae-edge-checkpoint",
-            "config": model_config.to_dict(),
-            "train_config": asdict(config),
-            "model": {name: value.cpu() for name, value in model.state_dict().items()},
-            "optimizer": optimizer.state_dict(),
-            "epoch": epoch + 1,
-            "history": history,
-            "dataset": dataset,
-            "versions": {"torch": str(torch.__version__), "python": platform.python_version()},
-            "world_size": ranks.world,
-            "device": device.type,
-        }
-        if ranks.leader:
-            save_atomic(checkpoint, checkpoint_path)
-            write_metrics(history, out_dir / METRICS_NAME)
-            log(
-                f"epoch {epoch + 1}/{config.epochs}  train loss {row['train_loss']:.2f} "
-                f"(recon {row['train_recon']:.2f}, kl {row['train_kl']:.2f})  test loss "
-                f"{row['test_loss']:.2f} (recon {row['test_recon']:.2f}, "
-                f"kl {row['test_kl']:.2f})  {row['seconds']:.1f}s"
-            )
-    return checkpoint if checkpoint is not None else start  # None: the run had finished
+
+def _train_epoch(net, model: VAE, optimizer, train_rows: ImageRows, model_config: VAEConfig,
+                 config: TrainConfig, epoch: int, device: torch.device, ranks,
+                 progress: bool) -> dict:
+    """One epoch of steps; the sums over every rank's images of the loss and its parts."""
+    from tqdm import tqdm
+
+    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
+    beta = beta_at(config, epoch)
+    for group in optimizer.param_groups:
+        group["lr"] = lr_at(config, epoch)
+    model.train()
+    order = torch.randperm(len(train_rows), generator=generator).numpy()
+    sums = {"loss": 0.0, "recon": 0.0, "kl": 0.0}
+    batches = range(0, len(order), config.batch_size)
+    bar = tqdm(batches, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch",
+               disable=not progress or not ranks.leader, leave=False)
+    for start_row in bar:
+        batch = order[start_row : start_row + config.batch_size]
+        # The whole batch's epsilons, drawn on the CPU whatever the device (the same noise
+        # on a GPU), and this rank's consecutive part of the batch.
+        eps = torch.randn((len(batch), model_config.latent_dim), generator=generator)
+        bounds = np.linspace(0, len(batch), ranks.world + 1).round().astype(int)
+        rows = slice(bounds[ranks.rank], bounds[ranks.rank + 1])
+        part, eps = batch[rows], eps[rows].to(device)
+        x = to_device(train_rows[part], device)
+        logits, mu, log_var, z = net(x, eps=eps)
+        recon, kl = loss_parts(logits, x, mu, log_var)
+        loss = _batch_mean(recon + beta * kl, len(batch), ranks.world)
+        if config.label_weight > 0:
+            labels = torch.from_numpy(train_rows.labels_at(part)).to(device)
+            loss = loss + config.label_weight * _batch_mean(
+                F.cross_entropy(model.classifier(z), labels, reduction="none"), len(batch),
+                ranks.world)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        sums["loss"] += (recon + kl).sum().item()
+        sums["recon"] += recon.sum().item()
+        sums["kl"] += kl.sum().item()
+        if ranks.world == 1:
+            bar.set_postfix(loss=f"{loss.item():.1f}")
+    bar.close()
+    return dict(zip(sums, distributed.sum_over_ranks(list(sums.values()), ranks, device)))
+
+
+def _checkpoint(model: VAE, optimizer, model_config: VAEConfig, config: TrainConfig,
+                epochs_done: int, history: list[dict], dataset: dict, ranks,
+                device: torch.device) -> dict:
+    return {
+        "format": "vae-edge-checkpoint",
+        "config": model_config.to_dict(),
+        "train_config": asdict(config),
+        "model": {name: value.cpu() for name, value in model.state_dict().items()},
+        "optimizer": optimizer.state_dict(),
+        "epoch": epochs_done,
+        "history": history,
+        "dataset": dataset,
+        "versions": {"torch": str(torch.__version__), "python": platform.python_version()},
+        "world_size": ranks.world,
+        "device": device.type,
+    }
 
 
 def _batch_mean(values: torch.Tensor, batch_size: int, world: int) -> torch.Tensor:
