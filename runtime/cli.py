@@ -15,6 +15,7 @@ import numpy as np
 from .cli_errors import CliError, library_errors
 from .core import MATCH_MODES, MAX_THREADS, Runtime, parse_z
 from .images import FORMATS_TEXT, save_png, save_sheet
+from .search import match_records
 from .words import first_few, plural
 
 SHEET_MAX_ITEMS = 20
@@ -216,16 +217,7 @@ def nearest(runtime: Runtime, z: np.ndarray | None, image, k: int, label: str | 
             matches = runtime.nearest(z, k=k, label=label, by=by, with_distance=True)
         else:
             matches = runtime.nearest_image(image[1], k=k, label=label)
-    names = runtime.label_names
-    results = [
-        {"rank": rank, "id": str(item_id), "label": names[label_id], "label_id": int(label_id),
-         "log_likelihood": float(score), "probability": float(probability),
-         "metadata": metadata}
-        for rank, (item_id, label_id, score, probability, metadata) in enumerate(
-            zip(matches.ids, matches.labels, matches.log_likelihoods, matches.probabilities,
-                matches.metadata),
-            start=1)
-    ]
+    results = match_records(matches, runtime.label_names)
     if sheet is not None:
         with library_errors():
             save_sheet(sheet, *_sheet_pictures(runtime, matches, results, z, image))

@@ -338,7 +338,7 @@ def test_unknown_item_is_404(server):
         ("GET", "/static/../server.py", 404, "no such file: ../server.py"),
         ("GET", "/static/missing.js", 404, "no such file: missing.js"),
         ("POST", "/api/info", 405,
-         "POST is for /api/decode, /api/nearest, /api/ends, not /api/info"),
+         "POST is for /api/decode, /api/nearest, /api/ends, /api/view, not /api/info"),
         ("PUT", "/api/decode", 501, "Unsupported method ('PUT')"),
     ],
 )
