@@ -15,6 +15,17 @@ import numpy as np
 from .cli_errors import CliError, library_errors
 from .core import MATCH_MODES, MAX_THREADS, Runtime, parse_z
 from .images import FORMATS_TEXT, save_png, save_sheet
+from .kiosk_app import (
+    DEFAULT_HOST,
+    DEFAULT_IDLE_RESET_S,
+    DEFAULT_K,
+    DEFAULT_PORT,
+    DEFAULT_RANGE,
+    MAX_ATTRACT_S,
+    MAX_IDLE_RESET_S,
+    MAX_K,
+    MAX_RANGE,
+)
 from .search import match_records
 from .words import first_few, plural
 
@@ -292,24 +303,26 @@ def encode(runtime: Runtime, images: tuple[Path, ...], as_json: bool):
 @main.command()
 @bundle_options
 @cluster_options
-@click.option("--host", default="127.0.0.1", show_default=True,
+@click.option("--host", default=DEFAULT_HOST, show_default=True,
               help="Address to listen on. The default is reachable from this machine only; "
                    "0.0.0.0 opens the kiosk to the network.")
-@click.option("--port", type=AsciiIntRange(0, 65535), default=8000, show_default=True,
+@click.option("--port", type=AsciiIntRange(0, 65535), default=DEFAULT_PORT, show_default=True,
               help="TCP port; 0 picks a free one (the URL is printed).")
-@click.option("--range", "z_range", type=click.FloatRange(0, 100, min_open=True), default=3.0,
-              show_default=True, help="Each slider spans [-RANGE, RANGE] (5 matches the seeds).")
-@click.option("-k", type=AsciiIntRange(1, 100), default=6, show_default=True,
+@click.option("--range", "z_range", type=click.FloatRange(0, MAX_RANGE, min_open=True),
+              default=DEFAULT_RANGE, show_default=True,
+              help="Each slider spans [-RANGE, RANGE] (5 matches the seeds).")
+@click.option("-k", type=AsciiIntRange(1, MAX_K), default=DEFAULT_K, show_default=True,
               help="How many nearest catalog items the page shows.")
 @click.option("--allow-host", "allow_hosts", multiple=True, metavar="NAME",
               help="Also answer requests addressed to this host name (repeatable), e.g. the "
                    "name a reverse proxy or the local network uses for this machine. Only "
                    "the listening address (and localhost) are answered otherwise.")
-@click.option("--idle-reset", type=AsciiIntRange(0, 86400), default=90, show_default=True,
+@click.option("--idle-reset", type=AsciiIntRange(0, MAX_IDLE_RESET_S),
+              default=DEFAULT_IDLE_RESET_S, show_default=True,
               metavar="SECONDS",
               help="After this long without a touch the page returns to its opening garment, "
                    "picks cleared; 0 never resets.")
-@click.option("--attract", type=AsciiIntRange(0, 3600), default=0, show_default=True,
+@click.option("--attract", type=AsciiIntRange(0, MAX_ATTRACT_S), default=0, show_default=True,
               metavar="SECONDS",
               help="Once reset for idleness, show another catalog item every SECONDS until "
                    "someone touches the screen; 0 stays on the opening garment.")
@@ -341,13 +354,14 @@ def serve(runtime, host: str, port: int, z_range: float, k: int,
 @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="The folder to write (replaced only with --force).")
 @click.option("--force", is_flag=True, help="Replace the folder if it exists.")
-@click.option("--range", "z_range", type=click.FloatRange(0, 100, min_open=True), default=3.0,
-              show_default=True, help="Each slider spans [-RANGE, RANGE].")
-@click.option("-k", type=AsciiIntRange(1, 100), default=6, show_default=True,
+@click.option("--range", "z_range", type=click.FloatRange(0, MAX_RANGE, min_open=True),
+              default=DEFAULT_RANGE, show_default=True, help="Each slider spans [-RANGE, RANGE].")
+@click.option("-k", type=AsciiIntRange(1, MAX_K), default=DEFAULT_K, show_default=True,
               help="How many nearest catalog items the page shows.")
-@click.option("--idle-reset", type=AsciiIntRange(0, 86400), default=90, show_default=True,
+@click.option("--idle-reset", type=AsciiIntRange(0, MAX_IDLE_RESET_S),
+              default=DEFAULT_IDLE_RESET_S, show_default=True,
               metavar="SECONDS", help="As for serve.")
-@click.option("--attract", type=AsciiIntRange(0, 3600), default=0, show_default=True,
+@click.option("--attract", type=AsciiIntRange(0, MAX_ATTRACT_S), default=0, show_default=True,
               metavar="SECONDS", help="As for serve.")
 def export_web(runtime: Runtime, output: Path, force: bool, z_range: float, k: int,
                idle_reset: int, attract: int):

@@ -22,8 +22,10 @@ from .core import MATCH_MODES, Runtime, check_k
 from .images import png_bytes
 from .search import match_records
 
+DEFAULT_HOST = "127.0.0.1"  # reachable from this machine only
+DEFAULT_PORT = 8000
 DEFAULT_RANGE = 3.0
-MAX_RANGE = 100.0
+MAX_RANGE = 100
 DEFAULT_K = 6
 DEFAULT_IDLE_RESET_S = 90  # a shopper who walks away leaves the next one a fresh page
 MAX_IDLE_RESET_S = 24 * 3600

@@ -30,8 +30,10 @@ import uvicorn
 from .checks import is_integer, is_number
 from .core import Runtime
 from .kiosk_app import (
+    DEFAULT_HOST,
     DEFAULT_IDLE_RESET_S,
     DEFAULT_K,
+    DEFAULT_PORT,
     DEFAULT_RANGE,
     MAX_ATTRACT_S,
     MAX_IDLE_RESET_S,
@@ -62,8 +64,6 @@ __all__ = [
     "return_free_memory", "is_loopback",
 ]
 
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 8000
 MAX_TIMEOUT_S = 3600  # the read and write timeouts' upper bound
 IDLE_TIMEOUT_S = 15  # a kept-alive connection with no request in progress closes after this
 SHUTDOWN_GRACE_S = 30  # a safety net only: every wait above has its own shorter deadline
