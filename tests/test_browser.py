@@ -14,7 +14,7 @@ import io
 import json
 import os
 from pathlib import Path
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit
 
 import numpy as np
 import pytest
@@ -273,6 +273,22 @@ def test_page_obeys_its_content_security_policy(browser, kiosk):
     finally:
         context.close()
     assert problems == []
+
+
+def test_a_slider_change_is_one_request(browser, kiosk, runtime):
+    """Each page update asks the server once (/api/view: the picture and the list together),
+    never a decode and a nearest request of its own."""
+    view = Kiosk(browser, kiosk, runtime)
+    try:
+        paths = []
+        view.page.on("request", lambda request: paths.append(urlsplit(request.url).path))
+        view.drag("#sliders input[data-dim='0']", 0.8)
+        view.settle()
+        view.check_consistent()
+        assert "/api/view" in paths and not {"/api/decode", "/api/nearest"} & set(paths), paths
+        assert view.problems == []
+    finally:
+        view.close()
 
 
 def test_slider_moves_picture_and_list_then_tap_loads_an_item(page, runtime):
