@@ -4,8 +4,9 @@ one route table with a KioskApp call.
 Everything decided from the request line and headers (framing, HTTP version, Host, method,
 cross-site origin, route, size) is answered before any body is read, on the event loop. A
 request's fields come from its query string (GET) or its JSON body (POST) and are read by one
-parser (`Fields`): z is validated there once, whichever route asks for it. Routes that decode or
-search run in a worker thread (kiosk_guards.FairWorkers) when other requests are in flight.
+parser (`Fields`), where z is read and checked once per request, whichever route asks for it.
+Routes that decode or search run in a worker thread (kiosk_guards.FairWorkers) when other
+requests are in flight.
 """
 
 from __future__ import annotations

@@ -93,6 +93,7 @@ class Request:
 
     method: str
     path: str
+    route: str  # the path the route table is looked up by (path less any scheme and host)
     query: str
     http_version: str
     headers: dict[str, str]  # lower-case names; a repeated name keeps its first value
@@ -101,7 +102,6 @@ class Request:
     # The request line and headers as h11 parsed them (less the blanks it strips). h11 bounds
     # only a head still arriving; one that comes whole in a single read is checked with this.
     head_bytes: int = 0
-    route: str = ""  # the path the route table is looked up by
 
     @classmethod
     def from_scope(cls, scope: dict) -> Request:
