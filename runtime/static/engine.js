@@ -398,8 +398,8 @@
 
     // One page update, as the server's /api/view: the decoded garment and its matches.
     async view(z, k, by) {
-      const decoded = await this.decode(z);
-      return { decoded, nearest: await this.nearest(z, k, by) };
+      const [decoded, nearest] = await Promise.all([this.decode(z), this.nearest(z, k, by)]);
+      return { decoded, nearest };
     }
 
     describe(row) {
