@@ -4,8 +4,10 @@
     python benchmarks/load.py --bundle DIR         # ... on another bundle
     python benchmarks/load.py --url http://127.0.0.1:8000/   # an already running server
 
-The mix follows what the kiosk page sends: every slider update is one decode and one nearest
-(k=6) request, plus prior samples and catalog items (JSON and picture). Each client keeps one
+The mix follows what the kiosk page asks for: what every slider update computes, a decode and a
+nearest (k=6) request (routes every version of the server answers, so that two can be compared;
+the page sends both as one /api/view, timed by benchmarks/page_update.py), plus prior samples
+and catalog items (JSON and picture). Each client keeps one
 keep-alive connection, like a browser. Prints p50/p99 latency per route and overall, throughput
 and the error count (any status other than 200, or a failed connection). Bounded in count
 (--clients x --requests) and in time (--max-seconds): a run that hits the time limit says so.
@@ -82,7 +84,7 @@ def plan(rng: np.random.Generator, n: int, d: int, item_ids: list[int], k: int):
             requests.append((name, "GET", "/api/sample", None))
         else:
             item_id = item_ids[rng.integers(len(item_ids))]
-            suffix = ".png" if name == "item.png" else ""
+            suffix = "/image" if name == "item.png" else ""
             requests.append((name, "GET", f"/api/item/{item_id}{suffix}", None))
     return requests
 

@@ -24,6 +24,7 @@ import time
 
 import numpy as np
 
+from .checks import is_integer, is_number
 from .core import MATCH_MODES, Runtime
 
 # A fresh process: load the bundle, answer one query, print how long it took. Peak memory
@@ -113,12 +114,11 @@ def run_bench(runtime: Runtime, *, seconds: float = 3.0, batch: int = 64,
     cold_runs: at most this many fresh processes for the cold start (at least one, however
     long it takes: on a slow device one may exceed the whole budget).
     """
-    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) \
-            or not 0 < seconds <= 3600:
+    if not is_number(seconds) or not 0 < seconds <= 3600:
         raise ValueError(f"seconds must be in (0, 3600], got {seconds!r}")
-    if isinstance(batch, bool) or not isinstance(batch, int) or not 2 <= batch <= 4096:
+    if not is_integer(batch) or not 2 <= batch <= 4096:
         raise ValueError(f"batch must be an integer in [2, 4096], got {batch!r}")
-    if isinstance(cold_runs, bool) or not isinstance(cold_runs, int) or cold_runs < 1:
+    if not is_integer(cold_runs) or cold_runs < 1:
         raise ValueError(f"cold_runs must be an integer >= 1, got {cold_runs!r}")
     started = time.perf_counter()
     cold = _cold_starts(runtime, cold_runs, seconds * COLD_SHARE)

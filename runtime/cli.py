@@ -12,9 +12,11 @@ from pathlib import Path
 import click
 import numpy as np
 
+from . import kiosk_app as kiosk  # serve's defaults and limits
 from .cli_errors import CliError, library_errors
 from .core import MATCH_MODES, MAX_THREADS, Runtime, parse_z
 from .images import FORMATS_TEXT, save_png, save_sheet
+from .search import match_records
 from .words import first_few, plural
 
 SHEET_MAX_ITEMS = 20
@@ -67,6 +69,28 @@ def with_latent_options(wrapper):
     ]):
         wrapper = option(wrapper)
     return wrapper
+
+
+def page_options(command):
+    """--range, -k, --idle-reset and --attract: the kiosk page's settings (serve, export-web),
+    bounded by the server's own limits."""
+    for option in reversed([
+        click.option("--range", "z_range", type=click.FloatRange(0, kiosk.MAX_RANGE, min_open=True),
+                     default=kiosk.DEFAULT_RANGE, show_default=True,
+                     help="Each slider spans [-RANGE, RANGE] (5 matches the seeds)."),
+        click.option("-k", type=AsciiIntRange(1, kiosk.MAX_K), default=kiosk.DEFAULT_K,
+                     show_default=True, help="How many nearest catalog items the page shows."),
+        click.option("--idle-reset", type=AsciiIntRange(0, kiosk.MAX_IDLE_RESET_S),
+                     default=kiosk.DEFAULT_IDLE_RESET_S, show_default=True, metavar="SECONDS",
+                     help="After this long without a touch the page returns to its opening "
+                          "garment, picks cleared; 0 never resets."),
+        click.option("--attract", type=AsciiIntRange(0, kiosk.MAX_ATTRACT_S), default=0,
+                     show_default=True, metavar="SECONDS",
+                     help="Once reset for idleness, show another catalog item every SECONDS "
+                          "until someone touches the screen; 0 stays on the opening garment."),
+    ]):
+        command = option(command)
+    return command
 
 
 def cluster_options(command):
@@ -217,16 +241,7 @@ def nearest(runtime: Runtime, z: np.ndarray | None, image, k: int, label: str | 
             matches = runtime.nearest(z, k=k, label=label, by=by, with_distance=True)
         else:
             matches = runtime.nearest_image(image[1], k=k, label=label)
-    names = runtime.label_names
-    results = [
-        {"rank": rank, "id": str(item_id), "label": names[label_id], "label_id": int(label_id),
-         "log_likelihood": float(score), "probability": float(probability),
-         "metadata": metadata}
-        for rank, (item_id, label_id, score, probability, metadata) in enumerate(
-            zip(matches.ids, matches.labels, matches.log_likelihoods, matches.probabilities,
-                matches.metadata),
-            start=1)
-    ]
+    results = match_records(matches, runtime.label_names)
     if sheet is not None:
         with library_errors():
             save_sheet(sheet, *_sheet_pictures(runtime, matches, results, z, image))
@@ -301,27 +316,16 @@ def encode(runtime: Runtime, images: tuple[Path, ...], as_json: bool):
 @main.command()
 @bundle_options
 @cluster_options
-@click.option("--host", default="127.0.0.1", show_default=True,
+@click.option("--host", default=kiosk.DEFAULT_HOST, show_default=True,
               help="Address to listen on. The default is reachable from this machine only; "
                    "0.0.0.0 opens the kiosk to the network.")
-@click.option("--port", type=AsciiIntRange(0, 65535), default=8000, show_default=True,
-              help="TCP port; 0 picks a free one (the URL is printed).")
-@click.option("--range", "z_range", type=click.FloatRange(0, 100, min_open=True), default=3.0,
-              show_default=True, help="Each slider spans [-RANGE, RANGE] (5 matches the seeds).")
-@click.option("-k", type=AsciiIntRange(1, 100), default=6, show_default=True,
-              help="How many nearest catalog items the page shows.")
+@click.option("--port", type=AsciiIntRange(0, 65535), default=kiosk.DEFAULT_PORT,
+              show_default=True, help="TCP port; 0 picks a free one (the URL is printed).")
+@page_options
 @click.option("--allow-host", "allow_hosts", multiple=True, metavar="NAME",
               help="Also answer requests addressed to this host name (repeatable), e.g. the "
                    "name a reverse proxy or the local network uses for this machine. Only "
                    "the listening address (and localhost) are answered otherwise.")
-@click.option("--idle-reset", type=AsciiIntRange(0, 86400), default=90, show_default=True,
-              metavar="SECONDS",
-              help="After this long without a touch the page returns to its opening garment, "
-                   "picks cleared; 0 never resets.")
-@click.option("--attract", type=AsciiIntRange(0, 3600), default=0, show_default=True,
-              metavar="SECONDS",
-              help="Once reset for idleness, show another catalog item every SECONDS until "
-                   "someone touches the screen; 0 stays on the opening garment.")
 @click.option("--log-requests", is_flag=True, help="Log every request (failures always are).")
 def serve(runtime, host: str, port: int, z_range: float, k: int,
           allow_hosts: tuple[str, ...], idle_reset: int, attract: int, log_requests: bool):
@@ -350,14 +354,7 @@ def serve(runtime, host: str, port: int, z_range: float, k: int,
 @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="The folder to write (replaced only with --force).")
 @click.option("--force", is_flag=True, help="Replace the folder if it exists.")
-@click.option("--range", "z_range", type=click.FloatRange(0, 100, min_open=True), default=3.0,
-              show_default=True, help="Each slider spans [-RANGE, RANGE].")
-@click.option("-k", type=AsciiIntRange(1, 100), default=6, show_default=True,
-              help="How many nearest catalog items the page shows.")
-@click.option("--idle-reset", type=AsciiIntRange(0, 86400), default=90, show_default=True,
-              metavar="SECONDS", help="As for serve.")
-@click.option("--attract", type=AsciiIntRange(0, 3600), default=0, show_default=True,
-              metavar="SECONDS", help="As for serve.")
+@page_options
 def export_web(runtime: Runtime, output: Path, force: bool, z_range: float, k: int,
                idle_reset: int, attract: int):
     """Write the kiosk as a static folder that needs no server.

@@ -84,6 +84,20 @@ class Matches:
         return int(self.ids.shape[-1])
 
 
+def match_records(matches: Matches, label_names: tuple[str, ...]) -> list[dict]:
+    """One query's matches as the JSON records `vae-run nearest --json` and the kiosk give,
+    best first; Matches.metadata must be filled in (Runtime.nearest and nearest_image do)."""
+    return [
+        {"rank": rank, "id": str(item_id), "label": label_names[label],
+         "label_id": int(label), "log_likelihood": float(score),
+         "probability": float(probability), "metadata": metadata}
+        for rank, (item_id, label, score, probability, metadata) in enumerate(
+            zip(matches.ids, matches.labels, matches.log_likelihoods, matches.probabilities,
+                matches.metadata),
+            start=1)
+    ]
+
+
 def item_vectors(mu: np.ndarray, log_sigma: np.ndarray) -> np.ndarray:
     """w(x) = [-a/2, a*mu, c] per item, (n, 2d+1) float32, computed in float64.
 

@@ -36,6 +36,7 @@ from .bundle import (
     write_index,
     write_manifest,
 )
+from .checks import is_integer
 
 SET_FILE = "shards.json"
 SET_FORMAT = "vae-edge-shards"
@@ -70,7 +71,7 @@ def shard_bundle(bundle: str | Path, parts: int, out_dir: str | Path, *, force: 
     other, one bundle each, under out_dir (written whole or not at all). ValueError for a
     parts count outside [1, catalog size] or an existing out_dir without force."""
     bundle, out_dir = Path(bundle), Path(out_dir)
-    if isinstance(parts, bool) or not isinstance(parts, int) or not 1 <= parts <= MAX_PARTS:
+    if not is_integer(parts) or not 1 <= parts <= MAX_PARTS:
         raise ValueError(f"parts must be an integer in [1, {MAX_PARTS}], got {parts!r}")
     if out_dir.exists() and not force:
         raise ValueError(f"{out_dir} exists: choose another directory, or replace it (force=True, "

@@ -27,7 +27,8 @@ import numpy as np
 from .atomic import atomic_directory
 from .bundle import INDEX_FILES, MODEL_FILES, THUMBNAIL_FILES, BundleError, sha256_file
 from .core import Runtime
-from .server import DEFAULT_IDLE_RESET_S, DEFAULT_K, DEFAULT_RANGE, STATIC_DIR, KioskApp
+from .kiosk_app import DEFAULT_IDLE_RESET_S, DEFAULT_K, DEFAULT_RANGE, KioskApp
+from .kiosk_http import STATIC_DIR
 
 ORT_VERSION = "1.31.1"
 ORT_DIR = Path(__file__).resolve().parent / "vendor" / "onnxruntime-web"

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import textwrap
+import threading
 
 import numpy as np
 import pytest
@@ -99,3 +101,25 @@ def brute_force_log_q(z: np.ndarray, mu16: np.ndarray, log_sigma16: np.ndarray) 
     d = mu.shape[1]
     terms = -((z[:, None, :] - mu[None]) ** 2) / (2 * sigma[None] ** 2) - log_sigma[None]
     return terms.sum(axis=2) - d / 2 * np.log(2 * np.pi)
+
+
+def start_kiosk(server):
+    """A bound kiosk server (make_server) serving in a daemon thread; stop_kiosk ends it."""
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def stop_kiosk(server) -> None:
+    """Stop a server start_kiosk started (its requests in flight finish) and close its socket."""
+    server.shutdown()  # returns once serve_forever has
+    server.server_close()
+
+
+@contextlib.contextmanager
+def serving(server):
+    """The kiosk server serving for the block's duration."""
+    start_kiosk(server)
+    try:
+        yield server
+    finally:
+        stop_kiosk(server)

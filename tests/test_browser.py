@@ -13,14 +13,14 @@ import importlib.util
 import io
 import json
 import os
-import threading
 from pathlib import Path
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from tests.conftest import start_kiosk, stop_kiosk
 from vae_edge.runtime.images import to_uint8
 from vae_edge.runtime.server import make_server
 
@@ -68,23 +68,15 @@ def browser():
 
 
 def serve(runtime, port=0, **options):
-    server = make_server(runtime, "127.0.0.1", port, k=K, **options)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    return server, thread
-
-
-def stop(server, thread):
-    server.shutdown()
-    server.server_close()
-    thread.join(timeout=10)
+    """The kiosk with K results, serving until stop_kiosk."""
+    return start_kiosk(make_server(runtime, "127.0.0.1", port, k=K, **options))
 
 
 @pytest.fixture(scope="module")
 def kiosk(runtime):
-    server, thread = serve(runtime)
+    server = serve(runtime)
     yield server
-    stop(server, thread)
+    stop_kiosk(server)
 
 
 @pytest.fixture(scope="module")
@@ -94,9 +86,9 @@ def shipped():
     from vae_edge.runtime import Runtime
 
     runtime = Runtime.load()
-    server, thread = serve(runtime)
+    server = serve(runtime)
     yield server, runtime
-    stop(server, thread)
+    stop_kiosk(server)
 
 
 class Kiosk:
@@ -283,6 +275,22 @@ def test_page_obeys_its_content_security_policy(browser, kiosk):
     assert problems == []
 
 
+def test_a_slider_change_is_one_request(browser, kiosk, runtime):
+    """Each page update asks the server once (/api/view: the picture and the list together),
+    never a decode and a nearest request of its own."""
+    view = Kiosk(browser, kiosk, runtime)
+    try:
+        paths = []
+        view.page.on("request", lambda request: paths.append(urlsplit(request.url).path))
+        view.drag("#sliders input[data-dim='0']", 0.8)
+        view.settle()
+        view.check_consistent()
+        assert "/api/view" in paths and not {"/api/decode", "/api/nearest"} & set(paths), paths
+        assert view.problems == []
+    finally:
+        view.close()
+
+
 def test_slider_moves_picture_and_list_then_tap_loads_an_item(page, runtime):
     assert page.page.locator("#sliders input").first.get_attribute("min") == "-3"
     check_slider_and_tap(page, runtime.latent_dim)
@@ -444,7 +452,7 @@ def test_a_pinch_does_not_zoom_the_page(browser, page):
 
 def test_the_page_resets_itself_when_idle_then_attracts(browser, runtime):
     # Timers far enough apart that a slow machine keeps the steps in order.
-    server, thread = serve(runtime, idle_reset=6, attract=3)
+    server = serve(runtime, idle_reset=6, attract=3)
     view = Kiosk(browser, server, runtime)
     try:
         page = view.page
@@ -478,11 +486,11 @@ def test_the_page_resets_itself_when_idle_then_attracts(browser, runtime):
         assert view.problems == []
     finally:
         view.close()
-        stop(server, thread)
+        stop_kiosk(server)
 
 
 def test_the_page_waits_for_its_server_and_recovers_from_a_restart(browser, runtime):
-    server, thread = serve(runtime)
+    server = serve(runtime)
     port = server.server_address[1]
     context = browser.new_context(viewport=VIEWPORT, has_touch=True, bypass_csp=True)
     page = context.new_page()
@@ -503,13 +511,13 @@ def test_the_page_waits_for_its_server_and_recovers_from_a_restart(browser, runt
         view.check_consistent()
 
         # An outage, a slider moved during it, then the server back: nobody touches the page.
-        stop(server, thread)
+        stop_kiosk(server)
         view.drag("#sliders input[data-dim='0']", 0.95)
         page.wait_for_function("document.body.dataset.offline === 'true'")
         # The old picture is marked stale while it disagrees with the sliders.
         assert page.locator(".reconnecting").is_visible()
         server = None
-        server, thread = serve(runtime, port=port)
+        server = serve(runtime, port=port)
         view.settle(timeout=20_000)
         z = view.check_consistent()
         assert z[0] > 2.0
@@ -520,19 +528,19 @@ def test_the_page_waits_for_its_server_and_recovers_from_a_restart(browser, runt
     finally:
         context.close()
         if server is not None:  # a failure to restart leaves none
-            stop(server, thread)
+            stop_kiosk(server)
 
 
 def test_a_tap_that_failed_in_an_outage_heals_when_the_server_is_back(browser, runtime):
-    server, thread = serve(runtime)
+    server = serve(runtime)
     port = server.server_address[1]
     view = Kiosk(browser, server, runtime)
     try:
-        stop(server, thread)
+        stop_kiosk(server)
         server = None
         view.page.locator("#surprise").tap()
         view.page.wait_for_selector("#status.error")
-        server, thread = serve(runtime, port=port)
+        server = serve(runtime, port=port)
         # Nobody touches the page: the message goes and the page shows its sliders' z.
         view.page.wait_for_function(
             "!document.querySelector('#status').classList.contains('error') && "
@@ -542,23 +550,23 @@ def test_a_tap_that_failed_in_an_outage_heals_when_the_server_is_back(browser, r
     finally:
         view.close()
         if server is not None:  # a failure to restart leaves none
-            stop(server, thread)
+            stop_kiosk(server)
 
 
 def test_a_server_back_with_another_bundle_reloads_the_page(browser, runtime, shipped):
     """The kiosk restarted on a new model: the page rebuilds itself for it, untouched."""
-    server, thread = serve(runtime)
+    server = serve(runtime)
     port = server.server_address[1]
     view = Kiosk(browser, server, runtime)
     try:
         assert view.page.locator("#sliders input").count() == runtime.latent_dim
-        stop(server, thread)
+        stop_kiosk(server)
         server = None
         view.drag("#sliders input[data-dim='0']", 0.95)
         view.page.wait_for_function("document.body.dataset.offline === 'true'")
         new_runtime = shipped[1]
         assert new_runtime.latent_dim != runtime.latent_dim
-        server, thread = serve(new_runtime, port=port)
+        server = serve(new_runtime, port=port)
         view.page.wait_for_function(
             f"document.querySelectorAll('#sliders input').length === {new_runtime.latent_dim}",
             timeout=20_000)
@@ -574,7 +582,7 @@ def test_a_server_back_with_another_bundle_reloads_the_page(browser, runtime, sh
     finally:
         view.close()
         if server is not None:  # a failure to restart leaves none
-            stop(server, thread)
+            stop_kiosk(server)
 
 
 # Every item the page loads (body's data-loaded), in order, in window.loadedIds.
@@ -592,7 +600,7 @@ def test_attract_mode_jumps_to_the_item_nearest_a_random_design(browser, runtime
     mu = runtime.index.mu.astype(np.float64)
     z = mu[np.argmax(np.square(mu - mu[0]).sum(axis=1))]
     expected = runtime.nearest(z, k=1, by="decoded").ids[0]
-    server, thread = serve(runtime, idle_reset=2, attract=1)
+    server = serve(runtime, idle_reset=2, attract=1)
     view = Kiosk(browser, server, runtime, init_script=RECORD_LOADED)
     try:
         samples = []
@@ -612,7 +620,7 @@ def test_attract_mode_jumps_to_the_item_nearest_a_random_design(browser, runtime
         assert view.problems == []
     finally:
         view.close()
-        stop(server, thread)
+        stop_kiosk(server)
 
 
 # Answers from the kiosk's own server held back in the browser: a slow network, in a test.
@@ -706,9 +714,9 @@ def test_results_show_catalog_metadata_and_a_qr_code(browser, kiosk, runtime):
     page = view.page
     sku = {}  # text id -> catalog id
 
-    def shop_nearest(route):
+    def shop_view(route):
         answer = route.fetch().json()
-        for rank, item in enumerate(answer["results"]):
+        for rank, item in enumerate(answer["nearest"]["results"]):
             text_id = f"SKU {item['id']}/{rank}"  # a space and a slash: URL-encoded in paths
             sku[text_id] = item["id"]
             item["id"] = text_id
@@ -725,7 +733,7 @@ def test_results_show_catalog_metadata_and_a_qr_code(browser, kiosk, runtime):
         route.fulfill(json={**answer, "id": text_id})
 
     try:
-        page.route("**/api/nearest", shop_nearest)
+        page.route("**/api/view", shop_view)
         page.route("**/api/item/SKU*", shop_item)
         view.drag("#sliders input[data-dim='0']", 0.8)
         view.settle()

@@ -146,12 +146,13 @@ def test_add_and_remove_items_with_their_photos(shop, tmp_path, without_torch):
 def test_the_kiosk_page_shows_the_catalog_photos_names_and_prices(shop):
     """The page under its own content security policy, on a real catalog bundle: each result
     shows the item's photo (the bundle's WebP thumbnail, loaded), its name and its price."""
+    from tests.conftest import stop_kiosk
     from tests.test_browser import browser_or_skip, serve
 
     csv, bundle = shop
     rows = {row["id"]: row for row in read_rows(csv)}
     runtime = Runtime.load(bundle)
-    server, thread = serve(runtime)
+    server = serve(runtime)
     try:
         with browser_or_skip() as chromium:
             context = chromium.new_context(viewport={"width": 1080, "height": 1920})
@@ -172,14 +173,13 @@ def test_the_kiosk_page_shows_the_catalog_photos_names_and_prices(shop):
             assert problems == []
             context.close()
     finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
+        stop_kiosk(server)
 
 
 def test_a_link_too_long_for_a_qr_code_leaves_the_other_results_shown(shop, tmp_path):
     """Items whose url no QR code can hold (3,000 characters) show without a code; the rest
     of the list, with its codes, still shows."""
+    from tests.conftest import stop_kiosk
     from tests.test_browser import K, browser_or_skip, serve
     from vae_edge.runtime.edit import add_items
 
@@ -192,7 +192,7 @@ def test_a_link_too_long_for_a_qr_code_leaves_the_other_results_shown(shop, tmp_
          "label": row["label"], "name": "Long link", "price": "1", "url": long_url}
         for row in read_rows(csv)])
     add_items(bundle, new_csv, log=lambda message: None)
-    server, thread = serve(Runtime.load(bundle))
+    server = serve(Runtime.load(bundle))
     try:
         with browser_or_skip() as chromium:
             page = chromium.new_page()
@@ -210,9 +210,7 @@ def test_a_link_too_long_for_a_qr_code_leaves_the_other_results_shown(shop, tmp_
             assert page.locator("#status").inner_text() == ""
             assert problems == []
     finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
+        stop_kiosk(server)
 
 
 def test_vae_eval_reports_any_catalog_bundle(shop, tmp_path):

@@ -24,6 +24,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from tests.conftest import serving
 from vae_edge.runtime import Runtime
 from vae_edge.runtime.cli import main as run_main
 from vae_edge.runtime.images import to_uint8
@@ -42,18 +43,10 @@ Z = [0.5, -1.2, 0.0, 1.0, 2.0, -2.0, 0.1, 3.0]
 Z_TEXT = ",".join(str(v) for v in Z)
 
 
-def serving(srv):
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
-    thread.join(timeout=10)
-
-
 @pytest.fixture(scope="module")
 def server(runtime):
-    yield from serving(make_server(runtime, "127.0.0.1", 0))
+    with serving(make_server(runtime, "127.0.0.1", 0)) as srv:
+        yield srv
 
 
 SHORT_TIMEOUT = 2.0
@@ -62,8 +55,9 @@ SHORT_TIMEOUT = 2.0
 @pytest.fixture(scope="module")
 def guarded(runtime):
     """A server with a short read timeout and one extra host name the operator allowed."""
-    yield from serving(make_server(runtime, "127.0.0.1", 0, read_timeout=SHORT_TIMEOUT,
-                                   allow_hosts=["Kiosk.Local"]))
+    with serving(make_server(runtime, "127.0.0.1", 0, read_timeout=SHORT_TIMEOUT,
+                             allow_hosts=["Kiosk.Local"])) as srv:
+        yield srv
 
 
 def call(server, method, path, body=None, headers=None, connection=None):
@@ -206,6 +200,23 @@ def test_nearest_matches_the_runtime(server, runtime, k, by):
         assert [r["metadata"] for r in results] == [{}] * k  # Fashion-MNIST has no metadata
 
 
+@pytest.mark.parametrize("by", ["latent", "decoded"])
+def test_view_is_decode_and_nearest_in_one_answer(server, by):
+    """One page update, one request: /api/view answers exactly what /api/decode and
+    /api/nearest answer for the same z, by POST and by GET."""
+    decoded = call_json(server, "POST", "/api/decode", {"z": Z})[1]
+    nearest = call_json(server, "POST", "/api/nearest", {"z": Z, "k": 5, "by": by})[1]
+    for status, payload in (
+        call_json(server, "POST", "/api/view", {"z": Z, "k": 5, "by": by}),
+        call_json(server, "GET", f"/api/view?z={Z_TEXT}&k=5&by={by}"),
+    ):
+        assert (status, payload) == (200, {"decoded": decoded, "nearest": nearest})
+    default_k = call_json(server, "POST", "/api/view", {"z": Z})[1]["nearest"]
+    assert (default_k["k"], default_k["by"]) == (6, "latent")
+    assert call_json(server, "POST", "/api/view", {"z": Z[:2]}) == (
+        400, {"error": "z has 2 values, expected 8 (the latent dimension)"})
+
+
 def test_nearest_default_k_is_the_servers(server, runtime):
     status, payload = call_json(server, "POST", "/api/nearest", {"z": Z})
     assert status == 200 and payload["k"] == 6
@@ -338,7 +349,7 @@ def test_unknown_item_is_404(server):
         ("GET", "/static/../server.py", 404, "no such file: ../server.py"),
         ("GET", "/static/missing.js", 404, "no such file: missing.js"),
         ("POST", "/api/info", 405,
-         "POST is for /api/decode, /api/nearest, /api/ends, not /api/info"),
+         "POST is for /api/decode, /api/nearest, /api/ends, /api/view, not /api/info"),
         ("PUT", "/api/decode", 501, "Unsupported method ('PUT')"),
     ],
 )
@@ -426,7 +437,7 @@ class FailingRuntime(Runtime):
 
 def test_a_bug_is_a_500_without_traceback(tiny_bundle, capsys):
     runtime = FailingRuntime.load(tiny_bundle)
-    for failing in serving(make_server(runtime, "127.0.0.1", 0)):
+    with serving(make_server(runtime, "127.0.0.1", 0)) as failing:
         runtime.failing = True
         status, payload = call_json(failing, "POST", "/api/decode", {"z": Z})
         assert (status, payload) == (500, {"error": "internal error"})
@@ -856,7 +867,7 @@ def test_connections_in_all_stay_below_the_open_file_limit(runtime):
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     request = b"GET /api/sample HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
     held = []
-    for _ in serving(srv):
+    with serving(srv):
         try:
             for source, count in (("127.0.0.2", MAX_CONNECTIONS_PER_CLIENT), ("127.0.0.3", 44)):
                 held += [from_address(srv, source) for _ in range(count)]
@@ -879,7 +890,8 @@ WRITE_TIMEOUT = 1.0
 @pytest.fixture(scope="module")
 def impatient(runtime):
     """A server that disconnects a client that does not take its answer within 1 s."""
-    yield from serving(make_server(runtime, "127.0.0.1", 0, write_timeout=WRITE_TIMEOUT))
+    with serving(make_server(runtime, "127.0.0.1", 0, write_timeout=WRITE_TIMEOUT)) as srv:
+        yield srv
 
 
 def test_a_client_that_never_reads_is_disconnected(impatient, capsys):
@@ -939,7 +951,7 @@ def test_computing_routes_are_fair_between_client_addresses(tiny_bundle, capsys)
     flood_request = (f"GET /api/decode.png?z={gated} HTTP/1.1\r\n"
                      f"Host: 127.0.0.1\r\n\r\n").encode()
     replies = []
-    for srv in serving(make_server(runtime, "127.0.0.1", 0)):
+    with serving(make_server(runtime, "127.0.0.1", 0)) as srv:
         # A request in flight (its body pending), so that none of the flood is answered on the
         # event loop as a request alone would be.
         pending = from_address(srv, "127.0.0.3")

@@ -5,8 +5,8 @@
 "use strict";
 
 (() => {
-  // While z changes, one decode+nearest pair is in flight at a time and the newest z wins;
-  // this floor keeps a fast server from being asked more than ~25 times a second.
+  // While z changes, one view request (decode and nearest) is in flight at a time and the
+  // newest z wins; this floor keeps a fast server from being asked more than ~25 times a second.
   const MIN_INTERVAL_MS = 40;
   const MORPH_MS = 2500;
   const REQUEST_TIMEOUT_MS = 10000;
@@ -97,6 +97,8 @@
     decode: (z) => api("/api/decode", { z }),
     ends: (z) => api("/api/ends", { z }),
     nearest: (z, k, by) => api("/api/nearest", { z, k, by }),
+    // One page update: the decoded garment and its matches, in one request.
+    view: (z, k, by) => api("/api/view", { z, k, by }),
     item: (id) => api(itemPath(id)),
   };
 
@@ -246,14 +248,11 @@
       const z = state.z.slice();
       const started = performance.now();
       try {
-        const [decoded, near] = await Promise.all([
-          engine.decode(z),
-          engine.nearest(z, state.info.k, "decoded"),
-        ]);
+        const view = await engine.view(z, state.info.k, "decoded");
         setOnline(true);
         retryMs = RETRY_FIRST_MS;
-        renderGarment(decoded);
-        renderMatches(near);
+        renderGarment(view.decoded);
+        renderMatches(view.nearest);
         if ($("status").classList.contains("error")) showStatus("", false);
       } catch (err) {
         if (err.retry) {

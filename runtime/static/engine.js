@@ -427,6 +427,12 @@
         far: query.distance > this.site.far_distance, results };
     }
 
+    // One page update, as the server's /api/view: the decoded garment and its matches.
+    async view(z, k, by) {
+      const [decoded, nearest] = await Promise.all([this.decode(z), this.nearest(z, k, by)]);
+      return { decoded, nearest };
+    }
+
     describe(row) {
       const label = this.labels[row];
       const columns = this.items.columns;
