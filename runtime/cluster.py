@@ -95,6 +95,11 @@ class _ShardActor:
     def roundtrip(self, z: np.ndarray):
         return self.runtime._roundtrip(z)
 
+    def decode_and_encode(self, z: np.ndarray):
+        """decode(z) for validated z (1, d) and the encoding of that garment (Runtime.view)."""
+        images = self.runtime._decode(z)
+        return (images, *self.runtime._encode(images))
+
     def encode(self, images: np.ndarray):
         return self.runtime.encode(images)
 
@@ -235,6 +240,24 @@ class ShardedRuntime:
             mu, log_sigma, distances = self._first("roundtrip", array)
             query, var = mu.astype(np.float64), np.exp(2.0 * log_sigma.astype(np.float64))
         return self._merge(query, var, k, label_id, distances)
+
+    def view(self, z, k: int = 5, label: int | str | None = None,
+             by: str = "latent") -> tuple[np.ndarray, Matches]:
+        """As Runtime.view: one z checked once and decoded once, on the first shard's actor."""
+        array = check_latent(z, self.latent_dim)
+        if array.ndim != 1:
+            raise ValueError(f"view takes one z of shape ({self.latent_dim},), "
+                             f"got {array.shape}")
+        k = check_k(k)
+        check_mode(by, True)
+        label_id = self._label_filter(label)
+        images, mu, log_sigma = self._first("decode_and_encode", array[None])
+        distance = np.linalg.norm(array - mu[0])
+        if by == "latent":
+            return images[0], self._merge(array, None, k, label_id, distance)
+        return images[0], self._merge(mu[0].astype(np.float64),
+                                      np.exp(2.0 * log_sigma[0].astype(np.float64)), k,
+                                      label_id, distance)
 
     def nearest_image(self, images, k: int = 5, label: int | str | None = None) -> Matches:
         """As Runtime.nearest_image over the whole catalog."""

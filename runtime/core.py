@@ -392,16 +392,38 @@ class Runtime:
         k = check_k(k)
         check_mode(by, with_distance)
         label_id = self._label_filter(label)
-        distances = None
+        roundtrip = self._roundtrip(array) if by != "latent" or with_distance else None
+        return self._ranked(array, roundtrip, k, label_id, by)
+
+    def view(self, z, k: int = 5, label: int | str | None = None,
+             by: str = "latent") -> tuple[np.ndarray, Matches]:
+        """What a kiosk shows for one z (d,): the garment decode(z), (C, H, W), and
+        nearest(z, k, label, by, with_distance=True), with z checked once and decoded once
+        (the round trip encodes the garment shown)."""
+        array = check_latent(z, self.latent_dim)
+        if array.ndim != 1:
+            raise ValueError(f"view takes one z of shape ({self.latent_dim},), "
+                             f"got {array.shape}")
+        k = check_k(k)
+        check_mode(by, True)
+        label_id = self._label_filter(label)
+        images = self._decode(array[None])
+        mu, log_sigma = self._encode(images)
+        roundtrip = mu[0], log_sigma[0], np.linalg.norm(array - mu[0])
+        return images[0], self._ranked(array, roundtrip, k, label_id, by)
+
+    def _ranked(self, z: np.ndarray, roundtrip, k: int, label_id: int | None,
+                by: str) -> Matches:
+        """nearest's ranking of validated z, given its round trip (mu, log_sigma, distance)
+        or None (by latent without the distance)."""
         if by == "latent":
-            matches = self._search.search(array, k, label_id)
-            if with_distance:
-                distances = self._roundtrip(array)[2]
+            matches = self._search.search(z, k, label_id)
         else:
-            mu, log_sigma, distances = self._roundtrip(array)
+            mu, log_sigma, _ = roundtrip
             matches = self._search.search_gaussian(mu.astype(np.float64),
                                                    log_sigma.astype(np.float64), k, label_id)
-        return replace(matches, distances=distances, metadata=self._metadata(matches.rows))
+        return replace(matches, distances=None if roundtrip is None else roundtrip[2],
+                       metadata=self._metadata(matches.rows))
 
     def _metadata(self, rows: np.ndarray) -> tuple:
         """The items' metadata dicts, shaped like rows: (k,) or (B, k) as nested tuples."""
