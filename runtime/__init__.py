@@ -7,7 +7,8 @@
 """
 
 from .bundle import BundleError, CatalogIndex
-from .core import Runtime, parse_z
+from .checks import parse_z
+from .core import Runtime
 from .search import Matches
 
 __all__ = ["BundleError", "CatalogIndex", "Matches", "Runtime", "parse_z"]

@@ -29,16 +29,8 @@ import numpy as np
 import ray
 
 from .bundle import BundleError, CatalogIndex, load_index, read_manifest, sha256_file
-from .core import (
-    Runtime,
-    check_images,
-    check_k,
-    check_latent,
-    check_mode,
-    checked_thumbnail,
-    find_label,
-    sample_prior,
-)
+from .checks import check_images, check_k, check_latent, check_mode, find_label
+from .core import Runtime, checked_thumbnail, sample_prior
 from .search import Matches
 from .shard import read_shards
 

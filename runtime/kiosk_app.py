@@ -17,8 +17,8 @@ from urllib.parse import quote
 import numpy as np
 
 from .bundle import BundleError
-from .checks import is_number
-from .core import MATCH_MODES, Runtime, check_k
+from .checks import MATCH_MODES, check_k, is_number
+from .core import Runtime
 from .images import png_bytes
 from .search import match_records
 
