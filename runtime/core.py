@@ -13,13 +13,12 @@ from typing import Any
 import numpy as np
 
 from .bundle import (
+    IMAGE_RANGE,
+    Bundle,
     BundleError,
     CatalogIndex,
-    check_onnx_file,
     default_bundle_path,
-    load_index,
-    read_manifest,
-    verify_files,
+    graph_sections,
 )
 from .images import read_image, webp_size
 from .search import LikelihoodSearch, Matches
@@ -204,8 +203,9 @@ def sample_prior(latent_dim: int, n: int | None = None, seed: int | None = None)
     return rng.standard_normal(latent_dim if n is None else (n, latent_dim))
 
 
-def open_session(path: Path, threads: int):
-    """An onnxruntime CPU session as the runtime runs its graphs; BundleError if it cannot load."""
+def open_session(path: Path, threads: int, data: bytes | None = None):
+    """An onnxruntime CPU session as the runtime runs its graphs, of the file at path or of its
+    bytes already read (data); BundleError if it cannot load."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -219,14 +219,15 @@ def open_session(path: Path, threads: int):
     # a batch-1 run is no slower (benchmarks/footprint.py).
     options.enable_cpu_mem_arena = False
     try:
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(path) if data is None else data, options,
+                                    providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
         raise BundleError(f"{path.name}: onnxruntime cannot load it ({exc})") from None
 
 
 @dataclass(frozen=True)
 class _Graph:
-    """One bundle graph, run as its manifest section describes it: one input, named outputs."""
+    """One bundle graph, run as bundle.graph_sections describes it: one input, named outputs."""
 
     session: Any
     file: str
@@ -234,10 +235,10 @@ class _Graph:
     outputs: list[str]
 
     @classmethod
-    def load(cls, root: Path, spec: dict, threads: int) -> _Graph:
-        """A session for the manifest section `spec`, whose inputs and outputs (names and
-        non-batch dims) must be the ones the section states."""
-        session = open_session(root / spec["file"], threads)
+    def load(cls, root: Path, spec: dict, threads: int, data: bytes | None = None) -> _Graph:
+        """A session for the section `spec` (of the file's bytes `data` where given), whose
+        inputs and outputs (names and non-batch dims) must be the ones the section states."""
+        session = open_session(root / spec["file"], threads, data)
         for kind, actual, expected in (("input", session.get_inputs(), spec["inputs"]),
                                        ("output", session.get_outputs(), spec["outputs"])):
             got = [(a.name, list(a.shape[1:])) for a in actual]
@@ -281,6 +282,21 @@ def checked_thumbnail(index, manifest: dict, row: int) -> bytes | None:
     return data
 
 
+def encoder_of(bundle: Bundle, threads: int = 1):
+    """The bundle's encoder alone, as Runtime.encode runs it: images -> (mu, log_sigma)
+    float32 (B, d). For vae-run add, which encodes new items and searches nothing: the graph
+    is the one read (and checked) with the bundle, whatever happened to the file since."""
+    spec = graph_sections(bundle.latent_dim, bundle.image_shape)["encoder"]
+    graph = _Graph.load(bundle.root, spec, threads, bundle.graphs[spec["file"]])
+
+    def encode(images) -> tuple[np.ndarray, np.ndarray]:
+        batch, _ = check_images(images, bundle.image_shape, IMAGE_RANGE)
+        mu, log_var = graph.run(batch)
+        return mu, 0.5 * log_var
+
+    return encode
+
+
 class Runtime:
     """A loaded bundle: ONNX sessions, the float16 catalog index and its search engine.
 
@@ -320,15 +336,11 @@ class Runtime:
             from threadpoolctl import threadpool_limits
 
             threadpool_limits(limits=threads, user_api="blas")
-        manifest = read_manifest(root)
-        if verify:
-            verify_files(root, manifest)
-        index = load_index(root, manifest)
-        for role in ("encoder", "decoder"):  # every check passes before onnxruntime sees a graph
-            check_onnx_file(root, manifest[role]["file"])
-        encoder, decoder = (_Graph.load(root, manifest[role], threads)
+        bundle = Bundle.read(root, verify=verify)
+        sections = graph_sections(bundle.latent_dim, bundle.image_shape)
+        encoder, decoder = (_Graph.load(root, sections[role], threads)
                             for role in ("encoder", "decoder"))
-        return cls(root, manifest, index, encoder, decoder, threads=threads)
+        return cls(root, bundle.manifest, bundle.index, encoder, decoder, threads=threads)
 
     @property
     def latent_dim(self) -> int:
@@ -355,7 +367,7 @@ class Runtime:
 
     def encode(self, images) -> tuple[np.ndarray, np.ndarray]:
         """Images -> (mu, log_sigma) float32, each (d,) for one image or (B, d)."""
-        batch, single = check_images(images, self.image_shape, self.manifest["image"]["range"])
+        batch, single = check_images(images, self.image_shape, IMAGE_RANGE)
         mu, log_sigma = self._encode(batch)
         return (mu[0], log_sigma[0]) if single else (mu, log_sigma)
 
