@@ -169,18 +169,26 @@ def _build_bundle(checkpoint_path, out_dir: Path, catalog, data_dir, limit, forc
         thumbnail_size = None
     if not ranks.leader:
         return out_dir
-    history = checkpoint["history"]
+    manifest = _manifest(vae, checkpoint, report, thumbnail_size, provenance)
+    Bundle(manifest, index, graphs).write(out_dir)
+    log(f"wrote {out_dir}")
+    return out_dir
+
+
+def _manifest(vae: VAE, checkpoint: dict, parity_report: dict, thumbnail_size,
+              provenance: dict) -> dict:
+    """The new bundle's manifest: the model's shapes and the export's provenance."""
     size = vae.config.image_size
-    manifest = new_manifest(
+    return new_manifest(
         latent_dim=vae.config.latent_dim,
-        image_shape=(channels, size, size),
+        image_shape=(vae.config.image_channels, size, size),
         thumbnail_size=thumbnail_size,
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        parity=report,
+        parity=parity_report,
         model_config=checkpoint["config"],
         training=checkpoint["train_config"],
         epochs_trained=checkpoint["epoch"],
-        metrics={k: v for k, v in history[-1].items() if k.startswith("test_")},
+        metrics={k: v for k, v in checkpoint["history"][-1].items() if k.startswith("test_")},
         versions={
             "vae-edge": _version("vae-edge"), "torch": str(torch.__version__),
             "onnx": _version("onnx"), "onnxruntime": _version("onnxruntime"),
@@ -188,9 +196,6 @@ def _build_bundle(checkpoint_path, out_dir: Path, catalog, data_dir, limit, forc
         },
         **provenance,
     )
-    Bundle(manifest, index, graphs).write(out_dir)
-    log(f"wrote {out_dir}")
-    return out_dir
 
 
 def export_graphs(vae: VAE, log) -> tuple[dict[str, bytes], dict]:

@@ -105,7 +105,7 @@ def _stamp(path: Path) -> tuple:
     return stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Bundle:
     """A bundle in memory: its manifest, its catalog index and its graphs' bytes.
 

@@ -3,6 +3,7 @@ and the edits extended and without."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -96,7 +97,7 @@ def test_write_reads_the_bundle_back_before_it_replaces_anything(bundle_copy):
     before = {p.name: p.read_bytes() for p in bundle_copy.iterdir()}
     tiny = Bundle.read(bundle_copy)
     index = tiny.index.take(range(len(tiny.index)))
-    broken = type(index)(**{**index.__dict__, "labels": index.labels + 1})
+    broken = dataclasses.replace(index, labels=index.labels + 1)
     with pytest.raises(BundleError, match=r"^index_labels.npy: labels must lie in \[0, 10\)"):
         Bundle(tiny.manifest, broken, tiny.graphs, tiny.root).write(bundle_copy)
     assert {p.name: p.read_bytes() for p in bundle_copy.iterdir()} == before
