@@ -54,7 +54,6 @@ from .manifest import (
     IMAGE_RANGE,
     MANIFEST_NAME,
     MODEL_FILES,
-    _format_2_sections,
     bundle_files,
     graph_sections,
     read_manifest,
@@ -218,9 +217,7 @@ class Bundle:
         if has_thumbnails != (m.get("thumbnails") is not None):
             raise ValueError("a manifest's thumbnails size goes with an index that has "
                              "thumbnails, and only then")
-        dropped = {section for section, _ in _format_2_sections(1, (1, 1, 1))} - {
-            "image", "index", "items"}
-        manifest = {key: value for key, value in m.items() if key not in dropped}
+        manifest = _without(m, *MODEL_FILES)  # format 2's "encoder" and "decoder" sections
         manifest.update(
             format=FORMAT_NAME, format_version=FORMAT_VERSION,
             image={"shape": list(m["image"]["shape"]), "layout": m["image"].get("layout")},
