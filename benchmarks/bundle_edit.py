@@ -3,7 +3,7 @@ checkout of vae-edge (--base), in one run on the same inputs:
 
     mkdir /tmp/vae-edge-base && git archive <commit> | tar -x -C /tmp/vae-edge-base
     python benchmarks/bundle_edit.py --base /tmp/vae-edge-base [--rounds 5] [--add-items 100]
-        [--export-limit 20000]
+        [--export-limit 20000] [--commands add remove export]
 
 Each round, for each tree in turn (the order alternating between rounds), on a fresh copy of
 the shipped bundle (60,000 Fashion-MNIST items, read by both trees): `add` of --add-items
@@ -11,7 +11,7 @@ Fashion-MNIST test images as PNG files under new ids, then `remove` of those ids
 `vae-export` of a tiny model (trained here, 1 epoch) indexing --export-limit training images.
 Each command runs in a fresh process (`python -m` of the tree's CLI module, its package first
 on PYTHONPATH), so the times are what a shell sees, start-up and imports included. Prints the
-median wall time of each command per tree.
+median wall time of each command per tree (`remove` needs `add` before it).
 """
 
 from __future__ import annotations
@@ -82,6 +82,7 @@ def main() -> None:
     parser.add_argument("--add-items", type=int, default=100)
     parser.add_argument("--export-limit", type=int, default=20000)
     parser.add_argument("--data-dir", type=Path, default=None)
+    parser.add_argument("--commands", nargs="+", choices=list(CLIS), default=list(CLIS))
     args = parser.parse_args()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
     with tempfile.TemporaryDirectory() as tmp:
@@ -101,10 +102,12 @@ def main() -> None:
                 for command, extra in (("add", ["--bundle", bundle, csv_path]),
                                        ("remove", ["--bundle", bundle, *ids]),
                                        ("export", [*export_args, "-o", work / f"{name}-x"])):
+                    if command not in args.commands:
+                        continue
                     times[name, command].append(
                         run(tree, CLIS[command], [command] * (command != "export") + extra, env))
         print(f"{'command':<8} {'base (s)':>9} {'this (s)':>9}   median of {args.rounds}")
-        for command in CLIS:
+        for command in args.commands:
             base, this = (statistics.median(times[name, command]) for name in trees)
             print(f"{command:<8} {base:9.2f} {this:9.2f}")
 
