@@ -77,8 +77,6 @@ def remove_items(bundle: str | Path, ids, log=print) -> EditReport:
     with exclusive(Path(bundle), log):
         recover_directory(Path(bundle), log)
         ids = [str(item_id) for item_id in ids]
-        if not ids:
-            raise ValueError("no ids given: expected one or more item ids to remove")
         old = Bundle.read(bundle)
         new = old.without(ids)
         _rewrite(old, new, log)
