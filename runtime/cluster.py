@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from .bundle import BundleError, CatalogIndex, load_index, read_manifest, sha256_file
+from .bundle import IMAGE_RANGE, Bundle, BundleError, CatalogIndex, sha256_file
 from .checks import check_images, check_k, check_latent, check_mode, find_label
 from .core import Runtime, checked_thumbnail, sample_prior
 from .search import Matches
@@ -255,7 +255,7 @@ class ShardedRuntime:
         """As Runtime.nearest_image over the whole catalog."""
         k = check_k(k)
         label_id = self._label_filter(label)
-        batch, single = check_images(images, self.image_shape, self.manifest["image"]["range"])
+        batch, single = check_images(images, self.image_shape, IMAGE_RANGE)
         mu, log_sigma = self._first("encode", batch)
         if single:
             mu, log_sigma = mu[0], log_sigma[0]
@@ -304,7 +304,7 @@ class ShardedRuntime:
     def index(self) -> ShardedIndex:
         """The whole catalog's index read on this machine, for the kiosk's item pages and
         slider words (the search itself never needs it here)."""
-        return ShardedIndex([load_index(shard.path, read_manifest(shard.path))
+        return ShardedIndex([Bundle.read(shard.path, verify=False).index
                              for shard in self.shard_set.shards])
 
     def thumbnail(self, row: int) -> bytes | None:

@@ -5,20 +5,18 @@ Only numpy, onnxruntime and the standard library are imported here (no torch, no
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from .bundle import (
+    IMAGE_RANGE,
+    Bundle,
     BundleError,
     CatalogIndex,
-    check_onnx_file,
     default_bundle_path,
-    load_index,
-    read_manifest,
-    verify_files,
+    graph_sections,
 )
 from .checks import (
     MAX_THREADS,
@@ -29,6 +27,7 @@ from .checks import (
     find_label,
     is_integer,
 )
+from .graphs import Graph
 from .images import read_image, webp_size
 from .search import LikelihoodSearch, Matches
 
@@ -39,65 +38,6 @@ def sample_prior(latent_dim: int, n: int | None = None, seed: int | None = None)
     """z ~ N(0, I): (latent_dim,) when n is None, else (n, latent_dim)."""
     rng = np.random.default_rng(seed)
     return rng.standard_normal(latent_dim if n is None else (n, latent_dim))
-
-
-def open_session(path: Path, threads: int):
-    """An onnxruntime CPU session as the runtime runs its graphs; BundleError if it cannot load."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    # Fatal only: a graph that fails while running is reported once, by _Graph.run, on one line.
-    options.log_severity_level = 4
-    # Without the arena each run's buffers go back to the allocator: with it, one large batch
-    # would stay resident for the life of the process (a 4,096-image decode: +150 MB), and
-    # a batch-1 run is no slower (benchmarks/footprint.py).
-    options.enable_cpu_mem_arena = False
-    try:
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
-        raise BundleError(f"{path.name}: onnxruntime cannot load it ({exc})") from None
-
-
-@dataclass(frozen=True)
-class _Graph:
-    """One bundle graph, run as its manifest section describes it: one input, named outputs."""
-
-    session: Any
-    file: str
-    input: str
-    outputs: list[str]
-
-    @classmethod
-    def load(cls, root: Path, spec: dict, threads: int) -> _Graph:
-        """A session for the manifest section `spec`, whose inputs and outputs (names and
-        non-batch dims) must be the ones the section states."""
-        session = open_session(root / spec["file"], threads)
-        for kind, actual, expected in (("input", session.get_inputs(), spec["inputs"]),
-                                       ("output", session.get_outputs(), spec["outputs"])):
-            got = [(a.name, list(a.shape[1:])) for a in actual]
-            want = [(name, list(shape[1:])) for name, shape in expected.items()]
-            if got != want:
-                raise BundleError(f"{spec['file']}: {kind}s are {got}, expected {want}")
-        (name,) = spec["inputs"]
-        return cls(session, spec["file"], name, list(spec["outputs"]))
-
-    def run(self, batch: np.ndarray) -> list[np.ndarray]:
-        """The graph's outputs for one input batch; its failures and non-finite outputs
-        become BundleError. The input was validated before, so a failure here is the
-        graph's (a Reshape that cannot apply, an allocation that cannot be met)."""
-        try:
-            results = self.session.run(self.outputs, {self.input: batch})
-        except Exception as exc:  # onnxruntime raises its own Fail/RuntimeException types
-            detail = " ".join(str(exc).split())
-            raise BundleError(f"{self.file}: onnxruntime failed running the graph "
-                              f"({detail})") from None
-        for output, result in zip(self.outputs, results):
-            if not np.isfinite(result).all():
-                raise BundleError(f"{self.file}: output {output!r} holds NaN or infinite values")
-        return results
 
 
 def checked_thumbnail(index, manifest: dict, row: int) -> bytes | None:
@@ -116,6 +56,21 @@ def checked_thumbnail(index, manifest: dict, row: int) -> bytes | None:
         raise BundleError(f"{where}: picture is {size[0]}x{size[1]}, the manifest's "
                           f"thumbnails are {expected[0]}x{expected[1]}")
     return data
+
+
+def encoder_of(bundle: Bundle, threads: int = 1):
+    """The bundle's encoder alone, as Runtime.encode runs it: images -> (mu, log_sigma)
+    float32 (B, d). For vae-run add, which encodes new items and searches nothing: the graph
+    is the one read (and checked) with the bundle, whatever happened to the file since."""
+    spec = graph_sections(bundle.latent_dim, bundle.image_shape)["encoder"]
+    graph = Graph.load(bundle.root, spec, threads, bundle.graphs[spec["file"]])
+
+    def encode(images) -> tuple[np.ndarray, np.ndarray]:
+        batch, _ = check_images(images, bundle.image_shape, IMAGE_RANGE)
+        mu, log_var = graph.run(batch)
+        return mu, 0.5 * log_var
+
+    return encode
 
 
 class Runtime:
@@ -157,15 +112,11 @@ class Runtime:
             from threadpoolctl import threadpool_limits
 
             threadpool_limits(limits=threads, user_api="blas")
-        manifest = read_manifest(root)
-        if verify:
-            verify_files(root, manifest)
-        index = load_index(root, manifest)
-        for role in ("encoder", "decoder"):  # every check passes before onnxruntime sees a graph
-            check_onnx_file(root, manifest[role]["file"])
-        encoder, decoder = (_Graph.load(root, manifest[role], threads)
+        bundle = Bundle.read(root, verify=verify)
+        sections = graph_sections(bundle.latent_dim, bundle.image_shape)
+        encoder, decoder = (Graph.load(root, sections[role], threads)
                             for role in ("encoder", "decoder"))
-        return cls(root, manifest, index, encoder, decoder, threads=threads)
+        return cls(root, bundle.manifest, bundle.index, encoder, decoder, threads=threads)
 
     @property
     def latent_dim(self) -> int:
@@ -192,7 +143,7 @@ class Runtime:
 
     def encode(self, images) -> tuple[np.ndarray, np.ndarray]:
         """Images -> (mu, log_sigma) float32, each (d,) for one image or (B, d)."""
-        batch, single = check_images(images, self.image_shape, self.manifest["image"]["range"])
+        batch, single = check_images(images, self.image_shape, IMAGE_RANGE)
         mu, log_sigma = self._encode(batch)
         return (mu[0], log_sigma[0]) if single else (mu, log_sigma)
 
