@@ -21,7 +21,8 @@ import numpy as np
 
 from ..runtime.atomic import atomic_directory
 from ..runtime.catalog import fit_catalog, read_catalog
-from ..runtime.core import MATCH_MODES, Runtime
+from ..runtime.checks import MATCH_MODES
+from ..runtime.core import Runtime
 from ..runtime.images import save_png
 from .report import PICTURES_DIR, REPORT_NAME, _log, _quartiles, pixel_correlation, unit_pixels
 from .report import slider_queries as slider_positions

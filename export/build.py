@@ -12,27 +12,21 @@ from __future__ import annotations
 import contextlib
 import datetime
 import platform
+import tempfile
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..runtime.atomic import atomic_directory, exclusive, recover_directory
-from ..runtime.bundle import (
-    MODEL_FILES,
-    CatalogIndex,
-    new_manifest,
-    pack_thumbnails,
-    to_float16,
-    write_index,
-    write_manifest,
-)
+from ..runtime.atomic import exclusive, recover_directory
+from ..runtime.bundle import MODEL_FILES, Bundle, CatalogIndex, new_manifest, to_float16
 from ..runtime.catalog import (
     Catalog,
     bad_rows_error,
     catalog_fingerprint,
     fit_catalog,
+    items_index,
     read_catalog,
 )
 from ..training import distributed
@@ -165,57 +159,55 @@ def _build_bundle(checkpoint_path, out_dir: Path, catalog, data_dir, limit, forc
         raise ValueError(f"catalog {catalog!r} is a Fashion-MNIST split (28x28 grayscale), but "
                          f"the model takes {channels}x{vae.config.image_size}x"
                          f"{vae.config.image_size} images: give a catalog CSV")
-    if not ranks.leader:  # this rank's share of the encoding
-        if from_csv:
-            catalog_index(vae, rows, limit, skip_bad, thumbnail_size, dataset, log)
-        else:
-            fashion_mnist_index(vae, catalog, data_dir, limit, catalog_split, dataset, log)
+    # Every rank fits and encodes its share of the catalog; rank 0 gets the index and writes.
+    graphs, report = export_graphs(vae, log) if ranks.leader else (None, None)
+    if from_csv:
+        index, provenance = catalog_index(vae, rows, limit, skip_bad, thumbnail_size, dataset,
+                                          log)
+    else:
+        index, provenance = fashion_mnist_index(vae, catalog, data_dir, limit, catalog_split,
+                                                dataset, log)
+        thumbnail_size = None
+    if not ranks.leader:
         return out_dir
-    with atomic_directory(out_dir) as tmp:
-        report = export_graphs(vae, tmp, log)
-        if from_csv:
-            index, provenance = catalog_index(vae, rows, limit, skip_bad, thumbnail_size,
-                                              dataset, log)
-        else:
-            index, provenance = fashion_mnist_index(vae, catalog, data_dir, limit,
-                                                    catalog_split, dataset, log)
-            thumbnail_size = None
-        write_index(tmp, index)
-        history = checkpoint["history"]
-        size = vae.config.image_size
-        manifest = new_manifest(
-            latent_dim=vae.config.latent_dim,
-            image_shape=(channels, size, size),
-            index=index,
-            thumbnail_size=thumbnail_size,
-            created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            parity=report,
-            model_config=checkpoint["config"],
-            training=checkpoint["train_config"],
-            epochs_trained=checkpoint["epoch"],
-            metrics={k: v for k, v in history[-1].items() if k.startswith("test_")},
-            versions={
-                "vae-edge": _version("vae-edge"), "torch": str(torch.__version__),
-                "onnx": _version("onnx"), "onnxruntime": _version("onnxruntime"),
-                "numpy": np.__version__, "python": platform.python_version(),
-            },
-            **provenance,
-        )
-        write_manifest(tmp, manifest)
-
-        from ..runtime.core import Runtime
-
-        Runtime.load(tmp)  # the runtime must accept what we wrote
+    manifest = _manifest(vae, checkpoint, report, thumbnail_size, provenance)
+    Bundle(manifest, index, graphs).write(out_dir)
     log(f"wrote {out_dir}")
     return out_dir
 
 
-def export_graphs(vae: VAE, root: Path, log) -> dict:
-    """encoder.onnx and decoder.onnx, checked against PyTorch: the parity report."""
+def _manifest(vae: VAE, checkpoint: dict, parity_report: dict, thumbnail_size,
+              provenance: dict) -> dict:
+    """The new bundle's manifest: the model's shapes and the export's provenance."""
+    size = vae.config.image_size
+    return new_manifest(
+        latent_dim=vae.config.latent_dim,
+        image_shape=(vae.config.image_channels, size, size),
+        thumbnail_size=thumbnail_size,
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        parity=parity_report,
+        model_config=checkpoint["config"],
+        training=checkpoint["train_config"],
+        epochs_trained=checkpoint["epoch"],
+        metrics={k: v for k, v in checkpoint["history"][-1].items() if k.startswith("test_")},
+        versions={
+            "vae-edge": _version("vae-edge"), "torch": str(torch.__version__),
+            "onnx": _version("onnx"), "onnxruntime": _version("onnxruntime"),
+            "numpy": np.__version__, "python": platform.python_version(),
+        },
+        **provenance,
+    )
+
+
+def export_graphs(vae: VAE, log) -> tuple[dict[str, bytes], dict]:
+    """encoder.onnx and decoder.onnx (their bytes, by file name), checked against PyTorch,
+    and the parity report."""
     log("exporting encoder.onnx and decoder.onnx")
-    encoder_path = export_encoder(vae, root / MODEL_FILES["encoder"])
-    decoder_path = export_decoder(vae, root / MODEL_FILES["decoder"])
-    report = parity(vae, encoder_path, decoder_path)
+    with tempfile.TemporaryDirectory(prefix="vae-export-") as work:
+        encoder_path = export_encoder(vae, Path(work) / MODEL_FILES["encoder"])
+        decoder_path = export_decoder(vae, Path(work) / MODEL_FILES["decoder"])
+        report = parity(vae, encoder_path, decoder_path)
+        graphs = {path.name: path.read_bytes() for path in (encoder_path, decoder_path)}
     log(f"ONNX vs PyTorch at batch {', '.join(report['batches'])}: max abs diff "
         f"{report['max_abs_diff']:.2e} (tolerance {PARITY_TOLERANCE:g})")
     if not report["max_abs_diff"] <= PARITY_TOLERANCE:
@@ -223,7 +215,7 @@ def export_graphs(vae: VAE, root: Path, log) -> dict:
             f"ONNX outputs differ from PyTorch by {report['max_abs_diff']:.3g} "
             f"> {PARITY_TOLERANCE:g}: {report['batches']}"
         )
-    return report
+    return graphs, report
 
 
 def fashion_mnist_index(vae: VAE, split_name: str, data_dir, limit, split: Split | None,
@@ -280,15 +272,7 @@ def catalog_index(vae: VAE, rows: Catalog, limit, skip_bad: bool, thumbnail_size
         if codes is None:
             return None, None
         mu, log_sigma = codes
-    label_texts = rows.labels or ("",) * len(rows)
-    label_names = tuple(sorted(set(label_texts)))
-    index = CatalogIndex(
-        mu=to_float16("mu", mu), log_sigma=to_float16("log_sigma", log_sigma),
-        labels=np.searchsorted(np.array(label_names, dtype=object),
-                               np.array(label_texts, dtype=object)).astype(np.int32),
-        label_names=label_names, ids=np.array(rows.ids, dtype=object), columns=rows.columns,
-        metadata=tuple(np.array(column, dtype=object) for column in zip(*rows.metadata)),
-        **pack_thumbnails(thumbnails))
+    index = items_index(rows, mu, log_sigma, thumbnails)
     return index, {"image_layout": f"NCHW, {'colour' if channels == 3 else 'grayscale'} photos "
                                    "fitted into the square, padded with their border colour",
                    "catalog": rows.source.name,  # the device and its kiosk API see no paths

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..runtime.core import open_session
+from ..runtime.graphs import open_session
 from ..training.model import VAE
 
 PARITY_BATCHES = (1, 7, 64)

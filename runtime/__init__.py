@@ -6,8 +6,9 @@
     matches = rt.nearest(z, k=5)   # ids, labels, log_likelihoods, best first
 """
 
-from .bundle import BundleError, CatalogIndex
-from .core import Runtime, parse_z
+from .bundle import Bundle, BundleError, CatalogIndex
+from .checks import parse_z
+from .core import Runtime
 from .search import Matches
 
-__all__ = ["BundleError", "CatalogIndex", "Matches", "Runtime", "parse_z"]
+__all__ = ["Bundle", "BundleError", "CatalogIndex", "Matches", "Runtime", "parse_z"]

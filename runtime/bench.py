@@ -24,8 +24,8 @@ import time
 
 import numpy as np
 
-from .checks import is_integer, is_number
-from .core import MATCH_MODES, Runtime
+from .checks import MATCH_MODES, is_integer, is_number
+from .core import Runtime
 
 # A fresh process: load the bundle, answer one query, print how long it took. Peak memory
 # comes from the operating system (wait4), not from the child.

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .catalog_index import CatalogIndex, pack_thumbnails, to_float16
 from .images import MAX_CATALOG_PHOTO_PIXELS, fit_photo, load_photo, thumbnail_bytes
 from .words import first_few, plural
 
@@ -256,3 +257,18 @@ def catalog_fingerprint(catalog: Catalog) -> str:
         except OSError:
             digest.update(f"{path}\0missing\n".encode())
     return digest.hexdigest()
+
+
+def items_index(rows: Catalog, mu: np.ndarray, log_sigma: np.ndarray,
+                photos: list[bytes] | None) -> CatalogIndex:
+    """The catalog's items as an index: their float32 codes stored as float16, label names
+    sorted (one, "", without a label column), metadata and thumbnails (or None)."""
+    label_texts = rows.labels or ("",) * len(rows)
+    label_names = tuple(sorted(set(label_texts)))
+    return CatalogIndex(
+        mu=to_float16("mu", mu), log_sigma=to_float16("log_sigma", log_sigma),
+        labels=np.searchsorted(np.array(label_names, dtype=object),
+                               np.array(label_texts, dtype=object)).astype(np.int32),
+        label_names=label_names, ids=np.array(rows.ids, dtype=object), columns=rows.columns,
+        metadata=tuple(np.array(column, dtype=object) for column in zip(*rows.metadata)),
+        **pack_thumbnails(photos))

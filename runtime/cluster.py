@@ -31,17 +31,9 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from .bundle import BundleError, CatalogIndex, load_index, read_manifest, sha256_file
-from .core import (
-    Runtime,
-    check_images,
-    check_k,
-    check_latent,
-    check_mode,
-    checked_thumbnail,
-    find_label,
-    sample_prior,
-)
+from .bundle import IMAGE_RANGE, Bundle, BundleError, CatalogIndex, sha256_file
+from .checks import check_images, check_k, check_latent, check_mode, find_label
+from .core import Runtime, checked_thumbnail, sample_prior
 from .search import Matches, WassersteinSearch, log_sigma_counts, merge_counts, temperature_of
 from .shard import read_shards
 
@@ -102,6 +94,11 @@ class _ShardActor:
 
     def roundtrip(self, z: np.ndarray):
         return self.runtime._roundtrip(z)
+
+    def decode_and_encode(self, z: np.ndarray):
+        """decode(z) for validated z (1, d) and the encoding of that garment (Runtime.view)."""
+        images = self.runtime._decode(z)
+        return (images, *self.runtime._encode(images))
 
     def encode(self, images: np.ndarray):
         return self.runtime.encode(images)
@@ -246,11 +243,29 @@ class ShardedRuntime:
         return self._merge(mu.astype(np.float64), WassersteinSearch.spread(log_sigma), k,
                            label_id, distances, self.temperature)
 
+    def view(self, z, k: int = 5, label: int | str | None = None,
+             by: str = "latent") -> tuple[np.ndarray, Matches]:
+        """As Runtime.view: one z checked once and decoded once, on the first shard's actor."""
+        array = check_latent(z, self.latent_dim)
+        if array.ndim != 1:
+            raise ValueError(f"view takes one z of shape ({self.latent_dim},), "
+                             f"got {array.shape}")
+        k = check_k(k)
+        check_mode(by, True)
+        label_id = self._label_filter(label)
+        images, mu, log_sigma = self._first("decode_and_encode", array[None])
+        distance = np.linalg.norm(array - mu[0])
+        if by == "latent":
+            return images[0], self._merge(array, None, k, label_id, distance, None)
+        return images[0], self._merge(mu[0].astype(np.float64),
+                                      WassersteinSearch.spread(log_sigma[0]), k, label_id,
+                                      distance, self.temperature)
+
     def nearest_image(self, images, k: int = 5, label: int | str | None = None) -> Matches:
         """As Runtime.nearest_image over the whole catalog."""
         k = check_k(k)
         label_id = self._label_filter(label)
-        batch, single = check_images(images, self.image_shape, self.manifest["image"]["range"])
+        batch, single = check_images(images, self.image_shape, IMAGE_RANGE)
         mu, log_sigma = self._first("encode", batch)
         if single:
             mu, log_sigma = mu[0], log_sigma[0]
@@ -302,7 +317,7 @@ class ShardedRuntime:
     def index(self) -> ShardedIndex:
         """The whole catalog's index read on this machine, for the kiosk's item pages and
         slider words (the search itself never needs it here)."""
-        return ShardedIndex([load_index(shard.path, read_manifest(shard.path))
+        return ShardedIndex([Bundle.read(shard.path, verify=False).index
                              for shard in self.shard_set.shards])
 
     def thumbnail(self, row: int) -> bytes | None:

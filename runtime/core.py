@@ -5,263 +5,40 @@ Only numpy, onnxruntime and the standard library are imported here (no torch, no
 
 from __future__ import annotations
 
-import re
 import threading
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from .bundle import (
+    IMAGE_RANGE,
+    Bundle,
     BundleError,
     CatalogIndex,
-    check_onnx_file,
     default_bundle_path,
-    load_index,
-    read_manifest,
-    verify_files,
+    graph_sections,
 )
+from .checks import (
+    MAX_THREADS,
+    check_images,
+    check_k,
+    check_latent,
+    check_mode,
+    find_label,
+    is_integer,
+)
+from .graphs import Graph
 from .images import read_image, webp_size
 from .search import LikelihoodSearch, Matches, WassersteinSearch
 
-# Latent values beyond this are not slider positions but mistakes; they would also
-# overflow float32 arithmetic in the decoder.
-MAX_ABS_Z = 1e6
-MAX_BATCH = 65536
-ROUNDTRIP_CHUNK = 16
-# How nearest() ranks the catalog for a latent query (see Runtime.nearest).
-MATCH_MODES = ("latent", "decoded")
-# onnxruntime threads per session: each is an OS thread, so more is a typo, not a machine
-# (and 2^31 does not fit onnxruntime's option). A fixed bound, not the CPU count, keeps a
-# service file valid when it moves to a smaller board.
-MAX_THREADS = 256
-# parse_z refuses longer text before splitting it: a million values still get a precise
-# count, a gigabyte does not get copied around.
-MAX_Z_TEXT = 16 << 20
-# Plain decimal numbers only: Python's float() would also take "1_0", "0x..."-like
-# surprises or non-ASCII digits, none of which a kiosk slider ever sends.
-_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)
-_NON_FINITE = re.compile(r"[+-]?(?:nan|inf|infinity)", re.ASCII | re.IGNORECASE)
-
-
-def parse_z(text: str, latent_dim: int) -> np.ndarray:
-    """Parse "0.5,-1.2,..." (commas and/or spaces) into a float64 vector of length latent_dim.
-
-    Raises ValueError (and only ValueError) for anything else, naming what is wrong.
-    """
-    if not isinstance(text, str):
-        raise ValueError(f"z must be text like '0.5,-1.2,...', got {type(text).__name__}")
-    if len(text) > MAX_Z_TEXT:
-        raise ValueError(f"z text is {len(text)} characters long; at most {MAX_Z_TEXT} accepted")
-    parts = [p for p in re.split(r"[,\s]+", text.strip()) if p]
-    if not parts:
-        raise ValueError(f"z is empty: expected {latent_dim} comma-separated numbers")
-    if len(parts) != latent_dim:
-        raise ValueError(f"z has {len(parts)} values, expected {latent_dim} (the latent dimension)")
-    values = []
-    for position, part in enumerate(parts, start=1):
-        if _NON_FINITE.fullmatch(part):
-            values.append(float(part))  # refused below with the NaN/inf message
-            continue
-        if not _NUMBER.fullmatch(part):
-            raise ValueError(f"z value {position} is not a number: {part[:40]!r}")
-        value = float(part)
-        if not abs(value) <= MAX_ABS_Z:  # also a finite-looking literal that overflows
-            raise ValueError(
-                f"z value {position} is out of range [-{MAX_ABS_Z:g}, {MAX_ABS_Z:g}]: "
-                f"{part[:40]!r}"
-            )
-        values.append(value)
-    return check_latent(np.array(values, dtype=np.float64), latent_dim)
-
-
-def check_latent(z, latent_dim: int) -> np.ndarray:
-    """Validate latent vectors: (d,) or (B, d), finite, |z| <= MAX_ABS_Z. Returns float64.
-
-    Accepts int or float arrays and (nested) lists of numbers; anything else (text, bool,
-    complex, objects, ragged lists) raises ValueError.
-    """
-    if isinstance(z, (str, bytes)):
-        raise ValueError("z must be numeric: a vector of floats or a (batch, dim) array "
-                         "(for text like '0.5,-1.2,...' use parse_z)")
-    try:
-        array = np.asarray(z)
-    except (TypeError, ValueError, OverflowError):  # ragged lists and the like
-        raise ValueError("z must be numeric: a vector of floats or a (batch, dim) array") from None
-    if array.dtype.kind not in "iuf":
-        raise ValueError(
-            "z must be numeric: a vector of floats or a (batch, dim) array, "
-            f"got dtype {array.dtype}"
-        )
-    if array.ndim not in (1, 2) or array.shape[-1] != latent_dim:
-        raise ValueError(
-            f"z must have shape ({latent_dim},) or (batch, {latent_dim}), got {array.shape}"
-        )
-    if array.ndim == 2 and not 1 <= array.shape[0] <= MAX_BATCH:
-        raise ValueError(f"z batch size must be in [1, {MAX_BATCH}], got {array.shape[0]}")
-    with np.errstate(over="ignore"):  # float128 beyond float64 becomes inf, refused below
-        array = array.astype(np.float64)
-    largest = float(np.abs(array).max())
-    if not largest <= MAX_ABS_Z:  # NaN fails it too: one pass checks both on the good path
-        if not np.isfinite(array).all():
-            raise ValueError("z holds NaN or infinite values")
-        raise ValueError(
-            f"z values must lie in [-{MAX_ABS_Z:g}, {MAX_ABS_Z:g}], got |z| up to {largest:.3g}"
-        )
-    return array
-
-
-def check_k(k) -> int:
-    """k as a positive int; a k above the catalog size is clamped to it by the search."""
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
-        raise ValueError(f"k must be an integer >= 1, got {k!r}")
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    return int(k)
-
-
-def check_mode(by: str, with_distance: bool) -> None:
-    """nearest's match mode and distance flag, or ValueError."""
-    if by not in MATCH_MODES:
-        raise ValueError(f"by must be one of {', '.join(MATCH_MODES)}, got {by!r}")
-    if not isinstance(with_distance, bool):
-        raise ValueError(f"with_distance must be True or False, got {with_distance!r}")
-
-
-def check_images(images, image_shape: tuple[int, int, int],
-                 value_range=(0.0, 1.0)) -> tuple[np.ndarray, bool]:
-    """One image as (C, H, W) (or (H, W) for grayscale), a batch as (B, C, H, W) (or
-    (B, H, W) for grayscale); uint8 0..255 or float in value_range (the bundle's: [0, 1]).
-    A 3-D array whose first axis is C is one image: (1, H, W) is one grayscale image, as
-    Runtime.read_photo returns it.
-
-    Returns float32 (B, C, H, W) and whether a single image was given.
-    """
-    lowest, highest = (float(v) for v in value_range)
-    channels, height, width = image_shape
-    try:
-        array = np.asarray(images)
-    except (TypeError, ValueError, OverflowError):  # ragged lists and the like
-        raise ValueError("images must be a numeric array, uint8 or float") from None
-    if array.dtype != np.uint8 and array.dtype.kind != "f":
-        raise ValueError(f"images must be uint8 or float, got dtype {array.dtype}")
-    original_shape = array.shape
-    if array.ndim == 2 and channels == 1:
-        array = array[None]  # (H, W): one grayscale image
-    single = array.ndim == 3 and array.shape[0] == channels
-    if single:
-        array = array[None]
-    elif array.ndim == 3 and channels == 1:
-        array = array[:, None]  # (B, H, W): a grayscale batch
-    expected = (channels, height, width)
-    if array.ndim != 4 or tuple(array.shape[1:]) != expected:
-        one = f"({height}, {width}) or " if channels == 1 else ""
-        raise ValueError(
-            f"images must be {one}({channels}, {height}, {width}) or "
-            f"(batch, {channels}, {height}, {width}), got {original_shape}"
-        )
-    if not 1 <= array.shape[0] <= MAX_BATCH:
-        raise ValueError(f"image batch size must be in [1, {MAX_BATCH}], got {array.shape[0]}")
-    if array.dtype == np.uint8:  # the schema's range is [0, 1] (bundle.IMAGE_RANGE)
-        array = array.astype(np.float32) / 255.0
-    else:
-        # Checked before the cast: float64 1e308 is out of range, not "infinite".
-        if not np.isfinite(array).all():
-            raise ValueError("images hold NaN or infinite values")
-        low, high = float(array.min()), float(array.max())
-        if low < lowest or high > highest:
-            raise ValueError(f"float images must lie in [{lowest:g}, {highest:g}], got "
-                             f"[{low:.3g}, {high:.3g}]")
-        array = array.astype(np.float32)
-    return np.ascontiguousarray(array), single
-
-
-def find_label(names: tuple[str, ...], label: int | str | None) -> int | None:
-    """A class name or id -> its id among names (None stays None); ValueError names the
-    valid ones."""
-    if label is None:
-        return None
-    if isinstance(label, (int, np.integer)) and not isinstance(label, bool):
-        if 0 <= label < len(names):
-            return int(label)
-    elif isinstance(label, str):
-        text = label.strip()
-        if text in names:
-            return names.index(text)
-        # Otherwise a name that differs in case only, where exactly one does.
-        folded = [i for i, name in enumerate(names) if name.casefold() == text.casefold()]
-        if len(folded) == 1:
-            return folded[0]
-        if text.isascii() and text.isdigit() and int(text) < len(names):
-            return int(text)
-    raise ValueError(f"unknown label {label!r}: expected one of {', '.join(names)} "
-                     f"(or a class id 0-{len(names) - 1})")
+ROUNDTRIP_CHUNK = 16  # rows per decode-and-encode in a round trip (Runtime._roundtrip)
 
 
 def sample_prior(latent_dim: int, n: int | None = None, seed: int | None = None) -> np.ndarray:
     """z ~ N(0, I): (latent_dim,) when n is None, else (n, latent_dim)."""
     rng = np.random.default_rng(seed)
     return rng.standard_normal(latent_dim if n is None else (n, latent_dim))
-
-
-def open_session(path: Path, threads: int):
-    """An onnxruntime CPU session as the runtime runs its graphs; BundleError if it cannot load."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    # Fatal only: a graph that fails while running is reported once, by _Graph.run, on one line.
-    options.log_severity_level = 4
-    # Without the arena each run's buffers go back to the allocator: with it, one large batch
-    # would stay resident for the life of the process (a 4,096-image decode: +150 MB), and
-    # a batch-1 run is no slower (benchmarks/footprint.py).
-    options.enable_cpu_mem_arena = False
-    try:
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
-        raise BundleError(f"{path.name}: onnxruntime cannot load it ({exc})") from None
-
-
-@dataclass(frozen=True)
-class _Graph:
-    """One bundle graph, run as its manifest section describes it: one input, named outputs."""
-
-    session: Any
-    file: str
-    input: str
-    outputs: list[str]
-
-    @classmethod
-    def load(cls, root: Path, spec: dict, threads: int) -> _Graph:
-        """A session for the manifest section `spec`, whose inputs and outputs (names and
-        non-batch dims) must be the ones the section states."""
-        session = open_session(root / spec["file"], threads)
-        for kind, actual, expected in (("input", session.get_inputs(), spec["inputs"]),
-                                       ("output", session.get_outputs(), spec["outputs"])):
-            got = [(a.name, list(a.shape[1:])) for a in actual]
-            want = [(name, list(shape[1:])) for name, shape in expected.items()]
-            if got != want:
-                raise BundleError(f"{spec['file']}: {kind}s are {got}, expected {want}")
-        (name,) = spec["inputs"]
-        return cls(session, spec["file"], name, list(spec["outputs"]))
-
-    def run(self, batch: np.ndarray) -> list[np.ndarray]:
-        """The graph's outputs for one input batch; its failures and non-finite outputs
-        become BundleError. The input was validated before, so a failure here is the
-        graph's (a Reshape that cannot apply, an allocation that cannot be met)."""
-        try:
-            results = self.session.run(self.outputs, {self.input: batch})
-        except Exception as exc:  # onnxruntime raises its own Fail/RuntimeException types
-            detail = " ".join(str(exc).split())
-            raise BundleError(f"{self.file}: onnxruntime failed running the graph "
-                              f"({detail})") from None
-        for output, result in zip(self.outputs, results):
-            if not np.isfinite(result).all():
-                raise BundleError(f"{self.file}: output {output!r} holds NaN or infinite values")
-        return results
 
 
 def checked_thumbnail(index, manifest: dict, row: int) -> bytes | None:
@@ -280,6 +57,21 @@ def checked_thumbnail(index, manifest: dict, row: int) -> bytes | None:
         raise BundleError(f"{where}: picture is {size[0]}x{size[1]}, the manifest's "
                           f"thumbnails are {expected[0]}x{expected[1]}")
     return data
+
+
+def encoder_of(bundle: Bundle, threads: int = 1):
+    """The bundle's encoder alone, as Runtime.encode runs it: images -> (mu, log_sigma)
+    float32 (B, d). For vae-run add, which encodes new items and searches nothing: the graph
+    is the one read (and checked) with the bundle, whatever happened to the file since."""
+    spec = graph_sections(bundle.latent_dim, bundle.image_shape)["encoder"]
+    graph = Graph.load(bundle.root, spec, threads, bundle.graphs[spec["file"]])
+
+    def encode(images) -> tuple[np.ndarray, np.ndarray]:
+        batch, _ = check_images(images, bundle.image_shape, IMAGE_RANGE)
+        mu, log_var = graph.run(batch)
+        return mu, 0.5 * log_var
+
+    return encode
 
 
 class Runtime:
@@ -336,22 +128,18 @@ class Runtime:
         11.7 ms instead of 0.4 ms per query); `vae-run` asks for it.
         """
         root = default_bundle_path() if path is None else Path(path)
-        if (isinstance(threads, bool) or not isinstance(threads, int)
-                or not 1 <= threads <= MAX_THREADS):
+        if not is_integer(threads) or not 1 <= threads <= MAX_THREADS:
             raise ValueError(f"threads must be an integer in [1, {MAX_THREADS}], got {threads!r}")
+        threads = int(threads)
         if limit_blas:
             from threadpoolctl import threadpool_limits
 
             threadpool_limits(limits=threads, user_api="blas")
-        manifest = read_manifest(root)
-        if verify:
-            verify_files(root, manifest)
-        index = load_index(root, manifest)
-        for role in ("encoder", "decoder"):  # every check passes before onnxruntime sees a graph
-            check_onnx_file(root, manifest[role]["file"])
-        encoder, decoder = (_Graph.load(root, manifest[role], threads)
+        bundle = Bundle.read(root, verify=verify)
+        sections = graph_sections(bundle.latent_dim, bundle.image_shape)
+        encoder, decoder = (Graph.load(root, sections[role], threads)
                             for role in ("encoder", "decoder"))
-        return cls(root, manifest, index, encoder, decoder, threads=threads)
+        return cls(root, bundle.manifest, bundle.index, encoder, decoder, threads=threads)
 
     @property
     def latent_dim(self) -> int:
@@ -378,7 +166,7 @@ class Runtime:
 
     def encode(self, images) -> tuple[np.ndarray, np.ndarray]:
         """Images -> (mu, log_sigma) float32, each (d,) for one image or (B, d)."""
-        batch, single = check_images(images, self.image_shape, self.manifest["image"]["range"])
+        batch, single = check_images(images, self.image_shape, IMAGE_RANGE)
         mu, log_sigma = self._encode(batch)
         return (mu[0], log_sigma[0]) if single else (mu, log_sigma)
 
@@ -418,17 +206,39 @@ class Runtime:
         k = check_k(k)
         check_mode(by, with_distance)
         label_id = self._label_filter(label)
-        distances = None
+        roundtrip = self._roundtrip(array) if by != "latent" or with_distance else None
+        return self._ranked(array, roundtrip, k, label_id, by)
+
+    def view(self, z, k: int = 5, label: int | str | None = None,
+             by: str = "latent") -> tuple[np.ndarray, Matches]:
+        """What a kiosk shows for one z (d,): the garment decode(z), (C, H, W), and
+        nearest(z, k, label, by, with_distance=True), with z checked once and decoded once
+        (the round trip encodes the garment shown)."""
+        array = check_latent(z, self.latent_dim)
+        if array.ndim != 1:
+            raise ValueError(f"view takes one z of shape ({self.latent_dim},), "
+                             f"got {array.shape}")
+        k = check_k(k)
+        check_mode(by, True)
+        label_id = self._label_filter(label)
+        images = self._decode(array[None])
+        mu, log_sigma = self._encode(images)
+        roundtrip = mu[0], log_sigma[0], np.linalg.norm(array - mu[0])
+        return images[0], self._ranked(array, roundtrip, k, label_id, by)
+
+    def _ranked(self, z: np.ndarray, roundtrip, k: int, label_id: int | None,
+                by: str) -> Matches:
+        """nearest's ranking of validated z, given its round trip (mu, log_sigma, distance)
+        or None (by latent without the distance)."""
         if by == "latent":
-            matches = self._search.search(array, k, label_id)
-            if with_distance:
-                distances = self._roundtrip(array)[2]
+            matches = self._search.search(z, k, label_id)
         else:
-            mu, log_sigma, distances = self._roundtrip(array)
+            mu, log_sigma, _ = roundtrip
             matches = self.wasserstein().search_gaussian(mu.astype(np.float64),
                                                          log_sigma.astype(np.float64), k,
                                                          label_id)
-        return replace(matches, distances=distances, metadata=self._metadata(matches.rows))
+        return replace(matches, distances=None if roundtrip is None else roundtrip[2],
+                       metadata=self._metadata(matches.rows))
 
     def _metadata(self, rows: np.ndarray) -> tuple:
         """The items' metadata dicts, shaped like rows: (k,) or (B, k) as nested tuples."""

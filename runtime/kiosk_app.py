@@ -17,8 +17,8 @@ from urllib.parse import quote
 import numpy as np
 
 from .bundle import BundleError
-from .checks import is_number
-from .core import MATCH_MODES, Runtime, check_k
+from .checks import MATCH_MODES, check_k, is_number
+from .core import Runtime
 from .images import png_bytes
 from .search import match_records
 
@@ -146,6 +146,9 @@ class KioskApp:
 
     def nearest(self, z: np.ndarray, k: int, by: str = "latent") -> dict:
         matches = self.runtime.nearest(z, k=check_server_k(k), by=by, with_distance=True)
+        return self._nearest_answer(z, by, matches)
+
+    def _nearest_answer(self, z: np.ndarray, by: str, matches) -> dict:
         # rank, id, then row: the documented order (a key repeated by **record keeps its place)
         results = [{"rank": record["rank"], "id": record["id"], "row": int(row), **record,
                     "image": item_image_url(record["id"], self.image_version)}
@@ -156,8 +159,11 @@ class KioskApp:
                 "far": distance > self.far_distance, "results": results}
 
     def view(self, z: np.ndarray, k: int, by: str = "latent") -> dict:
-        """What one page update shows: the garment z and the k items most like it."""
-        return {"decoded": self.decode(z), "nearest": self.nearest(z, k, by)}
+        """What one page update shows: the garment z and the k items most like it, z decoded
+        once (Runtime.view)."""
+        image, matches = self.runtime.view(z, k=check_server_k(k), by=by)
+        return {"decoded": {"z": z.tolist(), "image": png_data_url(image)},
+                "nearest": self._nearest_answer(z, by, matches)}
 
     def row_of(self, item_id: str) -> int:
         ids = self.runtime.index.ids

@@ -11,8 +11,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 
-from .checks import is_integer, is_number
-from .core import check_latent, parse_z
+from .checks import check_latent, is_integer, is_number, parse_z
 from .kiosk_app import ApiError
 
 # 512 latent values of up to ~25 JSON characters each fit comfortably under both caps.

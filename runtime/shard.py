@@ -15,27 +15,13 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
-import os
-import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from .atomic import atomic_directory
-from .bundle import (
-    MANIFEST_NAME,
-    MODEL_FILES,
-    BundleError,
-    CatalogIndex,
-    load_index,
-    pack_thumbnails,
-    read_manifest,
-    sha256_file,
-    verify_files,
-    write_index,
-    write_manifest,
-)
+from .bundle import MANIFEST_NAME, Bundle, BundleError, read_manifest, sha256_file
 from .checks import is_integer
 
 SET_FILE = "shards.json"
@@ -76,9 +62,8 @@ def shard_bundle(bundle: str | Path, parts: int, out_dir: str | Path, *, force: 
     if out_dir.exists() and not force:
         raise ValueError(f"{out_dir} exists: choose another directory, or replace it (force=True, "
                          "vae-run shard --force)")
-    manifest = read_manifest(bundle)
-    verify_files(bundle, manifest)
-    index = load_index(bundle, manifest)
+    whole = Bundle.read(bundle)
+    index = whole.index
     if parts > len(index):
         raise ValueError(f"parts must be at most the catalog size ({len(index)} items), "
                          f"got {parts}")
@@ -93,9 +78,10 @@ def shard_bundle(bundle: str | Path, parts: int, out_dir: str | Path, *, force: 
             lo, hi = int(bounds[part]), int(bounds[part + 1])
             path = tmp / shard_name(part)
             path.mkdir()
-            _write_shard(bundle, manifest, index, path, lo, hi, {
+            # The graphs are the same for every shard: one copy on disk where possible.
+            replace(whole, index=index.take(range(lo, hi)), manifest={**whole.manifest, "shard": {
                 "set": set_id, "part": part, "parts": parts, "offset": lo,
-                "catalog_size": len(index), "sharded": when})
+                "catalog_size": len(index), "sharded": when}}).write_into(path, link_graphs=True)
             listing.append({"dir": shard_name(part), "offset": lo, "size": hi - lo,
                             "manifest_sha256": sha256_file(path / MANIFEST_NAME)})
         record = {"format": SET_FORMAT, "format_version": SET_VERSION, "set": set_id,
@@ -103,25 +89,6 @@ def shard_bundle(bundle: str | Path, parts: int, out_dir: str | Path, *, force: 
         (tmp / SET_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     log(f"wrote {out_dir}: {parts} shard{'' if parts == 1 else 's'} of {len(index)} items")
     return read_shards(out_dir)
-
-
-def _write_shard(bundle: Path, manifest: dict, index: CatalogIndex, path: Path, lo: int,
-                 hi: int, section: dict) -> None:
-    for name in MODEL_FILES.values():
-        try:  # the graphs are the same for every shard: one copy on disk where possible
-            os.link(bundle / name, path / name)
-        except OSError:
-            shutil.copyfile(bundle / name, path / name)
-    rows = range(lo, hi)
-    photos = None if index.thumbnail_offsets is None else [index.thumbnail(r) for r in rows]
-    write_index(path, CatalogIndex(
-        mu=index.mu[lo:hi], log_sigma=index.log_sigma[lo:hi], labels=index.labels[lo:hi],
-        label_names=index.label_names, ids=index.ids[lo:hi], columns=index.columns,
-        metadata=tuple(values[lo:hi] for values in index.metadata), **pack_thumbnails(photos)))
-    shard_manifest = json.loads(json.dumps(manifest))  # a deep copy
-    shard_manifest["index"]["size"] = hi - lo
-    shard_manifest["shard"] = section
-    write_manifest(path, shard_manifest)
 
 
 def read_shards(root: str | Path) -> ShardSet:

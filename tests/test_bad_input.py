@@ -19,8 +19,8 @@ from hypothesis.extra import numpy as hnp
 from PIL import Image
 
 from vae_edge.runtime import Runtime, parse_z
+from vae_edge.runtime.checks import MAX_ABS_Z
 from vae_edge.runtime.cli import main as run_main
-from vae_edge.runtime.core import MAX_ABS_Z
 from vae_edge.runtime.images import (
     MAX_CATALOG_PHOTO_PIXELS,
     WORKING_PIXELS,

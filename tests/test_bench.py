@@ -7,8 +7,8 @@ import pytest
 from click.testing import CliRunner
 
 from vae_edge.runtime.bench import format_report, run_bench
+from vae_edge.runtime.checks import MATCH_MODES
 from vae_edge.runtime.cli import main as run_main
-from vae_edge.runtime.core import MATCH_MODES
 
 pytestmark = pytest.mark.slow  # needs the tiny trained bundle
 

@@ -239,6 +239,14 @@ class TestAsOneRuntime:
             assert str(got.value) == str(expected.value)
 
 
+    def test_view_is_one_runtimes_view(self, whole, cluster):
+        z = np.asarray(KioskApp(whole).opening_z)
+        for by, label in (("latent", None), ("decoded", None), ("decoded", ONLY_IN_SHARD_0)):
+            image, expected = whole.view(z, k=6, label=label, by=by)
+            got_image, got = cluster.view(z, k=6, label=label, by=by)
+            np.testing.assert_array_equal(got_image, image)
+            assert_same(expected, got, distances=True)
+
     def test_the_kiosk_app_answers_from_the_cluster_as_from_one_runtime(self, whole, cluster):
         one, sharded = KioskApp(whole), KioskApp(cluster)
         assert sharded.info() == one.info()

@@ -45,6 +45,22 @@ def edit_manifest(change: Callable[[dict], object]) -> Callable:
     return mutate
 
 
+def as_format_2(manifest: dict) -> None:
+    """Restate a format 3 manifest as format 2, which also states the schema's constants."""
+    manifest.update(format_version=2,
+                    **graph_sections(manifest["latent_dim"], manifest["image"]["shape"]))
+    manifest["image"].update(dtype="float32", range=[0.0, 1.0])
+    manifest["index"].update(files={"mu": "index_mu.npy", "log_sigma": "index_log_sigma.npy",
+                                    "labels": "index_labels.npy"},
+                             dtypes={"mu": "float16", "log_sigma": "float16", "labels": "int32"})
+    manifest["items"]["file"] = "items.csv"
+
+
+def edit_format_2(change: Callable[[dict], object]) -> Callable:
+    """The manifest restated as format 2, then changed."""
+    return edit_manifest(lambda m: (as_format_2(m), change(m)))
+
+
 def reshape(manifest: dict, latent_dim: int, image_shape: list) -> None:
     """Claim another latent dim and image shape, consistently across the manifest."""
     manifest.update(latent_dim=latent_dim, **graph_sections(latent_dim, image_shape))
@@ -274,7 +290,8 @@ CASES = [
     Case("version-as-bool", edit_manifest(lambda m: m.update(format_version=True)),
          "manifest.json: key 'format_version' should be int, got bool"),
     *[Case(f"format-version-{v}", edit_manifest(lambda m, v=v: m.update(format_version=v)),
-           rf"manifest.json: format_version {v} is not supported \(this runtime reads version 2\)")
+           rf"manifest.json: format_version {v} is not supported \(this runtime reads versions "
+           r"2 and 3\)")
       for v in (0, 1, 99)],
     Case("format-name", edit_manifest(lambda m: m.update(format="onnx-zoo")),
          "manifest.json: format is 'onnx-zoo', expected 'vae-edge-bundle'"),
@@ -306,17 +323,17 @@ CASES = [
     # Wrong shapes in the manifest.
     Case("latent-dim-9", edit_manifest(lambda m: reshape(m, 9, [1, 28, 28])),
          r"index_mu.npy: shape is \(5000, 8\), expected \(5000, 9\)"),
-    Case("latent-dim-9-alone", edit_manifest(lambda m: m.update(latent_dim=9)),
+    Case("latent-dim-9-alone", edit_format_2(lambda m: m.update(latent_dim=9)),
          r"manifest.json: encoder outputs must be \{'mu': \['batch', 9\], 'log_var': "
          r"\['batch', 9\]\}, got \{'mu': \['batch', 8\], 'log_var': \['batch', 8\]\}"),
     Case("graph-output-renamed",
-         edit_manifest(lambda m: m["decoder"].update(outputs={"x": ["batch", 1, 28, 28]})),
+         edit_format_2(lambda m: m["decoder"].update(outputs={"x": ["batch", 1, 28, 28]})),
          r"manifest.json: decoder outputs must be \{'images': \['batch', 1, 28, 28\]\}, "
          r"got \{'x': \['batch', 1, 28, 28\]\}"),
-    Case("image-range-0-255", edit_manifest(lambda m: m["image"].update(range=[0, 255])),
+    Case("image-range-0-255", edit_format_2(lambda m: m["image"].update(range=[0, 255])),
          r"manifest.json: image range must be \[0.0, 1.0\], got \[0, 255\]"),
     Case("index-file-renamed",
-         edit_manifest(lambda m: m["index"]["files"].update(mu="other.npy")),
+         edit_format_2(lambda m: m["index"]["files"].update(mu="other.npy")),
          r"manifest.json: index files must be"),
     Case("latent-dim-0", edit_manifest(lambda m: m.update(latent_dim=0)),
          "manifest.json: latent_dim must be >= 1, got 0"),

@@ -21,7 +21,7 @@ def test_bundle_files_and_manifest(tiny_bundle, tiny_run):
     assert names == ["decoder.onnx", "encoder.onnx", "index_labels.npy", "index_log_sigma.npy",
                      "index_mu.npy", "items.csv", "manifest.json"]
     manifest = json.loads((tiny_bundle / "manifest.json").read_text())
-    assert manifest["format_version"] == 2 and manifest["latent_dim"] == 8
+    assert manifest["format_version"] == 3 and manifest["latent_dim"] == 8
     assert manifest["thumbnails"] is None and manifest["items"]["columns"] == ["id"]
     ids = (tiny_bundle / "items.csv").read_text().splitlines()
     assert ids == ["id"] + [str(row) for row in range(manifest["index"]["size"])]

@@ -109,6 +109,35 @@ def test_distance_is_the_round_trip_through_decoder_and_encoder(runtime, queries
     assert runtime.nearest_image(runtime.decode(queries[0]), k=1).distances is None
 
 
+@pytest.mark.parametrize("by", ["latent", "decoded"])
+def test_view_is_decode_and_nearest_with_one_decode(runtime, queries, by, monkeypatch):
+    """Runtime.view: the garment and its matches as decode and nearest give them, from one
+    run of the decoder and one of the encoder."""
+    import onnxruntime
+
+    run = onnxruntime.InferenceSession.run
+    graph_runs = []
+
+    def counting_run(session, *args, **kwargs):
+        graph_runs.append(args[0])
+        return run(session, *args, **kwargs)
+
+    for z in queries[:3]:
+        expected = runtime.nearest(z, k=5, label=3, by=by, with_distance=True)
+        picture = runtime.decode(z)
+        monkeypatch.setattr(onnxruntime.InferenceSession, "run", counting_run)
+        image, matches = runtime.view(z, k=5, label=3, by=by)
+        monkeypatch.undo()
+        assert len(graph_runs) == 2
+        graph_runs.clear()
+        np.testing.assert_array_equal(image, picture)
+        for field in ("rows", "ids", "log_likelihoods", "probabilities", "distances"):
+            np.testing.assert_array_equal(getattr(matches, field), getattr(expected, field))
+        assert matches.metadata == expected.metadata
+    with pytest.raises(ValueError, match=r"view takes one z of shape \(8,\), got \(3, 8\)"):
+        runtime.view(queries[:3])
+
+
 def test_latent_search_runs_no_graph_unless_the_distance_is_asked_for(runtime, queries,
                                                                       monkeypatch):
     """The latent ranking is the search alone: the round trip through decoder and encoder

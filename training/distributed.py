@@ -92,7 +92,7 @@ def leave() -> None:
 @contextmanager
 def joined(device: str, timeout: float = DEFAULT_TIMEOUT) -> Iterator[tuple[Ranks, torch.device]]:
     """For a CLI: join(), then leave() at the end; a lost rank ends this one with one line."""
-    from ..runtime.cli import CliError, library_errors
+    from ..runtime.cli_errors import CliError, library_errors
 
     with library_errors():
         ranks, where = join(device, timeout)
