@@ -288,3 +288,18 @@ def write_manifest(root: Path, manifest: dict, known: dict[str, dict] | None = N
                                        "bytes": path.stat().st_size}
     text = json.dumps(manifest, indent=2, sort_keys=False) + "\n"
     (Path(root) / MANIFEST_NAME).write_text(text, encoding="utf-8")
+
+
+class ManifestShape:
+    """The latent size and image shape of whatever holds a bundle's `manifest` (a Bundle, a
+    Runtime, a sharded runtime)."""
+
+    manifest: dict
+
+    @property
+    def latent_dim(self) -> int:
+        return int(self.manifest["latent_dim"])
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.manifest["image"]["shape"])
