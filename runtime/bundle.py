@@ -54,6 +54,7 @@ from .manifest import (
     IMAGE_RANGE,
     MANIFEST_NAME,
     MODEL_FILES,
+    ManifestShape,
     bundle_files,
     graph_sections,
     read_manifest,
@@ -105,7 +106,7 @@ def _stamp(path: Path) -> tuple:
 
 
 @dataclass(frozen=True, eq=False)
-class Bundle:
+class Bundle(ManifestShape):
     """A bundle in memory: its manifest, its catalog index and its graphs' bytes.
 
     root: the directory it was read from (None for a new one). Bundle.read checks everything
@@ -140,14 +141,6 @@ class Bundle:
         for name, data in graphs.items():  # every check passes before onnxruntime sees one
             check_onnx(name, data)
         return cls(manifest, index, graphs, root, stamps)
-
-    @property
-    def latent_dim(self) -> int:
-        return int(self.manifest["latent_dim"])
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        return tuple(self.manifest["image"]["shape"])
 
     @property
     def thumbnail_size(self) -> int | None:

@@ -59,8 +59,9 @@ def parse_z(text: str, latent_dim: int) -> np.ndarray:
     return check_latent(np.array(values, dtype=np.float64), latent_dim)
 
 
-def check_latent(z, latent_dim: int) -> np.ndarray:
-    """Validate latent vectors: (d,) or (B, d), finite, |z| <= MAX_ABS_Z. Returns float64.
+def check_latent(z, latent_dim: int, one: bool = False) -> np.ndarray:
+    """Validate latent vectors: (d,) or (B, d) (one=True: (d,) only), finite,
+    |z| <= MAX_ABS_Z. Returns float64.
 
     Accepts int or float arrays and (nested) lists of numbers; anything else (text, bool,
     complex, objects, ragged lists) raises ValueError.
@@ -77,6 +78,8 @@ def check_latent(z, latent_dim: int) -> np.ndarray:
             "z must be numeric: a vector of floats or a (batch, dim) array, "
             f"got dtype {array.dtype}"
         )
+    if one and array.shape != (latent_dim,):
+        raise ValueError(f"z must have shape ({latent_dim},) (one z), got {array.shape}")
     if array.ndim not in (1, 2) or array.shape[-1] != latent_dim:
         raise ValueError(
             f"z must have shape ({latent_dim},) or (batch, {latent_dim}), got {array.shape}"

@@ -34,6 +34,7 @@ import ray
 from .bundle import IMAGE_RANGE, Bundle, BundleError, CatalogIndex, sha256_file
 from .checks import check_images, check_k, check_latent, check_mode, find_label
 from .core import Runtime, checked_thumbnail, sample_prior
+from .manifest import ManifestShape
 from .search import Matches, WassersteinSearch, log_sigma_counts, merge_counts, temperature_of
 from .shard import read_shards
 
@@ -118,7 +119,7 @@ class _Part:
     log_total: np.ndarray
 
 
-class ShardedRuntime:
+class ShardedRuntime(ManifestShape):
     """The query side of a Runtime (nearest, nearest_image, decode, roundtrip_distance,
     label_id, sample_prior; index and manifest for the kiosk) over a shard set in Ray actors.
 
@@ -199,14 +200,6 @@ class ShardedRuntime:
                                    f"{_first_line(exc)}") from None
 
     @property
-    def latent_dim(self) -> int:
-        return int(self.manifest["latent_dim"])
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        return tuple(self.manifest["image"]["shape"])
-
-    @property
     def label_names(self) -> tuple[str, ...]:
         return tuple(self.manifest["index"]["label_names"])
 
@@ -246,10 +239,7 @@ class ShardedRuntime:
     def view(self, z, k: int = 5, label: int | str | None = None,
              by: str = "latent") -> tuple[np.ndarray, Matches]:
         """As Runtime.view: one z checked once and decoded once, on the first shard's actor."""
-        array = check_latent(z, self.latent_dim)
-        if array.ndim != 1:
-            raise ValueError(f"view takes one z of shape ({self.latent_dim},), "
-                             f"got {array.shape}")
+        array = check_latent(z, self.latent_dim, one=True)
         k = check_k(k)
         check_mode(by, True)
         label_id = self._label_filter(label)

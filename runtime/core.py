@@ -30,6 +30,7 @@ from .checks import (
 )
 from .graphs import Graph
 from .images import read_image, webp_size
+from .manifest import ManifestShape
 from .search import LikelihoodSearch, Matches, WassersteinSearch
 
 ROUNDTRIP_CHUNK = 16  # rows per decode-and-encode in a round trip (Runtime._roundtrip)
@@ -74,7 +75,7 @@ def encoder_of(bundle: Bundle, threads: int = 1):
     return encode
 
 
-class Runtime:
+class Runtime(ManifestShape):
     """A loaded bundle: ONNX sessions, the float16 catalog index and its search engine.
 
     Thread safety: decode, encode and nearest only read shared state (onnxruntime's
@@ -142,14 +143,6 @@ class Runtime:
         return cls(root, bundle.manifest, bundle.index, encoder, decoder, threads=threads)
 
     @property
-    def latent_dim(self) -> int:
-        return int(self.manifest["latent_dim"])
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        return tuple(self.manifest["image"]["shape"])
-
-    @property
     def threads(self) -> int:
         """onnxruntime's intra-op threads per session (Runtime.load(threads=))."""
         return self._threads
@@ -214,10 +207,7 @@ class Runtime:
         """What a kiosk shows for one z (d,): the garment decode(z), (C, H, W), and
         nearest(z, k, label, by, with_distance=True), with z checked once and decoded once
         (the round trip encodes the garment shown)."""
-        array = check_latent(z, self.latent_dim)
-        if array.ndim != 1:
-            raise ValueError(f"view takes one z of shape ({self.latent_dim},), "
-                             f"got {array.shape}")
+        array = check_latent(z, self.latent_dim, one=True)
         k = check_k(k)
         check_mode(by, True)
         label_id = self._label_filter(label)

@@ -20,6 +20,7 @@ from .catalog_index import (
     _check_name,
     bundle_file,
 )
+from .checks import is_integer, is_number
 
 FORMAT_NAME = "vae-edge-bundle"
 FORMAT_VERSION = 3
@@ -65,7 +66,7 @@ def _require(mapping: dict, key: str, kind: type, where: str) -> Any:
     if key not in mapping:
         raise BundleError(f"{where}: missing key {key!r}")
     value = mapping[key]
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+    if not (is_integer(value) if kind is int else isinstance(value, kind)):
         raise BundleError(
             f"{where}: key {key!r} should be {kind.__name__}, got {type(value).__name__}"
         )
@@ -90,10 +91,6 @@ def _no_constant(name: str):
     raise BundleError(f"{MANIFEST_NAME}: {name} is not a JSON number")
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _check_provenance(manifest: dict) -> None:
     """The provenance the runtime shows (vae-run info, the kiosk's /api/info): absent, or of
     the type it is shown as. The rest of the provenance is recorded, never read."""
@@ -102,11 +99,11 @@ def _check_provenance(manifest: dict) -> None:
             raise BundleError(f"{MANIFEST_NAME}: {key} should be a date text, got "
                               f"{type(manifest[key]).__name__}")
     parity = manifest.get("parity", {})
-    if not isinstance(parity, dict) or not _is_number(parity.get("max_abs_diff", 0)):
+    if not isinstance(parity, dict) or not is_number(parity.get("max_abs_diff", 0)):
         raise BundleError(f"{MANIFEST_NAME}: parity should be an object with a number "
                           f"max_abs_diff, got {json.dumps(parity)[:80]}")
     metrics = manifest.get("metrics", {})
-    if not isinstance(metrics, dict) or not all(_is_number(v) for v in metrics.values()):
+    if not isinstance(metrics, dict) or not all(is_number(v) for v in metrics.values()):
         raise BundleError(f"{MANIFEST_NAME}: metrics should be an object of numbers, got "
                           f"{json.dumps(metrics)[:80]}")
 
@@ -165,7 +162,7 @@ def _parse_manifest(root: Path) -> dict:
 
 
 def _is_count(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+    return is_integer(value) and value > 0
 
 
 def _format_2_sections(latent_dim: int, shape) -> dict:
@@ -288,3 +285,18 @@ def write_manifest(root: Path, manifest: dict, known: dict[str, dict] | None = N
                                        "bytes": path.stat().st_size}
     text = json.dumps(manifest, indent=2, sort_keys=False) + "\n"
     (Path(root) / MANIFEST_NAME).write_text(text, encoding="utf-8")
+
+
+class ManifestShape:
+    """The latent size and image shape of whatever holds a bundle's `manifest` (a Bundle, a
+    Runtime, a sharded runtime)."""
+
+    manifest: dict
+
+    @property
+    def latent_dim(self) -> int:
+        return int(self.manifest["latent_dim"])
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.manifest["image"]["shape"])

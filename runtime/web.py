@@ -102,42 +102,8 @@ def export_site(runtime: Runtime, out_dir: str | Path, *, z_range: float = DEFAU
         raise ValueError(f"{out_dir} holds the bundle {runtime.root}: expected a folder "
                          "outside it, since the site replaces the whole folder")
     app = KioskApp(runtime, z_range=z_range, k=k, idle_reset=idle_reset, attract=attract)
-    manifest = runtime.manifest
-    bundle_files = {"encoder": MODEL_FILES["encoder"], "decoder": MODEL_FILES["decoder"],
-                    **INDEX_FILES}
-    if manifest.get("thumbnails") is not None:
-        bundle_files.update(thumbnails=THUMBNAIL_FILES["images"],
-                            thumbnail_offsets=THUMBNAIL_FILES["offsets"])
-    index = runtime.index
-    items = {"ids": index.ids.tolist(), "columns": list(index.columns),
-             "metadata": [values.tolist() for values in index.metadata]}
     with atomic_directory(out_dir) as root:
-        (root / "static" / "ort").mkdir(parents=True)
-        (root / "bundle").mkdir()
-        written = {"index.html": _write(root / "index.html",
-                                        (STATIC_DIR / "index.html").read_bytes())}
-        for name in PAGE_FILES:
-            written[f"static/{name}"] = _write(root / "static" / name,
-                                               (STATIC_DIR / name).read_bytes())
-        for name, sha256 in ORT_FILES.items():
-            written[f"static/ort/{name}"] = _copy_checked(
-                ORT_DIR / name, root / "static" / "ort" / name, sha256,
-                f"vendored onnxruntime-web file {name}")
-        names = {"ort_module": "static/ort/ort.wasm.bundle.min.mjs",
-                 "ort_wasm": "static/ort/ort-wasm-simd-threaded.wasm"}
-        verify = {names["ort_wasm"]: written[names["ort_wasm"]]}
-        for role, name in bundle_files.items():
-            sha256 = manifest["files"][name]["sha256"]
-            planes = PLANES.get(role)
-            names[role] = f"bundle/{name}" + (f".planes{planes}" if planes else "")
-            what = f"bundle file {name}"
-            target = root / names[role]
-            verify[names[role]] = written[names[role]] = _copy_checked(
-                runtime.root / name, target, sha256, what) if planes is None else \
-                _write_planes(runtime.root / name, target, sha256, planes, what)
-        names["items"] = "bundle/items.json"
-        verify[names["items"]] = written[names["items"]] = _write(
-            root / names["items"], json.dumps(items, separators=(",", ":")).encode("utf-8"))
+        written, names, verify = _write_page_and_bundle(root, runtime)
         site_id = hashlib.sha256("".join(
             f"{name}\0{spec['sha256']}\n" for name, spec in sorted(written.items())).encode()
         ).hexdigest()[:16]
@@ -160,3 +126,45 @@ def export_site(runtime: Runtime, out_dir: str | Path, *, z_range: float = DEFAU
                    "gzip_bytes": sum(len(gzip.compress(data, compresslevel=6))
                                      for data in stored)}
     return summary
+
+
+def _write_page_and_bundle(root: Path, runtime: Runtime):
+    """The page, onnxruntime-web and the bundle's files under root, each checked against its
+    pinned or manifest hash: what was written ({name: size and sha256}), the names the page
+    loads by role, and the files the page checks itself."""
+    manifest = runtime.manifest
+    bundle_files = {"encoder": MODEL_FILES["encoder"], "decoder": MODEL_FILES["decoder"],
+                    **INDEX_FILES}
+    if manifest.get("thumbnails") is not None:
+        bundle_files.update(thumbnails=THUMBNAIL_FILES["images"],
+                            thumbnail_offsets=THUMBNAIL_FILES["offsets"])
+    index = runtime.index
+    items = {"ids": index.ids.tolist(), "columns": list(index.columns),
+             "metadata": [values.tolist() for values in index.metadata]}
+    (root / "static" / "ort").mkdir(parents=True)
+    (root / "bundle").mkdir()
+    written = {"index.html": _write(root / "index.html",
+                                    (STATIC_DIR / "index.html").read_bytes())}
+    for name in PAGE_FILES:
+        written[f"static/{name}"] = _write(root / "static" / name,
+                                           (STATIC_DIR / name).read_bytes())
+    for name, sha256 in ORT_FILES.items():
+        written[f"static/ort/{name}"] = _copy_checked(
+            ORT_DIR / name, root / "static" / "ort" / name, sha256,
+            f"vendored onnxruntime-web file {name}")
+    names = {"ort_module": "static/ort/ort.wasm.bundle.min.mjs",
+             "ort_wasm": "static/ort/ort-wasm-simd-threaded.wasm"}
+    verify = {names["ort_wasm"]: written[names["ort_wasm"]]}
+    for role, name in bundle_files.items():
+        sha256 = manifest["files"][name]["sha256"]
+        planes = PLANES.get(role)
+        names[role] = f"bundle/{name}" + (f".planes{planes}" if planes else "")
+        what = f"bundle file {name}"
+        target = root / names[role]
+        verify[names[role]] = written[names[role]] = _copy_checked(
+            runtime.root / name, target, sha256, what) if planes is None else \
+            _write_planes(runtime.root / name, target, sha256, planes, what)
+    names["items"] = "bundle/items.json"
+    verify[names["items"]] = written[names["items"]] = _write(
+        root / names["items"], json.dumps(items, separators=(",", ":")).encode("utf-8"))
+    return written, names, verify

@@ -134,7 +134,7 @@ def test_view_is_decode_and_nearest_with_one_decode(runtime, queries, by, monkey
         for field in ("rows", "ids", "log_likelihoods", "probabilities", "distances"):
             np.testing.assert_array_equal(getattr(matches, field), getattr(expected, field))
         assert matches.metadata == expected.metadata
-    with pytest.raises(ValueError, match=r"view takes one z of shape \(8,\), got \(3, 8\)"):
+    with pytest.raises(ValueError, match=r"z must have shape \(8,\) \(one z\), got \(3, 8\)"):
         runtime.view(queries[:3])
 
 

@@ -38,6 +38,7 @@ from ..runtime.catalog import (
     fit_catalog,
     read_catalog,
 )
+from ..runtime.checks import is_integer
 from ..runtime.words import first_few, plural
 from .data import ImageRows, TrainingData, user_cache_dir
 
@@ -180,7 +181,7 @@ def _cached_thumbnails(path: Path, record: dict, size: int | None) -> list[bytes
         raise _Unverified(f"it holds no {size}x{size} thumbnails")
     lengths = record.get("thumbnail_lengths")
     if not isinstance(lengths, list) or len(lengths) != len(record["kept"]) or \
-            not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in lengths):
+            not all(is_integer(n) and n > 0 for n in lengths):
         raise _Unverified("its thumbnail lengths are not one whole number per item")
     try:
         data = path.read_bytes()
@@ -226,7 +227,7 @@ def _verified(path: Path, record_path: Path, fingerprint: str, shape: tuple[int,
     if (record["channels"], record["size"]) != shape[1:3]:
         raise _Unverified(f"made for {record['channels']} channels at {record['size']} pixels")
     kept, skipped = record["kept"], record["skipped"]
-    if not all(isinstance(row, int) and not isinstance(row, bool) for row in kept):
+    if not all(is_integer(row) for row in kept):
         raise _Unverified("its rows are not all whole numbers")
     if any(not 0 <= row < shape[0] for row in kept):
         raise _Unverified(f"a row outside 0-{shape[0] - 1}")
