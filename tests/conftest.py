@@ -123,3 +123,24 @@ def serving(server):
         yield server
     finally:
         stop_kiosk(server)
+
+
+@pytest.fixture(scope="session")
+def shop(tmp_path_factory):
+    """(catalog CSV, bundle) of a tiny model trained on a 36-item colour catalog."""
+    from click.testing import CliRunner
+
+    from tests.test_catalog_training import TINY, make_catalog, run_train
+    from vae_edge.export.cli import main as export_main
+
+    work = tmp_path_factory.mktemp("shop")
+    csv = make_catalog(work / "catalog")
+    trained = run_train("--catalog", csv, "--out", work / "run", "--epochs", "12",
+                        "--cache-dir", work / "cache", *TINY)
+    assert trained.exit_code == 0, trained.output
+    bundle = work / "bundle"
+    exported = CliRunner().invoke(export_main, [str(work / "run" / "checkpoint.pt"), "-o",
+                                                str(bundle), "--thumbnail-size", "32"])
+    assert exported.exit_code == 0, exported.output
+    return csv, bundle
+

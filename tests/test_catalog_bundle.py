@@ -18,26 +18,10 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from tests.test_catalog_training import TINY, make_catalog, read_rows, run_train, write_csv
-from vae_edge.export.cli import main as export_main
+from tests.test_catalog_training import read_rows, write_csv
 from vae_edge.runtime import Runtime
 from vae_edge.runtime.cli import main as run_main
 from vae_edge.runtime.server import KioskApp
-
-
-@pytest.fixture(scope="module")
-def shop(tmp_path_factory):
-    """(catalog CSV, bundle) of a tiny model trained on a 36-item colour catalog."""
-    work = tmp_path_factory.mktemp("shop")
-    csv = make_catalog(work / "catalog")
-    trained = run_train("--catalog", csv, "--out", work / "run", "--epochs", "12",
-                        "--cache-dir", work / "cache", *TINY)
-    assert trained.exit_code == 0, trained.output
-    bundle = work / "bundle"
-    exported = CliRunner().invoke(export_main, [str(work / "run" / "checkpoint.pt"), "-o",
-                                                str(bundle), "--thumbnail-size", "32"])
-    assert exported.exit_code == 0, exported.output
-    return csv, bundle
 
 
 def run_without_torch(without_torch, *args):
@@ -141,76 +125,6 @@ def test_add_and_remove_items_with_their_photos(shop, tmp_path, without_torch):
         [before.index.thumbnail(r) for r in kept]
     assert [after.index.item_metadata(r) for r in range(36)] == \
         [before.index.item_metadata(r) for r in kept]
-
-
-def test_the_kiosk_page_shows_the_catalog_photos_names_and_prices(shop):
-    """The page under its own content security policy, on a real catalog bundle: each result
-    shows the item's photo (the bundle's WebP thumbnail, loaded), its name and its price."""
-    from tests.conftest import stop_kiosk
-    from tests.test_browser import browser_or_skip, serve
-
-    csv, bundle = shop
-    rows = {row["id"]: row for row in read_rows(csv)}
-    runtime = Runtime.load(bundle)
-    server = serve(runtime)
-    try:
-        with browser_or_skip() as chromium:
-            context = chromium.new_context(viewport={"width": 1080, "height": 1920})
-            page = context.new_page()
-            problems = []
-            page.on("console", lambda m: m.type == "error" and problems.append(m.text))
-            page.on("pageerror", lambda exc: problems.append(str(exc)))
-            page.goto(server.url)
-            page.wait_for_selector("#matches .match .name")
-            cards = page.locator("#matches .match")
-            for i in range(cards.count()):
-                card = cards.nth(i)
-                row = rows[card.get_attribute("data-id")]
-                assert card.locator(".name").inner_text() == row["name"]
-                assert card.locator(".price").inner_text() == row["price"]
-                card.locator("img").evaluate("img => img.decode()")
-                assert card.locator("img").evaluate("img => img.naturalWidth") == 32
-            assert problems == []
-            context.close()
-    finally:
-        stop_kiosk(server)
-
-
-def test_a_link_too_long_for_a_qr_code_leaves_the_other_results_shown(shop, tmp_path):
-    """Items whose url no QR code can hold (3,000 characters) show without a code; the rest
-    of the list, with its codes, still shows."""
-    from tests.conftest import stop_kiosk
-    from tests.test_browser import K, browser_or_skip, serve
-    from vae_edge.runtime.edit import add_items
-
-    csv, original = shop
-    bundle = tmp_path / "bundle"
-    shutil.copytree(original, bundle)
-    long_url = "https://shop.example/p?ref=" + "a" * 3000
-    new_csv = write_csv(tmp_path / "long.csv", [  # every photo again: some among any matches
-        {"id": f"LONG-{row['id']}", "image": str(csv.parent / row["image"]),
-         "label": row["label"], "name": "Long link", "price": "1", "url": long_url}
-        for row in read_rows(csv)])
-    add_items(bundle, new_csv, log=lambda message: None)
-    server = serve(Runtime.load(bundle))
-    try:
-        with browser_or_skip() as chromium:
-            page = chromium.new_page()
-            problems = []
-            page.on("pageerror", lambda exc: problems.append(str(exc)))
-            page.goto(server.url)
-            page.wait_for_selector("#matches .match .name")
-            ids = page.eval_on_selector_all("#matches .match", "els => els.map(e => e.dataset.id)")
-            long = [i for i in ids if i.startswith("LONG-")]
-            assert len(ids) == K and 0 < len(long) < K, ids
-            for item_id in ids:
-                qr = page.locator(f"#matches .match[data-id='{item_id}'] .qr")
-                assert qr.is_hidden() == (item_id in long)
-                assert qr.locator("svg").count() == (item_id not in long)
-            assert page.locator("#status").inner_text() == ""
-            assert problems == []
-    finally:
-        stop_kiosk(server)
 
 
 def test_vae_eval_reports_any_catalog_bundle(shop, tmp_path):

@@ -20,7 +20,6 @@ from click.testing import CliRunner
 from PIL import Image
 
 from tests.test_browser import K, Kiosk, browser  # noqa: F401  (browser: a fixture)
-from tests.test_catalog_bundle import shop  # noqa: F401  (a fixture)
 from vae_edge.runtime import Runtime
 from vae_edge.runtime.cli import main as run_main
 from vae_edge.runtime.images import to_uint8
