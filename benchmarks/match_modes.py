@@ -22,7 +22,8 @@ import time
 import numpy as np
 
 from vae_edge.runtime import Runtime
-from vae_edge.runtime.search import LikelihoodSearch, WassersteinSearch
+from vae_edge.runtime.search import LikelihoodSearch
+from vae_edge.runtime.wasserstein import WassersteinSearch
 
 
 def main() -> None:

@@ -35,8 +35,9 @@ from .bundle import IMAGE_RANGE, Bundle, BundleError, CatalogIndex, sha256_file
 from .checks import check_images, check_k, check_latent, check_mode, find_label
 from .core import Runtime, checked_thumbnail, sample_prior
 from .manifest import ManifestShape
-from .search import Matches, WassersteinSearch, log_sigma_counts, merge_counts, temperature_of
+from .search import Matches
 from .shard import read_shards
+from .wasserstein import WassersteinSearch, log_sigma_counts, merge_counts, temperature_of
 
 RESTARTS = 3  # Ray restarts a dead shard actor this often before queries fail
 DEFAULT_TIMEOUT_S = 120.0  # a query waits this long for every shard, then fails

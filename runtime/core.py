@@ -31,7 +31,8 @@ from .checks import (
 from .graphs import Graph
 from .images import read_image, webp_size
 from .manifest import ManifestShape
-from .search import LikelihoodSearch, Matches, WassersteinSearch
+from .search import LikelihoodSearch, Matches
+from .wasserstein import WassersteinSearch
 
 ROUNDTRIP_CHUNK = 16  # rows per decode-and-encode in a round trip (Runtime._roundtrip)
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from vae_edge.runtime.search import LikelihoodSearch, WassersteinSearch
+from vae_edge.runtime.search import LikelihoodSearch
+from vae_edge.runtime.wasserstein import WassersteinSearch
 
 N, D, BROAD = 2000, 8, 10
 

@@ -7,7 +7,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vae_edge.runtime.search import LikelihoodSearch, WassersteinSearch
+from vae_edge.runtime.search import LikelihoodSearch
+from vae_edge.runtime.wasserstein import WassersteinSearch
 
 from .conftest import brute_force_log_q
 
