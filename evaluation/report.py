@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from ..runtime.atomic import atomic_directory
+from ..runtime.checks import is_integer
 from ..runtime.core import Runtime
 from ..runtime.search import LOG_2PI
 from ..training.data import Split, load_split
@@ -67,7 +68,7 @@ class EvalConfig:
     def __post_init__(self):
         for name in ("test_limit", "is_images"):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or value < 1):
+            if value is not None and (not is_integer(value) or value < 1):
                 raise ValueError(f"{name} must be None or >= 1, got {value!r}")
         if self.is_samples < 1:
             raise ValueError(f"is_samples must be >= 1, got {self.is_samples}")

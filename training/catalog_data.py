@@ -220,7 +220,8 @@ def _verified(path: Path, record_path: Path, fingerprint: str, shape: tuple[int,
     if not isinstance(record, dict):
         raise _Unverified(f"{record_path.name} holds a {type(record).__name__}, not an object")
     for key, kind in types.items():
-        if not isinstance(record.get(key), kind) or isinstance(record.get(key), bool):
+        value = record.get(key)
+        if not (is_integer(value) if kind is int else isinstance(value, kind)):
             raise _Unverified(f"{record_path.name} has no {kind.__name__} {key!r}")
     if record["fingerprint"] != fingerprint:
         raise _Unverified("its fingerprint is not the catalog's")
