@@ -89,6 +89,15 @@ class SiteKiosk(Kiosk):
         self.page.wait_for_function("document.body.dataset.offlineReady === 'true'",
                                     timeout=60_000)
 
+    def reload_offline(self, server):
+        """Stop the site's server once the page is ready offline, reload the page (from the
+        service worker's cache) and check that it still computes what the runtime does."""
+        self.wait_offline_ready()
+        server.stop()
+        self.page.reload()
+        self.settle()
+        self.check_consistent()
+
 
 def check_slider_ends(view: SiteKiosk, z_range: float = 3.0):
     """Each slider's two previews: the garment with that slider at -range and +range."""
@@ -182,13 +191,8 @@ def test_the_site_works_from_a_static_server_then_offline(browser, tiny_site, ru
     try:
         assert view.page.locator("#sliders input").count() == runtime.latent_dim
         drag_and_tap(view)
-        view.wait_offline_ready()
-        server.stop()
+        view.reload_offline(server)
         server = None
-        # Offline: the page comes from the service worker's cache, and still computes.
-        view.page.reload()
-        view.settle()
-        view.check_consistent()
         view.drag("#sliders input[data-dim='1']", 0.1)
         view.settle()
         assert view.check_consistent()[1] < -1.0
@@ -268,12 +272,8 @@ def test_a_colour_catalog_site_shows_its_photos_and_metadata(browser, shop, tmp_
         src = first.locator("img").get_attribute("src")
         assert src.startswith("data:image/webp;base64,")
         assert base64.b64decode(src.split(",", 1)[1]) == runtime.index.thumbnail(row)
-        view.wait_offline_ready()
-        server.stop()
+        view.reload_offline(server)
         server = None
-        view.page.reload()
-        view.settle()
-        view.check_consistent()
         assert view.problems == []
     finally:
         view.close()
