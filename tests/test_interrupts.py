@@ -38,6 +38,7 @@ TRAIN_ARGS = ["--latent-dim", "4", "--widths", "4,8", "--hidden-dim", "16", "--e
               "--batch-size", "32", "--subset", "3000", "--test-subset", "200", "--seed", "3",
               "--kl-warmup-epochs", "2", "--no-progress"]
 POLL = 0.02
+STEP = 0.002  # kill_once_it_writes runs the process this long between looks
 
 
 def console(name: str, module: str) -> list[str]:
@@ -127,7 +128,9 @@ def bundle_bytes(bundle: Path) -> dict[str, bytes]:
 
 def kill_once_it_writes(command: list[str], bundle: Path) -> list[Path]:
     """Run command, SIGKILL it once its new bundle directory beside `bundle` holds a file;
-    returns that `.partial` directory (in a list)."""
+    returns that `.partial` directory (in a list). The process runs in slices of STEP
+    seconds and is stopped (SIGSTOP) while the directory is looked at, so a write that takes
+    a few milliseconds on a fast machine is caught as surely as a slow one."""
     process = subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
 
@@ -135,12 +138,36 @@ def kill_once_it_writes(command: list[str], bundle: Path) -> list[Path]:
         return [p for p in bundle.parent.glob(f".{bundle.name}.*.partial") if any(p.iterdir())]
 
     try:
-        partial = wait_for(partial_with_a_file, process, "the new bundle's first file")
-        kill(process)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            stop_and_wait(process)
+            partial = partial_with_a_file()
+            if partial:
+                kill(process)
+                return partial
+            if process.poll() is not None:
+                raise AssertionError(f"process ended (status {process.returncode}) before "
+                                     f"the new bundle's first file:\n{process.stdout.read()}")
+            os.kill(process.pid, signal.SIGCONT)
+            time.sleep(STEP)
+        raise AssertionError("timed out waiting for the new bundle's first file")
     finally:
         process.kill()
         process.stdout.close()
-    return partial
+
+
+def stop_and_wait(process: subprocess.Popen) -> None:
+    """SIGSTOP the process and wait until it has stopped (or ended)."""
+    os.kill(process.pid, signal.SIGSTOP)
+    stat = Path(f"/proc/{process.pid}/stat")
+    while True:
+        try:
+            state = stat.read_text().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            return
+        if state in "TtZX":
+            return
+        time.sleep(0.0005)
 
 
 @pytest.mark.slow  # exports twice
