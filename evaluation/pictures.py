@@ -1,7 +1,8 @@
 """The evaluation's pictures, drawn with matplotlib (Agg, no display needed).
 
 matplotlib is in the `train` extra: the pictures are made where a model is trained and
-evaluated, never on the kiosk, whose runtime stays numpy + onnxruntime + Pillow.
+evaluated, never on the kiosk, whose runtime stays numpy + onnxruntime + Pillow. prior_grid
+needs no matplotlib: `vae-eval --catalog` writes its grid with Pillow.
 """
 
 from __future__ import annotations
@@ -32,12 +33,13 @@ def _save(fig, path: Path) -> str:
 
 
 def _tile(images: np.ndarray, rows: int, columns: int, pad: int = 2) -> np.ndarray:
-    """(rows*columns, 28, 28) in [0, 1] -> one float canvas with grey gutters."""
+    """(rows*columns, [C,] h, w) in [0, 1] -> one float canvas ([C,] H, W) with grey gutters."""
     h, w = images.shape[-2:]
-    canvas = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad), 0.5, dtype=np.float32)
-    for i, image in enumerate(images.reshape(-1, h, w)):
+    canvas = np.full(images.shape[1:-2] + (rows * (h + pad) + pad, columns * (w + pad) + pad),
+                     0.5, dtype=np.float32)
+    for i, image in enumerate(images):
         r, c = divmod(i, columns)
-        canvas[pad + r * (h + pad) : pad + r * (h + pad) + h,
+        canvas[..., pad + r * (h + pad) : pad + r * (h + pad) + h,
                pad + c * (w + pad) : pad + c * (w + pad) + w] = image
     return canvas
 
@@ -90,13 +92,19 @@ def traversal(path: Path, rt, variances: np.ndarray) -> str:
     return _save(fig, path)
 
 
+def prior_grid(rt, seed: int) -> np.ndarray:
+    """decoder.onnx's decodes of PRIOR_GRID^2 z ~ N(0, I) drawn with `seed`, tiled into one
+    (C, H, W) canvas in [0, 1]: numpy only, so a catalog report can write it with Pillow."""
+    return _tile(rt.decode(rt.sample_prior(PRIOR_GRID * PRIOR_GRID, seed=seed)),
+                 PRIOR_GRID, PRIOR_GRID)
+
+
 def prior_samples(path: Path, rt, seed: int) -> str:
     plt = _pyplot()
-    z = rt.sample_prior(PRIOR_GRID * PRIOR_GRID, seed=seed)
-    images = rt.decode(z).reshape(-1, 28, 28)
+    canvas = prior_grid(rt, seed)
     fig, ax = plt.subplots(figsize=(6.5, 6.8))
-    ax.imshow(_tile(images, PRIOR_GRID, PRIOR_GRID), cmap="gray", vmin=0, vmax=1,
-              interpolation="nearest")
+    ax.imshow(canvas[0] if len(canvas) == 1 else canvas.transpose(1, 2, 0), cmap="gray",
+              vmin=0, vmax=1, interpolation="nearest")
     ax.axis("off")
     ax.set_title(f"Decoded samples z ~ N(0, I) (seed {seed}), decoder.onnx", fontsize=9)
     return _save(fig, path)
