@@ -9,7 +9,12 @@
   the nearest other item, beside raw-pixel L2 (the item itself left out of both), and
   self-retrieval: the share of items ranked first for their own photo, or behind an item whose
   fitted photo is pixel for pixel the same.
-- A picture sheet per match mode: decoded designs, then their top matches.
+- Held-out items (the manifest's dataset.holdout_ids, the items training left out): loss parts
+  at mu, the negative ELBO and the importance-sampled -log p(x) of their fitted photos, in nats
+  per image, from decoder.onnx (evaluation/report.py's likelihoods); null for a bundle whose
+  manifest records none.
+- A picture sheet per match mode: decoded designs, then their top matches; and a grid of
+  decodes of z ~ N(0, I), whether samples of the prior look like catalog items.
 """
 
 from __future__ import annotations
@@ -24,11 +29,28 @@ from ..runtime.catalog import fit_catalog, read_catalog
 from ..runtime.checks import MATCH_MODES
 from ..runtime.core import Runtime
 from ..runtime.images import save_png
-from .report import PICTURES_DIR, REPORT_NAME, _log, _quartiles, pixel_correlation, unit_pixels
+from .pictures import prior_grid
+from .report import (
+    PICTURES_DIR,
+    REPORT_NAME,
+    EvalConfig,
+    OnnxDecoder,
+    _likelihood,
+    _log,
+    _quartiles,
+    pixel_correlation,
+    unit_pixels,
+)
 from .report import slider_queries as slider_positions
 
 BATCH = 250
 SHEET_MATCHES = 5
+# Importance sampling costs images x samples decodes: bounded so that a large shop's held-out
+# tenth stays a minute's work on a small CPU.
+HELD_OUT_IS_IMAGES = 500
+HELD_OUT_IS_SAMPLES = 50
+HELD_OUT_UNITS = ("nats per image; Bernoulli likelihood of the colour levels in [0, 1], summed "
+                  "over pixels and channels")
 
 
 def catalog_images(rt: Runtime, csv_path: str | Path) -> np.ndarray:
@@ -111,6 +133,31 @@ def photo_queries(rt: Runtime, images: np.ndarray, n: int | None, seed: int, log
             "self_retrieval": round(float(same_photo.mean()), 4)}
 
 
+def held_out(rt: Runtime, images: np.ndarray, is_images: int | None, is_samples: int,
+             seed: int, log=None) -> dict | None:
+    """The likelihood figures of the held-out items' fitted photos (evaluation/report.py's
+    _likelihood), or None where the manifest records no holdout_ids or none is in the index."""
+    ids = (rt.manifest.get("dataset") or {}).get("holdout_ids")
+    if not ids:
+        _log(log, "held-out ELBO: the manifest records no holdout_ids; held_out is null")
+        return None
+    wanted = {str(item) for item in ids}
+    rows = np.flatnonzero([str(item) in wanted for item in rt.index.ids])
+    if rows.size == 0:
+        _log(log, f"held-out ELBO: none of the manifest's {len(wanted)} holdout_ids is in the "
+                  "bundle's index; held_out is null")
+        return None
+    _log(log, f"held-out ELBO: {rows.size} of the manifest's {len(wanted)} held-out items")
+    photos = images[rows]
+    codes = [rt.encode(photos[lo:lo + BATCH]) for lo in range(0, len(photos), BATCH)]
+    mu = np.concatenate([m for m, _ in codes])
+    log_sigma = np.concatenate([s for _, s in codes])
+    x = photos.reshape(len(photos), -1).astype(np.float32) / 255.0
+    config = EvalConfig(is_images=is_images, is_samples=is_samples, seed=seed)
+    section = _likelihood(OnnxDecoder(rt), x, mu, log_sigma, config, log)
+    return section | {"units": HELD_OUT_UNITS, "holdout_ids": len(wanted)}
+
+
 def sheet(path: Path, rt: Runtime, images: np.ndarray, tops: dict, by: str,
           per_source: int = 4) -> str:
     """One row per design: decode(z) | gap | its top matches' fitted photos."""
@@ -132,8 +179,12 @@ def sheet(path: Path, rt: Runtime, images: np.ndarray, tops: dict, by: str,
 def evaluate_catalog_bundle(bundle, csv_path, out_dir, *, queries: int = 250,
                             slider_range: float = 5.0, photos: int | None = None,
                             seed: int = 0, threads: int = 2, pictures: bool = True,
-                            force: bool = False, log=None) -> dict:
-    """Write OUT/report.json (and OUT/pictures/slider_<mode>.png); returns the report."""
+                            is_images: int | None = HELD_OUT_IS_IMAGES,
+                            is_samples: int = HELD_OUT_IS_SAMPLES, force: bool = False,
+                            log=None) -> dict:
+    """Write OUT/report.json (and OUT/pictures/: slider_<mode>.png, prior_samples.png); returns
+    the report. is_images, is_samples: importance sampling of the held-out items' likelihood on
+    the first is_images of them (None: all), is_samples z each."""
     out = Path(out_dir)
     if out.exists() and not force:
         raise FileExistsError(f"{out} exists: pass --force to replace it")
@@ -145,11 +196,14 @@ def evaluate_catalog_bundle(bundle, csv_path, out_dir, *, queries: int = 250,
     report["slider_scenario"], tops = slider_scenario(rt, images, queries, slider_range, seed,
                                                       log)
     report["photo_queries"] = photo_queries(rt, images, photos, seed, log)
+    report["held_out"] = held_out(rt, images, is_images, is_samples, seed, log)
     with atomic_directory(out) as staging:
         if pictures:
             (staging / PICTURES_DIR).mkdir()
             report["pictures"] = {by: sheet(staging / PICTURES_DIR / f"slider_{by}.png", rt,
                                             images, tops, by) for by in MATCH_MODES}
+            prior = save_png(staging / PICTURES_DIR / "prior_samples.png", prior_grid(rt, seed))
+            report["pictures"]["prior_samples"] = prior.name
         (staging / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
     return report
 
@@ -165,4 +219,9 @@ def summary(report: dict) -> str:
     lines.append(f"photos: label agreement {photo['label_agreement']:.3f} (raw-pixel L2 "
                  f"{photo['label_agreement_pixel_l2']:.3f}), self-retrieval "
                  f"{photo['self_retrieval']:.3f}")
+    held = report["held_out"]
+    lines.append("held out: none recorded in the manifest" if held is None else
+                 f"held out: {held['images']} items, nats/image: -ELBO "
+                 f"{held['negative_elbo']:.2f}, -log p(x) IS(K={held['is_samples']}, "
+                 f"{held['is_images']} items) {held['negative_log_likelihood_is']:.2f}")
     return "\n".join(lines)

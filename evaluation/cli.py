@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from ..runtime.cli_errors import CliError, library_errors
-from .catalog import evaluate_catalog_bundle, summary
+from .catalog import HELD_OUT_IS_IMAGES, HELD_OUT_IS_SAMPLES, evaluate_catalog_bundle, summary
 from .report import EvalConfig, evaluate_bundle
 
 
@@ -20,11 +20,13 @@ from .report import EvalConfig, evaluate_bundle
                    "curves from its history (without it: decoder.onnx, no loss curves).")
 @click.option("--test-limit", type=click.IntRange(min=1), default=None,
               help="Evaluate on the first N test images only (default: all 10,000).")
-@click.option("--is-images", type=click.IntRange(min=0), default=EvalConfig.is_images,
-              show_default=True,
-              help="Importance-sample the log-likelihood on the first N test images (0: all).")
-@click.option("--is-samples", type=click.IntRange(min=1), default=EvalConfig.is_samples,
-              show_default=True, help="Samples K per image for the importance-sampled estimate.")
+@click.option("--is-images", type=click.IntRange(min=0), default=None,
+              help="Importance-sample the log-likelihood on the first N test images, with "
+                   "--catalog held-out items (0: all)  [default: "
+                   f"{EvalConfig.is_images}, with --catalog {HELD_OUT_IS_IMAGES}]")
+@click.option("--is-samples", type=click.IntRange(min=1), default=None,
+              help="Samples K per image for the importance-sampled estimate  [default: "
+                   f"{EvalConfig.is_samples}, with --catalog {HELD_OUT_IS_SAMPLES}]")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the importance samples and of the prior-sample picture.")
 @click.option("--threads", type=click.IntRange(min=1), default=EvalConfig.threads,
@@ -44,8 +46,8 @@ from .report import EvalConfig, evaluate_bundle
               help="Directory with the Fashion-MNIST IDX files.")
 @click.option("--catalog", "catalog_csv", type=click.Path(dir_okay=False, path_type=Path),
               default=None, help="The shop catalog CSV the bundle was exported from: evaluate "
-              "any bundle on it (slider scenario, photo queries, picture sheets) instead of on "
-              "Fashion-MNIST.")
+              "any bundle on it (slider scenario, photo queries, held-out likelihoods, picture "
+              "sheets) instead of on Fashion-MNIST.")
 @click.option("--photo-queries", type=click.IntRange(min=1), default=None,
               help="With --catalog: this many items' own photos as queries (default: all).")
 @click.option("--force", is_flag=True, help="Replace an existing report directory.")
@@ -64,6 +66,11 @@ def main(bundle, out_dir, checkpoint, test_limit, is_images, is_samples, seed, t
     positions, far from the catalog too. Writes OUT/report.json
     and OUT/pictures/*.png; the full test set takes a few minutes on 2 cores.
     """
+    if is_images is None:
+        is_images = EvalConfig.is_images if catalog_csv is None else HELD_OUT_IS_IMAGES
+    is_images = is_images or None  # 0: all
+    if is_samples is None:
+        is_samples = EvalConfig.is_samples if catalog_csv is None else HELD_OUT_IS_SAMPLES
     if catalog_csv is not None:
         if bundle is None or slider_queries == 0:
             raise CliError("--catalog needs the BUNDLE exported from that catalog and "
@@ -72,12 +79,13 @@ def main(bundle, out_dir, checkpoint, test_limit, is_images, is_samples, seed, t
             report = evaluate_catalog_bundle(
                 bundle, catalog_csv, out_dir, queries=slider_queries,
                 slider_range=slider_range, photos=photo_queries, seed=seed, threads=threads,
-                pictures=pictures, force=force, log=click.echo)
+                pictures=pictures, is_images=is_images, is_samples=is_samples, force=force,
+                log=click.echo)
         click.echo(summary(report))
         return
     try:
         with library_errors():
-            config = EvalConfig(test_limit=test_limit, is_images=is_images or None,
+            config = EvalConfig(test_limit=test_limit, is_images=is_images,
                                 is_samples=is_samples, seed=seed, threads=threads,
                                 baseline=baseline, slider_queries=slider_queries,
                                 slider_range=slider_range, pictures=pictures)
