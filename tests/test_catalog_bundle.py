@@ -154,6 +154,65 @@ def test_vae_eval_reports_any_catalog_bundle(shop, tmp_path):
     assert "photos: label agreement" in result.output
 
 
+def test_vae_eval_reports_the_held_out_items_and_prior_samples(shop, tmp_path):
+    """vae-eval --catalog: the likelihood of the items training held out, and a grid of decodes
+    of N(0, I) at the bundle's image size."""
+    from vae_edge.evaluation.cli import main as eval_main
+    from vae_edge.evaluation.pictures import PRIOR_GRID, prior_grid
+    from vae_edge.runtime.images import to_uint8
+
+    csv, bundle = shop
+    out = tmp_path / "eval"
+    result = CliRunner().invoke(eval_main, [str(bundle), "--catalog", str(csv), "-o", str(out),
+                                            "--slider-queries", "4", "--is-samples", "20",
+                                            "--seed", "3", "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    runtime = Runtime.load(bundle)
+    held_ids = set(manifest["dataset"]["holdout_ids"])
+    present = sum(item in held_ids for item in runtime.index.ids.tolist())
+    held = report["held_out"]
+    assert present > 0 and held["images"] == held["is_images"] == present
+    assert held["is_samples"] == 20 and held["backend"] == "onnx-decoder"
+    for key in ("recon_at_mu", "kl", "loss_at_mu", "negative_elbo",
+                "negative_log_likelihood_is"):
+        assert np.isfinite(held[key]) and held[key] > 0, key
+    # The held-out items are training's test set: their loss at mu is the test loss training
+    # logged last, here from decoder.onnx rather than PyTorch.
+    assert held["loss_at_mu"] == pytest.approx(manifest["metrics"]["test_loss"], abs=0.05)
+    # The importance-sampled bound is at least the ELBO; the slack is the Monte-Carlo noise of
+    # the sampled KL against the closed-form one.
+    assert held["negative_log_likelihood_is"] <= held["negative_elbo"] + 1.0
+    assert f"held out: {present} items, nats/image: -ELBO" in result.output
+
+    assert report["pictures"]["prior_samples"] == "prior_samples.png"
+    channels, size, _ = runtime.image_shape
+    side = PRIOR_GRID * (size + 2) + 2
+    with Image.open(out / "pictures" / "prior_samples.png") as sheet:
+        assert sheet.mode == "RGB" and sheet.size == (side, side)
+        pixels = np.asarray(sheet).transpose(2, 0, 1)
+    assert np.array_equal(pixels, to_uint8(prior_grid(runtime, seed=3)))
+
+
+def test_vae_eval_reports_held_out_null_for_a_bundle_without_holdout_ids(shop, tmp_path):
+    from vae_edge.evaluation.catalog import evaluate_catalog_bundle, summary
+
+    csv, bundle = shop
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    del manifest["dataset"]["holdout_ids"]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    logged = []
+    report = evaluate_catalog_bundle(copy, csv, tmp_path / "eval", queries=4, threads=1,
+                                     pictures=False, log=logged.append)
+    assert report["held_out"] is None
+    assert json.loads((tmp_path / "eval" / "report.json").read_text())["held_out"] is None
+    assert "held-out ELBO: the manifest records no holdout_ids; held_out is null" in logged
+    assert "held out: none recorded in the manifest" in summary(report)
+
+
 def test_vae_eval_refuses_a_catalog_without_the_bundles_items(shop, tmp_path):
     from vae_edge.evaluation.cli import main as eval_main
 
