@@ -46,7 +46,7 @@ from .report import slider_queries as slider_positions
 BATCH = 250
 SHEET_MATCHES = 5
 # Importance sampling costs images x samples decodes: bounded so that a large shop's held-out
-# tenth stays a minute's work on a small CPU.
+# tenth stays about a minute's work at 64x64x3 on 2 cores.
 HELD_OUT_IS_IMAGES = 500
 HELD_OUT_IS_SAMPLES = 50
 HELD_OUT_UNITS = ("nats per image; Bernoulli likelihood of the colour levels in [0, 1], summed "
@@ -220,7 +220,7 @@ def summary(report: dict) -> str:
                  f"{photo['label_agreement_pixel_l2']:.3f}), self-retrieval "
                  f"{photo['self_retrieval']:.3f}")
     held = report["held_out"]
-    lines.append("held out: none recorded in the manifest" if held is None else
+    lines.append("held out: none (no holdout_ids of the manifest in the index)" if held is None else
                  f"held out: {held['images']} items, nats/image: -ELBO "
                  f"{held['negative_elbo']:.2f}, -log p(x) IS(K={held['is_samples']}, "
                  f"{held['is_images']} items) {held['negative_log_likelihood_is']:.2f}")

@@ -210,7 +210,7 @@ def test_vae_eval_reports_held_out_null_for_a_bundle_without_holdout_ids(shop, t
     assert report["held_out"] is None
     assert json.loads((tmp_path / "eval" / "report.json").read_text())["held_out"] is None
     assert "held-out ELBO: the manifest records no holdout_ids; held_out is null" in logged
-    assert "held out: none recorded in the manifest" in summary(report)
+    assert "held out: none (no holdout_ids of the manifest in the index)" in summary(report)
 
 
 def test_vae_eval_refuses_a_catalog_without_the_bundles_items(shop, tmp_path):
