@@ -33,7 +33,7 @@ from ..training import distributed
 from ..training.catalog_data import exported_photos
 from ..training.data import CLASS_NAMES, Split, load_split
 from ..training.model import VAE
-from ..training.train import load_checkpoint, model_from_checkpoint, to_tensor
+from ..training.train import load_checkpoint, model_from_checkpoint, to_tensor, weights_epoch
 from .onnx_export import PARITY_TOLERANCE, export_decoder, export_encoder, parity
 
 # Thumbnails for the kiosk's result tiles: about 1 to 3 KB of WebP per photo at 96x96.
@@ -189,7 +189,8 @@ def _manifest(vae: VAE, checkpoint: dict, parity_report: dict, thumbnail_size,
         model_config=checkpoint["config"],
         training=checkpoint["train_config"],
         epochs_trained=checkpoint["epoch"],
-        metrics={k: v for k, v in checkpoint["history"][-1].items() if k.startswith("test_")},
+        metrics={k: v for k, v in checkpoint["history"][weights_epoch(checkpoint) - 1].items()
+                 if k.startswith("test_")},
         versions={
             "vae-edge": _version("vae-edge"), "torch": str(torch.__version__),
             "onnx": _version("onnx"), "onnxruntime": _version("onnxruntime"),

@@ -8,7 +8,15 @@ import torch
 
 from vae_edge.training.data import Split
 from vae_edge.training.model import VAEConfig
-from vae_edge.training.train import TrainConfig, beta_at, load_checkpoint, to_tensor, train
+from vae_edge.training.train import (
+    TrainConfig,
+    beta_at,
+    load_checkpoint,
+    mean_loss_parts_at_mu,
+    model_from_checkpoint,
+    to_tensor,
+    train,
+)
 
 MODEL = VAEConfig(latent_dim=4, channels=(4, 8), hidden_dim=16)
 
@@ -153,3 +161,27 @@ def test_model_and_data_shapes_must_agree(tmp_path, splits):
                        r"\(channels, height, width\), the data holds \(1, 28, 28\)"):
         train(colour, TrainConfig(epochs=1), tmp_path / "run", splits=splits, log=quiet)
     assert not (tmp_path / "run").exists()
+
+
+def test_early_stopping_ends_the_run_with_its_best_epoch(tmp_path, splits):
+    # Random pictures: the held-out loss stops improving within a few epochs.
+    config = TrainConfig(epochs=30, batch_size=32, lr=1e-2, patience=2)
+    said = []
+    result = train(MODEL, config, tmp_path, splits=splits, progress=False, log=said.append)
+    losses = [row["test_loss"] for row in result["history"]]
+    kept = result["kept_epoch"]
+    assert kept == losses.index(min(losses)) + 1
+    assert len(losses) < config.epochs and len(losses) - kept == config.patience
+    assert any("early stop" in line for line in said)
+    assert f"kept the weights of epoch {kept}" in said[-1]
+
+    saved = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert "best_model" not in saved and saved["kept_epoch"] == kept
+    again = mean_loss_parts_at_mu(model_from_checkpoint(saved), splits[1].images)
+    assert again["loss"] == pytest.approx(losses[kept - 1], rel=1e-5)
+
+    resumed = train(MODEL, config, tmp_path, splits=splits, resume=True, progress=False,
+                    log=quiet)
+    assert resumed["history"] == result["history"]  # the run is over: nothing more trains
+    for name, tensor in saved["model"].items():
+        assert torch.equal(tensor, resumed["model"][name]), name

@@ -17,6 +17,7 @@ from .model import VAEConfig
 from .train import TrainConfig, train
 
 CATALOG_IMAGE_SIZE = 64
+CATALOG_PATIENCE = 5  # the measured catalog recipe (docs/catalog.md, "Training recipe")
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -46,6 +47,10 @@ CATALOG_IMAGE_SIZE = 64
 @click.option("--label-weight", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="Optional label-aware objective: adds this weight times the cross-entropy of a "
               "linear classifier on z (uses the class labels; 0 = pure VAE).")
+@click.option("--patience", type=click.IntRange(min=0), default=None,
+              help="Early stopping: end the run once the held-out loss has not improved for "
+              "this many epochs, keeping the weights of the epoch with the lowest one; 0 = off "
+              f"[default: {CATALOG_PATIENCE} with --catalog, 0 for Fashion-MNIST].")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--subset", type=click.IntRange(min=1), default=None,
               help="Train on a fixed random subset of this many training images.")
@@ -84,9 +89,9 @@ CATALOG_IMAGE_SIZE = 64
 @click.option("--progress/--no-progress", default=None,
               help="Progress bar per epoch (default: when stderr is a terminal).")
 def main(out_dir, latent_dim, widths, hidden_dim, epochs, batch_size, lr, lr_schedule, beta,
-         kl_warmup_epochs, label_weight, seed, subset, test_subset, catalog_csv, image_size,
-         image_channels, holdout, skip_bad, cache_dir, data_dir, do_download, resume, device,
-         rank_timeout, progress):
+         kl_warmup_epochs, label_weight, patience, seed, subset, test_subset, catalog_csv,
+         image_size, image_channels, holdout, skip_bad, cache_dir, data_dir, do_download, resume,
+         device, rank_timeout, progress):
     """Train the convolutional VAE on Fashion-MNIST, or on a shop's catalog (--catalog).
 
     Loss per image: Bernoulli reconstruction (BCE with logits, summed over pixels and
@@ -115,15 +120,15 @@ def main(out_dir, latent_dim, widths, hidden_dim, epochs, batch_size, lr, lr_sch
                        "the photos its CSV names")
     with distributed.joined(device, rank_timeout) as (ranks, where):
         _train(ranks, where, out_dir, conv_widths, latent_dim, hidden_dim, epochs, batch_size, lr,
-               lr_schedule, beta, kl_warmup_epochs, label_weight, seed, subset, test_subset,
-               catalog_csv, image_size, image_channels, holdout, skip_bad, cache_dir, data_dir,
-               do_download, resume, progress)
+               lr_schedule, beta, kl_warmup_epochs, label_weight, patience, seed, subset,
+               test_subset, catalog_csv, image_size, image_channels, holdout, skip_bad,
+               cache_dir, data_dir, do_download, resume, progress)
 
 
 def _train(ranks, device, out_dir, conv_widths, latent_dim, hidden_dim, epochs, batch_size, lr,
-           lr_schedule, beta, kl_warmup_epochs, label_weight, seed, subset, test_subset,
-           catalog_csv, image_size, image_channels, holdout, skip_bad, cache_dir, data_dir,
-           do_download, resume, progress):
+           lr_schedule, beta, kl_warmup_epochs, label_weight, patience, seed, subset,
+           test_subset, catalog_csv, image_size, image_channels, holdout, skip_bad, cache_dir,
+           data_dir, do_download, resume, progress):
     say = click.echo if ranks.leader else quiet
     show = (sys.stderr.isatty() if progress is None else progress) and ranks.leader
     with library_errors():
@@ -134,7 +139,9 @@ def _train(ranks, device, out_dir, conv_widths, latent_dim, hidden_dim, epochs, 
         config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, beta=beta,
                              kl_warmup_epochs=kl_warmup_epochs, seed=seed, subset=subset,
                              test_subset=test_subset, lr_schedule=lr_schedule,
-                             label_weight=label_weight)
+                             label_weight=label_weight,
+                             patience=(CATALOG_PATIENCE if catalog_csv else 0)
+                             if patience is None else patience)
         data = None
         if catalog_csv is not None:
             with distributed.one_per_machine_first(ranks):  # one rank builds the photo cache

@@ -31,6 +31,8 @@ from .data import ImageRows, Split, TrainingData, fashion_mnist_data
 from .model import VAE, VAEConfig, loss_parts
 
 CHECKPOINT_NAME = "checkpoint.pt"
+# An early-stopping run's final checkpoint holds the weights of this epoch (1-based) and is over.
+KEPT_EPOCH = "kept_epoch"
 METRICS_NAME = "metrics.jsonl"
 
 
@@ -48,11 +50,16 @@ class TrainConfig:
     # Optional label-aware objective: + label_weight * cross-entropy of a linear classifier on
     # the sampled z. 0 = a pure (unsupervised) VAE. Uses the catalog's class labels.
     label_weight: float = 0.0
+    # Early stopping: > 0 ends the run once the held-out loss has not improved for this many
+    # epochs, and the final checkpoint keeps the weights of the epoch with the lowest one.
+    patience: int = 0
 
     def __post_init__(self):
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.patience < 0:
+            raise ValueError(f"patience must be >= 0, got {self.patience}")
         if self.lr <= 0 or self.beta < 0 or self.kl_warmup_epochs < 0 or self.label_weight < 0:
             raise ValueError(
                 "lr must be > 0, beta >= 0, kl_warmup_epochs >= 0 and label_weight >= 0"
@@ -246,15 +253,25 @@ def train(
         # behind; the checkpoint's history is the record.
         write_metrics(history, out_dir / METRICS_NAME)
 
-    checkpoint = None
-    for epoch in range(0 if start is None else start["epoch"], config.epochs):
+    checkpoint = start
+    best_model = None if start is None else start.get("best_model")
+    first = 0 if start is None else config.epochs if KEPT_EPOCH in start else start["epoch"]
+    for epoch in range(first, config.epochs):
+        if _stalled(history, config.patience):  # a run stopped early, killed before its end
+            break
         started = time.perf_counter()
         sums = _train_epoch(net, model, optimizer, train_rows, model_config, config, epoch,
                             device, ranks, progress)
         test = mean_loss_parts_at_mu(model, test_rows, eval_batch, device)
         history.append(_epoch_row(config, epoch, sums, len(train_rows), test, started))
+        best_epoch = _best_epoch(history)
+        if config.patience and best_epoch == epoch + 1:
+            best_model = {name: value.detach().cpu().clone()
+                          for name, value in model.state_dict().items()}
         checkpoint = _checkpoint(model, optimizer, model_config, config, epoch + 1, history,
                                  dataset, ranks, device)
+        if config.patience:
+            checkpoint["best_model"] = best_model
         if ranks.leader:
             save_atomic(checkpoint, out_dir / CHECKPOINT_NAME)
             write_metrics(history, out_dir / METRICS_NAME)
@@ -263,7 +280,44 @@ def train(
                 f"(recon {row['train_recon']:.2f}, kl {row['train_kl']:.2f})  test loss "
                 f"{row['test_loss']:.2f} (recon {row['test_recon']:.2f}, "
                 f"kl {row['test_kl']:.2f})  {row['seconds']:.1f}s")
-    return checkpoint if checkpoint is not None else start  # None: the run had finished
+        if _stalled(history, config.patience):
+            if ranks.leader:
+                log(f"early stop: the held-out loss has not improved for {config.patience} "
+                    f"epochs")
+            break
+    if config.patience and checkpoint is not None and KEPT_EPOCH not in checkpoint:
+        checkpoint = _keep_best(checkpoint)
+        if ranks.leader:
+            save_atomic(checkpoint, out_dir / CHECKPOINT_NAME)
+            log(f"kept the weights of epoch {checkpoint[KEPT_EPOCH]}, the lowest held-out loss "
+                f"({checkpoint['history'][checkpoint[KEPT_EPOCH] - 1]['test_loss']:.2f})")
+    return checkpoint  # a finished run's checkpoint, as it was
+
+
+def _best_epoch(history: list[dict]) -> int:
+    """The 1-based epoch with the lowest held-out loss (the first of equals)."""
+    losses = [row["test_loss"] for row in history]
+    return losses.index(min(losses)) + 1
+
+
+def weights_epoch(checkpoint: dict) -> int:
+    """The 1-based epoch whose weights the checkpoint holds: its last, or the one an
+    early-stopping run kept."""
+    return checkpoint.get(KEPT_EPOCH, checkpoint["epoch"])
+
+
+def _stalled(history: list[dict], patience: int) -> bool:
+    """Early stopping's test: the last `patience` epochs brought no lower held-out loss."""
+    return patience > 0 and bool(history) and len(history) - _best_epoch(history) >= patience
+
+
+def _keep_best(checkpoint: dict) -> dict:
+    """The final checkpoint of an early-stopping run: the weights of its best epoch. The
+    optimizer state stays the last epoch's; the run is over, nothing resumes it."""
+    kept = {key: value for key, value in checkpoint.items() if key != "best_model"}
+    kept["model"] = checkpoint["best_model"]
+    kept[KEPT_EPOCH] = _best_epoch(checkpoint["history"])
+    return kept
 
 
 def _epoch_row(config: TrainConfig, epoch: int, sums: dict, n_train: int, test: dict,
