@@ -15,6 +15,11 @@ from click.testing import CliRunner
 from vae_edge.runtime.catalog import catalog_fingerprint, read_catalog
 from vae_edge.runtime.images import read_image
 from vae_edge.training.catalog_data import cached_photos, catalog_data
+from vae_edge.training.cli import (
+    CATALOG_IMAGES_SEEN,
+    CATALOG_PATIENCE,
+    catalog_epochs,
+)
 from vae_edge.training.cli import main as train_main
 from vae_edge.training.train import load_checkpoint, model_from_checkpoint, to_tensor
 
@@ -95,6 +100,9 @@ def test_catalog_trains_end_to_end_and_decodes_photos_once(tmp_path, catalog_csv
     checkpoint = load_checkpoint(tmp_path / "run1" / "checkpoint.pt")
     assert checkpoint["config"] == {"latent_dim": 4, "channels": [4, 8], "hidden_dim": 16,
                                     "image_size": 16, "num_classes": 3, "image_channels": 3}
+    # The catalog recipe's early stopping, beside the epochs and batch size given.
+    assert (checkpoint["train_config"]["patience"], checkpoint["train_config"]["epochs"],
+            checkpoint["train_config"]["batch_size"]) == (CATALOG_PATIENCE, 2, 8)
     dataset = checkpoint["dataset"]
     ids = [row["id"] for row in read_rows(catalog_csv)]
     assert dataset["kind"] == "catalog"
@@ -388,3 +396,10 @@ def test_an_export_of_the_trained_catalog_takes_photos_and_thumbnails_from_the_c
                         log=lines.append)
     assert lines[0].endswith("cannot be used (it holds no 32x32 thumbnails); decoding the "
                              "photos"), lines
+
+
+def test_catalog_epochs_by_default_see_the_image_budget_and_at_least_ten_epochs():
+    assert catalog_epochs(CATALOG_IMAGES_SEEN) == 10
+    assert catalog_epochs(2603) * 2603 >= CATALOG_IMAGES_SEEN > (catalog_epochs(2603) - 1) * 2603
+    assert catalog_epochs(9000) == 34
+    assert catalog_epochs(36) == CATALOG_IMAGES_SEEN // 36 + 1
