@@ -19,13 +19,14 @@ with one threshold per query (one query is a batch of one):
 2. p(x|z) = q(z|x) / S, S the sum of q(z|x') over the catalog (a uniform prior over items).
    For any item's float32 score T the best exact score b is >= T - E; T is max t, or
    unfiltered the largest group maximum of step 3 (the same pass). Every item within
-   L = log N + 20 nats of b has t >= T - L - 2E: one comparison finds them. Each item left
-   out scores below b - L, so together they weigh < N e^-L = e^-20 of S. Of the n items
-   found, those with t >= T - H are rescored in float64, the others count with their
-   float32 scores: each weighs < e^(2E - H) of S and is off by a factor within e^(+-E), so
-   together they move S by < n e^(2E - H) (e^E - 1) <= n E e^(3E - H), which
-   H = log(n E) + 3E + log 1e7 makes <= 1e-7. So p is within 1.1e-7 relative of exact, plus
-   float64 rounding of the scores.
+   L = log N + 20 nats of b has t >= T - L - 2E: one comparison finds them (with the
+   threshold rounded to float32: rounding is monotone, so no float32 score at or above a
+   threshold lies below its rounding). Each item left out scores below b - L, so together
+   they weigh < N e^-L = e^-20 of S. Of the n items found, those with t >= T - H are
+   rescored in float64, the others count with their float32 scores: each weighs
+   < e^(2E - H) of S and is off by a factor within e^(+-E), so together they move S by
+   < n e^(2E - H) (e^E - 1) <= n E e^(3E - H), which H = log(n E) + 3E + log 1e7 makes
+   <= 1e-7. So p is within 1.1e-7 relative of exact, plus float64 rounding of the scores.
 3. Top k. Any k items whose float32 scores reach t_k have exact scores >= t_k - E, so every
    item of the top k has t >= t_k - 2E (the floor). t_k is the k-th largest maximum of the
    1024 disjoint groups {j, j + 1024, ...} of the scores (of all scores where they are too
@@ -134,12 +135,6 @@ def _group_maxima(scores: np.ndarray) -> np.ndarray:
     return scores[:, :whole].reshape(scores.shape[0], -1, GROUPS).max(axis=1)
 
 
-def _float32_at_most(values: np.ndarray) -> np.ndarray:
-    """float32 thresholds no larger than the float64 values, for comparisons with float32
-    scores: rounding to float32 moves a value by at most half a unit, one step down undoes it."""
-    return np.nextafter(values.astype(np.float32), np.float32(-np.inf))
-
-
 class LikelihoodSearch:
     """Exact log q(z|x) search over a float16 index (see the module docstring).
 
@@ -234,36 +229,40 @@ class LikelihoodSearch:
         return self._ranked(z, var, min(int(k), self.label_count(label)), label)
 
     def _run(self, z: np.ndarray, var: np.ndarray | None, k: int, label: int | None) -> Matches:
-        single = z.ndim == 1
-        z = z.reshape(-1, self._mu.shape[1])
-        var = None if var is None else var.reshape(z.shape)
-        rows, scores, log_total = self._ranked(z, var, min(int(k), self.label_count(label)),
-                                               label)
-        if single:
-            rows, scores, log_total = rows[0], scores[0], log_total[0]
+        k = min(int(k), self.label_count(label))
+        if z.ndim == 1 and label is None:
+            rows, scores, log_total = self._one(z, var, k)
+        else:
+            single = z.ndim == 1
+            z = z.reshape(-1, self._mu.shape[1])
+            var = None if var is None else var.reshape(z.shape)
+            rows, scores, log_total = self._ranked(z, var, k, label)
+            if single:
+                rows, scores, log_total = rows[0], scores[0], log_total[0]
+            log_total = log_total[..., None]
         return Matches(rows=rows, ids=self.ids[rows], labels=self.labels[rows],
-                       log_likelihoods=scores,
-                       probabilities=np.exp(scores - log_total[..., None]))
+                       log_likelihoods=scores, probabilities=np.exp(scores - log_total))
+
+    def _check_range(self, norm: float) -> None:
+        """ValueError where a query vector of this norm could overflow the float32 stage."""
+        if norm * self._max_norm >= SAFE_MAGNITUDE:
+            raise ValueError(
+                f"query too large for this catalog's float32 scores: query vector norm up to "
+                f"{norm:.3g} times item vector norm {self._max_norm:.3g}, "
+                f"expected the product below {SAFE_MAGNITUDE:g}")
 
     def _ranked(self, z: np.ndarray, var: np.ndarray | None, k: int, label: int | None):
         """Rows (B, k), exact scores (B, k) and log S (B,) for queries z (B, d)."""
+        if z.shape[0] == 1 and label is None:
+            rows, scores, log_total = self._one(z[0], None if var is None else var[0], k)
+            return rows[None], scores[None], np.array([log_total])
         features = self._features(z, var)
         norms = np.sqrt(np.einsum("bm,bm->b", features, features))
-        largest = float(norms.max())
-        if largest * self._max_norm >= SAFE_MAGNITUDE:
-            raise ValueError(
-                f"query too large for this catalog's float32 scores: query vector norm up to "
-                f"{largest:.3g} times item vector norm {self._max_norm:.3g}, "
-                f"expected the product below {SAFE_MAGNITUDE:g}")
+        self._check_range(float(norms.max()))
         margins = norms * self._margin_per_norm  # 2E per query (step 1)
         features = features.astype(np.float32)
         # Queries in groups whose score matrix is no larger than the item vectors (or 16 MB).
         group = max(1, max(self._vectors.size, 1 << 22) // self._vectors.shape[1])
-        if z.shape[0] == 1 and label is None:
-            rows, scores, log_total = self._select_one(features[0] @ self._vectors, z[0],
-                                                       None if var is None else var[0],
-                                                       float(margins[0]), k)
-            return rows[None], scores[None], np.array([log_total])
         parts = [self._select(features[lo:lo + group] @ self._vectors, z[lo:lo + group],
                               None if var is None else var[lo:lo + group],
                               margins[lo:lo + group], k, label)
@@ -285,7 +284,7 @@ class LikelihoodSearch:
         k_floor = kth - margin  # step 3: every item of the top k is at or above it
         p_floor = top32 - (margin + self._skip_nats)  # step 2: the items p(x|z) needs
         floor = p_floor if label is not None else np.minimum(p_floor, k_floor)
-        flat = np.flatnonzero(scores >= _float32_at_most(floor)[:, None])
+        flat = np.flatnonzero(scores >= floor.astype(np.float32)[:, None])
         query, rows = np.divmod(flat, n)
         near = scores.take(flat).astype(np.float64)
         # Step 2: H = log(n E) + 3E + log(1 / P_TOLERANCE) nats below top32 and further,
@@ -300,7 +299,7 @@ class LikelihoodSearch:
             near[rescore] = exact
         else:  # the label's items at or above its floor
             rescore = np.flatnonzero(near >= heavy[query])
-            found = np.flatnonzero(pool >= _float32_at_most(k_floor)[:, None])
+            found = np.flatnonzero(pool >= k_floor.astype(np.float32)[:, None])
             label_query, position = np.divmod(found, pool.shape[1])
             ranked = label_query, self._label_rows[label][position]
             pairs = np.concatenate((query[rescore], ranked[0]))
@@ -315,21 +314,27 @@ class LikelihoodSearch:
         best = order[np.searchsorted(ranked[0], np.arange(count))[:, None] + np.arange(k)]
         return ranked[1][best], exact[best], log_total
 
-    def _select_one(self, scores, z, var, margin: float, k: int):
-        """_select for one query without a label filter, the same steps on scalars: the
-        batch's bookkeeping (per-query thresholds, counts and segment sums) would cost a
-        single query a fifth of its time (benchmarks/search.py, engine/other)."""
+    def _one(self, z: np.ndarray, var: np.ndarray | None, k: int):
+        """_ranked for one query z (d,) without a label filter, the same steps on scalars, in as
+        few numpy calls as they take: after the product has streamed the item vectors through
+        the caches, each call costs several microseconds. Rows (k,), exact scores (k,), log S."""
+        features = self._features(z[None], None if var is None else var[None])[0]
+        norm = math.sqrt(features @ features)
+        self._check_range(norm)
+        margin = norm * self._margin_per_norm  # 2E (step 1)
+        scores = features.astype(np.float32) @ self._vectors
         maxima = _group_maxima(scores[None])[0]
         if maxima.size < k:
             maxima = scores
-        top32 = float(maxima.max())
-        k_floor = float(np.partition(maxima, -k)[-k]) - margin  # step 3
+        ordered = np.sort(maxima)  # the largest (top32) and the k-th largest in one call
+        top32 = float(ordered[-1])
+        k_floor = float(ordered[-k]) - margin  # step 3
         floor = min(top32 - (margin + self._skip_nats), k_floor)  # and step 2
-        rows = np.flatnonzero(scores >= _float32_at_most(np.float64(floor)))
+        rows = np.flatnonzero(scores >= np.float32(floor))
         near = scores[rows].astype(np.float64)
         heavy = top32 - (math.log(rows.size * margin) + 1.5 * margin
                          + self._log_half_inverse_tolerance)
-        rescore = np.flatnonzero(near >= min(heavy, k_floor))
+        rescore = near >= min(heavy, k_floor)
         ranked = rows[rescore]  # ascending, as flatnonzero finds them
         exact = self._exact_scores(z, var, ranked)
         near[rescore] = exact
