@@ -9,7 +9,7 @@ c(x) = -sum(a mu^2/2 + log sigma) - (d/2) log 2pi, with the query vector q = [z^
 (an image query N(z, var): q = [z^2 + var, z, 1] gives the expected log-likelihood). The
 item vectors are stored in float32, so one float32 product scores the catalog; a batch of
 queries is one matrix product, and the steps below run on the whole score matrix at once,
-with one threshold per query (one query is a batch of one):
+with one threshold per query (one query without a label filter runs them on scalars):
 
 1. Error bound. q and w are rounded to float32 (one unit u = 2^-24 each) and summed in any
    order, so |float32 score - exact score| <= gamma_{m+2} |w| |q| for m = 2d+1 terms
@@ -18,7 +18,7 @@ with one threshold per query (one query is a batch of one):
    float32 score t lies within E of its exact score s.
 2. p(x|z) = q(z|x) / S, S the sum of q(z|x') over the catalog (a uniform prior over items).
    For any item's float32 score T the best exact score b is >= T - E; T is max t, or
-   unfiltered the largest group maximum of step 3 (the same pass). Every item within
+   unfiltered the largest of step 3's maxima (the same pass). Every item within
    L = log N + 20 nats of b has t >= T - L - 2E: one comparison finds them (with the
    threshold rounded to float32: rounding is monotone, so no float32 score at or above a
    threshold lies below its rounding). Each item left out scores below b - L, so together
@@ -30,12 +30,14 @@ with one threshold per query (one query is a batch of one):
 3. Top k. Any k items whose float32 scores reach t_k have exact scores >= t_k - E, so every
    item of the top k has t >= t_k - 2E (the floor). t_k is the k-th largest maximum of the
    1024 disjoint groups {j, j + 1024, ...} of the scores (of all scores where they are too
-   few), so k distinct items reach it. Unfiltered, step 2's comparison uses the lower of its
-   threshold and the floor, and the items found at or above the lower of T - H and the floor
-   are rescored; with a label filter, t_k comes from the label's scores and one more
-   comparison over them lists its candidates. The candidates, rescored in float64, are
-   sorted by (exact score desc, row asc): ties go to the lower row (bundle ids ascend with
-   rows).
+   few), so k distinct items reach it; one query without a label filter and k <= 16 takes
+   the least of the maxima of k disjoint chunks of its scores, which k distinct items reach
+   too (a lower floor, near the (k ln k)-th best item, for two reductions instead of a
+   sort). Unfiltered, step 2's comparison uses the lower of its threshold and the floor, and
+   the items found at or above the lower of T - H and the floor are rescored; with a label
+   filter, t_k comes from the label's scores and one more comparison over them lists its
+   candidates. The candidates, rescored in float64, are sorted by (exact score desc, row
+   asc): ties go to the lower row (bundle ids ascend with rows).
 
 Range. The float32 stage needs max|w| |q| < 1e37 (no overflow to inf, 34x below the float32
 limit); a query beyond that is refused with ValueError, never answered wrongly. No trained
@@ -57,6 +59,7 @@ SKIP_NATS = 20.0  # items below best - log N - SKIP_NATS weigh < e^-SKIP_NATS of
 P_TOLERANCE = 1e-7  # items counted with float32 scores move p's sum by at most this
 SAFE_MAGNITUDE = 1e37  # float32 scores only while max|w| |q| stays below this
 GROUPS = 1024  # group maxima: a floor under the k-th best score in one pass (_group_maxima)
+CHUNKED_K = 16  # one query's floor up to this k: the least of k chunk maxima (step 3)
 
 
 @dataclass(frozen=True)
@@ -323,12 +326,14 @@ class LikelihoodSearch:
         self._check_range(norm)
         margin = norm * self._margin_per_norm  # 2E (step 1)
         scores = features.astype(np.float32) @ self._vectors
-        maxima = _group_maxima(scores[None])[0]
-        if maxima.size < k:
-            maxima = scores
-        ordered = np.sort(maxima)  # the largest (top32) and the k-th largest in one call
-        top32 = float(ordered[-1])
-        k_floor = float(ordered[-k]) - margin  # step 3
+        if k <= CHUNKED_K:  # the maxima of k disjoint chunks: k distinct items reach the least
+            maxima = scores[:scores.size // k * k].reshape(k, -1).max(axis=1)
+            top32, t_k = float(maxima.max()), float(maxima.min())
+        else:
+            maxima = _group_maxima(scores[None])[0]
+            ordered = np.sort(maxima if maxima.size >= k else scores)
+            top32, t_k = float(ordered[-1]), float(ordered[-k])
+        k_floor = t_k - margin  # step 3
         floor = min(top32 - (margin + self._skip_nats), k_floor)  # and step 2
         rows = np.flatnonzero(scores >= np.float32(floor))
         near = scores[rows].astype(np.float64)
