@@ -183,9 +183,9 @@ class LikelihoodSearch:
 
     @staticmethod
     def _features(z: np.ndarray, var: np.ndarray | None) -> np.ndarray:
-        """The float64 query vectors [z^2 (+ var), z, 1], (B, m)."""
-        return np.concatenate((z * z if var is None else z * z + var, z,
-                               np.ones((z.shape[0], 1))), axis=1)
+        """The float64 query vectors [z^2 (+ var), z, 1]: (m,) for z (d,), (B, m) for (B, d)."""
+        ones = (1.0,) if z.ndim == 1 else np.ones((z.shape[0], 1))
+        return np.concatenate((z * z if var is None else z * z + var, z, ones), axis=-1)
 
     def label_count(self, label: int | None) -> int:
         if label is None:
@@ -321,7 +321,7 @@ class LikelihoodSearch:
         """_ranked for one query z (d,) without a label filter, the same steps on scalars, in as
         few numpy calls as they take: after the product has streamed the item vectors through
         the caches, each call costs several microseconds. Rows (k,), exact scores (k,), log S."""
-        features = self._features(z[None], None if var is None else var[None])[0]
+        features = self._features(z, var)
         norm = math.sqrt(features @ features)
         self._check_range(norm)
         margin = norm * self._margin_per_norm  # 2E (step 1)
