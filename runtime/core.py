@@ -236,7 +236,7 @@ class Runtime(ManifestShape):
         if rows.ndim == 2:
             return tuple(self._metadata(row) for row in rows)
         if not self.index.columns:  # the shipped bundle: ids only
-            return tuple({} for _ in range(rows.size))
+            return tuple([{} for _ in range(rows.size)])
         return tuple(self.index.item_metadata(int(row)) for row in rows)
 
     def roundtrip_distance(self, z) -> np.ndarray:
