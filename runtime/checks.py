@@ -89,8 +89,8 @@ def check_latent(z, latent_dim: int, one: bool = False) -> np.ndarray:
     if array.dtype.itemsize > 8:  # float128 beyond float64 becomes inf, refused below
         with np.errstate(over="ignore"):
             array = array.astype(np.float64)
-    else:
-        array = array.astype(np.float64)
+    else:  # float64 stays the caller's array: nothing downstream writes to it
+        array = array.astype(np.float64, copy=False)
     # The sum of squares bounds every |z| (NaN and inf fail it): one call on the good path.
     if np.vdot(array, array) <= MAX_ABS_Z * MAX_ABS_Z:
         return array
