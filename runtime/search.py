@@ -320,32 +320,35 @@ class LikelihoodSearch:
     def _one(self, z: np.ndarray, var: np.ndarray | None, k: int):
         """_ranked for one query z (d,) without a label filter, the same steps on scalars, in as
         few numpy calls as they take: after the product has streamed the item vectors through
-        the caches, each call costs several microseconds. Rows (k,), exact scores (k,), log S."""
+        the caches, each call costs several microseconds, so the calls below go to numpy's C
+        functions directly (ufunc.reduce, ndarray.nonzero, ndarray.argsort) where ndarray.max,
+        np.flatnonzero or np.argsort would pass through Python wrappers. Rows (k,), exact
+        scores (k,), log S."""
         features = self._features(z, var)
         norm = math.sqrt(features @ features)
         self._check_range(norm)
         margin = norm * self._margin_per_norm  # 2E (step 1)
         scores = features.astype(np.float32) @ self._vectors
         if k <= CHUNKED_K:  # the maxima of k disjoint chunks: k distinct items reach the least
-            maxima = scores[:scores.size // k * k].reshape(k, -1).max(axis=1)
-            top32, t_k = float(maxima.max()), float(maxima.min())
+            maxima = np.maximum.reduce(scores[:scores.size // k * k].reshape(k, -1), axis=1)
+            top32, t_k = float(np.maximum.reduce(maxima)), float(np.minimum.reduce(maxima))
         else:
             maxima = _group_maxima(scores[None])[0]
             ordered = np.sort(maxima if maxima.size >= k else scores)
             top32, t_k = float(ordered[-1]), float(ordered[-k])
         k_floor = t_k - margin  # step 3
         floor = min(top32 - (margin + self._skip_nats), k_floor)  # and step 2
-        rows = np.flatnonzero(scores >= np.float32(floor))
+        rows = (scores >= np.float32(floor)).nonzero()[0]
         near = scores[rows].astype(np.float64)
         heavy = top32 - (math.log(rows.size * margin) + 1.5 * margin
                          + self._log_half_inverse_tolerance)
         rescore = near >= min(heavy, k_floor)
-        ranked = rows[rescore]  # ascending, as flatnonzero finds them
+        ranked = rows[rescore]  # ascending, as nonzero finds them
         exact = self._exact_scores(z, var, ranked)
         near[rescore] = exact
-        top = float(near.max())
-        log_total = top + math.log(float(np.exp(near - top).sum()))
-        best = np.argsort(-exact, kind="stable")[:k]  # score desc, lower row first
+        top = float(np.maximum.reduce(near))
+        log_total = top + math.log(float(np.add.reduce(np.exp(near - top))))
+        best = (-exact).argsort(kind="stable")[:k]  # score desc, lower row first
         return ranked[best], exact[best], log_total
 
     def _exact_scores(self, z, var, rows) -> np.ndarray:
