@@ -232,10 +232,10 @@ class LikelihoodSearch:
         return self._ranked(z, var, min(int(k), self.label_count(label)), label)
 
     def _run(self, z: np.ndarray, var: np.ndarray | None, k: int, label: int | None) -> Matches:
-        k = min(int(k), self.label_count(label))
         if z.ndim == 1 and label is None:
-            rows, scores, log_total = self._one(z, var, k)
+            rows, scores, log_total = self._one(z, var, min(int(k), self._mu.shape[0]))
         else:
+            k = min(int(k), self.label_count(label))
             single = z.ndim == 1
             z = z.reshape(-1, self._mu.shape[1])
             var = None if var is None else var.reshape(z.shape)
@@ -367,4 +367,4 @@ class LikelihoodSearch:
             terms /= np.exp(2.0 * log_sigma)
         terms += log_sigma
         terms += log_sigma  # -1/2 sum [((z - mu)/sigma)^2 + 2 log sigma] - (d/2) log 2pi
-        return terms.sum(axis=1) * -0.5 - self._log_norm
+        return np.add.reduce(terms, axis=1) * -0.5 - self._log_norm  # sum, no Python wrapper
