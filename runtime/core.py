@@ -228,7 +228,12 @@ class Runtime(ManifestShape):
             matches = self.wasserstein().search_gaussian(mu.astype(np.float64),
                                                          log_sigma.astype(np.float64), k,
                                                          label_id)
-        return replace(matches, distances=None if roundtrip is None else roundtrip[2],
+        # The engine's fields and Runtime's, in one new Matches: dataclasses.replace would
+        # cost each query several microseconds more.
+        return Matches(rows=matches.rows, ids=matches.ids, labels=matches.labels,
+                       log_likelihoods=matches.log_likelihoods,
+                       probabilities=matches.probabilities,
+                       distances=None if roundtrip is None else roundtrip[2],
                        metadata=self._metadata(matches.rows))
 
     def _metadata(self, rows: np.ndarray) -> tuple:
