@@ -199,7 +199,7 @@ class Runtime(ManifestShape):
         array = check_latent(z, self.latent_dim)
         k = check_k(k)
         check_mode(by, with_distance)
-        label_id = self._label_filter(label)
+        label_id = None if label is None else self._label_filter(label)
         roundtrip = self._roundtrip(array) if by != "latent" or with_distance else None
         return self._ranked(array, roundtrip, k, label_id, by)
 
