@@ -329,7 +329,7 @@ class LikelihoodSearch:
         self._check_range(norm)
         margin = norm * self._margin_per_norm  # 2E (step 1)
         scores = features.astype(np.float32) @ self._vectors
-        if k <= CHUNKED_K:  # the maxima of k disjoint chunks: k distinct items reach the least
+        if 0 < k <= CHUNKED_K:  # the maxima of k disjoint chunks: k distinct items reach the least
             maxima = np.maximum.reduce(scores[:scores.size // k * k].reshape(k, -1), axis=1)
             top32, t_k = float(np.maximum.reduce(maxima)), float(np.minimum.reduce(maxima))
         else:
