@@ -9,7 +9,7 @@ c(x) = -sum(a mu^2/2 + log sigma) - (d/2) log 2pi, with the query vector q = [z^
 (an image query N(z, var): q = [z^2 + var, z, 1] gives the expected log-likelihood). The
 item vectors are stored in float32, so one float32 product scores the catalog; a batch of
 queries is one matrix product, and the steps below run on the whole score matrix at once,
-with one threshold per query (one query is a batch of one):
+with one threshold per query (one query without a label filter runs them on scalars):
 
 1. Error bound. q and w are rounded to float32 (one unit u = 2^-24 each) and summed in any
    order, so |float32 score - exact score| <= gamma_{m+2} |w| |q| for m = 2d+1 terms
@@ -18,23 +18,26 @@ with one threshold per query (one query is a batch of one):
    float32 score t lies within E of its exact score s.
 2. p(x|z) = q(z|x) / S, S the sum of q(z|x') over the catalog (a uniform prior over items).
    For any item's float32 score T the best exact score b is >= T - E; T is max t, or
-   unfiltered the largest group maximum of step 3 (the same pass). Every item within
-   L = log N + 20 nats of b has t >= T - L - 2E: one comparison finds them. Each item left
-   out scores below b - L, so together they weigh < N e^-L = e^-20 of S. Of the n items
-   found, those with t >= T - H are rescored in float64, the others count with their
-   float32 scores: each weighs < e^(2E - H) of S and is off by a factor within e^(+-E), so
-   together they move S by < n e^(2E - H) (e^E - 1) <= n E e^(3E - H), which
-   H = log(n E) + 3E + log 1e7 makes <= 1e-7. So p is within 1.1e-7 relative of exact, plus
-   float64 rounding of the scores.
+   unfiltered the largest of step 3's maxima (the same pass). Every item within
+   L = log N + 20 nats of b has t >= T - L - 2E: one comparison finds them (with the
+   threshold rounded to float32: rounding is monotone, so no float32 score at or above a
+   threshold lies below its rounding). Each item left out scores below b - L, so together
+   they weigh < N e^-L = e^-20 of S. Of the n items found, those with t >= T - H are
+   rescored in float64, the others count with their float32 scores: each weighs
+   < e^(2E - H) of S and is off by a factor within e^(+-E), so together they move S by
+   < n e^(2E - H) (e^E - 1) <= n E e^(3E - H), which H = log(n E) + 3E + log 1e7 makes
+   <= 1e-7. So p is within 1.1e-7 relative of exact, plus float64 rounding of the scores.
 3. Top k. Any k items whose float32 scores reach t_k have exact scores >= t_k - E, so every
    item of the top k has t >= t_k - 2E (the floor). t_k is the k-th largest maximum of the
    1024 disjoint groups {j, j + 1024, ...} of the scores (of all scores where they are too
-   few), so k distinct items reach it. Unfiltered, step 2's comparison uses the lower of its
-   threshold and the floor, and the items found at or above the lower of T - H and the floor
-   are rescored; with a label filter, t_k comes from the label's scores and one more
-   comparison over them lists its candidates. The candidates, rescored in float64, are
-   sorted by (exact score desc, row asc): ties go to the lower row (bundle ids ascend with
-   rows).
+   few), so k distinct items reach it; one query without a label filter and k <= 16 takes
+   the least of the maxima of k disjoint chunks of its scores, which k distinct items reach
+   too (a lower floor, near the (k ln k)-th best item, for two reductions instead of a
+   sort). Unfiltered, step 2's comparison uses the lower of its threshold and the floor, and
+   the items found at or above the lower of T - H and the floor are rescored; with a label
+   filter, t_k comes from the label's scores and one more comparison over them lists its
+   candidates. The candidates, rescored in float64, are sorted by (exact score desc, row
+   asc): ties go to the lower row (bundle ids ascend with rows).
 
 Range. The float32 stage needs max|w| |q| < 1e37 (no overflow to inf, 34x below the float32
 limit); a query beyond that is refused with ValueError, never answered wrongly. No trained
@@ -56,6 +59,7 @@ SKIP_NATS = 20.0  # items below best - log N - SKIP_NATS weigh < e^-SKIP_NATS of
 P_TOLERANCE = 1e-7  # items counted with float32 scores move p's sum by at most this
 SAFE_MAGNITUDE = 1e37  # float32 scores only while max|w| |q| stays below this
 GROUPS = 1024  # group maxima: a floor under the k-th best score in one pass (_group_maxima)
+CHUNKED_K = 16  # one query's floor up to this k: the least of k chunk maxima (step 3)
 
 
 @dataclass(frozen=True)
@@ -134,12 +138,6 @@ def _group_maxima(scores: np.ndarray) -> np.ndarray:
     return scores[:, :whole].reshape(scores.shape[0], -1, GROUPS).max(axis=1)
 
 
-def _float32_at_most(values: np.ndarray) -> np.ndarray:
-    """float32 thresholds no larger than the float64 values, for comparisons with float32
-    scores: rounding to float32 moves a value by at most half a unit, one step down undoes it."""
-    return np.nextafter(values.astype(np.float32), np.float32(-np.inf))
-
-
 class LikelihoodSearch:
     """Exact log q(z|x) search over a float16 index (see the module docstring).
 
@@ -185,9 +183,9 @@ class LikelihoodSearch:
 
     @staticmethod
     def _features(z: np.ndarray, var: np.ndarray | None) -> np.ndarray:
-        """The float64 query vectors [z^2 (+ var), z, 1], (B, m)."""
-        return np.concatenate((z * z if var is None else z * z + var, z,
-                               np.ones((z.shape[0], 1))), axis=1)
+        """The float64 query vectors [z^2 (+ var), z, 1]: (m,) for z (d,), (B, m) for (B, d)."""
+        ones = (1.0,) if z.ndim == 1 else np.ones((z.shape[0], 1))
+        return np.concatenate((z * z if var is None else z * z + var, z, ones), axis=-1)
 
     def label_count(self, label: int | None) -> int:
         if label is None:
@@ -234,36 +232,40 @@ class LikelihoodSearch:
         return self._ranked(z, var, min(int(k), self.label_count(label)), label)
 
     def _run(self, z: np.ndarray, var: np.ndarray | None, k: int, label: int | None) -> Matches:
-        single = z.ndim == 1
-        z = z.reshape(-1, self._mu.shape[1])
-        var = None if var is None else var.reshape(z.shape)
-        rows, scores, log_total = self._ranked(z, var, min(int(k), self.label_count(label)),
-                                               label)
-        if single:
-            rows, scores, log_total = rows[0], scores[0], log_total[0]
+        if z.ndim == 1 and label is None:
+            rows, scores, log_total = self._one(z, var, min(int(k), self._mu.shape[0]))
+        else:
+            k = min(int(k), self.label_count(label))
+            single = z.ndim == 1
+            z = z.reshape(-1, self._mu.shape[1])
+            var = None if var is None else var.reshape(z.shape)
+            rows, scores, log_total = self._ranked(z, var, k, label)
+            if single:
+                rows, scores, log_total = rows[0], scores[0], log_total[0]
+            log_total = log_total[..., None]
         return Matches(rows=rows, ids=self.ids[rows], labels=self.labels[rows],
-                       log_likelihoods=scores,
-                       probabilities=np.exp(scores - log_total[..., None]))
+                       log_likelihoods=scores, probabilities=np.exp(scores - log_total))
+
+    def _check_range(self, norm: float) -> None:
+        """ValueError where a query vector of this norm could overflow the float32 stage."""
+        if norm * self._max_norm >= SAFE_MAGNITUDE:
+            raise ValueError(
+                f"query too large for this catalog's float32 scores: query vector norm up to "
+                f"{norm:.3g} times item vector norm {self._max_norm:.3g}, "
+                f"expected the product below {SAFE_MAGNITUDE:g}")
 
     def _ranked(self, z: np.ndarray, var: np.ndarray | None, k: int, label: int | None):
         """Rows (B, k), exact scores (B, k) and log S (B,) for queries z (B, d)."""
+        if z.shape[0] == 1 and label is None:
+            rows, scores, log_total = self._one(z[0], None if var is None else var[0], k)
+            return rows[None], scores[None], np.array([log_total])
         features = self._features(z, var)
         norms = np.sqrt(np.einsum("bm,bm->b", features, features))
-        largest = float(norms.max())
-        if largest * self._max_norm >= SAFE_MAGNITUDE:
-            raise ValueError(
-                f"query too large for this catalog's float32 scores: query vector norm up to "
-                f"{largest:.3g} times item vector norm {self._max_norm:.3g}, "
-                f"expected the product below {SAFE_MAGNITUDE:g}")
+        self._check_range(float(norms.max()))
         margins = norms * self._margin_per_norm  # 2E per query (step 1)
         features = features.astype(np.float32)
         # Queries in groups whose score matrix is no larger than the item vectors (or 16 MB).
         group = max(1, max(self._vectors.size, 1 << 22) // self._vectors.shape[1])
-        if z.shape[0] == 1 and label is None:
-            rows, scores, log_total = self._select_one(features[0] @ self._vectors, z[0],
-                                                       None if var is None else var[0],
-                                                       float(margins[0]), k)
-            return rows[None], scores[None], np.array([log_total])
         parts = [self._select(features[lo:lo + group] @ self._vectors, z[lo:lo + group],
                               None if var is None else var[lo:lo + group],
                               margins[lo:lo + group], k, label)
@@ -285,7 +287,7 @@ class LikelihoodSearch:
         k_floor = kth - margin  # step 3: every item of the top k is at or above it
         p_floor = top32 - (margin + self._skip_nats)  # step 2: the items p(x|z) needs
         floor = p_floor if label is not None else np.minimum(p_floor, k_floor)
-        flat = np.flatnonzero(scores >= _float32_at_most(floor)[:, None])
+        flat = np.flatnonzero(scores >= floor.astype(np.float32)[:, None])
         query, rows = np.divmod(flat, n)
         near = scores.take(flat).astype(np.float64)
         # Step 2: H = log(n E) + 3E + log(1 / P_TOLERANCE) nats below top32 and further,
@@ -300,7 +302,7 @@ class LikelihoodSearch:
             near[rescore] = exact
         else:  # the label's items at or above its floor
             rescore = np.flatnonzero(near >= heavy[query])
-            found = np.flatnonzero(pool >= _float32_at_most(k_floor)[:, None])
+            found = np.flatnonzero(pool >= k_floor.astype(np.float32)[:, None])
             label_query, position = np.divmod(found, pool.shape[1])
             ranked = label_query, self._label_rows[label][position]
             pairs = np.concatenate((query[rescore], ranked[0]))
@@ -315,27 +317,38 @@ class LikelihoodSearch:
         best = order[np.searchsorted(ranked[0], np.arange(count))[:, None] + np.arange(k)]
         return ranked[1][best], exact[best], log_total
 
-    def _select_one(self, scores, z, var, margin: float, k: int):
-        """_select for one query without a label filter, the same steps on scalars: the
-        batch's bookkeeping (per-query thresholds, counts and segment sums) would cost a
-        single query a fifth of its time (benchmarks/search.py, engine/other)."""
-        maxima = _group_maxima(scores[None])[0]
-        if maxima.size < k:
-            maxima = scores
-        top32 = float(maxima.max())
-        k_floor = float(np.partition(maxima, -k)[-k]) - margin  # step 3
+    def _one(self, z: np.ndarray, var: np.ndarray | None, k: int):
+        """_ranked for one query z (d,) without a label filter, the same steps on scalars, in as
+        few numpy calls as they take: after the product has streamed the item vectors through
+        the caches, each call costs several microseconds, so the calls below go to numpy's C
+        functions directly (ufunc.reduce, ndarray.nonzero, ndarray.argsort) where ndarray.max,
+        np.flatnonzero or np.argsort would pass through Python wrappers. Rows (k,), exact
+        scores (k,), log S."""
+        features = self._features(z, var)
+        norm = math.sqrt(features @ features)
+        self._check_range(norm)
+        margin = norm * self._margin_per_norm  # 2E (step 1)
+        scores = features.astype(np.float32) @ self._vectors
+        if 0 < k <= CHUNKED_K:  # the maxima of k disjoint chunks: k distinct items reach the least
+            maxima = np.maximum.reduce(scores[:scores.size // k * k].reshape(k, -1), axis=1)
+            top32, t_k = float(np.maximum.reduce(maxima)), float(np.minimum.reduce(maxima))
+        else:
+            maxima = _group_maxima(scores[None])[0]
+            ordered = np.sort(maxima if maxima.size >= k else scores)
+            top32, t_k = float(ordered[-1]), float(ordered[-k])
+        k_floor = t_k - margin  # step 3
         floor = min(top32 - (margin + self._skip_nats), k_floor)  # and step 2
-        rows = np.flatnonzero(scores >= _float32_at_most(np.float64(floor)))
+        rows = (scores >= np.float32(floor)).nonzero()[0]
         near = scores[rows].astype(np.float64)
         heavy = top32 - (math.log(rows.size * margin) + 1.5 * margin
                          + self._log_half_inverse_tolerance)
-        rescore = np.flatnonzero(near >= min(heavy, k_floor))
-        ranked = rows[rescore]  # ascending, as flatnonzero finds them
+        rescore = near >= min(heavy, k_floor)
+        ranked = rows[rescore]  # ascending, as nonzero finds them
         exact = self._exact_scores(z, var, ranked)
         near[rescore] = exact
-        top = float(near.max())
-        log_total = top + math.log(float(np.exp(near - top).sum()))
-        best = np.argsort(-exact, kind="stable")[:k]  # score desc, lower row first
+        top = float(np.maximum.reduce(near))
+        log_total = top + math.log(float(np.add.reduce(np.exp(near - top))))
+        best = (-exact).argsort(kind="stable")[:k]  # score desc, lower row first
         return ranked[best], exact[best], log_total
 
     def _exact_scores(self, z, var, rows) -> np.ndarray:
@@ -354,4 +367,4 @@ class LikelihoodSearch:
             terms /= np.exp(2.0 * log_sigma)
         terms += log_sigma
         terms += log_sigma  # -1/2 sum [((z - mu)/sigma)^2 + 2 log sigma] - (d/2) log 2pi
-        return terms.sum(axis=1) * -0.5 - self._log_norm
+        return np.add.reduce(terms, axis=1) * -0.5 - self._log_norm  # sum, no Python wrapper

@@ -85,11 +85,11 @@ class WassersteinSearch(LikelihoodSearch):
 
     @staticmethod
     def _features(m: np.ndarray, s: np.ndarray | None) -> np.ndarray:
-        features = np.empty((m.shape[0], 2 * m.shape[1] + 2))
-        d = m.shape[1]
-        features[:, :d], features[:, d:2 * d], features[:, 2 * d] = m, s, 1.0
-        features[:, 2 * d + 1] = -0.5 * np.einsum("bm,bm->b", features[:, :2 * d],
-                                                  features[:, :2 * d])
+        d = m.shape[-1]
+        features = np.empty(m.shape[:-1] + (2 * d + 2,))
+        features[..., :d], features[..., d:2 * d], features[..., 2 * d] = m, s, 1.0
+        features[..., 2 * d + 1] = -0.5 * np.einsum("...m,...m->...", features[..., :2 * d],
+                                                    features[..., :2 * d])
         return features
 
     def search(self, z, k: int, label: int | None = None) -> Matches:
