@@ -17,7 +17,7 @@ from vae_edge.runtime.images import read_image
 from vae_edge.training.catalog_data import cached_photos, catalog_data
 from vae_edge.training.cli import (
     CATALOG_IMAGES_SEEN,
-    CATALOG_PATIENCE,
+    CATALOG_RECIPE,
     catalog_epochs,
 )
 from vae_edge.training.cli import main as train_main
@@ -100,9 +100,11 @@ def test_catalog_trains_end_to_end_and_decodes_photos_once(tmp_path, catalog_csv
     checkpoint = load_checkpoint(tmp_path / "run1" / "checkpoint.pt")
     assert checkpoint["config"] == {"latent_dim": 4, "channels": [4, 8], "hidden_dim": 16,
                                     "image_size": 16, "num_classes": 3, "image_channels": 3}
-    # The catalog recipe's early stopping, beside the epochs and batch size given.
-    assert (checkpoint["train_config"]["patience"], checkpoint["train_config"]["epochs"],
-            checkpoint["train_config"]["batch_size"]) == (CATALOG_PATIENCE, 2, 8)
+    # The catalog recipe's defaults, beside the epochs and batch size given.
+    recipe = {name: checkpoint["train_config"][name] for name in ("beta", "patience")}
+    assert recipe == {name: CATALOG_RECIPE[name] for name in ("beta", "patience")}
+    train_config = checkpoint["train_config"]
+    assert (train_config["epochs"], train_config["batch_size"]) == (2, 8)
     dataset = checkpoint["dataset"]
     ids = [row["id"] for row in read_rows(catalog_csv)]
     assert dataset["kind"] == "catalog"

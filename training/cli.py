@@ -19,8 +19,7 @@ from .train import TrainConfig, train
 CATALOG_IMAGE_SIZE = 64
 # The measured recipe for catalogs (docs/catalog.md, "Training recipe"): the defaults with
 # --catalog. Image budget: about 15 minutes for 10,000 64x64 photos on a 2-core CPU.
-CATALOG_BATCH_SIZE = 64
-CATALOG_PATIENCE = 5
+CATALOG_RECIPE = {"batch_size": 64, "beta": 2.0, "patience": 5}
 CATALOG_IMAGES_SEEN = 300_000
 
 
@@ -43,13 +42,14 @@ CATALOG_IMAGES_SEEN = 300_000
               f"{TrainConfig.epochs}, ended earlier by --patience].")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help=f"Images per step [default: {TrainConfig.batch_size}; "
-              f"{CATALOG_BATCH_SIZE} with --catalog].")
+              f"{CATALOG_RECIPE['batch_size']} with --catalog].")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=TrainConfig.lr,
               show_default=True, help="Adam learning rate.")
 @click.option("--lr-schedule", type=click.Choice(["constant", "cosine"]), default="constant",
               show_default=True)
-@click.option("--beta", type=click.FloatRange(min=0), default=TrainConfig.beta, show_default=True,
-              help="Weight of the KL term (1 = the true ELBO).")
+@click.option("--beta", type=click.FloatRange(min=0), default=None,
+              help=f"Weight of the KL term (1 = the true ELBO) [default: {TrainConfig.beta:g}; "
+              f"{CATALOG_RECIPE['beta']:g} with --catalog].")
 @click.option("--kl-warmup-epochs", type=click.IntRange(min=0), default=0, show_default=True,
               help="Ramp beta linearly from 0 over this many epochs.")
 @click.option("--label-weight", type=click.FloatRange(min=0), default=0.0, show_default=True,
@@ -58,7 +58,7 @@ CATALOG_IMAGES_SEEN = 300_000
 @click.option("--patience", type=click.IntRange(min=0), default=None,
               help="Early stopping: end the run once the held-out loss has not improved for "
               "this many epochs, keeping the weights of the epoch with the lowest one; 0 = off "
-              f"[default: {CATALOG_PATIENCE} with --catalog, 0 for Fashion-MNIST].")
+              f"[default: {CATALOG_RECIPE['patience']} with --catalog, 0 for Fashion-MNIST].")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--subset", type=click.IntRange(min=1), default=None,
               help="Train on a fixed random subset of this many training images.")
@@ -144,16 +144,13 @@ def _train(ranks, device, out_dir, conv_widths, latent_dim, hidden_dim, epochs, 
             latent_dim=latent_dim, channels=conv_widths, hidden_dim=hidden_dim,
             image_size=28 if catalog_csv is None else image_size or CATALOG_IMAGE_SIZE,
             image_channels=int(image_channels or (1 if catalog_csv is None else 3)))
-        catalog = catalog_csv is not None
-        config = TrainConfig(epochs=epochs or TrainConfig.epochs,
-                             batch_size=batch_size or (CATALOG_BATCH_SIZE if catalog
-                                                       else TrainConfig.batch_size),
-                             lr=lr, beta=beta,
-                             kl_warmup_epochs=kl_warmup_epochs, seed=seed, subset=subset,
+        unset = {"epochs": epochs, "batch_size": batch_size, "beta": beta, "patience": patience}
+        recipe = CATALOG_RECIPE if catalog_csv is not None else {}
+        config = TrainConfig(lr=lr, kl_warmup_epochs=kl_warmup_epochs, seed=seed, subset=subset,
                              test_subset=test_subset, lr_schedule=lr_schedule,
                              label_weight=label_weight,
-                             patience=(CATALOG_PATIENCE if catalog else 0)
-                             if patience is None else patience)
+                             **{name: recipe.get(name, getattr(TrainConfig, name))
+                                if value is None else value for name, value in unset.items()})
         data = None
         if catalog_csv is not None:
             with distributed.one_per_machine_first(ranks):  # one rank builds the photo cache
