@@ -17,7 +17,7 @@ from .model import VAEConfig
 from .train import TrainConfig, train
 
 CATALOG_IMAGE_SIZE = 64
-# The measured recipe for catalogs (docs/catalog.md, "Training recipe"): the defaults with
+# The measured recipe for catalogs (docs/catalog.md, "The catalog recipe"): the defaults with
 # --catalog. Image budget: about 15 minutes for 10,000 64x64 photos on a 2-core CPU.
 CATALOG_RECIPE = {"batch_size": 64, "beta": 2.0, "patience": 5}
 CATALOG_IMAGES_SEEN = 300_000
