@@ -1,6 +1,7 @@
 """Build a heterogeneous catalog CSV of real pictures from image collections installed here.
 
-Two collections that nobody on this project made, each with its own categories as the label:
+Image collections that nobody on this project made, each with its own categories as the label
+(`--collections`, default emoji,adwaita):
 
 - Twitter's emoji (npm `emoji-datasource-twitter`): about 1,900 colour pictures, 64x64 PNG on
   transparent backgrounds (faces, people, animals, food, vehicles, objects, symbols, flags),
@@ -8,15 +9,19 @@ Two collections that nobody on this project made, each with its own categories a
 - GNOME's Adwaita icon theme (Debian `adwaita-icon-theme`): about 1,000 icons, mostly thin grey
   line art on transparent backgrounds, each icon once at one of its sizes (8 to 512 pixels,
   chosen by a hash of its name), labelled "icon <folder>" ("icon devices", ...).
+- KDE's Oxygen and the Tango Desktop Project's icon themes (Debian `oxygen-icon-theme`,
+  `tango-icon-theme`), a second catalog of another look: shaded, colourful icons, chosen and
+  labelled the same way ("oxygen devices", "tango places", ...).
 
 The photos stay where the packages installed them: the CSV names them by absolute path. This
 script installs nothing; it says what to install when a collection is missing:
 
-    apt-get install adwaita-icon-theme
+    apt-get install adwaita-icon-theme oxygen-icon-theme tango-icon-theme
     npm install --prefix ~/.cache/vae-edge-real emoji-datasource-twitter@16.0.0
 
     python benchmarks/real_catalog.py runs/real            # -> runs/real/catalog.csv
     python benchmarks/real_catalog.py runs/real-small --per-label 12   # a small subset
+    python benchmarks/real_catalog.py runs/real2 --collections oxygen,tango --per-label 200
 """
 
 from __future__ import annotations
@@ -29,7 +34,12 @@ import os
 import sys
 from pathlib import Path
 
-ADWAITA = Path("/usr/share/icons/Adwaita")
+ICON_THEMES = {  # collection -> (theme folder holding SIZExSIZE/FOLDER/NAME.png, Debian package)
+    "adwaita": (Path("/usr/share/icons/Adwaita"), "adwaita-icon-theme"),
+    "oxygen": (Path("/usr/share/icons/oxygen/base"), "oxygen-icon-theme"),
+    "tango": (Path("/usr/share/icons/Tango"), "tango-icon-theme"),
+}
+COLLECTIONS = ("emoji", *ICON_THEMES)
 EMOJI_PACKAGE = "emoji-datasource-twitter"
 DEFAULT_NPM_PREFIX = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) \
     / "vae-edge-real"
@@ -56,7 +66,9 @@ def emoji_rows(package: Path) -> list[dict]:
     return rows
 
 
-def icon_rows(theme: Path) -> list[dict]:
+def icon_rows(collection: str) -> list[dict]:
+    theme, package = ICON_THEMES[collection]
+    prefix = "icon" if collection == "adwaita" else collection
     sizes: dict[tuple[str, str], list[Path]] = {}
     for path in sorted(theme.glob("*x*/*/*.png")):
         folder = path.parent.name
@@ -64,9 +76,10 @@ def icon_rows(theme: Path) -> list[dict]:
             sizes.setdefault((folder, path.stem), []).append(path)
     rows = []
     for (folder, stem), paths in sorted(sizes.items()):
-        rows.append({"id": f"icon-{folder}-{stem}", "image": str(_stable_choice(stem, paths)),
-                     "label": f"icon {folder}", "name": stem.replace("-", " "),
-                     "source": "adwaita-icon-theme"})
+        rows.append({"id": f"{prefix}-{folder}-{stem}",
+                     "image": str(_stable_choice(stem, paths)),
+                     "label": f"{prefix} {folder}", "name": stem.replace("-", " "),
+                     "source": package})
     return rows
 
 
@@ -77,18 +90,28 @@ def main(argv: list[str] | None = None) -> int:
                         help="where `npm install --prefix` put emoji-datasource-twitter")
     parser.add_argument("--per-label", type=int, default=0,
                         help="keep at most this many items of each label (0: all)")
+    parser.add_argument("--collections", default="emoji,adwaita",
+                        help=f"comma-separated, of {', '.join(COLLECTIONS)} (default: "
+                             "emoji,adwaita)")
     args = parser.parse_args(argv)
+    collections = [name.strip() for name in args.collections.split(",") if name.strip()]
+    unknown = [name for name in collections if name not in COLLECTIONS]
+    if unknown or not collections:
+        print(f"--collections: expected names from {', '.join(COLLECTIONS)}, got "
+              f"{args.collections!r}", file=sys.stderr)
+        return 2
     package = args.npm_prefix / "node_modules" / EMOJI_PACKAGE
     missing = []
-    if not (package / "emoji.json").is_file():
+    if "emoji" in collections and not (package / "emoji.json").is_file():
         missing.append(f"npm install --prefix {args.npm_prefix} {EMOJI_PACKAGE}@16.0.0")
-    if not any(ADWAITA.glob("*x*/devices/*.png")):
-        missing.append("apt-get install adwaita-icon-theme")
+    missing += [f"apt-get install {ICON_THEMES[name][1]}" for name in collections
+                if name in ICON_THEMES and not any(ICON_THEMES[name][0].glob("*x*/*/*.png"))]
     if missing:
         print("missing image collections; install them with:\n  " + "\n  ".join(missing),
               file=sys.stderr)
         return 2
-    rows = emoji_rows(package) + icon_rows(ADWAITA)
+    rows = [row for name in collections
+            for row in (emoji_rows(package) if name == "emoji" else icon_rows(name))]
     if args.per_label > 0:
         by_label: dict[str, list[dict]] = {}
         for row in rows:
