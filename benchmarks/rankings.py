@@ -16,7 +16,8 @@ top item's fitted photo (median), beside the best r any item reaches ("bound"), 
 queries whose first item no other query has first ("distinct"). Photos: each catalog item's own
 photo, itself left out; label agreement of the nearest other item, beside raw-pixel L2.
 
-    python benchmarks/rankings.py --bundle runs/recipes/default/bundle --catalog runs/real/catalog.csv
+    python benchmarks/rankings.py --bundle runs/recipes/default/bundle \\
+        --catalog runs/real/catalog.csv
     python benchmarks/rankings.py            # the shipped model, Fashion-MNIST training images
 """
 
