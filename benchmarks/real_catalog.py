@@ -68,7 +68,7 @@ def emoji_rows(package: Path) -> list[dict]:
 
 def icon_rows(collection: str) -> list[dict]:
     theme, package = ICON_THEMES[collection]
-    prefix = "icon" if collection == "adwaita" else collection
+    prefix = "icon" if collection == "adwaita" else collection  # the first catalog's ids stay
     sizes: dict[tuple[str, str], list[Path]] = {}
     for path in sorted(theme.glob("*x*/*/*.png")):
         folder = path.parent.name
@@ -91,8 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-label", type=int, default=0,
                         help="keep at most this many items of each label (0: all)")
     parser.add_argument("--collections", default="emoji,adwaita",
-                        help=f"comma-separated, of {', '.join(COLLECTIONS)} (default: "
-                             "emoji,adwaita)")
+                        help=f"comma-separated, of {', '.join(COLLECTIONS)} "
+                             "(default: %(default)s)")
     args = parser.parse_args(argv)
     collections = [name.strip() for name in args.collections.split(",") if name.strip()]
     unknown = [name for name in collections if name not in COLLECTIONS]
