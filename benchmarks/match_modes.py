@@ -1,6 +1,7 @@
 """One query's cost by match mode on a bundle, single thread: what by="decoded" adds.
 
     OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 python benchmarks/match_modes.py [--bundle DIR]
+    OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 python benchmarks/match_modes.py --baseline REV
 
 Runtime.nearest(z, by="latent") searches by log q(z|x) (without the round-trip distance,
 which it computes only when asked); by="decoded" decodes z, encodes the garment and searches
@@ -11,19 +12,48 @@ W2), and each after the decoder and the encoder: the two rankings' cost for one 
 by side. Each round times every step once for a fresh z uniform in the slider box, the steps
 in an order rotated by one each round, so that no step always follows the one whose item
 vectors are in the cache; medians over the rounds.
+
+--baseline REV then times the public call nearest(z, by="decoded") alone, of this tree and of
+the git revision REV (its runtime and shipped bundle), each in its own processes, the two
+alternating run after run: what a kiosk's query costs here against REV.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
 from vae_edge.runtime import Runtime
 from vae_edge.runtime.search import LikelihoodSearch
 from vae_edge.runtime.wasserstein import WassersteinSearch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from footprint import extract_revision, link_tree  # noqa: E402
+
+# One run of the public call in a child process: the median seconds of `rounds` designs.
+NEAREST_BY_DECODED = """
+import statistics, sys, time
+import numpy as np
+from vae_edge.runtime import Runtime
+bundle, rounds, k, extent, seed = sys.argv[1] or None, *map(float, sys.argv[2:])
+rt = Runtime.load(bundle, threads=1)
+rng = np.random.default_rng(int(seed))
+designs = rng.uniform(-extent, extent, (int(rounds) + 10, rt.latent_dim))  # 10 to warm up
+seconds = []
+for z in designs:
+    started = time.perf_counter()
+    rt.nearest(z, k=int(k), by="decoded")
+    seconds.append(time.perf_counter() - started)
+print(statistics.median(seconds[10:]))
+"""
 
 
 def main() -> None:
@@ -32,6 +62,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=300)
     parser.add_argument("-k", type=int, default=6)
     parser.add_argument("--range", type=float, default=5.0, help="z uniform in [-RANGE, RANGE]")
+    parser.add_argument("--baseline", metavar="REV", default=None,
+                        help="also time nearest(by='decoded') of this tree against git revision "
+                             "REV, side by side in alternating processes")
+    parser.add_argument("--runs", type=int, default=12,
+                        help="with --baseline: processes per tree (default: %(default)s)")
     args = parser.parse_args()
 
     rt = Runtime.load(args.bundle, threads=1)
@@ -82,6 +117,32 @@ def main() -> None:
     after = medians["decode + encode + W2"] / medians["decode + encode + expected log-likelihood"]
     print(f"  W2 / expected log-likelihood: search alone {alone:.2f}, after decode + encode "
           f"{after:.2f}")
+    if args.baseline:
+        against_revision(args)
+
+
+def against_revision(args) -> None:
+    """nearest(z, by="decoded") of this tree and of args.baseline, alternating processes."""
+    with tempfile.TemporaryDirectory() as tmp:
+        trees = {"this tree": link_tree(Path(tmp) / "tree"),
+                 args.baseline: extract_revision(args.baseline, Path(tmp) / "baseline")}
+        medians = {tree: [] for tree in trees}
+        for run in range(args.runs):
+            order = list(trees) if run % 2 else list(trees)[::-1]
+            for tree in order:  # the same designs for both trees in each run
+                out = subprocess.run(
+                    [sys.executable, "-c", NEAREST_BY_DECODED, args.bundle or "",
+                     str(args.rounds), str(args.k), str(args.range), str(run)],
+                    env={**os.environ, "PYTHONPATH": str(trees[tree])}, check=True,
+                    capture_output=True, text=True).stdout
+                medians[tree].append(1e3 * float(out))
+    print(f"nearest(z, by='decoded'), {args.runs} processes per tree of {args.rounds} designs "
+          "each, alternating; medians of the processes' medians:")
+    for tree, values in medians.items():
+        print(f"  {tree:<20} {statistics.median(values):.3f} ms (processes {min(values):.3f} "
+              f"to {max(values):.3f})")
+    this, base = (statistics.median(values) for values in medians.values())
+    print(f"  this tree / {args.baseline}: {this / base:.2f}")
 
 
 if __name__ == "__main__":
