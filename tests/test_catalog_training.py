@@ -141,6 +141,17 @@ def test_catalog_trains_end_to_end_and_decodes_photos_once(tmp_path, catalog_csv
     assert len(list(cache.glob("*.npy"))) == 2
 
 
+def test_a_catalog_gets_the_recipes_hidden_layer_unless_given(tmp_path, catalog_csv):
+    at = TINY.index("--hidden-dim")
+    small = ["--catalog", catalog_csv, "--epochs", "1", "--cache-dir", tmp_path / "cache",
+             *TINY[:at], *TINY[at + 2:]]
+    assert run_train(*small, "--out", tmp_path / "run1").exit_code == 0
+    config = load_checkpoint(tmp_path / "run1" / "checkpoint.pt")["config"]
+    assert config["hidden_dim"] == CATALOG_RECIPE["hidden_dim"] == 512
+    assert run_train(*small, "--hidden-dim", "24", "--out", tmp_path / "run2").exit_code == 0
+    assert load_checkpoint(tmp_path / "run2" / "checkpoint.pt")["config"]["hidden_dim"] == 24
+
+
 def test_bad_rows_are_refused_with_their_lines_and_nothing_is_written(tmp_path, catalog_csv):
     rows = read_rows(catalog_csv)
     rows[3]["id"] = rows[1]["id"]  # CSV line 5

@@ -19,7 +19,7 @@ from .train import TrainConfig, train
 CATALOG_IMAGE_SIZE = 64
 # The measured recipe for catalogs (docs/catalog.md, "The catalog recipe"): the defaults with
 # --catalog. Image budget: about 15 minutes for 10,000 64x64 photos on a 2-core CPU.
-CATALOG_RECIPE = {"batch_size": 64, "beta": 2.0, "patience": 5}
+CATALOG_RECIPE = {"batch_size": 64, "beta": 2.0, "patience": 5, "hidden_dim": 512}
 CATALOG_IMAGES_SEEN = 300_000
 
 
@@ -34,8 +34,9 @@ CATALOG_IMAGES_SEEN = 300_000
               help="Conv widths, one per layer. The first layers halve the resolution (2 for "
               "28x28 images, 4 for 64x64: halved while the side is even and the half >= 4); "
               "widths missing for them are added by doubling the last (up to 256).")
-@click.option("--hidden-dim", type=click.IntRange(min=1), default=VAEConfig.hidden_dim,
-              show_default=True, help="Fully connected layer between conv stack and latent.")
+@click.option("--hidden-dim", type=click.IntRange(min=1), default=None,
+              help="Fully connected layer between conv stack and latent [default: "
+              f"{VAEConfig.hidden_dim}; {CATALOG_RECIPE['hidden_dim']} with --catalog].")
 @click.option("--epochs", type=click.IntRange(min=1), default=None,
               help=f"Passes over the training images [default: {TrainConfig.epochs}; with "
               f"--catalog, enough for {CATALOG_IMAGES_SEEN:,} images and at least "
@@ -140,12 +141,14 @@ def _train(ranks, device, out_dir, conv_widths, latent_dim, hidden_dim, epochs, 
     say = click.echo if ranks.leader else quiet
     show = (sys.stderr.isatty() if progress is None else progress) and ranks.leader
     with library_errors():
+        recipe = CATALOG_RECIPE if catalog_csv is not None else {}
         model_config = VAEConfig(
-            latent_dim=latent_dim, channels=conv_widths, hidden_dim=hidden_dim,
+            latent_dim=latent_dim, channels=conv_widths,
+            hidden_dim=recipe.get("hidden_dim", VAEConfig.hidden_dim) if hidden_dim is None
+            else hidden_dim,
             image_size=28 if catalog_csv is None else image_size or CATALOG_IMAGE_SIZE,
             image_channels=int(image_channels or (1 if catalog_csv is None else 3)))
         unset = {"epochs": epochs, "batch_size": batch_size, "beta": beta, "patience": patience}
-        recipe = CATALOG_RECIPE if catalog_csv is not None else {}
         config = TrainConfig(lr=lr, kl_warmup_epochs=kl_warmup_epochs, seed=seed, subset=subset,
                              test_subset=test_subset, lr_schedule=lr_schedule,
                              label_weight=label_weight,
