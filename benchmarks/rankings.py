@@ -11,10 +11,13 @@ the bundle's float16 index:
     kl_rev  -KL(item || query)
     latent  log q(z|x) of the slider z itself (designs only)
 
-Designs: z from N(0, I) and uniform in [-A, A]^d; r = pixel correlation of decode(z) and the
-top item's fitted photo (median), beside the best r any item reaches ("bound"), and the share of
-queries whose first item no other query has first ("distinct"). Photos: each catalog item's own
-photo, itself left out; label agreement of the nearest other item, beside raw-pixel L2.
+Designs: z from N(0, I), uniform in [-A, A]^d and the corners {-A, A}^d (the corners are
+vae-eval's, seed for seed); r = pixel correlation of decode(z) and the top item's fitted photo
+(median), beside the best r any item reaches ("bound"), and the share of queries whose first
+item no other query has first ("distinct"). Then w2 against elogl on the same designs: the
+difference of their median r with a 95% interval from 2,000 paired bootstrap resamples, and
+their mean r. Photos: each catalog item's own photo, itself left out; label agreement of the
+nearest other item, beside raw-pixel L2.
 
     python benchmarks/rankings.py --bundle runs/recipes/default/bundle \\
         --catalog runs/real/catalog.csv
@@ -30,7 +33,7 @@ import numpy as np
 
 from vae_edge.evaluation.catalog import catalog_images as bundle_photos
 from vae_edge.evaluation.catalog import pixel_nearest
-from vae_edge.evaluation.report import pixel_correlation
+from vae_edge.evaluation.report import pixel_correlation, slider_queries
 from vae_edge.runtime.core import Runtime
 
 RANKINGS = ("elogl", "w2", "mean", "bhatt", "kl_rev")
@@ -66,6 +69,16 @@ def ranked(name, m, s, mu, sigma, exclude=None) -> np.ndarray:
     return top
 
 
+def paired_difference(a: np.ndarray, b: np.ndarray, seed: int, resamples: int = 2000) -> dict:
+    """median(a) - median(b) for r of the same designs, its 95% paired bootstrap interval, and
+    both means."""
+    picks = np.random.default_rng(seed).integers(0, len(a), (resamples, len(a)))
+    spread = np.median(a[picks], axis=1) - np.median(b[picks], axis=1)
+    return {"median_difference": round(float(np.median(a) - np.median(b)), 4),
+            "ci95": [round(float(v), 4) for v in np.percentile(spread, [2.5, 97.5])],
+            "mean": [round(float(a.mean()), 4), round(float(b.mean()), 4)]}
+
+
 def catalog_images(rt: Runtime, csv_path: str | None) -> tuple[np.ndarray, np.ndarray]:
     """The bundle's items' fitted photos (N, C, H, W) uint8 in index order, and their labels."""
     if csv_path is None:
@@ -93,8 +106,10 @@ def main() -> None:
     sigma = np.exp(rt.index.log_sigma.astype(np.float64))
     rng = np.random.default_rng(args.seed)
     d, report = rt.latent_dim, {}
+    corners = slider_queries(d, args.queries, args.range, args.seed)["corners"]
     for source, z in (("normal", rng.standard_normal((args.queries, d))),
-                      ("uniform", rng.uniform(-args.range, args.range, (args.queries, d)))):
+                      ("uniform", rng.uniform(-args.range, args.range, (args.queries, d))),
+                      ("corners", corners)):
         decoded = rt.decode(z)
         m, log_s = rt.encode(decoded)
         m, s = m.astype(np.float64), np.exp(log_s.astype(np.float64))
@@ -102,11 +117,12 @@ def main() -> None:
         row = {"bound": float(np.median(bound))}
         tops = {name: ranked(name, m, s, mu, sigma) for name in RANKINGS}
         tops["latent"] = rt.nearest(z, k=1, by="latent").rows[:, 0]
+        r = {name: pixel_correlation(decoded, images[top]) for name, top in tops.items()}
         for name, top in tops.items():
-            r = pixel_correlation(decoded, images[top])
-            row[name] = {"r": round(float(np.median(r)), 3),
-                         "share": round(float(np.median(r) / np.median(bound)), 3),
+            row[name] = {"r": round(float(np.median(r[name])), 3),
+                         "share": round(float(np.median(r[name]) / np.median(bound)), 3),
                          "distinct": round(np.unique(top).size / len(top), 3)}
+        row["w2_vs_elogl"] = paired_difference(r["w2"], r["elogl"], args.seed)
         report[source] = row
         print(source, json.dumps(row))
     if args.photos:
