@@ -234,10 +234,28 @@ def test_sample_is_the_prior_and_reproducible(server, runtime):
     assert status == 200 and last["z"] == runtime.sample_prior(seed=largest).tolist()
 
 
+def within_graph_tolerance(value):
+    """A JSON value whose numbers compare equal within 1e-4 relative: the answer comes through
+    the graphs, whose float32 output differs across CPUs in the last bits (README, CPUs)."""
+    if isinstance(value, dict):
+        return {key: within_graph_tolerance(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [within_graph_tolerance(item) for item in value]
+    if isinstance(value, float):
+        return pytest.approx(value, rel=1e-4)
+    return value
+
+
 def test_the_api_example_in_the_docs_is_the_shipped_models_answer():
     docs = Path(__file__).resolve().parents[1] / "docs"
-    example = runpy.run_path(str(docs / "kiosk_api_example.py"))["example"]()
-    assert example in (docs / "kiosk.md").read_text()
+    command, answer = runpy.run_path(str(docs / "kiosk_api_example.py"))["example"]().split("\n", 1)
+    text = (docs / "kiosk.md").read_text()
+    assert command in text
+    documented = text.split(command + "\n", 1)[1].split("\n```", 1)[0]
+    assert len(documented.splitlines()) == len(answer.splitlines())
+    # the block is the answer wrapped at spaces (textwrap.fill): a space joins it again
+    assert json.loads(documented.replace("\n", " ")) == within_graph_tolerance(
+        json.loads(answer.replace("\n", " ")))
 
 
 def test_item_json_and_picture(server, runtime):
