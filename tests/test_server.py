@@ -252,7 +252,6 @@ def test_the_api_example_in_the_docs_is_the_shipped_models_answer():
     text = (docs / "kiosk.md").read_text()
     assert command in text
     documented = text.split(command + "\n", 1)[1].split("\n```", 1)[0]
-    assert len(documented.splitlines()) == len(answer.splitlines())
     # the block is the answer wrapped at spaces (textwrap.fill): a space joins it again
     assert json.loads(documented.replace("\n", " ")) == within_graph_tolerance(
         json.loads(answer.replace("\n", " ")))
